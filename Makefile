@@ -1,0 +1,34 @@
+# The two commands a newcomer needs:  `make demo`  and  `make test`.
+# Both create .venv with the CPU build of torch and the project installed, then run.
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test venv benchmarks lint clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[train,serve,dev]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m training.demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+benchmarks: $(STAMP)
+	$(BIN)/python -m benchmarks.run_all
+
+lint: $(STAMP)
+	$(BIN)/ruff check training service tests benchmarks scripts
+
+clean:
+	rm -rf $(VENV) runs demo-output build dist *.egg-info

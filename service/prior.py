@@ -1,0 +1,62 @@
+"""Label priors for sampling label sets: the real NIH co-occurrence table, or balanced per finding.
+
+The NIH table (service/data/nih_label_prior.json) is derived by scripts/compute_nih_prior.py from the
+real Data_Entry_2017_v2020 CSV: every distinct label combination with its count.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+
+import numpy as np
+
+from service.labels import LABELS, NO_FINDING, NUM_LABELS, parse_finding_labels
+
+PRIOR_NAMES = ("nih", "balanced")
+
+
+@dataclass(frozen=True)
+class LabelPrior:
+    """A distribution over 14-dim multi-hot label vectors."""
+
+    name: str
+    combinations: np.ndarray  # [C, 14] float32 multi-hot
+    probabilities: np.ndarray  # [C] float64, sums to 1
+
+    def sample(self, count: int, rng: np.random.Generator) -> np.ndarray:
+        """``count`` label vectors, [count, 14] float32."""
+        picks = rng.choice(len(self.probabilities), size=count, p=self.probabilities)
+        return self.combinations[picks]
+
+    def prevalence(self) -> dict[str, float]:
+        """Marginal probability of each label, and of "No Finding"."""
+        marginals = self.probabilities @ self.combinations
+        result = {label: float(p) for label, p in zip(LABELS, marginals)}
+        result[NO_FINDING] = float(self.probabilities[self.combinations.sum(axis=1) == 0].sum())
+        return result
+
+
+@lru_cache(maxsize=1)
+def nih_prior() -> LabelPrior:
+    table = json.loads(resources.files("service").joinpath("data/nih_label_prior.json").read_text())
+    combos = np.stack([parse_finding_labels(c["labels"]) for c in table["combinations"]])
+    counts = np.array([c["count"] for c in table["combinations"]], dtype=np.float64)
+    return LabelPrior("nih", combos, counts / counts.sum())
+
+
+@lru_cache(maxsize=1)
+def balanced_prior() -> LabelPrior:
+    """Each single finding, and "No Finding", equally often: for rare classes."""
+    combos = np.concatenate([np.zeros((1, NUM_LABELS), np.float32), np.eye(NUM_LABELS, dtype=np.float32)])
+    return LabelPrior("balanced", combos, np.full(len(combos), 1.0 / len(combos)))
+
+
+def get_prior(name: str) -> LabelPrior:
+    if name == "nih":
+        return nih_prior()
+    if name == "balanced":
+        return balanced_prior()
+    raise ValueError(f"unknown label prior {name!r}; choose one of {', '.join(PRIOR_NAMES)}")
