@@ -52,6 +52,7 @@ def make_loader(
     drop_last: bool = True,
     prefetch_factor: int = 4,
     pin_memory: bool | None = None,
+    batch_sampler: Sampler[list[int]] | None = None,
 ) -> DataLoader:
     """A DataLoader over ``dataset`` yielding ``(images [B,1,H,W], labels [B,14], mask [B,14])``.
 
@@ -63,11 +64,25 @@ def make_loader(
             sees ``1/world_size`` of every epoch).
         drop_last: drop the last incomplete batch (fixed shapes for the GAN; DDP ranks stay in step).
         pin_memory: page-locked batches for asynchronous host-to-GPU copies; defaults to CUDA available.
+        batch_sampler: a sampler of whole batches that replaces the one built here (for instance
+            ``training.runtime.sampler.ResumableBatchSampler`` for mid-epoch resumption); ``batch_size``,
+            ``shuffle``, ``distributed`` and ``drop_last`` are then the batch sampler's business.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if workers < 0:
         raise ValueError(f"workers must be >= 0, got {workers}")
+    worker_options = dict(
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        prefetch_factor=prefetch_factor if workers > 0 else None,
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+        worker_init_fn=_limit_worker_threads if workers > 0 else None,
+        # Seeds the workers' torch/numpy/random state reproducibly (base seed drawn from this generator).
+        generator=torch.Generator().manual_seed(seed),
+    )
+    if batch_sampler is not None:
+        return DataLoader(dataset, batch_sampler=batch_sampler, **worker_options)
     sampler: Sampler[int]
     if distributed:
         sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
@@ -78,24 +93,12 @@ def make_loader(
             f"{len(sampler)} items per epoch is fewer than batch_size {batch_size} with drop_last; "
             "lower the batch size or add data"
         )
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=sampler,
-        num_workers=workers,
-        persistent_workers=workers > 0,
-        prefetch_factor=prefetch_factor if workers > 0 else None,
-        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
-        drop_last=drop_last,
-        worker_init_fn=_limit_worker_threads if workers > 0 else None,
-        # Seeds the workers' torch/numpy/random state reproducibly (base seed drawn from this generator).
-        generator=torch.Generator().manual_seed(seed),
-    )
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, **worker_options)
 
 
 def infinite_batches(loader: DataLoader, start_epoch: int = 0) -> Iterator:
     """Batches from ``loader`` forever, epoch after epoch, telling the sampler each new epoch."""
-    if len(loader) == 0:
+    if isinstance(loader.batch_sampler, Sized) and len(loader) == 0:
         raise ValueError("the loader yields no batches; an endless stream of nothing would hang training")
     epoch = start_epoch
     while True:

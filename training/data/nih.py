@@ -201,7 +201,8 @@ class NIHChestXray14(ImageDataset):
         split_seed: seed of the patient hash.
         index_images: list the image folders once and drop rows whose file is absent (warned, counted in
             ``skipped["missing"]``). With False, nothing on disk is required: labels are indexed for all
-            rows and an absent image is only noticed, and skipped, when the item is read.
+            rows, images are looked for in ``root/images/`` then ``root`` when read, and an absent one is
+            skipped then.
         cache_dir: resize cache directory (see :mod:`training.data.cache`); none when None.
         min_size: smallest accepted image side; smaller images are skipped.
     """
@@ -248,8 +249,7 @@ class NIHChestXray14(ImageDataset):
             keep &= found
             self._dir_index = dir_of[keep].astype(np.int32)
         else:
-            flat = self.root / "images"
-            self._dirs = [flat if flat.is_dir() else self.root]
+            self._dirs = []  # looked up per read in image_path
             self._dir_index = np.zeros(int(keep.sum()), dtype=np.int32)
 
         self.image_names = table.image_names[keep]
@@ -283,7 +283,12 @@ class NIHChestXray14(ImageDataset):
         return dirs, dir_of
 
     def image_path(self, index: int) -> Path:
-        return self._dirs[self._dir_index[index]] / str(self.image_names[index])
+        name = str(self.image_names[index])
+        if self._dirs:
+            return self._dirs[self._dir_index[index]] / name
+        # Label-only index: the flat NIH layout, else the root itself.
+        flat = self.root / "images" / name
+        return flat if flat.is_file() else self.root / name
 
     def __repr__(self) -> str:
         return f"NIHChestXray14(root={str(self.root)!r}, split={self.split!r}, size={self.size}, items={len(self)})"

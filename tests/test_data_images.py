@@ -1,0 +1,170 @@
+"""Image decoding, bad data and the resize cache, shared by every reader."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from training.data import ImageFolder, ImageSkipped, ResizeCache, decode_image, make_loader, to_tensor
+
+
+def gradient(size: int = 64) -> np.ndarray:
+    """8-bit test pattern: horizontal ramp 0..255 plus a vertical component, no flat regions."""
+    x = np.linspace(0, 255, size)
+    return np.clip(x[None, :] * 0.8 + x[:, None] * 0.2, 0, 255).round().astype(np.uint8)
+
+
+def test_8bit_grey_keeps_values_and_maps_to_minus_one_one(tmp_path: Path) -> None:
+    pixels = gradient()
+    pixels[0, 0], pixels[-1, -1] = 0, 255
+    Image.fromarray(pixels).save(tmp_path / "a.png")
+    stored = decode_image(tmp_path / "a.png", 64)
+    assert stored.dtype == np.uint8 and np.array_equal(stored, pixels)
+    tensor = to_tensor(stored)
+    assert tensor.shape == (1, 64, 64) and tensor.dtype == torch.float32
+    assert tensor[0, 0, 0] == -1.0 and tensor[0, -1, -1] == 1.0
+    assert torch.allclose(tensor[0], torch.from_numpy(pixels / 127.5 - 1.0).float(), atol=1e-6)
+
+
+def test_16bit_png_scaled_by_its_own_bit_depth(tmp_path: Path) -> None:
+    eight = gradient()
+    sixteen = eight.astype(np.uint16) * 257  # 255 -> 65535: the same intensities at 16 bits
+    Image.fromarray(sixteen).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")
+    stored = decode_image(tmp_path / "deep.png", 64)
+    assert stored.dtype == np.uint16 and stored.max() == sixteen.max()
+    assert torch.allclose(to_tensor(stored), to_tensor(eight), atol=1e-6)
+    # Resized 16-bit data stays 16-bit and matches the 8-bit path to 8-bit precision.
+    Image.fromarray(eight).save(tmp_path / "a.png")
+    small_16 = to_tensor(decode_image(tmp_path / "deep.png", 32))
+    small_8 = to_tensor(decode_image(tmp_path / "a.png", 32))
+    assert (small_16 - small_8).abs().max() < 2.5 / 255
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "P", "LA"])
+def test_colour_alpha_and_palette_become_luminance(tmp_path: Path, mode: str) -> None:
+    grey = Image.fromarray(gradient())
+    converted = grey.convert(mode)
+    if mode in ("RGBA", "LA"):
+        converted.putalpha(Image.fromarray(np.full((64, 64), 40, np.uint8)))  # alpha is not signal
+    converted.save(tmp_path / "c.png")
+    stored = decode_image(tmp_path / "c.png", 64)
+    assert stored.dtype == np.uint8
+    assert np.abs(stored.astype(int) - gradient().astype(int)).max() <= 1
+
+
+def test_jpeg_decodes_close_to_source(tmp_path: Path) -> None:
+    Image.fromarray(gradient()).save(tmp_path / "j.jpg", quality=95)
+    stored = decode_image(tmp_path / "j.jpg", 64)
+    assert np.abs(stored.astype(int) - gradient().astype(int)).mean() < 2.0
+
+
+def test_non_square_is_centre_cropped_then_resized(tmp_path: Path) -> None:
+    # 300 wide, 200 high: the outer 50 px columns are white and must be cropped away.
+    pixels = np.zeros((200, 300), np.uint8)
+    pixels[:, :50] = pixels[:, 250:] = 255
+    pixels[:, 50:250] = np.linspace(0, 200, 200)[None, :]
+    Image.fromarray(pixels).save(tmp_path / "wide.png")
+    stored = decode_image(tmp_path / "wide.png", 100)
+    assert stored.shape == (100, 100)
+    assert stored[:, :3].mean() < 10 and 190 < stored[:, -3:].mean() <= 205  # ramp ends, not the white bands
+
+
+def test_bad_files_raise_skip_with_reason(tmp_path: Path) -> None:
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "tiny.png")
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(300))
+    Image.fromarray(gradient(256)).save(tmp_path / "whole.png")
+    whole = (tmp_path / "whole.png").read_bytes()
+    (tmp_path / "truncated.png").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "text.png").write_text("not an image")
+    expected = {"tiny.png": "too_small", "corrupt.png": "unreadable", "truncated.png": "unreadable",
+                "text.png": "unreadable", "absent.png": "missing"}
+    for name, reason in expected.items():
+        with pytest.raises(ImageSkipped) as raised:
+            decode_image(tmp_path / name, 32)
+            pytest.fail(f"{name} decoded")
+        assert raised.value.reason == reason, name
+
+
+def write_mixed_folder(root: Path) -> None:
+    """Good images of every flavour plus one corrupt and one tiny file, in nested folders."""
+    (root / "a" / "b").mkdir(parents=True)
+    Image.fromarray(gradient(80)).save(root / "grey8.png")
+    Image.fromarray(gradient(80).astype(np.uint16) * 257).save(root / "a" / "grey16.png")
+    Image.fromarray(gradient(80)).convert("RGB").save(root / "a" / "rgb.jpg")
+    Image.fromarray(gradient(80)).convert("RGBA").save(root / "a" / "b" / "rgba.png")
+    Image.fromarray(gradient(80)).save(root / "a" / "b" / "x.tif")
+    Image.fromarray(gradient(80)).save(root / "a" / "b" / "x.bmp")
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(root / "tiny.png")
+    (root / "corrupt.png").write_bytes(b"garbage" * 50)
+    (root / "notes.txt").write_text("ignored: not an image extension")
+
+
+def test_folder_skips_bad_images_and_counts_them(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    write_mixed_folder(tmp_path)
+    dataset = ImageFolder(tmp_path, size=32)
+    assert len(dataset) == 8
+    good = {"grey8.png", "a/grey16.png", "a/rgb.jpg", "a/b/rgba.png", "a/b/x.tif", "a/b/x.bmp"}
+    with caplog.at_level(logging.WARNING, logger="training.data"):
+        items = [dataset[i] for i in range(len(dataset))]
+    for image, labels, mask in items:
+        assert image.shape == (1, 32, 32) and image.dtype == torch.float32
+        assert -1.0 <= image.min() and image.max() <= 1.0 and image.std() > 0.1
+        assert labels.shape == mask.shape == (14,) and mask.sum() == 0
+    assert dataset.skipped == {"missing": 0, "unreadable": 1, "too_small": 1}
+    assert sum("corrupt.png" in r.getMessage() for r in caplog.records) == 1
+    assert sum("tiny.png" in r.getMessage() for r in caplog.records) == 1
+    # A bad index is replaced by a good item, deterministically.
+    bad = [i for i, p in enumerate(dataset.paths) if str(p) not in good]
+    assert len(bad) == 2
+    for i in bad:
+        assert torch.equal(dataset[i][0], dataset[i][0])
+    # Known-bad files are not read again: the counts stay put.
+    [dataset[i] for i in range(len(dataset))]
+    assert dataset.skipped_total == 2
+
+
+def test_skip_counts_cross_worker_processes(tmp_path: Path) -> None:
+    write_mixed_folder(tmp_path)
+    dataset = ImageFolder(tmp_path, size=32)
+    loader = make_loader(dataset, batch_size=4, workers=2, shuffle=True, seed=3, drop_last=False)
+    shapes = [batch[0].shape for batch in loader]
+    assert shapes == [(4, 1, 32, 32), (4, 1, 32, 32)]
+    assert dataset.skipped == {"missing": 0, "unreadable": 1, "too_small": 1}
+
+
+def test_folder_without_images_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "readme.txt").write_text("x")
+    with pytest.raises(ValueError, match="no images"):
+        ImageFolder(tmp_path)
+
+
+def test_resize_cache_reuses_and_invalidates(tmp_path: Path) -> None:
+    images, cache_dir = tmp_path / "images", tmp_path / "cache"
+    images.mkdir()
+    Image.fromarray(gradient(128)).save(images / "x.png")
+    plain = ImageFolder(images, size=48)
+    cached = ImageFolder(images, size=48, cache_dir=cache_dir)
+    first = cached[0][0]
+    entries = list(cache_dir.rglob("*.npy"))
+    assert len(entries) == 1 and torch.equal(first, plain[0][0])
+    # The second read comes from the cache entry: prove it by altering the entry in place.
+    altered = np.load(entries[0])
+    altered[0, 0] = 0 if altered[0, 0] else 255
+    np.save(entries[0], altered)
+    assert not torch.equal(cached[0][0], first)
+    # A changed source (new size/mtime) gets a new entry and fresh pixels.
+    Image.fromarray(255 - gradient(128)).save(images / "x.png")
+    os.utime(images / "x.png", ns=(1, 1))
+    assert torch.allclose(cached[0][0], -first, atol=2 / 255)
+    # A damaged entry is rebuilt rather than trusted.
+    entry = ResizeCache(cache_dir).entry(images / "x.png", 48)
+    entry.write_bytes(b"damaged")
+    assert torch.allclose(cached[0][0], -first, atol=2 / 255)
+    assert np.load(entry).shape == (48, 48)
