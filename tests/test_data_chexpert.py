@@ -16,14 +16,31 @@ from training.data.chexpert import CHEXPERT_COLUMNS
 
 # (path, view, AP/PA, {column: value}); blank where a column is not given.
 ROWS = [
-    ("patient00001/study1/view1_frontal.jpg", "Frontal", "PA",
-     {"Cardiomegaly": "1.0", "Edema": "-1.0", "Pleural Effusion": "0.0", "Lung Lesion": "0.0", "Lung Opacity": "1.0"}),
-    ("patient00001/study1/view2_lateral.jpg", "Lateral", "",
-     {"Cardiomegaly": "1.0"}),
-    ("patient00002/study1/view1_frontal.jpg", "Frontal", "AP",
-     {"Atelectasis": "-1.0", "Lung Lesion": "-1.0", "Pneumothorax": "1.0", "Pleural Other": "-1.0"}),
-    ("patient00003/study2/view1_frontal.jpg", "Frontal", "PA",
-     {"No Finding": "1.0", "Pleural Other": "0.0", "Support Devices": "1.0"}),
+    (
+        "patient00001/study1/view1_frontal.jpg",
+        "Frontal",
+        "PA",
+        {
+            "Cardiomegaly": "1.0",
+            "Edema": "-1.0",
+            "Pleural Effusion": "0.0",
+            "Lung Lesion": "0.0",
+            "Lung Opacity": "1.0",
+        },
+    ),
+    ("patient00001/study1/view2_lateral.jpg", "Lateral", "", {"Cardiomegaly": "1.0"}),
+    (
+        "patient00002/study1/view1_frontal.jpg",
+        "Frontal",
+        "AP",
+        {"Atelectasis": "-1.0", "Lung Lesion": "-1.0", "Pneumothorax": "1.0", "Pleural Other": "-1.0"},
+    ),
+    (
+        "patient00003/study2/view1_frontal.jpg",
+        "Frontal",
+        "PA",
+        {"No Finding": "1.0", "Pleural Other": "0.0", "Support Devices": "1.0"},
+    ),
 ]
 PREFIX = "CheXpert-v1.0-small/train/"
 
@@ -40,7 +57,13 @@ def write_chexpert(base: Path, rows=ROWS, columns=CHEXPERT_COLUMNS) -> Path:
         writer = csv.writer(file)
         writer.writerow(columns)
         for path, view, ap_pa, values in rows:
-            fixed = {"Path": PREFIX + path, "Sex": "Female", "Age": "60", "Frontal/Lateral": view, "AP/PA": ap_pa}
+            fixed = {
+                "Path": PREFIX + path,
+                "Sex": "Female",
+                "Age": "60",
+                "Frontal/Lateral": view,
+                "AP/PA": ap_pa,
+            }
             writer.writerow([fixed.get(c, values.get(c, "")) for c in columns])
     return root
 

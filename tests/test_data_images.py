@@ -83,8 +83,13 @@ def test_bad_files_raise_skip_with_reason(tmp_path: Path) -> None:
     whole = (tmp_path / "whole.png").read_bytes()
     (tmp_path / "truncated.png").write_bytes(whole[: len(whole) // 2])
     (tmp_path / "text.png").write_text("not an image")
-    expected = {"tiny.png": "too_small", "corrupt.png": "unreadable", "truncated.png": "unreadable",
-                "text.png": "unreadable", "absent.png": "missing"}
+    expected = {
+        "tiny.png": "too_small",
+        "corrupt.png": "unreadable",
+        "truncated.png": "unreadable",
+        "text.png": "unreadable",
+        "absent.png": "missing",
+    }
     for name, reason in expected.items():
         with pytest.raises(ImageSkipped) as raised:
             decode_image(tmp_path / name, 32)

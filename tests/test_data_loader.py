@@ -71,8 +71,11 @@ def test_infinite_batches_cross_epochs_and_reshuffle(tmp_path: Path) -> None:
     assert loader.sampler.epoch == 2 and len(batches) == 5
     epoch0 = torch.cat([b[0] for b in batches[:2]])
     epoch1 = torch.cat([b[0] for b in batches[2:4]])
-    key = lambda images: sorted(images.flatten(1).sum(1).tolist())  # noqa: E731
-    assert key(epoch0) == pytest.approx(key(epoch1))  # the same items...
+
+    def contents(images: torch.Tensor) -> list[float]:
+        return sorted(images.flatten(1).sum(1).tolist())
+
+    assert contents(epoch0) == pytest.approx(contents(epoch1))  # the same items...
     assert not torch.equal(epoch0, epoch1)  # ...in another order
 
 
@@ -111,7 +114,9 @@ def test_image_folder_through_worker_loader(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     for i in range(6):
         (tmp_path / f"d{i % 2}").mkdir(exist_ok=True)
-        Image.fromarray((rng.random((50, 70)) * 255).astype(np.uint8)).save(tmp_path / f"d{i % 2}" / f"{i}.png")
+        Image.fromarray((rng.random((50, 70)) * 255).astype(np.uint8)).save(
+            tmp_path / f"d{i % 2}" / f"{i}.png"
+        )
     dataset = ImageFolder(tmp_path, size=40, cache_dir=tmp_path / ".cache")
     loader = make_loader(dataset, batch_size=3, workers=2, seed=0)
     for _ in range(2):  # the second epoch reads the cache the workers wrote

@@ -27,7 +27,9 @@ def real_rows(nih_csv: Path) -> list[dict[str, str]]:
 
 
 def labels_only(nih_csv: Path, split: str, root: Path | None = None, **options) -> NIHChestXray14:
-    return NIHChestXray14(root or nih_csv.parent, csv_path=nih_csv, split=split, index_images=False, **options)
+    return NIHChestXray14(
+        root or nih_csv.parent, csv_path=nih_csv, split=split, index_images=False, **options
+    )
 
 
 def test_real_csv_rows_and_label_counts(nih_csv: Path, real_rows: list[dict[str, str]]) -> None:
@@ -97,7 +99,9 @@ def test_views_filter(nih_csv: Path, real_rows: list[dict[str, str]]) -> None:
     assert set(pa.views.tolist()) == {"PA"}
 
 
-def write_nih_folder(root: Path, real_rows: list[dict[str, str]], count: int, nested: bool) -> list[dict[str, str]]:
+def write_nih_folder(
+    root: Path, real_rows: list[dict[str, str]], count: int, nested: bool
+) -> list[dict[str, str]]:
     """An NIH-layout folder (as ``python -m training.phantoms write`` produces) for the first ``count`` rows."""
     rows = real_rows[:count]
     rng = np.random.default_rng(0)
@@ -110,8 +114,21 @@ def write_nih_folder(root: Path, real_rows: list[dict[str, str]], count: int, ne
         writer = csv.writer(file)
         writer.writerow(DATA_ENTRY_COLUMNS)
         for row in rows:
-            writer.writerow([row[c] for c in ("Image Index", "Finding Labels", "Follow-up #", "Patient ID",
-                                              "Patient Age", "Patient Gender", "View Position")] + ["1024"] * 4)
+            writer.writerow(
+                [
+                    row[c]
+                    for c in (
+                        "Image Index",
+                        "Finding Labels",
+                        "Follow-up #",
+                        "Patient ID",
+                        "Patient Age",
+                        "Patient Gender",
+                        "View Position",
+                    )
+                ]
+                + ["1024"] * 4
+            )
     return rows
 
 
@@ -157,7 +174,9 @@ def test_missing_image_files_are_skipped_and_counted(
     assert lazy.skipped == {"missing": 2, "unreadable": 0, "too_small": 0}
 
 
-def test_folder_without_any_listed_image_is_a_clear_error(tmp_path: Path, real_rows: list[dict[str, str]]) -> None:
+def test_folder_without_any_listed_image_is_a_clear_error(
+    tmp_path: Path, real_rows: list[dict[str, str]]
+) -> None:
     write_nih_folder(tmp_path, real_rows, 3, nested=False)
     for path in (tmp_path / "images").iterdir():
         path.unlink()
@@ -166,11 +185,17 @@ def test_folder_without_any_listed_image_is_a_clear_error(tmp_path: Path, real_r
 
 
 def test_csv_missing_columns_names_them(tmp_path: Path) -> None:
-    (tmp_path / "Data_Entry_2017.csv").write_text("Image Index,Follow-up #,Patient Age\n00000001_000.png,0,57\n")
+    (tmp_path / "Data_Entry_2017.csv").write_text(
+        "Image Index,Follow-up #,Patient Age\n00000001_000.png,0,57\n"
+    )
     with pytest.raises(DataFormatError) as raised:
         NIHChestXray14(tmp_path, split="all", index_images=False)
     message = str(raised.value)
-    assert "'Finding Labels'" in message and "'Patient ID'" in message and "'Image Index'" not in message.split(";")[0]
+    assert (
+        "'Finding Labels'" in message
+        and "'Patient ID'" in message
+        and "'Image Index'" not in message.split(";")[0]
+    )
 
 
 def test_unknown_label_in_csv_is_an_error_with_its_line(tmp_path: Path) -> None:

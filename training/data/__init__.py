@@ -14,10 +14,10 @@ from training.data.nih import NIHChestXray14, assign_splits, read_data_entry
 from training.data.phantom import PhantomDataset
 
 __all__ = [
+    "IMAGE_EXTENSIONS",
     "CheXpert",
     "DataFormatError",
     "EpochSampler",
-    "IMAGE_EXTENSIONS",
     "ImageDataset",
     "ImageFolder",
     "ImageSkipped",

@@ -91,7 +91,9 @@ class ImageDataset(Dataset):
             self.cache.store(entry, array)
         except OSError as error:  # a full or read-only cache disk slows training, it must not stop it
             if not self._cache_write_failed:
-                log.warning("resize cache %s not writable (%s); continuing without storing", self.cache.root, error)
+                log.warning(
+                    "resize cache %s not writable (%s); continuing without storing", self.cache.root, error
+                )
                 self._cache_write_failed = True
         return array
 
@@ -123,7 +125,9 @@ class ImageDataset(Dataset):
     def skipped(self) -> dict[str, int]:
         """Images skipped so far, by reason (missing, unreadable, too_small), across all worker processes."""
         codes = torch.bincount(self._status.long(), minlength=2 + len(SKIP_REASONS))
-        return {reason: self._skipped_before[reason] + int(codes[_REASON_CODE[reason]]) for reason in SKIP_REASONS}
+        return {
+            reason: self._skipped_before[reason] + int(codes[_REASON_CODE[reason]]) for reason in SKIP_REASONS
+        }
 
     @property
     def skipped_total(self) -> int:

@@ -41,9 +41,25 @@ SUPERSET_MAP: dict[str, tuple[str, ...]] = {
     "Pleural Other": ("Pleural_Thickening",),
 }
 CHEXPERT_COLUMNS: tuple[str, ...] = (
-    "Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", "No Finding", "Enlarged Cardiomediastinum",
-    "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema", "Consolidation", "Pneumonia", "Atelectasis",
-    "Pneumothorax", "Pleural Effusion", "Pleural Other", "Fracture", "Support Devices",
+    "Path",
+    "Sex",
+    "Age",
+    "Frontal/Lateral",
+    "AP/PA",
+    "No Finding",
+    "Enlarged Cardiomediastinum",
+    "Cardiomegaly",
+    "Lung Opacity",
+    "Lung Lesion",
+    "Edema",
+    "Consolidation",
+    "Pneumonia",
+    "Atelectasis",
+    "Pneumothorax",
+    "Pleural Effusion",
+    "Pleural Other",
+    "Fracture",
+    "Support Devices",
 )
 REQUIRED_COLUMNS: tuple[str, ...] = ("Path", *DIRECT_MAP, *SUPERSET_MAP)
 UNCERTAIN_POLICIES: tuple[str, ...] = ("zeros", "ones", "ignore")
@@ -107,7 +123,11 @@ class CheXpert(ImageDataset):
         header, rows = self._read_csv(frontal_only, views)
         column = {name: i for i, name in enumerate(header)}
         paths = [row[column["Path"]].strip() for row in rows]
-        raw = {name: self._column_values(rows, column[name], name, paths) for name in REQUIRED_COLUMNS if name != "Path"}
+        raw = {
+            name: self._column_values(rows, column[name], name, paths)
+            for name in REQUIRED_COLUMNS
+            if name != "Path"
+        }
 
         labels = np.zeros((len(rows), NUM_LABELS), dtype=np.float32)
         mask = np.zeros_like(labels)
@@ -127,14 +147,16 @@ class CheXpert(ImageDataset):
         self._init_images(size, cache_dir, min_size)
 
     def _read_csv(self, frontal_only: bool, views: Sequence[str] | None) -> tuple[list[str], list[list[str]]]:
-        try:
-            file = open(self.csv_path, newline="", encoding="utf-8-sig")
-        except FileNotFoundError:
-            raise DataFormatError(f"CheXpert CSV {self.csv_path} does not exist") from None
-        with file:
+        if not self.csv_path.is_file():
+            raise DataFormatError(f"CheXpert CSV {self.csv_path} does not exist")
+        with open(self.csv_path, newline="", encoding="utf-8-sig") as file:
             reader = csv.reader(file)
             header = [name.strip() for name in next(reader, [])]
-            needed = [*REQUIRED_COLUMNS, *(["Frontal/Lateral"] if frontal_only else []), *(["AP/PA"] if views else [])]
+            needed = [
+                *REQUIRED_COLUMNS,
+                *(["Frontal/Lateral"] if frontal_only else []),
+                *(["AP/PA"] if views else []),
+            ]
             missing = [name for name in needed if name not in header]
             if missing:
                 raise DataFormatError(
@@ -183,8 +205,10 @@ class CheXpert(ImageDataset):
         return self.root / (_without_first(path) if self._strip_first else path)
 
     def __repr__(self) -> str:
-        return (f"CheXpert(root={str(self.root)!r}, split={self.split!r}, uncertain={self.uncertain!r}, "
-                f"size={self.size}, items={len(self)})")
+        return (
+            f"CheXpert(root={str(self.root)!r}, split={self.split!r}, uncertain={self.uncertain!r}, "
+            f"size={self.size}, items={len(self)})"
+        )
 
 
 def _without_first(path: str) -> str:

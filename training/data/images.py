@@ -83,7 +83,9 @@ def decode_image(path: str | Path, size: int, min_size: int = DEFAULT_MIN_SIZE) 
         with Image.open(path) as image:
             image.load()
             if min(image.size) < min_size:
-                raise ImageSkipped(path, "too_small", f"{image.size[0]}×{image.size[1]} is below {min_size} px")
+                raise ImageSkipped(
+                    path, "too_small", f"{image.size[0]}×{image.size[1]} is below {min_size} px"
+                )
             array, max_value = _grey_array(image)
     except FileNotFoundError as error:
         raise ImageSkipped(path, "missing", "file not found") from error

@@ -72,15 +72,15 @@ def make_loader(
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if workers < 0:
         raise ValueError(f"workers must be >= 0, got {workers}")
-    worker_options = dict(
-        num_workers=workers,
-        persistent_workers=workers > 0,
-        prefetch_factor=prefetch_factor if workers > 0 else None,
-        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
-        worker_init_fn=_limit_worker_threads if workers > 0 else None,
+    worker_options = {
+        "num_workers": workers,
+        "persistent_workers": workers > 0,
+        "prefetch_factor": prefetch_factor if workers > 0 else None,
+        "pin_memory": torch.cuda.is_available() if pin_memory is None else pin_memory,
+        "worker_init_fn": _limit_worker_threads if workers > 0 else None,
         # Seeds the workers' torch/numpy/random state reproducibly (base seed drawn from this generator).
-        generator=torch.Generator().manual_seed(seed),
-    )
+        "generator": torch.Generator().manual_seed(seed),
+    }
     if batch_sampler is not None:
         return DataLoader(dataset, batch_sampler=batch_sampler, **worker_options)
     sampler: Sampler[int]

@@ -46,7 +46,9 @@ SPLITS: tuple[str, ...] = ("train", "val", "test", "all")
 class DataEntryTable:
     """The parsed Data_Entry CSV: one entry per row, read-only numpy columns (cheap to share with workers)."""
 
-    def __init__(self, image_names: np.ndarray, patient_ids: np.ndarray, views: np.ndarray, labels: np.ndarray):
+    def __init__(
+        self, image_names: np.ndarray, patient_ids: np.ndarray, views: np.ndarray, labels: np.ndarray
+    ):
         self.image_names = image_names
         self.patient_ids = patient_ids
         self.views = views
@@ -114,7 +116,9 @@ def _read_data_entry(path: str, mtime_ns: int, byte_size: int) -> DataEntryTable
             if not row or not any(field.strip() for field in row):
                 continue
             if len(row) <= max(name_at, labels_at, patient_at):
-                raise DataFormatError(f"{path}:{line_number}: row has {len(row)} fields, fewer than the header")
+                raise DataFormatError(
+                    f"{path}:{line_number}: row has {len(row)} fields, fewer than the header"
+                )
             field = row[labels_at].strip()
             if field not in parsed:
                 try:
@@ -132,7 +136,7 @@ def _read_data_entry(path: str, mtime_ns: int, byte_size: int) -> DataEntryTable
 
 
 def _normalise_patient_id(value: str) -> str:
-    """"00012" and "12" are the same patient; non-numeric IDs are kept as written."""
+    """ "00012" and "12" are the same patient; non-numeric IDs are kept as written."""
     value = value.strip()
     return str(int(value)) if value.isdigit() else value
 
@@ -162,7 +166,9 @@ def assign_splits(
 ) -> np.ndarray:
     """Split name per row ("train", "val", "test", or "" for rows the official lists leave out)."""
     if not (0.0 <= val_fraction < 1.0 and 0.0 <= test_fraction < 1.0 and val_fraction + test_fraction < 1.0):
-        raise ValueError(f"need 0 <= val_fraction, test_fraction and their sum < 1; got {val_fraction}, {test_fraction}")
+        raise ValueError(
+            f"need 0 <= val_fraction, test_fraction and their sum < 1; got {val_fraction}, {test_fraction}"
+        )
     fraction = patient_fraction(table.patient_ids, seed)
     train_val_list = test_list = None
     for directory in list_dirs:
@@ -178,8 +184,14 @@ def assign_splits(
     else:
         # One list alone defines the other as its complement.
         names = table.image_names
-        in_test = np.isin(names, list(test_list)) if test_list is not None else ~np.isin(names, list(train_val_list))
-        in_train_val = np.isin(names, list(train_val_list)) & ~in_test if train_val_list is not None else ~in_test
+        in_test = (
+            np.isin(names, list(test_list))
+            if test_list is not None
+            else ~np.isin(names, list(train_val_list))
+        )
+        in_train_val = (
+            np.isin(names, list(train_val_list)) & ~in_test if train_val_list is not None else ~in_test
+        )
         in_val = in_train_val & (fraction < val_fraction)
     splits = np.full(len(table), "", dtype="<U5")
     splits[in_train_val] = "train"
@@ -244,7 +256,11 @@ class NIHChestXray14(ImageDataset):
             if missing_count:
                 log.warning(
                     "%d of %d images listed in %s for split %r are not under %s; skipped",
-                    missing_count, int(keep.sum()), self.csv_path.name, split, self.root,
+                    missing_count,
+                    int(keep.sum()),
+                    self.csv_path.name,
+                    split,
+                    self.root,
                 )
             keep &= found
             self._dir_index = dir_of[keep].astype(np.int32)
@@ -261,8 +277,12 @@ class NIHChestXray14(ImageDataset):
 
     def _index_image_dirs(self, names: np.ndarray) -> tuple[list[Path], np.ndarray]:
         """Folder index per row (-1 when absent) from one listing of each candidate folder."""
-        candidates = [self.root / "images", *sorted(self.root.glob("images_*/images")),
-                      *sorted(p for p in self.root.glob("images_*") if p.is_dir()), self.root]
+        candidates = [
+            self.root / "images",
+            *sorted(self.root.glob("images_*/images")),
+            *sorted(p for p in self.root.glob("images_*") if p.is_dir()),
+            self.root,
+        ]
         dirs: list[Path] = []
         location: dict[str, int] = {}
         for directory in candidates:

@@ -39,7 +39,9 @@ class PhantomDataset(Dataset):
         image, labels = self._sample(index % self.count, self.size, self.seed, self.prior)
         image = np.asarray(image, dtype=np.float32)
         if image.shape != (self.size, self.size):
-            raise ValueError(f"sample_phantom returned shape {image.shape}, expected {(self.size, self.size)}")
+            raise ValueError(
+                f"sample_phantom returned shape {image.shape}, expected {(self.size, self.size)}"
+            )
         labels = torch.as_tensor(np.asarray(labels, dtype=np.float32).reshape(NUM_LABELS))
         return unit_to_tensor(image), labels, torch.ones(NUM_LABELS, dtype=torch.float32)
 
