@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
@@ -112,8 +113,16 @@ class Sink(ABC):
     def exists(self, key: str) -> bool: ...
 
     @abstractmethod
-    def list_sizes(self, prefix: str = "") -> Iterator[tuple[str, int]]:
-        """(key, size in bytes) of every object whose key starts with ``prefix``, in key order."""
+    def list_sizes(self, prefix: str = "", start_after: str = "") -> Iterator[tuple[str, int]]:
+        """(key, size in bytes) of every object whose key starts with ``prefix``, in key order.
+
+        With ``start_after`` the listing begins after that key (S3 ListObjectsV2 ``StartAfter``), so
+        a reader of one key range need not page through everything before it.
+        """
+
+    @abstractmethod
+    def put_file(self, key: str, path: str | os.PathLike[str], content_type: str = "application/octet-stream") -> str:
+        """Store a (possibly large) local file under ``key``, as atomically as ``put``; return its uri."""
 
     @abstractmethod
     def delete(self, key: str) -> None:
@@ -123,9 +132,9 @@ class Sink(ABC):
     def uri(self, key: str = "") -> str:
         """A URI naming ``key`` (or the sink's root), for logs and responses."""
 
-    def list(self, prefix: str = "") -> list[str]:
+    def list(self, prefix: str = "", start_after: str = "") -> list[str]:
         """Keys starting with ``prefix``, in key order."""
-        return [key for key, _ in self.list_sizes(prefix)]
+        return [key for key, _ in self.list_sizes(prefix, start_after)]
 
 
 class LocalSink(Sink):
@@ -177,7 +186,26 @@ class LocalSink(Sink):
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
-    def list_sizes(self, prefix: str = "") -> Iterator[tuple[str, int]]:
+    def put_file(self, key, path, content_type="application/octet-stream") -> str:
+        target = self._path(key)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+            try:
+                with os.fdopen(fd, "wb") as handle, open(path, "rb") as source:
+                    shutil.copyfileobj(source, handle, 1 << 20)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                os.replace(tmp_name, target)
+            except BaseException:
+                with _suppress_os_error():
+                    os.unlink(tmp_name)
+                raise
+        except OSError as error:
+            raise SinkError("put", str(target), "OSError", error.strerror or str(error)) from error
+        return str(target)
+
+    def list_sizes(self, prefix: str = "", start_after: str = "") -> Iterator[tuple[str, int]]:
         if _CONTROL_CHARS.search(prefix):
             raise ValueError(f"prefix {prefix!r} contains control characters")
         if not self.root.is_dir():
@@ -193,7 +221,7 @@ class LocalSink(Sink):
                 if name.startswith(".") and name.endswith(".tmp"):
                     continue  # an interrupted put's temporary file is not an object
                 key = name if rel_dir == "." else f"{rel_dir}/{name}"
-                if key.startswith(prefix):
+                if key.startswith(prefix) and key > start_after:
                     found.append((key, os.path.getsize(os.path.join(dirpath, name))))
         found.sort()
         return iter(found)
@@ -282,10 +310,14 @@ class S3Sink(Sink):
         from botocore.exceptions import ClientError, NoCredentialsError
 
         uri = self.uri(key)
+        if not isinstance(error, (ClientError, NoCredentialsError)) and isinstance(error.__cause__, ClientError):
+            error = error.__cause__  # boto3's transfer manager wraps the S3 error in S3UploadFailedError
         if isinstance(error, ClientError):
             details = error.response.get("Error", {})
             code = str(details.get("Code") or error.response.get("ResponseMetadata", {}).get("HTTPStatusCode"))
             message = details.get("Message") or str(error)
+            if code == "403":  # HEAD responses carry no error body, only the status
+                code, message = "AccessDenied", "access denied (HTTP 403)"
             if code in ("NoSuchKey", "404", "NotFound"):
                 return SinkKeyNotFound(operation, uri, "NoSuchKey", message or "no such key")
             return SinkError(operation, uri, code, message)
@@ -294,11 +326,12 @@ class S3Sink(Sink):
         return SinkError(operation, uri, "ConnectionError", f"{type(error).__name__}: {error}")
 
     def _call(self, operation: str, key: str, fn, **kwargs):
+        from boto3.exceptions import Boto3Error
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             return fn(**kwargs)
-        except (ClientError, BotoCoreError) as error:
+        except (ClientError, BotoCoreError, Boto3Error) as error:
             raise self._translate(operation, key, error) from error
 
     def put(self, key, data, content_type="application/octet-stream", metadata=None) -> str:
@@ -327,15 +360,33 @@ class S3Sink(Sink):
 
     def head_bucket(self) -> None:
         """Raise :class:`SinkError` unless the bucket exists and these credentials may use it."""
-        self._call("head bucket", "", self.client.head_bucket, Bucket=self.bucket)
+        try:
+            self._call("head bucket", "", self.client.head_bucket, Bucket=self.bucket)
+        except SinkKeyNotFound as error:  # HEAD responses carry no error body, only the status
+            raise SinkError("head bucket", self.uri(), "NoSuchBucket", "the bucket does not exist") from error
 
-    def list_sizes(self, prefix: str = "") -> Iterator[tuple[str, int]]:
+    def put_file(self, key, path, content_type="application/octet-stream") -> str:
+        # upload_file switches to a multipart upload for large files; S3 shows the object only once
+        # CompleteMultipartUpload succeeds, so readers never see part of it.
+        self._call(
+            "put",
+            key,
+            self.client.upload_file,
+            Filename=os.fspath(path),
+            Bucket=self.bucket,
+            Key=self._key(key),
+            ExtraArgs={"ContentType": content_type},
+        )
+        return self.uri(key)
+
+    def list_sizes(self, prefix: str = "", start_after: str = "") -> Iterator[tuple[str, int]]:
         if _CONTROL_CHARS.search(prefix):
             raise ValueError(f"prefix {prefix!r} contains control characters")
         full_prefix = f"{self.prefix}/{prefix}" if self.prefix else prefix
         strip = len(self.prefix) + 1 if self.prefix else 0
         paginator = self.client.get_paginator("list_objects_v2")
-        pages = paginator.paginate(Bucket=self.bucket, Prefix=full_prefix)
+        extra = {"StartAfter": f"{self.prefix}/{start_after}" if self.prefix else start_after} if start_after else {}
+        pages = paginator.paginate(Bucket=self.bucket, Prefix=full_prefix, **extra)
         iterator = iter(pages)
         while True:
             page = self._call("list", prefix, lambda: next(iterator, None))

@@ -27,7 +27,7 @@ def sink(request, tmp_path):
     return S3Sink(bucket, "runs/a", client=server.client())
 
 
-def test_put_get_list_delete_roundtrip(sink):
+def test_put_get_list_delete_roundtrip(sink, tmp_path):
     payload = bytes(range(256)) * 10
     uri = sink.put("images/0001.png", payload, "image/png", {"sha256": "abc"})
     sink.put("images/0002.png", b"two", "image/png")
@@ -41,6 +41,11 @@ def test_put_get_list_delete_roundtrip(sink):
         "images/0002.png": 3,
         "manifests/m.jsonl": 3,
     }
+    assert sink.list("images/", start_after="images/0001.png") == ["images/0002.png"]
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(3 << 20))
+    assert sink.put_file("files/big.bin", big) == sink.uri("files/big.bin")
+    assert sink.get("files/big.bin") == big.read_bytes()
     sink.put("images/0002.png", b"replaced")
     assert sink.get("images/0002.png") == b"replaced"
     sink.delete("images/0002.png")
@@ -70,12 +75,17 @@ def test_local_put_is_atomic_and_leaves_no_temporary_files(tmp_path):
     assert sink.list("a/") == ["a/b/c.bin"]
 
 
-def test_unknown_bucket_gives_s3_error_code(s3_server):
+def test_unknown_bucket_gives_s3_error_code(s3_server, tmp_path):
     sink = S3Sink("no-such-bucket-here", "p", client=s3_server.client())
     with pytest.raises(SinkError) as raised:
         sink.put("k", b"v")
     assert raised.value.code == "NoSuchBucket"
     assert "s3://no-such-bucket-here/p/k" in str(raised.value)
+    (tmp_path / "f").write_bytes(b"v")
+    with pytest.raises(SinkError, match="NoSuchBucket"):
+        sink.put_file("k", tmp_path / "f")
+    with pytest.raises(SinkError, match="NoSuchBucket"):
+        sink.head_bucket()
 
 
 def test_unreachable_endpoint_gives_connection_error(monkeypatch):

@@ -1,0 +1,5 @@
+import sys
+
+from service.archive.cli import main
+
+sys.exit(main())

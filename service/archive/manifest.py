@@ -1,0 +1,205 @@
+"""The archive's files besides the images: job document, chunk manifests, NIH CSV rows, commit marker.
+
+Layout under the destination::
+
+    job.json                                         the spec's identity and model; written first
+    images/00000001_000.png                          one PNG per image
+    manifests/shard-00000-of-00004/chunk-000000.jsonl  one JSON record per image, one object per chunk
+    Data_Entry.csv                                   NIH Data_Entry_2017 columns (merge)
+    _COMPLETE.json                                   commit marker: counts and checksums (merge, last)
+
+S3 has no append, so a shard's manifest is a series of whole objects, one per chunk of images, each
+written in one PUT after every image it lists is stored. A crash therefore leaves complete chunks
+(skipped on rerun) and at most a few images without a record, which the rerun rewrites byte for byte
+before it writes their chunk's record.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+from collections.abc import Iterable
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+
+from service.labels import LABELS, format_finding_labels, parse_finding_labels
+from service.nih_format import DATA_ENTRY_COLUMNS
+
+ARCHIVE_FORMAT = "cxrsynth-archive/1"
+JOB_KEY = "job.json"
+CSV_KEY = "Data_Entry.csv"
+MARKER_KEY = "_COMPLETE.json"
+
+# Synthetic patient columns of the merged CSV. Every image is its own synthetic patient (so
+# patient-wise splits never put one generator sample on both sides), seen once (follow-up 0). The
+# generator is not conditioned on age, sex or view, so those columns carry neutral values that
+# ChestX-ray14 loaders accept: age 0, gender "O" (other/unknown), the PA view the NIH loaders keep by
+# default. The "original" size is the PNG itself; the pixel spacing spreads a 430 mm field of view
+# (NIH originals: about 3000 px at 0.143 mm) over the image side.
+SYNTHETIC_AGE = 0
+SYNTHETIC_GENDER = "O"
+SYNTHETIC_VIEW = "PA"
+FIELD_OF_VIEW_MM = 430.0
+
+
+class ArchiveError(RuntimeError):
+    """The archive cannot be made or merged as asked; the message says what to do."""
+
+
+class ArchiveConflict(ArchiveError):
+    """The destination already holds a different archive."""
+
+
+class ArchiveIncomplete(ArchiveError):
+    """Merge found chunks missing or invalid; rerun the shards it names."""
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def canonical_json(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
+
+
+def job_document(identity: dict[str, Any], model_name: str, model_version: str) -> dict[str, Any]:
+    return {"format": ARCHIVE_FORMAT, "spec": identity, "model": {"name": model_name, "version": model_version}}
+
+
+def describe_difference(existing: dict[str, Any], wanted: dict[str, Any]) -> str:
+    """Which top-level fields of two job documents differ, for the conflict message."""
+    names = []
+    for section in ("format", "spec", "model"):
+        old, new = existing.get(section), wanted.get(section)
+        if isinstance(old, dict) and isinstance(new, dict):
+            names += [f"{section}.{k}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        elif old != new:
+            names.append(section)
+    return ", ".join(names) or "unknown fields"
+
+
+def make_record(
+    *,
+    index: int,
+    image_id: str,
+    key: str,
+    requested: dict[str, bool],
+    target: np.ndarray,
+    probabilities: np.ndarray,
+    satisfied: bool,
+    seed: int,
+    steps: int,
+    model_version: str,
+    image_format: str,
+    png: bytes,
+) -> dict[str, Any]:
+    return {
+        "id": image_id,
+        "index": index,
+        "image": key,
+        "finding_labels": format_finding_labels(target),
+        "requested": requested,
+        "probabilities": {label: round(float(p), 6) for label, p in zip(LABELS, probabilities)},
+        "satisfied": bool(satisfied),
+        "seed": int(seed),
+        "steps": int(steps),
+        "model_version": model_version,
+        "format": image_format,
+        "bytes": len(png),
+        "sha256": sha256_hex(png),
+    }
+
+
+def encode_records(records: Iterable[dict[str, Any]]) -> bytes:
+    return b"".join(json.dumps(record, sort_keys=True).encode() + b"\n" for record in records)
+
+
+def decode_records(data: bytes, where: str) -> list[dict[str, Any]]:
+    records = []
+    for number, line in enumerate(data.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ArchiveError(f"{where}:{number}: not a JSON record ({error})") from None
+        if not isinstance(record, dict) or not {"id", "index", "image", "sha256", "bytes"} <= set(record):
+            raise ArchiveError(f"{where}:{number}: record lacks id, index, image, sha256 or bytes")
+        records.append(record)
+    return records
+
+
+def csv_header() -> bytes:
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerow(DATA_ENTRY_COLUMNS)
+    return buffer.getvalue().encode()
+
+
+def csv_row(record: dict[str, Any], resolution: int) -> bytes:
+    """One Data_Entry row for a record, columns exactly as NIH's (see the module constants)."""
+    spacing = f"{FIELD_OF_VIEW_MM / resolution:.6f}"
+    values = {
+        "Image Index": f"{record['id']}.png",
+        "Finding Labels": record["finding_labels"],
+        "Follow-up #": 0,
+        "Patient ID": record["index"] + 1,
+        "Patient Age": SYNTHETIC_AGE,
+        "Patient Gender": SYNTHETIC_GENDER,
+        "View Position": SYNTHETIC_VIEW,
+        "OriginalImage[Width": resolution,
+        "Height]": resolution,
+        "OriginalImagePixelSpacing[x": spacing,
+        "y]": spacing,
+    }
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerow([values[column] for column in DATA_ENTRY_COLUMNS])
+    return buffer.getvalue().encode()
+
+
+class LabelCounter:
+    """Counts of each finding and of "No Finding" over records' Finding Labels."""
+
+    def __init__(self) -> None:
+        self.counts = np.zeros(len(LABELS), np.int64)
+        self.no_finding = 0
+        self.images = 0
+        self.satisfied = 0
+
+    def add(self, record: dict[str, Any]) -> None:
+        vector = parse_finding_labels(record["finding_labels"])
+        self.counts += vector.astype(np.int64)
+        self.no_finding += int(not vector.any())
+        self.images += 1
+        self.satisfied += int(bool(record.get("satisfied")))
+
+    def as_dict(self) -> dict[str, int]:
+        result = {label: int(count) for label, count in zip(LABELS, self.counts)}
+        result["No Finding"] = self.no_finding
+        return result
+
+
+def marker_document(
+    *,
+    job: dict[str, Any],
+    counter: LabelCounter,
+    shard_count: int,
+    manifests: dict[str, str],
+    csv_sha256: str,
+    image_bytes: int,
+) -> dict[str, Any]:
+    return {
+        "format": ARCHIVE_FORMAT,
+        "job": job,
+        "images": counter.images,
+        "satisfied": counter.satisfied,
+        "image_bytes": image_bytes,
+        "shards": shard_count,
+        "label_counts": counter.as_dict(),
+        "files": {CSV_KEY: csv_sha256},
+        "manifests": manifests,
+        "completed": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }

@@ -1,0 +1,355 @@
+"""Run one shard of an archive job: LCO in the calling thread, PNG encoding and uploads in a pool.
+
+Ordering guarantees (what makes a crash at any instant harmless):
+
+1. ``job.json`` is written (or checked) before anything else, so shards of different jobs never mix.
+2. An image is stored before any record of it exists.
+3. A chunk's manifest object is written, in one atomic PUT, only after every image it lists is stored.
+4. A rerun skips exactly the chunks whose manifest is valid and whose images exist with the recorded
+   sizes (and, with ``verify_existing``, the recorded sha256), and regenerates the others: same index,
+   same seed, same labels, so the same bytes under the same keys.
+
+Uploads overlap LCO through a bounded number of in-flight images (a semaphore): when storage is slower
+than generation, ``submit`` blocks and LCO waits, so memory stays flat whatever the count.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+from service.archive.manifest import (
+    JOB_KEY,
+    MARKER_KEY,
+    ArchiveConflict,
+    ArchiveError,
+    canonical_json,
+    decode_records,
+    describe_difference,
+    encode_records,
+    job_document,
+    make_record,
+    sha256_hex,
+)
+from service.archive.png import encode_png
+from service.archive.spec import ArchivePlan, ArchiveSpec, PlannedImage, image_key, labels_of, lco_options
+from service.sinks import S3Sink, Sink, SinkError, SinkKeyNotFound, sink_from_uri
+
+log = logging.getLogger(__name__)
+
+
+class ArchiveCancelled(ArchiveError):
+    """The run was asked to stop; what was committed stays and a rerun resumes from there."""
+
+
+class Engine(Protocol):
+    def generate(self, samples: Sequence[Any]) -> list[Any]: ...
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the archive records about the model that made it."""
+
+    name: str
+    version: str
+    resolution: int
+
+    @classmethod
+    def from_bundle(cls, bundle: Any) -> ModelInfo:
+        manifest = bundle.manifest
+        return cls(name=manifest.name, version=manifest.version, resolution=int(manifest.resolution))
+
+
+@dataclass
+class RunOptions:
+    """How to run (not what to make: changing these never changes the archive's bytes)."""
+
+    batch_size: int = 16  # requests handed to the engine per call
+    upload_workers: int = 4  # 0: encode and upload in the LCO thread, one after the other
+    max_pending_images: int = 64  # images generated but not yet stored; bounds memory
+    verify_existing: bool = False  # re-hash the images of complete chunks instead of trusting sizes
+    progress: bool = True  # tqdm bar on stderr
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.upload_workers < 0 or self.max_pending_images < 1:
+            raise ValueError("batch_size and max_pending_images must be >= 1, upload_workers >= 0")
+
+
+@dataclass
+class ShardReport:
+    destination: str
+    shard_index: int
+    shard_count: int
+    images: int  # images in this shard
+    generated: int = 0
+    skipped: int = 0
+    satisfied: int = 0  # among generated
+    chunks_written: int = 0
+    chunks_skipped: int = 0
+    seconds: float = 0.0
+    archive_complete: bool = False  # the commit marker was already there: nothing to do
+    repaired: list[str] = field(default_factory=list)  # chunks found present but invalid, and redone
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+ProgressCallback = Callable[[int, int], None]
+
+
+def ensure_job(sink: Sink, spec: ArchiveSpec, model: ModelInfo) -> dict[str, Any]:
+    """Write job.json, or check that the one there describes this very job."""
+    wanted = job_document(spec.identity(), model.name, model.version)
+    wanted["model"]["resolution"] = model.resolution
+    try:
+        existing = json.loads(sink.get(JOB_KEY))
+    except SinkKeyNotFound:
+        sink.put(JOB_KEY, canonical_json(wanted), "application/json")
+        return wanted
+    except ValueError as error:
+        raise ArchiveError(f"{sink.uri(JOB_KEY)} is not valid JSON ({error}); remove it or pick a new destination") from None
+    if existing != wanted:
+        raise ArchiveConflict(
+            f"{sink.uri()} already holds a different archive job (differs in {describe_difference(existing, wanted)}); "
+            "rerun with the same spec and model to resume it, or choose another destination"
+        )
+    return existing
+
+
+class _Uploader:
+    """A thread pool with a cap on work in flight; ``submit`` blocks while the cap is reached."""
+
+    def __init__(self, workers: int, max_pending: int):
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="archive-upload") if workers else None
+        self._slots = threading.Semaphore(max_pending)
+        self.error: BaseException | None = None
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        if self._pool is None:
+            future: Future = Future()
+            try:
+                future.set_result(fn(*args))
+            except Exception as error:  # noqa: BLE001 - kept on the future, like an executor does
+                future.set_exception(error)
+                self.error = self.error or error
+            return future
+        self._slots.acquire()
+        future = self._pool.submit(fn, *args)
+        future.add_done_callback(self._done)
+        return future
+
+    def _done(self, future: Future) -> None:
+        self._slots.release()
+        if future.exception() is not None and self.error is None:
+            self.error = future.exception()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+
+class ShardRunner:
+    """Makes the images of one shard that are not yet committed. One instance per run."""
+
+    def __init__(
+        self,
+        spec: ArchiveSpec,
+        engine: Engine,
+        model: ModelInfo,
+        *,
+        sink: Sink | None = None,
+        options: RunOptions | None = None,
+        cancel: threading.Event | None = None,
+        on_progress: ProgressCallback | None = None,
+    ):
+        self.spec = spec
+        self.plan = ArchivePlan(spec)
+        self.engine = engine
+        self.model = model
+        self.sink = sink or sink_from_uri(spec.destination)
+        self.options = options or RunOptions()
+        self.cancel = cancel or threading.Event()
+        self.on_progress = on_progress
+        self.lco = lco_options(spec.lco) if spec.lco else None
+
+    # -- resume ------------------------------------------------------------------------------
+    def _stored_image_sizes(self) -> dict[str, int]:
+        """Sizes of the stored images of this shard, listed once (a key range, not the whole bucket)."""
+        shard = self.plan.shard_range()
+        first, last = image_key(shard.start), image_key(shard.stop - 1)
+        start_after = image_key(shard.start - 1) if shard.start > 0 else ""
+        sizes: dict[str, int] = {}
+        for key, size in self.sink.list_sizes("images/", start_after=start_after):
+            if key > last:
+                break
+            if key >= first:
+                sizes[key] = size
+        return sizes
+
+    def _chunk_is_complete(self, key: str, chunk: range, stored: dict[str, int]) -> str | None:
+        """None when the chunk's manifest and images are all there; else why it must be redone."""
+        try:
+            records = decode_records(self.sink.get(key), self.sink.uri(key))
+        except ArchiveError as error:
+            return str(error)
+        if [record["index"] for record in records] != list(chunk):
+            return "its records do not list exactly the chunk's images"
+        for record in records:
+            if record["image"] != image_key(record["index"]):
+                return f"record {record['id']} names {record['image']!r}"
+            if stored.get(record["image"]) != record["bytes"]:
+                return f"image {record['image']} is missing or has the wrong size"
+            if self.options.verify_existing and sha256_hex(self.sink.get(record["image"])) != record["sha256"]:
+                return f"image {record['image']} does not match its sha256"
+        return None
+
+    # -- generation ----------------------------------------------------------------------------
+    def _store(self, planned: PlannedImage, result: Any) -> dict[str, Any]:
+        png = encode_png(result.image, self.spec.image_format)
+        record = make_record(
+            index=planned.index,
+            image_id=planned.id,
+            key=planned.key,
+            requested=labels_of(planned.target, planned.mask),
+            target=planned.target,
+            probabilities=result.probabilities,
+            satisfied=result.satisfied,
+            seed=planned.seed,
+            steps=result.steps,
+            model_version=self.model.version,
+            image_format=self.spec.image_format,
+            png=png,
+        )
+        metadata = {
+            "sha256": record["sha256"],
+            "seed": str(planned.seed),
+            "finding-labels": record["finding_labels"],
+            "model-version": self.model.version,
+        }
+        self.sink.put(planned.key, png, "image/png", metadata)
+        return record
+
+    def _requests(self, batch: list[PlannedImage]) -> list[Any]:
+        from service.lco import SampleRequest
+
+        return [SampleRequest(p.target, p.mask, p.seed, self.lco) for p in batch]
+
+    def _commit(self, uploader: _Uploader, chunk_key: str, futures: list[Future]) -> Future:
+        """Once every image of a chunk is stored, write its manifest (through the pool)."""
+        records = [future.result() for future in futures]  # raises the first upload error
+        return uploader.submit(self.sink.put, chunk_key, encode_records(records), "application/x-ndjson")
+
+    def run(self) -> ShardReport:
+        started = time.monotonic()
+        spec, plan = self.spec, self.plan
+        report = ShardReport(self.sink.uri(), spec.shard_index, spec.shard_count, len(plan.shard_range()))
+        try:
+            if isinstance(self.sink, S3Sink):
+                self.sink.head_bucket()  # a clear NoSuchBucket/AccessDenied before any work
+            ensure_job(self.sink, spec, self.model)
+            if self.sink.exists(MARKER_KEY):
+                report.archive_complete, report.skipped = True, report.images
+                return report
+            pending = self._pending_chunks(report)
+            self._generate(pending, report)
+        except SinkError as error:
+            raise ArchiveError(
+                f"storage failed: {error}. Committed chunks are kept; rerun the same command to resume."
+            ) from error
+        finally:
+            report.seconds = time.monotonic() - started
+        return report
+
+    def _pending_chunks(self, report: ShardReport) -> list[tuple[str, range]]:
+        shard = self.spec.shard_index
+        present = set(self.sink.list(self.plan.shard_dir(shard) + "/"))
+        stored = self._stored_image_sizes() if present else {}
+        pending = []
+        for number, chunk in enumerate(self.plan.chunks()):
+            key = self.plan.chunk_key(shard, number)
+            if key in present:
+                problem = self._chunk_is_complete(key, chunk, stored)
+                if problem is None:
+                    report.chunks_skipped += 1
+                    report.skipped += len(chunk)
+                    continue
+                log.warning("redoing %s: %s", self.sink.uri(key), problem)
+                report.repaired.append(key)
+            pending.append((key, chunk))
+        return pending
+
+    def _generate(self, pending: list[tuple[str, range]], report: ShardReport) -> None:
+        from tqdm import tqdm
+
+        options = self.options
+        uploader = _Uploader(options.upload_workers, options.max_pending_images)
+        bar = tqdm(
+            total=report.images,
+            initial=report.skipped,
+            unit="img",
+            desc=f"shard {self.spec.shard_index + 1}/{self.spec.shard_count}",
+            disable=not options.progress,
+            dynamic_ncols=True,
+        )
+        previous: tuple[str, list[Future]] | None = None
+        manifest_writes: list[Future] = []
+        cancelled = False
+        try:
+            for chunk_key, chunk in pending:
+                futures: list[Future] = []
+                for start in range(chunk.start, chunk.stop, options.batch_size):
+                    if self.cancel.is_set():
+                        cancelled = True
+                        break
+                    if uploader.error is not None:
+                        raise uploader.error
+                    batch = [self.plan.image(i) for i in range(start, min(start + options.batch_size, chunk.stop))]
+                    results = self.engine.generate(self._requests(batch))
+                    for planned, result in zip(batch, results, strict=True):
+                        futures.append(uploader.submit(self._store, planned, result))
+                        report.satisfied += int(bool(result.satisfied))
+                    report.generated += len(batch)
+                    bar.update(len(batch))
+                    bar.set_postfix(satisfied=f"{report.satisfied / report.generated:.0%}", refresh=False)
+                    if self.on_progress is not None:
+                        self.on_progress(report.skipped + report.generated, report.images)
+                if cancelled:
+                    break  # this chunk is partial: no manifest; a rerun rewrites its images
+                # The previous chunk's uploads had this whole chunk's LCO time to finish.
+                if previous is not None:
+                    manifest_writes.append(self._commit(uploader, *previous))
+                    report.chunks_written += 1
+                previous = (chunk_key, futures)
+            if previous is not None:
+                manifest_writes.append(self._commit(uploader, *previous))
+                report.chunks_written += 1
+            for future in manifest_writes:
+                future.result()
+        finally:
+            uploader.close()
+            bar.close()
+        if cancelled:
+            committed = report.skipped + sum(len(chunk) for _, chunk in pending[: report.chunks_written])
+            raise ArchiveCancelled(
+                f"cancelled with {committed} of {report.images} images committed; rerun to resume"
+            )
+
+
+def run_shard(
+    spec: ArchiveSpec,
+    engine: Engine,
+    model: ModelInfo,
+    *,
+    sink: Sink | None = None,
+    options: RunOptions | None = None,
+    cancel: threading.Event | None = None,
+    on_progress: ProgressCallback | None = None,
+) -> ShardReport:
+    """Make (or finish) shard ``spec.shard_index`` of the archive at ``spec.destination``."""
+    return ShardRunner(spec, engine, model, sink=sink, options=options, cancel=cancel, on_progress=on_progress).run()

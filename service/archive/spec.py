@@ -1,0 +1,255 @@
+"""What an archive job makes: the spec, and the deterministic plan derived from it.
+
+Everything about image ``index`` (its id, its requested labels, its LCO seed, its shard and chunk) is a
+pure function of the spec and ``index``. That is what makes a job resumable and shardable: any pod,
+any rerun, computes the same plan for the same index and so writes the same bytes under the same key.
+"""
+
+from __future__ import annotations
+
+import math
+from bisect import bisect_right
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from service.labels import LABEL_INDEX, LABELS, NO_FINDING, NUM_LABELS, parse_label
+from service.prior import get_prior
+from service.sinks import parse_s3_uri, sink_from_uri
+
+MAX_COUNT = 100_000_000
+MAX_SEED = 2**63 - 1
+# Independent random streams per index (SeedSequence spawn keys): one for labels, one for LCO.
+_LABEL_STREAM = 1
+_IMAGE_STREAM = 2
+_PERMUTATION_STREAM = 3
+
+
+class LabelGroup(BaseModel):
+    """``count`` images asking for ``labels``.
+
+    ``labels`` is either {name: present?} or a list of present findings; unnamed labels are free
+    unless ``exclusive``, and "No Finding" asks for every label absent.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    labels: dict[str, bool] | list[str]
+    count: int = Field(ge=1, le=MAX_COUNT)
+    exclusive: bool = False
+
+    def target_and_mask(self) -> tuple[np.ndarray, np.ndarray]:
+        return labels_to_target(self.labels, self.exclusive)
+
+    @model_validator(mode="after")
+    def _check_labels(self) -> LabelGroup:
+        self.target_and_mask()
+        return self
+
+
+def labels_to_target(labels: dict[str, bool] | list[str], exclusive: bool) -> tuple[np.ndarray, np.ndarray]:
+    """target[14] and mask[14] for a request; ValueError naming the conflict on bad input."""
+    wanted = {name: True for name in labels} if isinstance(labels, list) else dict(labels)
+    target = np.zeros(NUM_LABELS, np.float32)
+    mask = np.zeros(NUM_LABELS, np.float32)
+    seen: dict[str, bool] = {}
+    no_finding = False
+    for raw, present in wanted.items():
+        name = parse_label(raw)
+        if name == NO_FINDING:
+            if not present:
+                raise ValueError('"No Finding": false means nothing; name the findings you want instead')
+            no_finding = True
+            continue
+        if name in seen and seen[name] != present:
+            raise ValueError(f"label {name!r} is asked both present and absent; keep one")
+        seen[name] = present
+        target[LABEL_INDEX[name]] = 1.0 if present else 0.0
+        mask[LABEL_INDEX[name]] = 1.0
+    if no_finding:
+        if any(seen.values()):
+            positives = ", ".join(name for name, present in seen.items() if present)
+            raise ValueError(f'"No Finding" cannot be combined with positive findings ({positives})')
+        return np.zeros(NUM_LABELS, np.float32), np.ones(NUM_LABELS, np.float32)
+    if not seen:
+        raise ValueError("a label group needs at least one label (or \"No Finding\")")
+    if exclusive:
+        mask[:] = 1.0
+    return target, mask
+
+
+class ArchiveSpec(BaseModel):
+    """One archive job. Shards of one job share every field except ``shard_index``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    count: int | None = Field(None, ge=1, le=MAX_COUNT, description="images in the whole archive")
+    distribution: Literal["nih", "balanced"] | list[LabelGroup] = Field(
+        "nih", description="'nih' (real co-occurrence prior), 'balanced' (each finding equally), or groups"
+    )
+    seed: int = Field(0, ge=0, le=MAX_SEED)
+    destination: str = Field(description="s3://bucket/prefix or a local directory")
+    shard_index: int = Field(0, ge=0)
+    shard_count: int = Field(1, ge=1, le=100_000)
+    image_format: Literal["png8", "png16"] = "png8"
+    lco: dict[str, float | int | None] = Field(default_factory=dict, description="LCOOptions fields")
+    chunk_size: int = Field(64, ge=1, le=10_000, description="images per manifest object")
+
+    @field_validator("destination")
+    @classmethod
+    def _check_destination(cls, value: str) -> str:
+        if value.startswith("s3://"):
+            parse_s3_uri(value)
+        else:
+            sink_from_uri(value)
+        return value
+
+    @field_validator("lco")
+    @classmethod
+    def _check_lco(cls, value: dict[str, Any]) -> dict[str, Any]:
+        lco_options(value)
+        return value
+
+    @model_validator(mode="after")
+    def _check_counts(self) -> ArchiveSpec:
+        if isinstance(self.distribution, list):
+            if not self.distribution:
+                raise ValueError("an explicit distribution needs at least one label group")
+            total = sum(group.count for group in self.distribution)
+            if self.count is None:
+                self.count = total
+            elif self.count != total:
+                raise ValueError(f"count {self.count} differs from the label groups' total {total}; drop count or fix it")
+        elif self.count is None:
+            raise ValueError(f"count is required with the {self.distribution!r} distribution")
+        if self.shard_index >= self.shard_count:
+            raise ValueError(f"shard_index {self.shard_index} must be below shard_count {self.shard_count}")
+        if self.shard_count > self.count:
+            raise ValueError(f"shard_count {self.shard_count} exceeds count {self.count}; use fewer shards")
+        return self
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that determine the archive's content (shared by all shards, any destination)."""
+        return self.model_dump(mode="json", exclude={"shard_index", "destination"})
+
+
+def lco_options(values: dict[str, Any]):
+    """LCOOptions from a plain dict; ValueError listing the valid fields on a typo."""
+    from dataclasses import fields
+
+    from service.lco import LCOOptions
+
+    names = {f.name for f in fields(LCOOptions)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"unknown LCO option(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}")
+    return LCOOptions(**values)
+
+
+def image_id(index: int) -> str:
+    """NIH-style image name stem: one synthetic patient per image, follow-up 0 ("00000001_000")."""
+    return f"{index + 1:08d}_000"
+
+
+def image_key(index: int) -> str:
+    return f"images/{image_id(index)}.png"
+
+
+def index_of_image_key(key: str) -> int | None:
+    """Inverse of :func:`image_key`; None for keys that are not archive images."""
+    stem = key.removeprefix("images/").removesuffix(".png")
+    if len(stem) != 12 or not stem.endswith("_000") or not stem[:8].isdigit() or key == stem:
+        return None
+    return int(stem[:8]) - 1
+
+
+@dataclass(frozen=True)
+class PlannedImage:
+    index: int
+    seed: int
+    target: np.ndarray  # [14] float32
+    mask: np.ndarray  # [14] float32
+
+    @property
+    def id(self) -> str:
+        return image_id(self.index)
+
+    @property
+    def key(self) -> str:
+        return image_key(self.index)
+
+
+class ArchivePlan:
+    """Index -> (seed, target, mask); shard and chunk ranges. O(groups) memory, whatever the count."""
+
+    def __init__(self, spec: ArchiveSpec):
+        self.spec = spec
+        self.count = int(spec.count or 0)
+        if isinstance(spec.distribution, str):
+            self._prior = get_prior(spec.distribution)
+            self._groups: list[tuple[np.ndarray, np.ndarray]] = []
+            self._group_ends: list[int] = []
+        else:
+            self._prior = None
+            self._groups = [group.target_and_mask() for group in spec.distribution]
+            self._group_ends = list(np.cumsum([group.count for group in spec.distribution]))
+            # Groups fill contiguous positions of a permutation of the indices, so every shard and
+            # every chunk gets a fair mix of groups (and of LCO cost).
+            self._multiplier, self._offset = _affine_permutation(spec.seed, self.count)
+
+    def _rng(self, stream: int, index: int) -> np.random.Generator:
+        return np.random.default_rng(np.random.SeedSequence(self.spec.seed, spawn_key=(stream, index)))
+
+    def image_seed(self, index: int) -> int:
+        state = np.random.SeedSequence(self.spec.seed, spawn_key=(_IMAGE_STREAM, index)).generate_state(1, np.uint64)
+        return int(state[0] >> np.uint64(1))  # 63 bits: fits every signed 64-bit consumer
+
+    def labels(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        if self._prior is not None:
+            target = self._prior.sample(1, self._rng(_LABEL_STREAM, index))[0].astype(np.float32)
+            # A prior draw is a whole label set: the named findings present, every other one absent.
+            return target, np.ones(NUM_LABELS, np.float32)
+        position = (self._multiplier * index + self._offset) % self.count
+        return self._groups[bisect_right(self._group_ends, position)]
+
+    def image(self, index: int) -> PlannedImage:
+        if not 0 <= index < self.count:
+            raise IndexError(f"image index {index} outside 0..{self.count - 1}")
+        target, mask = self.labels(index)
+        return PlannedImage(index, self.image_seed(index), target, mask)
+
+    # -- layout --------------------------------------------------------------------------------
+    def shard_range(self, shard_index: int | None = None) -> range:
+        shard = self.spec.shard_index if shard_index is None else shard_index
+        n = self.spec.shard_count
+        return range(shard * self.count // n, (shard + 1) * self.count // n)
+
+    def chunks(self, shard_index: int | None = None) -> list[range]:
+        """The shard's indices cut into manifest chunks of ``chunk_size``."""
+        shard = self.shard_range(shard_index)
+        size = self.spec.chunk_size
+        return [range(start, min(start + size, shard.stop)) for start in range(shard.start, shard.stop, size)]
+
+    def chunk_key(self, shard_index: int, chunk_number: int) -> str:
+        return f"{self.shard_dir(shard_index)}/chunk-{chunk_number:06d}.jsonl"
+
+    def shard_dir(self, shard_index: int) -> str:
+        return f"manifests/shard-{shard_index:05d}-of-{self.spec.shard_count:05d}"
+
+
+def _affine_permutation(seed: int, count: int) -> tuple[int, int]:
+    """(a, b) with gcd(a, count) = 1, so i -> (a*i + b) mod count is a bijection on 0..count-1."""
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(_PERMUTATION_STREAM,)))
+    if count <= 2:
+        return 1, 0
+    multiplier = int(rng.integers(count // 3, max(count // 3 + 1, 2 * count // 3))) | 1
+    while math.gcd(multiplier, count) != 1:
+        multiplier += 1
+    return multiplier, int(rng.integers(0, count))
+
+
+def labels_of(target: np.ndarray, mask: np.ndarray) -> dict[str, bool]:
+    """The constrained labels of a request as {name: present}."""
+    return {LABELS[i]: bool(target[i] > 0.5) for i in range(NUM_LABELS) if mask[i] > 0.5}
