@@ -1,0 +1,518 @@
+"""Latent class optimisation (LCO): steer the unconditional generator towards requested findings.
+
+For every requested image the engine draws ``candidates`` latents from the sample's own seed, scores
+them with one forward pass (generator + classifier), starts from the best, then runs Adam on ``z``
+against the masked binary cross-entropy between the classifier's logits on G(z) and the target
+labels, computed together with its gradient by ``lco_step.onnx``. After every step ``z`` is projected
+back onto the sphere of radius sqrt(latent_dim): the PGGAN generator pixel-normalises its input, so
+that sphere is where the prior puts its mass. A sample stops as soon as every constrained label is
+past its decision threshold (by ``margin`` logits), or when its step cap is reached.
+
+Samples are optimised in a *running batch* (:class:`LCOBatch`): finished samples leave and waiting
+ones join between steps, so one slow sample never holds a batch hostage and a server can merge
+concurrent requests without waiting for the slowest. Every sample keeps its own Adam state, step
+size and step cap, and all of its randomness comes from its own seed: its image does not depend on
+what else shares the batch.
+
+The Adam update and the sphere projection run as a small ONNX graph next to ``lco_step.onnx``, bound
+with IOBinding, so on CUDA ``z``, the moments and the gradient stay on the device between steps;
+only the probabilities (B x 14) and losses come back to the host each step, images only for samples
+that finish. Rows are compacted through the host only when the batch's membership changes.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, Protocol
+
+import numpy as np
+import onnxruntime as ort
+
+from service.labels import NUM_LABELS
+
+ADAM_BETA1 = 0.9
+ADAM_BETA2 = 0.999
+ADAM_EPS = 1e-8
+# Logits are clipped here when probabilities are turned back into logits for the margin test.
+_PROB_EPS = 1e-7
+
+
+@dataclass(frozen=True)
+class OptionBounds:
+    """Safe ranges of the per-request knobs (also used by the HTTP schema)."""
+
+    steps: tuple[int, int] = (0, 1000)
+    lr: tuple[float, float] = (1e-4, 1.0)
+    candidates: tuple[int, int] = (1, 64)
+    truncation: tuple[float, float] = (0.5, 4.0)
+    margin: tuple[float, float] = (0.0, 4.0)
+
+
+BOUNDS = OptionBounds()
+
+
+@dataclass(frozen=True)
+class LCOOptions:
+    """Knobs of one LCO run.
+
+    steps: cap on Adam steps per sample (0 = candidates only).
+    lr: Adam step size on z (z has norm sqrt(latent_dim), so 0.05 moves a few percent per step).
+    candidates: latents drawn per sample and scored with one forward pass; the best is optimised.
+    truncation: if set, latents are drawn from a normal truncated at this many standard deviations
+        (entries beyond it are redrawn): less diverse, more typical images.
+    margin: a sample stops once each constrained label's logit is this far past its threshold's
+        logit; 0 stops exactly at the threshold. "satisfied" is always judged at the threshold.
+    """
+
+    steps: int = 200
+    lr: float = 0.05
+    candidates: int = 8
+    truncation: float | None = None
+    margin: float = 0.5
+
+    def __post_init__(self) -> None:
+        _check_range("steps", self.steps, BOUNDS.steps)
+        _check_range("lr", self.lr, BOUNDS.lr)
+        _check_range("candidates", self.candidates, BOUNDS.candidates)
+        if self.truncation is not None:
+            _check_range("truncation", self.truncation, BOUNDS.truncation)
+        _check_range("margin", self.margin, BOUNDS.margin)
+
+
+def _check_range(name: str, value: float, bounds: tuple[float, float]) -> None:
+    low, high = bounds
+    if not (low <= value <= high) or (isinstance(value, float) and math.isnan(value)):
+        raise ValueError(f"LCO option {name}={value!r} is out of range; use a value in [{low}, {high}]")
+
+
+@dataclass(frozen=True)
+class SampleRequest:
+    """One image to make: target[14] and mask[14] in ``service.labels.LABELS`` order.
+
+    mask[i] = 1 constrains label i to target[i] (1 present, 0 absent); mask[i] = 0 leaves it free.
+    ``options`` overrides the engine's default options for this sample.
+    """
+
+    target: np.ndarray
+    mask: np.ndarray
+    seed: int
+    options: LCOOptions | None = None
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    image: np.ndarray  # [H, W] float32 in [-1, 1]
+    probabilities: np.ndarray  # [14] float32, classifier probabilities of the returned image
+    satisfied: bool  # every constrained label on the requested side of its threshold
+    steps: int  # Adam steps taken
+    seed: int
+
+
+class _ManifestLike(Protocol):
+    latent_dim: int
+
+
+class BundleLike(Protocol):
+    """What the engine needs from a loaded bundle (``service.bundle.Bundle`` provides it).
+
+    ``sessions`` holds ONNX Runtime sessions named "generator", "classifier" and "lco_step";
+    ``thresholds`` the 14 decision thresholds as probabilities.
+    """
+
+    manifest: _ManifestLike
+    sessions: dict[str, ort.InferenceSession]
+
+    @property
+    def thresholds(self) -> np.ndarray: ...
+
+
+@dataclass
+class EngineStats:
+    """Work done, counted in samples pushed through each graph (for cost accounting)."""
+
+    forward_samples: int = 0  # generator + classifier forward passes (candidate scoring)
+    step_samples: int = 0  # lco_step evaluations (forward + input gradient)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, forward: int = 0, step: int = 0) -> None:
+        with self.lock:
+            self.forward_samples += forward
+            self.step_samples += step
+
+
+def draw_latents(seed: int, count: int, latent_dim: int, truncation: float | None) -> np.ndarray:
+    """``count`` latents [count, latent_dim] from ``seed`` alone, on the sphere of radius sqrt(d).
+
+    The first latents do not depend on ``count``: one candidate is the first of eight.
+    """
+    rng = np.random.Generator(np.random.PCG64(seed))
+    latents = np.empty((count, latent_dim), dtype=np.float32)
+    for row in range(count):
+        z = rng.standard_normal(latent_dim, dtype=np.float32)
+        if truncation is not None:
+            outside = np.abs(z) > truncation
+            while outside.any():
+                z[outside] = rng.standard_normal(int(outside.sum()), dtype=np.float32)
+                outside = np.abs(z) > truncation
+        latents[row] = z
+    return project_to_sphere(latents)
+
+
+def project_to_sphere(z: np.ndarray) -> np.ndarray:
+    norm = np.linalg.norm(z, axis=1, keepdims=True)
+    return (z * (math.sqrt(z.shape[1]) / np.maximum(norm, 1e-12))).astype(np.float32)
+
+
+def masked_bce(logits: np.ndarray, target: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Per-row masked BCE with logits, mean over constrained labels (0 where none): lco_step's loss."""
+    per_label = np.maximum(logits, 0) - logits * target + np.log1p(np.exp(-np.abs(logits)))
+    count = mask.sum(axis=1)
+    return (per_label * mask).sum(axis=1) / np.maximum(count, 1.0)
+
+
+def satisfied(
+    probs: np.ndarray, target: np.ndarray, mask: np.ndarray, thresholds: np.ndarray, margin: np.ndarray | float
+) -> np.ndarray:
+    """Rows whose every constrained label lies past its threshold by ``margin`` logits."""
+    logits = _logit(probs)
+    threshold_logits = _logit(thresholds)[None, :]
+    margin = np.asarray(margin, dtype=np.float32).reshape(-1, 1)
+    positive_ok = logits >= threshold_logits + margin
+    negative_ok = logits < threshold_logits - margin
+    ok = np.where(target > 0.5, positive_ok, negative_ok)
+    return np.all(ok | (mask < 0.5), axis=1)
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(np.asarray(p, dtype=np.float64), _PROB_EPS, 1 - _PROB_EPS)
+    return np.log(p) - np.log1p(-p)
+
+
+ADAM_GRAPH = "data/adam_sphere_step.onnx"
+
+
+def build_adam_sphere_graph() -> Any:
+    """One Adam step on z followed by projection onto the sphere of radius ``radius``.
+
+    Inputs z, grad, m, v [B, d]; step_size and eps_hat [B, 1] carry each sample's bias-corrected
+    learning rate (lr * sqrt(1 - b2^t) / (1 - b1^t)) and epsilon (eps * sqrt(1 - b2^t)); radius [1].
+    The service ships this graph as service/data/adam_sphere_step.onnx (it needs onnxruntime only);
+    this builder needs the ``onnx`` package and is what wrote that file (see tests/test_lco.py).
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    def tensor(name: str, *shape: Any) -> Any:
+        return helper.make_tensor_value_info(name, TensorProto.FLOAT, list(shape))
+
+    def scalar(name: str, value: float) -> Any:
+        return helper.make_tensor(name, TensorProto.FLOAT, [], [value])
+
+    nodes = [
+        helper.make_node("Mul", ["m", "beta1"], ["m_decay"]),
+        helper.make_node("Mul", ["grad", "one_minus_beta1"], ["m_new_part"]),
+        helper.make_node("Add", ["m_decay", "m_new_part"], ["m_next"]),
+        helper.make_node("Mul", ["v", "beta2"], ["v_decay"]),
+        helper.make_node("Mul", ["grad", "grad"], ["grad_sq"]),
+        helper.make_node("Mul", ["grad_sq", "one_minus_beta2"], ["v_new_part"]),
+        helper.make_node("Add", ["v_decay", "v_new_part"], ["v_next"]),
+        helper.make_node("Sqrt", ["v_next"], ["v_root"]),
+        helper.make_node("Add", ["v_root", "eps_hat"], ["denominator"]),
+        helper.make_node("Div", ["m_next", "denominator"], ["direction"]),
+        helper.make_node("Mul", ["direction", "step_size"], ["update"]),
+        helper.make_node("Sub", ["z", "update"], ["z_moved"]),
+        helper.make_node("ReduceSumSquare", ["z_moved"], ["norm_sq"], axes=[1], keepdims=1),
+        helper.make_node("Sqrt", ["norm_sq"], ["norm"]),
+        helper.make_node("Max", ["norm", "tiny"], ["norm_safe"]),
+        helper.make_node("Div", ["radius", "norm_safe"], ["scale"]),
+        helper.make_node("Mul", ["z_moved", "scale"], ["z_next"]),
+    ]
+    batch, latent = "batch", "latent"
+    graph = helper.make_graph(
+        nodes,
+        "adam_sphere_step",
+        [tensor("z", batch, latent), tensor("grad", batch, latent), tensor("m", batch, latent),
+         tensor("v", batch, latent), tensor("step_size", batch, 1), tensor("eps_hat", batch, 1), tensor("radius", 1)],
+        [tensor("z_next", batch, latent), tensor("m_next", batch, latent), tensor("v_next", batch, latent)],
+        initializer=[
+            scalar("beta1", ADAM_BETA1),
+            scalar("one_minus_beta1", 1 - ADAM_BETA1),
+            scalar("beta2", ADAM_BETA2),
+            scalar("one_minus_beta2", 1 - ADAM_BETA2),
+            scalar("tiny", 1e-12),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="cxrsynth")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def adam_graph_bytes() -> bytes:
+    return resources.files("service").joinpath(ADAM_GRAPH).read_bytes()
+
+
+def _device_of(session: ort.InferenceSession) -> tuple[str, int]:
+    """The (device type, id) that IOBinding should keep tensors on for this session."""
+    if session.get_providers()[0] == "CUDAExecutionProvider":
+        options = session.get_provider_options().get("CUDAExecutionProvider", {})
+        return "cuda", int(options.get("device_id", 0))
+    return "cpu", 0
+
+
+class LCOEngine:
+    """Latent class optimisation over a loaded bundle. Thread-safe: steps are serialised."""
+
+    def __init__(self, bundle: BundleLike, options: LCOOptions | None = None, max_batch: int = 64):
+        if max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
+        self.bundle = bundle
+        self.options = options or LCOOptions()
+        self.max_batch = max_batch
+        self.latent_dim = int(bundle.manifest.latent_dim)
+        self.generator = bundle.sessions["generator"]
+        self.classifier = bundle.sessions["classifier"]
+        self.lco_step = bundle.sessions["lco_step"]
+        self.thresholds = np.asarray(bundle.thresholds, dtype=np.float32)
+        if self.thresholds.shape != (NUM_LABELS,):
+            raise ValueError(f"bundle thresholds must have {NUM_LABELS} entries, got {self.thresholds.shape}")
+        self.device_type, self.device_id = _device_of(self.lco_step)
+        providers = self.lco_step.get_providers()
+        provider_options = [self.lco_step.get_provider_options().get(p, {}) for p in providers]
+        self.adam = ort.InferenceSession(
+            adam_graph_bytes(),
+            providers=providers,
+            provider_options=provider_options,
+        )
+        self.radius_value = self.to_device(np.array([math.sqrt(self.latent_dim)], np.float32))
+        self.stats = EngineStats()
+        self.lock = threading.Lock()
+
+    def generate(self, samples: Sequence[SampleRequest]) -> list[SampleResult]:
+        """Make one image per request, in order, in running batches of at most ``max_batch``."""
+        results: list[SampleResult | None] = [None] * len(samples)
+        batch = LCOBatch(self)
+        pending = list(enumerate(samples))
+        while pending or len(batch):
+            room = self.max_batch - len(batch)
+            if room > 0 and pending:
+                joining, pending = pending[:room], pending[room:]
+                for tag, result in batch.add([s for _, s in joining], [i for i, _ in joining]):
+                    results[tag] = result
+            for tag, result in batch.step():
+                results[tag] = result
+        return [r for r in results if r is not None]
+
+    def warm_up(self) -> None:
+        """One candidate pass and one LCO step on a throwaway sample (allocations, kernel choice)."""
+        target = np.zeros(NUM_LABELS, np.float32)
+        mask = np.zeros(NUM_LABELS, np.float32)
+        target[0] = mask[0] = 1.0
+        batch = LCOBatch(self)
+        # margin at its maximum keeps the sample in the batch so the step graph really runs.
+        batch.add([SampleRequest(target, mask, 0, LCOOptions(steps=1, candidates=2, margin=BOUNDS.margin[1]))], [0])
+        while len(batch):
+            batch.step()
+
+    # -- graph calls -------------------------------------------------------------------------
+    def score(self, latents: np.ndarray, chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
+        """Images [N, H, W] and classifier logits [N, 14] of ``latents`` (forward passes only)."""
+        images, logits = [], []
+        for start in range(0, len(latents), chunk):
+            z = latents[start : start + chunk]
+            image = self.generator.run(["image"], {"z": z})[0]
+            logit = self.classifier.run(["logits"], {"image": image})[0]
+            images.append(image[:, 0])
+            logits.append(logit)
+        self.stats.add(forward=len(latents))
+        return np.concatenate(images), np.concatenate(logits).astype(np.float32)
+
+    def to_device(self, array: np.ndarray) -> ort.OrtValue:
+        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device_type, self.device_id)
+
+
+@dataclass
+class _Rows:
+    """Host copy of the running batch's per-sample state, one row per sample."""
+
+    tags: list[Any]
+    seeds: np.ndarray  # int64 [N]
+    z: np.ndarray  # [N, d]
+    m: np.ndarray
+    v: np.ndarray
+    t: np.ndarray  # int64 [N], Adam steps taken
+    lr: np.ndarray  # float64 [N]
+    cap: np.ndarray  # int64 [N]
+    margin: np.ndarray  # float32 [N]
+    target: np.ndarray  # [N, 14]
+    mask: np.ndarray  # [N, 14]
+
+    @classmethod
+    def empty(cls, latent_dim: int) -> _Rows:
+        zeros = lambda *shape: np.zeros(shape, np.float32)  # noqa: E731
+        return cls([], np.zeros(0, np.int64), zeros(0, latent_dim), zeros(0, latent_dim), zeros(0, latent_dim),
+                   np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.int64), zeros(0), zeros(0, NUM_LABELS),
+                   zeros(0, NUM_LABELS))
+
+    def select(self, keep: np.ndarray) -> _Rows:
+        index = np.flatnonzero(keep)
+        return _Rows([self.tags[i] for i in index], *(getattr(self, f)[index] for f in _ARRAY_FIELDS))
+
+    def extend(self, other: _Rows) -> _Rows:
+        return _Rows(self.tags + other.tags,
+                     *(np.concatenate([getattr(self, f), getattr(other, f)]) for f in _ARRAY_FIELDS))
+
+
+_ARRAY_FIELDS = ("seeds", "z", "m", "v", "t", "lr", "cap", "margin", "target", "mask")
+
+
+class LCOBatch:
+    """A running batch: samples join with :meth:`add` and leave when :meth:`step` finishes them.
+
+    Each sample carries an opaque ``tag`` that comes back with its result. Not thread-safe on its
+    own; the engine lock serialises graph calls when several batches share one engine.
+    """
+
+    def __init__(self, engine: LCOEngine):
+        self.engine = engine
+        self.rows = _Rows.empty(engine.latent_dim)
+        self._device: dict[str, ort.OrtValue] | None = None  # z, m, v, target, mask on the device
+
+    def __len__(self) -> int:
+        return len(self.rows.tags)
+
+    def add(self, samples: Sequence[SampleRequest], tags: Sequence[Any]) -> list[tuple[Any, SampleResult]]:
+        """Start ``samples``: candidates are scored now; samples already satisfied finish at once."""
+        engine = self.engine
+        if not samples:
+            return []
+        options = [s.options or engine.options for s in samples]
+        targets = np.stack([np.asarray(s.target, np.float32).reshape(NUM_LABELS) for s in samples])
+        masks = np.stack([np.asarray(s.mask, np.float32).reshape(NUM_LABELS) for s in samples])
+        counts = [o.candidates for o in options]
+        latents = np.concatenate(
+            [draw_latents(s.seed, k, engine.latent_dim, o.truncation) for s, k, o in zip(samples, counts, options)]
+        )
+        with engine.lock:
+            images, logits = engine.score(latents)
+        owner = np.repeat(np.arange(len(samples)), counts)
+        losses = masked_bce(logits, targets[owner], masks[owner])
+        starts = np.cumsum([0, *counts[:-1]])
+        best = np.array([start + int(np.argmin(losses[start : start + k])) for start, k in zip(starts, counts)])
+        probs = _sigmoid(logits[best])
+        margins = np.array([o.margin for o in options], np.float32)
+        caps = np.array([o.steps for o in options], np.int64)
+        done = satisfied(probs, targets, masks, engine.thresholds, margins) | (caps == 0) | (masks.sum(1) == 0)
+
+        finished = [
+            (tags[i], self._result(images[best[i]], probs[i], targets[i], masks[i], 0, samples[i].seed))
+            for i in np.flatnonzero(done)
+        ]
+        joining = ~done
+        if joining.any():
+            d = engine.latent_dim
+            n = int(joining.sum())
+            new = _Rows(
+                [tags[i] for i in np.flatnonzero(joining)],
+                np.array([samples[i].seed for i in np.flatnonzero(joining)], np.int64),
+                latents[best[joining]],
+                np.zeros((n, d), np.float32),
+                np.zeros((n, d), np.float32),
+                np.zeros(n, np.int64),
+                np.array([o.lr for o in options], np.float64)[joining],
+                caps[joining],
+                margins[joining],
+                targets[joining],
+                masks[joining],
+            )
+            self._sync_to_host()
+            self.rows = self.rows.extend(new)
+        return finished
+
+    def step(self) -> list[tuple[Any, SampleResult]]:
+        """One LCO step for every sample in the batch; returns the samples that finished."""
+        if not len(self):
+            return []
+        engine = self.engine
+        rows = self.rows
+        if self._device is None:
+            self._device = {
+                "z": engine.to_device(rows.z),
+                "m": engine.to_device(rows.m),
+                "v": engine.to_device(rows.v),
+                "target": engine.to_device(rows.target),
+                "mask": engine.to_device(rows.mask),
+            }
+        device = self._device
+        with engine.lock:
+            binding = engine.lco_step.io_binding()
+            binding.bind_ortvalue_input("z", device["z"])
+            binding.bind_ortvalue_input("target", device["target"])
+            binding.bind_ortvalue_input("mask", device["mask"])
+            for name in ("loss", "grad_z", "probs", "image"):
+                binding.bind_output(name, engine.device_type, engine.device_id)
+            engine.lco_step.run_with_iobinding(binding)
+            loss, grad, probs_value, image_value = binding.get_outputs()
+            engine.stats.add(step=len(self))
+            probs = probs_value.numpy()
+
+            done_ok = satisfied(probs, rows.target, rows.mask, engine.thresholds, rows.margin)
+            finished_mask = done_ok | (rows.t >= rows.cap)
+
+            # Adam + projection for everyone (finished rows are dropped below), on the device.
+            t_next = rows.t + 1
+            correction2 = np.sqrt(1.0 - ADAM_BETA2**t_next)
+            step_size = (rows.lr * correction2 / (1.0 - ADAM_BETA1**t_next)).astype(np.float32)[:, None]
+            eps_hat = (ADAM_EPS * correction2).astype(np.float32)[:, None]
+            adam = engine.adam.io_binding()
+            adam.bind_ortvalue_input("z", device["z"])
+            adam.bind_ortvalue_input("grad", grad)
+            adam.bind_ortvalue_input("m", device["m"])
+            adam.bind_ortvalue_input("v", device["v"])
+            adam.bind_ortvalue_input("step_size", engine.to_device(step_size))
+            adam.bind_ortvalue_input("eps_hat", engine.to_device(eps_hat))
+            adam.bind_ortvalue_input("radius", engine.radius_value)
+            for name in ("z_next", "m_next", "v_next"):
+                adam.bind_output(name, engine.device_type, engine.device_id)
+            engine.adam.run_with_iobinding(adam)
+            device["z"], device["m"], device["v"] = adam.get_outputs()
+        rows.t = np.where(finished_mask, rows.t, t_next)
+
+        if not finished_mask.any():
+            return []
+        images = image_value.numpy()[:, 0]
+        finished = [
+            (rows.tags[i], self._result(images[i], probs[i], rows.target[i], rows.mask[i], int(rows.t[i]),
+                                        int(rows.seeds[i])))
+            for i in np.flatnonzero(finished_mask)
+        ]
+        self._sync_to_host()
+        self.rows = self.rows.select(~finished_mask)
+        return finished
+
+    def _sync_to_host(self) -> None:
+        """Bring z and the moments back to host rows before the membership changes."""
+        if self._device is not None:
+            self.rows.z = self._device["z"].numpy()
+            self.rows.m = self._device["m"].numpy()
+            self.rows.v = self._device["v"].numpy()
+            self._device = None
+
+    def _result(self, image: np.ndarray, probs: np.ndarray, target: np.ndarray, mask: np.ndarray, steps: int,
+                seed: int) -> SampleResult:
+        ok = bool(satisfied(probs[None], target[None], mask[None], self.engine.thresholds, 0.0)[0])
+        return SampleResult(
+            image=np.clip(image, -1.0, 1.0).astype(np.float32),
+            probabilities=probs.astype(np.float32),
+            satisfied=ok,
+            steps=steps,
+            seed=int(seed),
+        )
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return (1.0 / (1.0 + np.exp(-x.astype(np.float64)))).astype(np.float32)

@@ -1,0 +1,211 @@
+"""Request and response models of the HTTP API, with validation that says what to fix."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from service.labels import LABEL_INDEX, LABELS, NO_FINDING, NUM_LABELS, UnknownLabelError, parse_label
+from service.lco import BOUNDS, LCOOptions
+from service.settings import Settings
+from service.sinks import parse_s3_uri
+
+# Seeds stay below 2**53 so every JSON client (JavaScript included) round-trips them exactly.
+MAX_SEED = 2**53 - 1
+
+
+@lru_cache(maxsize=1)
+def settings() -> Settings:
+    return Settings.from_env()
+
+
+@dataclass(frozen=True)
+class LabelSpec:
+    """The constraints a request puts on the 14 labels."""
+
+    target: np.ndarray  # [14] float32
+    mask: np.ndarray  # [14] float32, 1 = constrained
+
+    @property
+    def constraints(self) -> dict[str, bool]:
+        """Every constrained label and its requested value."""
+        return {LABELS[i]: bool(self.target[i] > 0.5) for i in np.flatnonzero(self.mask)}
+
+    @property
+    def positives(self) -> list[str]:
+        return [LABELS[i] for i in np.flatnonzero(self.mask * self.target)]
+
+    @property
+    def description(self) -> str:
+        """Short human caption: "Effusion+Mass -Edema", "No Finding", or "unconditional"."""
+        if not self.mask.any():
+            return "unconditional"
+        positives = self.positives
+        negatives = [LABELS[i] for i in np.flatnonzero(self.mask * (1 - self.target))]
+        if not positives and len(negatives) == NUM_LABELS:
+            return NO_FINDING
+        text = "+".join(positives)
+        if len(negatives) == NUM_LABELS - len(positives):
+            return f"{text} only" if text else NO_FINDING
+        return " ".join([text, *(f"-{n}" for n in negatives)]).strip()
+
+
+def resolve_labels(labels: dict[str, bool] | list[str], exclusive: bool) -> LabelSpec:
+    """Turn the request's labels into target and mask vectors, or raise ValueError saying what to fix.
+
+    ``labels`` is {name: true/false} or a list of present findings. Names take any case and the
+    usual aliases. "No Finding" means every finding absent and cannot stand beside a positive.
+    With ``exclusive`` every label not named is absent.
+    """
+    items = [(name, True) for name in labels] if isinstance(labels, list) else list(labels.items())
+    wanted: dict[str, bool] = {}
+    no_finding = False
+    for raw_name, value in items:
+        try:
+            name = parse_label(raw_name)
+        except UnknownLabelError as error:
+            raise ValueError(str(error)) from None
+        if name == NO_FINDING:
+            if not value:
+                raise ValueError(
+                    '"No Finding": false cannot be expressed as constraints; name the findings you '
+                    "want present instead"
+                )
+            no_finding = True
+            continue
+        if name in wanted and wanted[name] != value:
+            raise ValueError(f"label {name} is requested both present and absent; ask for it once")
+        wanted[name] = value
+    if no_finding and any(wanted.values()):
+        present = ", ".join(name for name, value in wanted.items() if value)
+        raise ValueError(f'"No Finding" cannot be combined with present findings ({present}); drop one of them')
+    target = np.zeros(NUM_LABELS, np.float32)
+    mask = np.full(NUM_LABELS, 1.0 if (exclusive or no_finding) else 0.0, np.float32)
+    for name, value in wanted.items():
+        target[LABEL_INDEX[name]] = 1.0 if value else 0.0
+        mask[LABEL_INDEX[name]] = 1.0
+    return LabelSpec(target, mask)
+
+
+class LCOSettings(BaseModel):
+    """Per-request LCO knobs; fields left out take the service's defaults."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    steps: int | None = Field(None, ge=BOUNDS.steps[0], le=BOUNDS.steps[1], description="cap on Adam steps")
+    lr: float | None = Field(None, ge=BOUNDS.lr[0], le=BOUNDS.lr[1], description="Adam step size on z")
+    candidates: int | None = Field(
+        None, ge=BOUNDS.candidates[0], le=BOUNDS.candidates[1], description="latents scored per image"
+    )
+    truncation: float | None = Field(
+        None, ge=BOUNDS.truncation[0], le=BOUNDS.truncation[1], description="truncated-normal bound on z (sd)"
+    )
+    margin: float | None = Field(
+        None, ge=BOUNDS.margin[0], le=BOUNDS.margin[1], description="logits past the threshold before stopping"
+    )
+
+    def apply(self, defaults: LCOOptions) -> LCOOptions:
+        given = {k: v for k, v in self.model_dump().items() if v is not None}
+        return dataclasses.replace(defaults, **given)
+
+
+class GenerateRequest(BaseModel):
+    """POST /generate body."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    labels: dict[str, bool] | list[str] = Field(
+        default_factory=dict,
+        description='{"Effusion": true, "Mass": false} or a list of present findings ["Effusion"]',
+        examples=[{"Effusion": True, "Pneumothorax": False}],
+    )
+    exclusive: bool = Field(False, description="labels not named are absent")
+    count: int = Field(1, description="images to make, 1 up to the configured maximum")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="image i gets seed + i; random if left out")
+    format: Literal["png8", "png16"] = Field("png8", description="PNG bit depth")
+    destination: str | None = Field(None, description="s3://bucket/prefix to upload to; absent: inline base64")
+    strict: bool = Field(False, description="retry unsatisfied images with new seeds")
+    retries: int = Field(3, ge=0, description="retries per image when strict")
+    lco: LCOSettings = Field(default_factory=LCOSettings)
+
+    @field_validator("count")
+    @classmethod
+    def _count_in_range(cls, count: int) -> int:
+        limit = settings().max_count
+        if not 1 <= count <= limit:
+            raise ValueError(f"count must be between 1 and {limit}; got {count}")
+        return count
+
+    @field_validator("retries")
+    @classmethod
+    def _retries_in_range(cls, retries: int) -> int:
+        limit = settings().max_retries
+        if retries > limit:
+            raise ValueError(f"retries must be at most {limit}; got {retries}")
+        return retries
+
+    @field_validator("destination")
+    @classmethod
+    def _destination_is_s3(cls, destination: str | None) -> str | None:
+        if destination is not None:
+            parse_s3_uri(destination)
+        return destination
+
+    @model_validator(mode="after")
+    def _labels_consistent(self) -> GenerateRequest:
+        resolve_labels(self.labels, self.exclusive)
+        return self
+
+    def label_spec(self) -> LabelSpec:
+        return resolve_labels(self.labels, self.exclusive)
+
+
+class ModelRef(BaseModel):
+    name: str
+    version: str
+
+
+class GeneratedImage(BaseModel):
+    id: str = Field(description="request id and index")
+    index: int
+    seed: int = Field(description="reproduces this image with the same labels and options")
+    labels: dict[str, bool] = Field(description="every constrained label and its requested value")
+    probabilities: dict[str, float] = Field(description="the LCO classifier's probability for each of the 14 labels")
+    satisfied: bool
+    steps: int
+    attempts: int = Field(description="1, or more when strict retried with new seeds")
+    uri: str | None = Field(None, description="s3:// URI of the PNG when a destination was given")
+    sidecar_uri: str | None = None
+    data: str | None = Field(None, description="base64 PNG when no destination was given")
+    media_type: str = "image/png"
+
+
+class GenerateResponse(BaseModel):
+    request_id: str
+    model: ModelRef
+    format: str
+    exclusive: bool
+    satisfied: int = Field(description="how many of the images are satisfied")
+    destination: str | None = None
+    images: list[GeneratedImage]
+
+
+class LabelInfo(BaseModel):
+    name: str
+    threshold: float | None = Field(description="decision threshold on the LCO classifier's probability")
+    prevalence: float = Field(description="share of NIH ChestX-ray14 images with this label")
+
+
+class LabelsResponse(BaseModel):
+    labels: list[LabelInfo]
+    aliases_accepted: bool = True
+
+
+class ErrorResponse(BaseModel):
+    error: str
+    detail: object | None = None

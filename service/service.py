@@ -1,0 +1,436 @@
+"""The cxrsynth BentoML service: labelled synthetic chest x-rays over HTTP.
+
+    bentoml serve service.service:CXRSynth          # CXRSYNTH_BUNDLE=/path/to/bundle for a directory
+
+Endpoints
+- POST /generate  labels in, PNGs out (inline base64, or uploaded to s3://bucket/prefix as each is done)
+- GET  /labels    vocabulary, decision thresholds and NIH prevalence
+- GET  /model     manifest summary of the loaded bundle
+- /livez, /readyz (ready once the bundle is loaded and a warm-up LCO step has run), /metrics
+
+The bundle comes from the directory in ``CXRSYNTH_BUNDLE`` (the embedded default the demo uses) or,
+when that is unset, from the BentoML model ``CXRSYNTH_MODEL_TAG``, declared on the class so that
+``bentoml build`` packages it. Settings: service/settings.py.
+
+Errors are JSON ``{"error": message, "detail": ...}``. Bad input is a 4xx that says what to fix:
+BentoML answers pydantic validation errors (including malformed JSON) with 400; this module adds
+413 for oversized bodies, 401 for a missing or wrong bearer token, and maps S3's answers for the
+destination bucket to 404 (no such bucket) or 403 (access denied), carrying S3's own message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import io
+import json
+import logging
+import secrets
+import threading
+import time
+from dataclasses import asdict
+from typing import Any
+
+import bentoml
+import numpy as np
+from PIL import Image
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from service.batching import Batcher
+from service.bundle import Bundle, load_bundle
+from service.labels import LABELS, NO_FINDING
+from service.lco import LCOEngine, LCOOptions, SampleRequest, SampleResult
+from service.metrics import ServiceMetrics, create_metrics
+from service.prior import nih_prior
+from service.schemas import (
+    MAX_SEED,
+    GeneratedImage,
+    GenerateRequest,
+    GenerateResponse,
+    LabelInfo,
+    LabelSpec,
+    LabelsResponse,
+    ModelRef,
+    settings,
+)
+from service.sinks import S3Sink, SinkError, SinkKeyNotFound, parse_s3_uri
+
+logger = logging.getLogger("bentoml.service.cxrsynth")
+SETTINGS = settings()
+OPEN_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/metrics"})
+# S3 error codes that mean "your bucket or your credentials", i.e. the caller's to fix.
+S3_STATUS = {
+    "NoSuchBucket": 404,
+    "AccessDenied": 403,
+    "AllAccessDisabled": 403,
+    "InvalidAccessKeyId": 403,
+    "SignatureDoesNotMatch": 403,
+    "ExpiredToken": 403,
+    "InvalidToken": 403,
+    "NoCredentials": 403,
+    "403": 403,
+}
+
+
+def error_response(status: int, message: str, detail: Any = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message, "detail": detail}, status_code=status, headers=headers)
+
+
+# -- ASGI middlewares ----------------------------------------------------------------------------
+class BodyLimitMiddleware:
+    """413 for bodies over ``max_bytes`` (declared or streamed), before anything parses them."""
+
+    def __init__(self, app: Any, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope.get("method") in ("GET", "HEAD", "OPTIONS"):
+            return await self.app(scope, receive, send)
+        too_big = error_response(
+            413, f"request body is larger than {self.max_bytes} bytes; ask for fewer or shorter fields"
+        )
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await too_big(scope, receive, send)
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                return await too_big(scope, receive, send)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+class BearerTokenMiddleware:
+    """Require ``Authorization: Bearer <token>`` everywhere except probes and /metrics."""
+
+    def __init__(self, app: Any, token: str):
+        self.app = app
+        self.token = token.encode()
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope.get("path") in OPEN_PATHS:
+            return await self.app(scope, receive, send)
+        header = dict(scope.get("headers") or []).get(b"authorization", b"")
+        scheme, _, value = header.partition(b" ")
+        if scheme.lower() != b"bearer" or not hmac.compare_digest(value.strip(), self.token):
+            response = error_response(
+                401,
+                "missing or wrong bearer token; send the header 'Authorization: Bearer <CXRSYNTH_API_TOKEN>'",
+                headers={"WWW-Authenticate": 'Bearer realm="cxrsynth"'},
+            )
+            return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+# -- image files ---------------------------------------------------------------------------------
+def encode_png(image: np.ndarray, image_format: str = "png8") -> bytes:
+    """[H, W] float in [-1, 1] -> grayscale PNG, 8-bit ("png8") or 16-bit ("png16")."""
+    unit = (np.clip(image, -1.0, 1.0) + 1.0) / 2.0
+    if image_format == "png16":
+        picture = Image.fromarray(np.round(unit * 65535).astype(np.uint16))
+    else:
+        picture = Image.fromarray(np.round(unit * 255).astype(np.uint8), mode="L")
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG", optimize=False)
+    return buffer.getvalue()
+
+
+def retry_seed(seed: int, attempt: int) -> int:
+    """A fresh seed for a strict retry, derived from the image's seed and the attempt number."""
+    state = np.random.SeedSequence([seed, attempt]).generate_state(2, np.uint64)
+    return int((int(state[0]) << 11 ^ int(state[1])) % (MAX_SEED + 1))
+
+
+# -- /labels and /model ----------------------------------------------------------------------------
+def _service_or_unavailable() -> CXRSynth | JSONResponse:
+    service = bentoml.get_current_service()
+    if not service.ready.is_set():
+        return error_response(503, "the model is loading; retry in a few seconds", headers={"Retry-After": "5"})
+    return service
+
+
+async def labels_view(_: Request) -> JSONResponse:
+    service = _service_or_unavailable()
+    if isinstance(service, JSONResponse):
+        return service
+    prevalence = nih_prior().prevalence()
+    thresholds = service.bundle.thresholds
+    entries = [LabelInfo(name=name, threshold=float(thresholds[i]), prevalence=prevalence[name])
+               for i, name in enumerate(LABELS)]
+    entries.append(LabelInfo(name=NO_FINDING, threshold=None, prevalence=prevalence[NO_FINDING]))
+    return JSONResponse(LabelsResponse(labels=entries).model_dump())
+
+
+async def model_view(_: Request) -> JSONResponse:
+    service = _service_or_unavailable()
+    if isinstance(service, JSONResponse):
+        return service
+    manifest = service.bundle.manifest
+    provenance = manifest.provenance
+    return JSONResponse({
+        "name": manifest.name,
+        "version": manifest.version,
+        "created": manifest.created,
+        "resolution": manifest.resolution,
+        "latent_dim": manifest.latent_dim,
+        "labels": list(manifest.labels),
+        "thresholds": manifest.thresholds,
+        "pixel": manifest.pixel.model_dump(),
+        "provenance": {
+            "dataset": provenance.dataset,
+            "images_shown": provenance.images_shown,
+            "commit": provenance.commit,
+            "classifier_arch": provenance.classifier_arch,
+            "classifier_mean_auroc": provenance.classifier_mean_auroc,
+            "frechet_distance": provenance.frechet_distance,
+        },
+        "execution_providers": service.bundle.providers,
+        "lco_defaults": asdict(service.engine.options),
+        "limits": {"max_count": SETTINGS.max_count, "max_retries": SETTINGS.max_retries,
+                   "max_body_bytes": SETTINGS.max_body_bytes, "max_batch": SETTINGS.max_batch},
+        "cross_request_batching": SETTINGS.batching,
+    })
+
+
+info_app = Starlette(routes=[Route("/labels", labels_view, methods=["GET"]),
+                             Route("/model", model_view, methods=["GET"])])
+
+
+def _resources() -> dict[str, Any]:
+    gpus = int(__import__("os").environ.get("CXRSYNTH_GPUS", "0") or 0)
+    return {"cpu": "2", "memory": "4Gi", **({"gpu": gpus} if gpus else {})}
+
+
+@bentoml.asgi_app(info_app, path="/")
+@bentoml.service(
+    name="cxrsynth",
+    resources=_resources(),
+    workers=1,  # one process owns the bundle and the running LCO batch
+    traffic={"timeout": 600, "max_concurrency": 256},
+)
+class CXRSynth:
+    """Latent class optimisation on a PGGAN chest x-ray generator, one running batch per process."""
+
+    if SETTINGS.bundle_dir is None:
+        bundle_model = bentoml.models.BentoModel(SETTINGS.model_tag)
+
+    def __init__(self) -> None:
+        source = SETTINGS.bundle_dir if SETTINGS.bundle_dir is not None else self.bundle_model
+        self.bundle: Bundle = load_bundle(source)
+        manifest = self.bundle.manifest
+        self.model_ref = ModelRef(name=manifest.name, version=manifest.version)
+        self.engine = LCOEngine(self.bundle, LCOOptions(), max_batch=SETTINGS.max_batch)
+        self.metrics: ServiceMetrics = create_metrics()
+        self.batcher = Batcher(
+            self.engine,
+            max_wait_s=SETTINGS.batch_wait_ms / 1000.0,
+            enabled=SETTINGS.batching,
+            on_step=self.metrics.lco_batch_size.observe,
+        )
+        self.ready = threading.Event()
+        logger.info("loaded bundle %s %s from %s on %s", manifest.name, manifest.version, self.bundle.path,
+                    ", ".join(self.bundle.providers))
+        if SETTINGS.api_token is None:
+            logger.warning("CXRSYNTH_API_TOKEN is not set: the API is open to anyone who can reach this port")
+        else:
+            logger.info("bearer-token auth is on for every route except %s", ", ".join(sorted(OPEN_PATHS)))
+        threading.Thread(target=self._warm_up, name="lco-warm-up", daemon=True).start()
+
+    def _warm_up(self) -> None:
+        started = time.perf_counter()
+        try:
+            self.engine.warm_up()
+        except Exception:
+            logger.exception("warm-up LCO step failed; the service stays not ready")
+            return
+        self.ready.set()
+        logger.info("warm-up LCO step done in %.2f s; ready", time.perf_counter() - started)
+
+    def __is_ready__(self) -> bool:
+        return self.ready.is_set()
+
+    @bentoml.on_shutdown
+    def _close(self) -> None:
+        self.batcher.close()
+
+    @bentoml.api(route="/generate")
+    async def generate(self, request: GenerateRequest, /) -> GenerateResponse:
+        """Make ``count`` chest x-rays showing the requested findings (see GenerateRequest)."""
+        if not self.ready.is_set():
+            return error_response(503, "the model is loading; retry in a few seconds", headers={"Retry-After": "5"})
+        spec = request.label_spec()
+        options = request.lco.apply(self.engine.options)
+        request_id = secrets.token_hex(8)
+        base_seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1)
+        sink: S3Sink | None = None
+        if request.destination is not None:
+            bucket, prefix = parse_s3_uri(request.destination)
+            sink = S3Sink(bucket, prefix)
+            try:
+                await asyncio.to_thread(sink.head_bucket)
+            except SinkError as error:
+                return self._s3_error(error, bucket)
+        job = _GenerateJob(self, request, spec, options, request_id, base_seed, sink)
+        return await job.run()
+
+    def _s3_error(self, error: SinkError, bucket: str) -> JSONResponse:
+        code = "NoSuchBucket" if isinstance(error, SinkKeyNotFound) else error.code
+        status = S3_STATUS.get(code, 502)
+        self.metrics.s3_upload_errors.labels(code=code).inc()
+        if code == "NoSuchBucket":
+            message = f"S3 bucket {bucket!r} does not exist; create it or fix the destination"
+        elif status == 403:
+            message = f"S3 refused access to bucket {bucket!r} with the service's credentials; grant access"
+        else:
+            message = f"S3 failed while writing to bucket {bucket!r}; no images were kept"
+        return error_response(status, message, {"s3_code": code, "s3_message": error.message, "operation": error.operation})
+
+
+class _GenerateJob:
+    """One /generate request: its samples, strict retries, uploads, and clean-up on failure."""
+
+    def __init__(self, service: CXRSynth, request: GenerateRequest, spec: LabelSpec, options: LCOOptions,
+                 request_id: str, base_seed: int, sink: S3Sink | None):
+        self.service = service
+        self.request = request
+        self.spec = spec
+        self.options = options
+        self.request_id = request_id
+        self.base_seed = base_seed
+        self.sink = sink
+        self.uploaded: list[str] = []
+        self.upload_slots = asyncio.Semaphore(SETTINGS.s3_concurrency)
+
+    async def run(self) -> GenerateResponse | JSONResponse:
+        count = self.request.count
+        seeds = [(self.base_seed + index) % (MAX_SEED + 1) for index in range(count)]
+        futures = self.service.batcher.submit([self._sample(seed) for seed in seeds])
+        tasks = [asyncio.create_task(self._image(index, seed, future)) for index, (seed, future)
+                 in enumerate(zip(seeds, futures))]
+        try:
+            images = await asyncio.gather(*tasks)
+        except SinkError as error:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.to_thread(self._remove_uploaded)
+            assert self.sink is not None
+            return self.service._s3_error(error, self.sink.bucket)
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.to_thread(self._remove_uploaded)
+            raise
+        return GenerateResponse(
+            request_id=self.request_id,
+            model=self.service.model_ref,
+            format=self.request.format,
+            exclusive=self.request.exclusive,
+            satisfied=sum(image.satisfied for image in images),
+            destination=self.sink.uri() if self.sink else None,
+            images=list(images),
+        )
+
+    def _sample(self, seed: int) -> SampleRequest:
+        return SampleRequest(self.spec.target, self.spec.mask, seed, self.options)
+
+    async def _image(self, index: int, seed: int, future: Any) -> GeneratedImage:
+        result: SampleResult = await asyncio.wrap_future(future)
+        attempts = 1
+        while self.request.strict and not result.satisfied and attempts <= self.request.retries:
+            retry = self.service.batcher.submit([self._sample(retry_seed(seed, attempts))])[0]
+            result = await asyncio.wrap_future(retry)
+            attempts += 1
+        self.service.metrics.record_image(self.spec.positives, bool(self.spec.mask.any()), result.satisfied,
+                                          result.steps)
+        png = await asyncio.to_thread(encode_png, result.image, self.request.format)
+        image = GeneratedImage(
+            id=f"{self.request_id}-{index:04d}",
+            index=index,
+            seed=result.seed,
+            labels=self.spec.constraints,
+            probabilities={name: round(float(p), 6) for name, p in zip(LABELS, result.probabilities)},
+            satisfied=result.satisfied,
+            steps=result.steps,
+            attempts=attempts,
+        )
+        if self.sink is None:
+            image.data = base64.b64encode(png).decode("ascii")
+            return image
+        stem = f"{self.request_id}/{index:04d}"
+        sidecar = {
+            "id": image.id,
+            "request_id": self.request_id,
+            "index": index,
+            "seed": image.seed,
+            "labels": image.labels,
+            "exclusive": self.request.exclusive,
+            "probabilities": image.probabilities,
+            "satisfied": image.satisfied,
+            "steps": image.steps,
+            "attempts": attempts,
+            "format": self.request.format,
+            "lco": asdict(self.options),
+            "model": self.service.model_ref.model_dump(),
+            "image": f"{stem}.png",
+        }
+        metadata = {
+            "request-id": self.request_id,
+            "seed": str(image.seed),
+            "labels": ";".join(f"{'' if v else '-'}{k}" for k, v in image.labels.items()) or "unconditional",
+            "satisfied": str(image.satisfied).lower(),
+            "model-version": f"{self.service.model_ref.name}:{self.service.model_ref.version}",
+        }
+        image.uri = await self._put(f"{stem}.png", png, "image/png", metadata)
+        image.sidecar_uri = await self._put(
+            f"{stem}.json", json.dumps(sidecar, indent=2).encode(), "application/json", metadata
+        )
+        return image
+
+    async def _put(self, key: str, data: bytes, content_type: str, metadata: dict[str, str]) -> str:
+        assert self.sink is not None
+        async with self.upload_slots:
+            started = time.perf_counter()
+            self.uploaded.append(key)  # recorded first: a put that fails late may still have landed
+            uri = await asyncio.to_thread(self.sink.put, key, data, content_type, metadata)
+            self.service.metrics.s3_upload_seconds.observe(time.perf_counter() - started)
+            return uri
+
+    def _remove_uploaded(self) -> None:
+        """Delete whatever this request uploaded, so a failed request leaves no partial set."""
+        assert self.sink is not None or not self.uploaded
+        for key in self.uploaded:
+            try:
+                self.sink.delete(key)  # type: ignore[union-attr]
+            except SinkError as error:
+                logger.warning("could not remove %s after a failed request: %s", key, error)
+
+
+# The first middleware added is the outermost: unauthenticated callers are turned away before
+# their body is read.
+if SETTINGS.api_token is not None:
+    CXRSynth.add_asgi_middleware(BearerTokenMiddleware, token=SETTINGS.api_token)
+CXRSynth.add_asgi_middleware(BodyLimitMiddleware, max_bytes=SETTINGS.max_body_bytes)
