@@ -1,0 +1,337 @@
+"""LCO engine: optimiser, stopping, determinism, batching, on small real ONNX graphs.
+
+The graphs here are a tanh-linear generator and a linear classifier written with onnx.helper, with
+the LCO step's gradient written out analytically (and checked against finite differences below),
+so the optimiser is tested in milliseconds. The engine on exported bundles is tested in
+tests/test_service_e2e.py and by benchmarks/.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from types import SimpleNamespace
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from service.batching import Batcher
+from service.labels import NUM_LABELS
+from service.lco import (
+    ADAM_BETA1,
+    ADAM_BETA2,
+    ADAM_EPS,
+    BOUNDS,
+    LCOBatch,
+    LCOEngine,
+    LCOOptions,
+    SampleRequest,
+    adam_graph_bytes,
+    build_adam_sphere_graph,
+    draw_latents,
+    masked_bce,
+    satisfied,
+)
+
+LATENT = 24
+SIDE = 8
+
+
+def _model(nodes, inputs, outputs, initializers) -> bytes:
+    graph = helper.make_graph(nodes, "g", inputs, outputs, initializer=initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def build_graphs(seed: int = 0) -> dict[str, bytes]:
+    """generator: z -> tanh(zW) as [B,1,8,8]; classifier: logits = flat(x) V + b; lco_step: both + gradient."""
+    rng = np.random.default_rng(seed)
+    pixels = SIDE * SIDE
+    weights = {
+        "W": (rng.standard_normal((LATENT, pixels)) / math.sqrt(LATENT)).astype(np.float32),
+        "V": (rng.standard_normal((pixels, NUM_LABELS)) * 3 / math.sqrt(pixels)).astype(np.float32),
+        "b": (rng.standard_normal(NUM_LABELS) - 1.0).astype(np.float32),
+        "Wt": None,
+        "Vt": None,
+        "image_shape": np.array([-1, 1, SIDE, SIDE], np.int64),
+        "flat_shape": np.array([-1, pixels], np.int64),
+        "one": np.array(1.0, np.float32),
+        "axis1": np.array([1], np.int64),
+        "flat1": np.array([-1], np.int64),
+    }
+    weights["Wt"] = weights["W"].T.copy()
+    weights["Vt"] = weights["V"].T.copy()
+
+    def init(*names):
+        return [numpy_helper.from_array(weights[n], n) for n in names]
+
+    f = TensorProto.FLOAT
+    z = helper.make_tensor_value_info("z", f, ["B", LATENT])
+    image = helper.make_tensor_value_info("image", f, ["B", 1, SIDE, SIDE])
+    logits = helper.make_tensor_value_info("logits", f, ["B", NUM_LABELS])
+    embedding = helper.make_tensor_value_info("embedding", f, ["B", pixels])
+    target = helper.make_tensor_value_info("target", f, ["B", NUM_LABELS])
+    mask = helper.make_tensor_value_info("mask", f, ["B", NUM_LABELS])
+    n = helper.make_node
+    generator_nodes = [n("MatMul", ["z", "W"], ["a"]), n("Tanh", ["a"], ["x"]), n("Reshape", ["x", "image_shape"], ["image"])]
+    classifier_nodes = [n("Reshape", ["image", "flat_shape"], ["xf"]), n("MatMul", ["xf", "V"], ["xv"]),
+                        n("Add", ["xv", "b"], ["logits"])]
+    step_nodes = generator_nodes + [
+        n("MatMul", ["x", "V"], ["xv"]), n("Add", ["xv", "b"], ["logits"]), n("Sigmoid", ["logits"], ["probs"]),
+        # masked BCE with logits, mean over constrained labels: max(l,0) - l t + log(1 + exp(-|l|))
+        n("Relu", ["logits"], ["relu"]), n("Mul", ["logits", "target"], ["lt"]), n("Abs", ["logits"], ["al"]),
+        n("Neg", ["al"], ["nal"]), n("Exp", ["nal"], ["e"]), n("Add", ["e", "one"], ["e1"]), n("Log", ["e1"], ["lg"]),
+        n("Sub", ["relu", "lt"], ["r"]), n("Add", ["r", "lg"], ["bce"]), n("Mul", ["bce", "mask"], ["mb"]),
+        n("ReduceSum", ["mb", "axis1"], ["total"], keepdims=0), n("ReduceSum", ["mask", "axis1"], ["count"], keepdims=1),
+        n("Max", ["count", "one"], ["count_safe"]), n("Reshape", ["count_safe", "flat1"], ["count_flat"]),
+        n("Div", ["total", "count_flat"], ["loss"]),
+        # gradient: dlogits = mask (p - t) / count; dx = dlogits V^T; da = dx (1 - x^2); dz = da W^T
+        n("Sub", ["probs", "target"], ["pt"]), n("Mul", ["pt", "mask"], ["ptm"]), n("Div", ["ptm", "count_safe"], ["dl"]),
+        n("MatMul", ["dl", "Vt"], ["dx"]), n("Mul", ["x", "x"], ["x2"]), n("Sub", ["one", "x2"], ["dtanh"]),
+        n("Mul", ["dx", "dtanh"], ["da"]), n("MatMul", ["da", "Wt"], ["grad_z"]),
+    ]
+    return {
+        "generator": _model(generator_nodes, [z], [image], init("W", "image_shape")),
+        "classifier": _model(classifier_nodes + [n("Identity", ["xf"], ["embedding"])], [image], [logits, embedding],
+                             init("V", "b", "flat_shape")),
+        "lco_step": _model(
+            step_nodes, [z, target, mask],
+            [helper.make_tensor_value_info("loss", f, ["B"]), helper.make_tensor_value_info("grad_z", f, ["B", LATENT]),
+             helper.make_tensor_value_info("probs", f, ["B", NUM_LABELS]), image],
+            init("W", "V", "b", "Wt", "Vt", "image_shape", "one", "axis1", "flat1"),
+        ),
+    }
+
+
+def make_bundle(threshold: float = 0.5) -> SimpleNamespace:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    sessions = {name: ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+                for name, data in build_graphs().items()}
+    return SimpleNamespace(manifest=SimpleNamespace(latent_dim=LATENT), sessions=sessions,
+                           thresholds=np.full(NUM_LABELS, threshold, np.float32))
+
+
+@pytest.fixture(scope="module")
+def bundle() -> SimpleNamespace:
+    return make_bundle()
+
+
+def request(positives=(), negatives=(), seed=0, **options) -> SampleRequest:
+    target = np.zeros(NUM_LABELS, np.float32)
+    mask = np.zeros(NUM_LABELS, np.float32)
+    for i in positives:
+        target[i] = mask[i] = 1.0
+    for i in negatives:
+        mask[i] = 1.0
+    return SampleRequest(target, mask, seed, LCOOptions(**options) if options else None)
+
+
+def test_analytic_step_gradient_matches_finite_differences(bundle):
+    z = draw_latents(3, 4, LATENT, None)
+    target = np.zeros((4, NUM_LABELS), np.float32)
+    target[:, 2] = 1
+    mask = np.zeros_like(target)
+    mask[:, [2, 5, 9]] = 1
+    step = bundle.sessions["lco_step"]
+    _, grad, _, _ = step.run(None, {"z": z, "target": target, "mask": mask})
+    eps = 1e-2
+    numeric = np.zeros_like(z, dtype=np.float64)
+    for j in range(LATENT):
+        up, down = z.copy(), z.copy()
+        up[:, j] += eps
+        down[:, j] -= eps
+        numeric[:, j] = (step.run(["loss"], {"z": up, "target": target, "mask": mask})[0].astype(np.float64)
+                         - step.run(["loss"], {"z": down, "target": target, "mask": mask})[0]) / (2 * eps)
+    assert np.allclose(grad, numeric, atol=2e-4, rtol=1e-2)
+
+
+def test_shipped_adam_graph_is_the_builder_output():
+    assert onnx.load_from_string(adam_graph_bytes()) == build_adam_sphere_graph()
+
+
+def test_adam_graph_matches_numpy_adam_with_sphere_projection():
+    session = ort.InferenceSession(adam_graph_bytes(), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(1)
+    z, grad, m, v = (rng.standard_normal((5, LATENT)).astype(np.float32) for _ in range(4))
+    v = np.abs(v)
+    t = np.array([1, 2, 3, 10, 50])
+    lr = np.array([0.01, 0.05, 0.1, 0.2, 1.0])
+    c2 = np.sqrt(1 - ADAM_BETA2**t)
+    step_size = (lr * c2 / (1 - ADAM_BETA1**t)).astype(np.float32)[:, None]
+    eps_hat = (ADAM_EPS * c2).astype(np.float32)[:, None]
+    radius = np.array([math.sqrt(LATENT)], np.float32)
+    z_next, m_next, v_next = session.run(None, dict(z=z, grad=grad, m=m, v=v, step_size=step_size, eps_hat=eps_hat,
+                                                    radius=radius))
+    m_ref = ADAM_BETA1 * m + (1 - ADAM_BETA1) * grad
+    v_ref = ADAM_BETA2 * v + (1 - ADAM_BETA2) * grad**2
+    m_hat = m_ref / (1 - ADAM_BETA1**t)[:, None]
+    v_hat = v_ref / (1 - ADAM_BETA2**t)[:, None]
+    moved = z - lr[:, None] * m_hat / (np.sqrt(v_hat) + ADAM_EPS)
+    z_ref = moved * math.sqrt(LATENT) / np.linalg.norm(moved, axis=1, keepdims=True)
+    assert np.allclose(m_next, m_ref, atol=1e-6) and np.allclose(v_next, v_ref, atol=1e-6)
+    assert np.allclose(z_next, z_ref, atol=1e-4)
+    assert np.allclose(np.linalg.norm(z_next, axis=1), math.sqrt(LATENT), rtol=1e-5)
+
+
+def test_latents_come_from_the_seed_alone_and_lie_on_the_sphere():
+    eight = draw_latents(42, 8, 512, None)
+    assert np.allclose(np.linalg.norm(eight, axis=1), math.sqrt(512), rtol=1e-5)
+    assert np.array_equal(draw_latents(42, 1, 512, None)[0], eight[0])
+    assert not np.array_equal(draw_latents(43, 1, 512, None)[0], eight[0])
+    truncated = draw_latents(42, 8, 512, 0.5)
+    # Entries of a normal truncated at 0.5 sd are nearly uniform: no coordinate stands out after projection.
+    assert np.abs(truncated).max() < 0.6 * np.abs(eight).max()
+
+
+def test_options_out_of_range_say_what_to_fix():
+    with pytest.raises(ValueError, match=r"steps=-1 is out of range; use a value in \[0, 1000\]"):
+        LCOOptions(steps=-1)
+    with pytest.raises(ValueError, match="candidates"):
+        LCOOptions(candidates=BOUNDS.candidates[1] + 1)
+    with pytest.raises(ValueError, match="lr"):
+        LCOOptions(lr=float("nan"))
+    with pytest.raises(ValueError, match="truncation"):
+        LCOOptions(truncation=0.1)
+
+
+def test_satisfied_respects_sides_margin_and_free_labels():
+    thresholds = np.full(NUM_LABELS, 0.5, np.float32)
+    probs = np.full((1, NUM_LABELS), 0.5, np.float32)
+    probs[0, 0], probs[0, 1] = 0.7, 0.2
+    target = np.zeros((1, NUM_LABELS), np.float32)
+    target[0, 0] = 1
+    mask = np.zeros_like(target)
+    mask[0, [0, 1]] = 1
+    assert satisfied(probs, target, mask, thresholds, 0.0)[0]
+    # logit(0.7) = 0.85 < margin 1.0: not yet past the threshold by the margin
+    assert not satisfied(probs, target, mask, thresholds, 1.0)[0]
+    target[0, 1] = 1  # label 1 at 0.2 asked present
+    assert not satisfied(probs, target, mask, thresholds, 0.0)[0]
+
+
+def test_engine_reaches_targets_and_reports_every_label(bundle):
+    engine = LCOEngine(bundle, LCOOptions(steps=300, candidates=1, margin=0.5))
+    samples = [request(positives=[i % NUM_LABELS], negatives=[(i + 5) % NUM_LABELS], seed=i) for i in range(20)]
+    results = engine.generate(samples)
+    assert [r.seed for r in results] == list(range(20))
+    for sample, result in zip(samples, results):
+        assert result.image.shape == (SIDE, SIDE) and result.image.dtype == np.float32
+        assert -1.0 <= result.image.min() and result.image.max() <= 1.0
+        assert result.probabilities.shape == (NUM_LABELS,)
+        constrained = np.flatnonzero(sample.mask)
+        on_side = (result.probabilities[constrained] >= 0.5) == (sample.target[constrained] > 0.5)
+        assert result.satisfied == bool(on_side.all())
+    assert sum(r.satisfied for r in results) >= 18
+    assert any(r.steps > 0 for r in results), "candidates alone satisfied everything; the test proves nothing"
+
+
+def test_optimisation_lowers_the_loss_and_the_returned_image_is_the_reported_one(bundle):
+    engine = LCOEngine(bundle, LCOOptions(steps=40, candidates=1, margin=4.0))  # margin 4 keeps it stepping
+    sample = request(positives=[3, 7], negatives=[1], seed=11)
+    result = engine.generate([sample])[0]
+    start = draw_latents(11, 1, LATENT, None)
+    start_logits = engine.score(start)[1]
+    assert result.steps == 40
+    final_logits = np.log(result.probabilities) - np.log1p(-result.probabilities)
+    before = masked_bce(start_logits, sample.target[None], sample.mask[None])[0]
+    after = masked_bce(final_logits[None], sample.target[None], sample.mask[None])[0]
+    assert after < 0.5 * before
+    # the image returned is the one whose probabilities are reported
+    logits = bundle.sessions["classifier"].run(["logits"], {"image": result.image[None, None]})[0]
+    assert np.allclose(1 / (1 + np.exp(-logits[0])), result.probabilities, atol=1e-5)
+
+
+def test_step_cap_and_unsatisfiable_targets_are_reported_unsatisfied():
+    strict = make_bundle(threshold=0.9999)
+    engine = LCOEngine(strict, LCOOptions(steps=7, candidates=2))
+    result = engine.generate([request(positives=list(range(NUM_LABELS)), seed=5)])[0]
+    assert result.steps == 7 and not result.satisfied
+    only_candidates = engine.generate([request(positives=[0], seed=5, steps=0, candidates=4)])[0]
+    assert only_candidates.steps == 0
+
+
+def test_unconstrained_and_already_satisfied_samples_take_no_steps(bundle):
+    engine = LCOEngine(bundle)
+    free, easy = engine.generate([request(seed=1), request(negatives=[0], seed=2, margin=0.0, candidates=64)])
+    assert free.steps == 0 and free.satisfied
+    assert easy.steps == 0
+
+
+def test_same_seed_gives_the_same_image_whatever_shares_the_batch(bundle):
+    engine = LCOEngine(bundle, LCOOptions(steps=60, candidates=4), max_batch=64)
+    probe = request(positives=[4, 9], negatives=[0], seed=1234)
+    alone = engine.generate([probe])[0]
+    others = [request(positives=[i % NUM_LABELS], seed=100 + i, lr=0.2) for i in range(30)]
+    crowded = engine.generate(others[:11] + [probe] + others[11:])[11]
+    small_batches = LCOEngine(bundle, LCOOptions(steps=60, candidates=4), max_batch=3)
+    trickled = small_batches.generate(others[:7] + [probe] + others[7:])[7]
+    for other in (crowded, trickled):
+        assert other.seed == alone.seed and other.steps == alone.steps
+        assert np.allclose(other.image, alone.image, atol=1e-6)
+        assert np.allclose(other.probabilities, alone.probabilities, atol=1e-6)
+
+
+def test_running_batch_lets_samples_join_between_steps(bundle):
+    engine = LCOEngine(bundle, LCOOptions(steps=50, margin=4.0, candidates=1))
+    batch = LCOBatch(engine)
+    assert batch.add([request(positives=[1], seed=1)], ["first"]) == []
+    batch.step()
+    batch.step()
+    batch.add([request(positives=[2], seed=2, steps=3)], ["second"])
+    assert len(batch) == 2
+    finished = []
+    while len(batch):
+        finished += [tag for tag, _ in batch.step()]
+    assert finished == ["second", "first"]  # the late joiner with 3 steps leaves first
+
+
+def test_warm_up_runs_one_step(bundle):
+    engine = LCOEngine(bundle)
+    engine.warm_up()
+    assert engine.stats.step_samples >= 1 and engine.stats.forward_samples == 2
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_batcher_merges_concurrent_requests_and_matches_the_engine(bundle, enabled):
+    engine = LCOEngine(bundle, LCOOptions(steps=30, candidates=2, margin=4.0))
+    sizes: list[int] = []
+    batcher = Batcher(engine, max_batch=64, max_wait_s=0.2, enabled=enabled, on_step=sizes.append)
+    requests = [[request(positives=[c % NUM_LABELS], seed=10 * c + i) for i in range(3)] for c in range(6)]
+    futures: list[list] = [[] for _ in requests]
+
+    def client(index: int) -> None:
+        futures[index] = batcher.submit(requests[index])
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(requests))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    results = [[f.result(timeout=60) for f in group] for group in futures]
+    batcher.close()
+    reference = engine.generate([s for group in requests for s in group])
+    flat = [r for group in results for r in group]
+    for got, want in zip(flat, reference):
+        assert got.seed == want.seed and got.steps == want.steps
+        assert np.allclose(got.image, want.image, atol=1e-6)
+    if enabled:
+        assert max(sizes) == 18, "the six concurrent requests did not share one batch"
+    else:
+        assert max(sizes) == 3, "without cross-request batching each request runs alone"
+
+
+def test_batcher_fails_the_samples_of_a_broken_step_and_keeps_serving(bundle):
+    engine = LCOEngine(bundle, LCOOptions(steps=5, margin=4.0, candidates=1))
+    batcher = Batcher(engine, max_wait_s=0.0)
+    bad = SampleRequest(np.zeros(3, np.float32), np.zeros(3, np.float32), 1)  # wrong label count
+    with pytest.raises(ValueError):
+        batcher.submit([bad])[0].result(timeout=30)
+    good = batcher.submit([request(positives=[0], seed=3)])[0].result(timeout=30)
+    batcher.close()
+    assert good.steps == 5
