@@ -101,7 +101,7 @@ class ImageDataset(Dataset):
         count = len(self)
         if not -count <= index < count:
             raise IndexError(f"index {index} out of range for {count} items")
-        index %= count
+        index = int(index) % count
         probe = random.Random(index)
         candidate = index
         for _ in range(MAX_PROBES):

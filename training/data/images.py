@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 # Smallest side accepted; anything smaller is a thumbnail or a broken export, not a radiograph.
@@ -91,7 +91,7 @@ def decode_image(path: str | Path, size: int, min_size: int = DEFAULT_MIN_SIZE) 
         raise ImageSkipped(path, "missing", "file not found") from error
     except ImageSkipped:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+    except Exception as error:  # PIL format plugins raise many exception types on malformed bytes
         raise ImageSkipped(path, "unreadable", f"{type(error).__name__}: {error}") from error
     return resize_square(array, size, max_value)
 

@@ -36,7 +36,7 @@ class PhantomDataset(Dataset):
     def __getitem__(self, index: int) -> Item:
         if not -self.count <= index < self.count:
             raise IndexError(f"index {index} out of range for {self.count} items")
-        image, labels = self._sample(index % self.count, self.size, self.seed, self.prior)
+        image, labels = self._sample(int(index) % self.count, self.size, self.seed, self.prior)
         image = np.asarray(image, dtype=np.float32)
         if image.shape != (self.size, self.size):
             raise ValueError(
