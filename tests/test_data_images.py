@@ -65,6 +65,15 @@ def test_jpeg_decodes_close_to_source(tmp_path: Path) -> None:
     assert np.abs(stored.astype(int) - gradient().astype(int)).mean() < 2.0
 
 
+def test_large_jpeg_decodes_at_reduced_scale_to_the_same_picture(tmp_path: Path) -> None:
+    big = np.asarray(Image.fromarray(gradient(64)).resize((600, 520), Image.Resampling.BICUBIC))
+    Image.fromarray(big).convert("RGB").save(tmp_path / "big.jpg", quality=95)
+    Image.fromarray(big).save(tmp_path / "big.png")
+    from_jpeg = decode_image(tmp_path / "big.jpg", 64).astype(int)
+    from_png = decode_image(tmp_path / "big.png", 64).astype(int)
+    assert from_jpeg.shape == (64, 64) and np.abs(from_jpeg - from_png).mean() < 2.0
+
+
 def test_non_square_is_centre_cropped_then_resized(tmp_path: Path) -> None:
     # 300 wide, 200 high: the outer 50 px columns are white and must be cropped away.
     pixels = np.zeros((200, 300), np.uint8)

@@ -81,11 +81,14 @@ def decode_image(path: str | Path, size: int, min_size: int = DEFAULT_MIN_SIZE) 
     """
     try:
         with Image.open(path) as image:
+            width, height = image.size
+            if min(width, height) < min_size:
+                raise ImageSkipped(path, "too_small", f"{width}×{height} is below {min_size} px")
+            if image.format == "JPEG":
+                # Decode straight to grey at the smallest DCT scale (1/2, 1/4, 1/8) still >= size on
+                # both sides: 2-3× faster on full-resolution CheXpert JPEGs, visually the same.
+                image.draft("L", (size, size))
             image.load()
-            if min(image.size) < min_size:
-                raise ImageSkipped(
-                    path, "too_small", f"{image.size[0]}×{image.size[1]} is below {min_size} px"
-                )
             array, max_value = _grey_array(image)
     except FileNotFoundError as error:
         raise ImageSkipped(path, "missing", "file not found") from error
