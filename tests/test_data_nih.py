@@ -100,7 +100,11 @@ def test_views_filter(nih_csv: Path, real_rows: list[dict[str, str]]) -> None:
 
 
 def write_nih_folder(
-    root: Path, real_rows: list[dict[str, str]], count: int, nested: bool
+    root: Path,
+    real_rows: list[dict[str, str]],
+    count: int,
+    nested: bool,
+    csv_name: str = "Data_Entry_2017_v2020.csv",
 ) -> list[dict[str, str]]:
     """An NIH-layout folder (as ``python -m training.phantoms write`` produces) for the first ``count`` rows."""
     rows = real_rows[:count]
@@ -110,7 +114,7 @@ def write_nih_folder(
         folder.mkdir(parents=True, exist_ok=True)
         pixels = (rng.random((96, 96)) * 255).astype(np.uint8)
         Image.fromarray(pixels).save(folder / row["Image Index"])
-    with open(root / "Data_Entry_2017_v2020.csv", "w", newline="") as file:
+    with open(root / csv_name, "w", newline="") as file:
         writer = csv.writer(file)
         writer.writerow(DATA_ENTRY_COLUMNS)
         for row in rows:
@@ -132,9 +136,15 @@ def write_nih_folder(
     return rows
 
 
-@pytest.mark.parametrize("nested", [False, True])
-def test_reads_nih_layout_folder(tmp_path: Path, real_rows: list[dict[str, str]], nested: bool) -> None:
-    rows = write_nih_folder(tmp_path, real_rows, 12, nested)
+# NIH's own file name, flat and per-archive image folders; and the name this project's archives use.
+@pytest.mark.parametrize(
+    ("nested", "csv_name"),
+    [(False, "Data_Entry_2017_v2020.csv"), (True, "Data_Entry_2017_v2020.csv"), (False, "Data_Entry.csv")],
+)
+def test_reads_nih_layout_folder(
+    tmp_path: Path, real_rows: list[dict[str, str]], nested: bool, csv_name: str
+) -> None:
+    rows = write_nih_folder(tmp_path, real_rows, 12, nested, csv_name)
     dataset = NIHChestXray14(tmp_path, split="all", size=64)
     assert len(dataset) == 12 and dataset.skipped_total == 0
     for i in (0, 5, 11):
