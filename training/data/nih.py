@@ -240,10 +240,10 @@ class NIHChestXray14(ImageDataset):
         self.csv_path = Path(csv_path) if csv_path is not None else find_data_entry_csv(self.root)
         self.split = split
         table = read_data_entry(self.csv_path)
-        self.splits_all = assign_splits(
+        row_splits = assign_splits(
             table, (self.root, self.csv_path.parent), val_fraction, test_fraction, split_seed
         )
-        keep = np.ones(len(table), dtype=bool) if split == "all" else self.splits_all == split
+        keep = np.ones(len(table), dtype=bool) if split == "all" else row_splits == split
         if views is not None:
             wanted = [view.strip().upper() for view in views]
             keep &= np.isin(np.char.upper(table.views), wanted)
