@@ -1,0 +1,421 @@
+"""The PGGAN training loop: progressive growing, WGAN-GP, EMA generator, exact resume, data parallel.
+
+One iteration shows one global batch of real images:
+
+1. the phase (resolution, fade-in or stabilise) and alpha follow from the images shown so far;
+2. reals at the data's full resolution are average-pooled to the current resolution and, during a
+   fade-in, blended with their 2×-coarser version by the same alpha as the networks (Karras et al.);
+3. one critic step (WGAN-GP + drift) and one generator step, each with gradients averaged over ranks
+   in a single all-reduce that also carries the losses and the stop flag, so every rank takes the same
+   decision about non-finite values and interruption;
+4. the EMA generator follows the generator.
+
+Everything random comes from the global RNGs (latents, interpolation weights) and from a seeded
+sampler whose position is the number of images shown, and every piece of state is in the checkpoint,
+so a run resumed from any checkpoint continues exactly as if it had not stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from training.data import make_loader
+from training.gan.config import GanConfig, Phase, ProgressiveSchedule
+from training.gan.loss import discriminator_loss, generator_loss
+from training.networks.pggan import Discriminator, Generator, downsample2x, upsample2x
+from training.runtime import (
+    DistributedContext,
+    NonFiniteGuard,
+    ResumableBatchSampler,
+    StopRequest,
+    TrainingMonitor,
+    all_finite,
+    average_gradients_,
+    broadcast_module_,
+    checkpoint_path,
+    gather_rng_states,
+    load_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+    save_image_grid,
+    write_json_atomic,
+)
+
+GRID_SEED_OFFSET = 7919  # fixed latents for grids come from their own generator, not the global RNG
+_D_STATS = ("loss_d", "score_real", "score_fake", "gradient_penalty", "drift", "stop")
+
+
+@dataclass
+class TrainResult:
+    images_shown: int
+    finished: bool  # reached the end of the schedule
+    stopped_by_signal: bool
+    checkpoint: Path | None
+
+
+def build_networks(config: GanConfig) -> tuple[Generator, Discriminator]:
+    net = config.network
+    channels = net.channel_table()
+    generator = Generator(net.resolution, net.latent_dim, channels=channels)
+    discriminator = Discriminator(net.resolution, channels=channels, mbstd_group_size=net.mbstd_group_size)
+    return generator, discriminator
+
+
+def real_images_at(reals: torch.Tensor, resolution: int, alpha: float) -> torch.Tensor:
+    """Full-resolution reals -> `resolution`, faded with their 2×-coarser version like the networks."""
+    factor = reals.shape[-1] // resolution
+    images = F.avg_pool2d(reals, factor) if factor > 1 else reals
+    if alpha < 1.0 and resolution > 4:
+        images = torch.lerp(upsample2x(downsample2x(images)), images, alpha)
+    return images
+
+
+def load_generator(path: str | Path, ema: bool = True, map_location: str | torch.device = "cpu") -> Generator:
+    """The (EMA) generator stored in a PGGAN checkpoint, in eval mode, at its configured resolution."""
+    checkpoint = read_checkpoint(path, map_location=map_location)
+    if "G_ema" not in checkpoint.objects:
+        raise ValueError(f"{path} is not a PGGAN checkpoint (no generator in it)")
+    config = GanConfig.from_dict(checkpoint.state["config"])
+    generator, _ = build_networks(config)
+    generator.load_state_dict(checkpoint.objects["G_ema" if ema else "G"])
+    return generator.eval().requires_grad_(False)
+
+
+class PGGANTrainer:
+    """Owns the networks, optimisers, data stream and counters of one training run (one rank)."""
+
+    def __init__(
+        self,
+        config: GanConfig,
+        dataset: Dataset,
+        run_dir: str | Path,
+        context: DistributedContext,
+        data_spec: str = "custom",
+        progress: bool = True,
+        tensorboard: bool = True,
+    ) -> None:
+        self.config = config
+        self.dataset = dataset
+        self.run_dir = Path(run_dir)
+        self.context = context
+        self.data_spec = data_spec
+        self.progress = progress
+        self.tensorboard = tensorboard
+        self.device = context.device
+        self.schedule = ProgressiveSchedule(config)
+        train = config.train
+
+        self.amp_enabled = train.amp == "on" or (train.amp == "auto" and self.device.type == "cuda")
+        if self.amp_enabled and self.device.type != "cuda":
+            raise ValueError("train.amp=on needs a CUDA device; use train.amp=off on CPU")
+        self.autocast_dtype = getattr(torch, train.amp_dtype) if self.amp_enabled else None
+        self.memory_format = torch.channels_last if train.channels_last else torch.contiguous_format
+
+        # Identical initial weights on every rank (same seed), then per-rank random streams.
+        torch.manual_seed(train.seed)
+        self.G, self.D = build_networks(config)
+        self.G.to(self.device, memory_format=self.memory_format)
+        self.D.to(self.device, memory_format=self.memory_format)
+        broadcast_module_(self.G)
+        broadcast_module_(self.D)
+        self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
+        self.G_forward = torch.compile(self.G) if train.compile else self.G  # D needs double backward: eager
+
+        betas = tuple(config.optim.betas)
+        self.opt_G = torch.optim.Adam(self.G.parameters(), lr=config.optim.lr, betas=betas, eps=config.optim.eps)
+        self.opt_D = torch.optim.Adam(self.D.parameters(), lr=config.optim.lr, betas=betas, eps=config.optim.eps)
+        use_scaler = self.amp_enabled and self.autocast_dtype == torch.float16
+        self.scaler_G = torch.amp.GradScaler(self.device.type, enabled=use_scaler)
+        self.scaler_D = torch.amp.GradScaler(self.device.type, enabled=use_scaler)
+        self.guard = NonFiniteGuard(train.max_nonfinite_steps, name="PGGAN")
+        self._seed_rngs(train.seed * 1000 + context.rank + 1)
+
+        self.images_shown = 0
+        self.steps = 0
+        self.phase_index = 0
+        self.grid_latents = torch.randn(
+            train.grid_size, config.network.latent_dim,
+            generator=torch.Generator().manual_seed(train.seed + GRID_SEED_OFFSET),
+        ).to(self.device)
+        self._batches = None
+
+    # ------------------------------------------------------------------------------ state
+
+    @staticmethod
+    def _seed_rngs(seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+
+    def _stateful(self) -> dict[str, Any]:
+        objects: dict[str, Any] = {
+            "G": self.G, "D": self.D, "G_ema": self.G_ema, "opt_G": self.opt_G, "opt_D": self.opt_D,
+            "guard": self.guard,
+        }
+        if self.scaler_G.is_enabled():
+            objects.update(scaler_G=self.scaler_G, scaler_D=self.scaler_D)
+        return objects
+
+    def state(self) -> dict[str, Any]:
+        phase, alpha = self.schedule.at(self.images_shown)
+        return {
+            "kind": "pggan",
+            "images_shown": self.images_shown,
+            "steps": self.steps,
+            "phase_index": self.phase_index,
+            "resolution": phase.resolution,
+            "phase": phase.kind,
+            "alpha": alpha,
+            "world_size": self.context.world_size,
+            "data": self.data_spec,
+            "config": self.config.to_dict(),
+        }
+
+    def save(self) -> Path | None:
+        """Checkpoint (collective: every rank contributes its RNG state; rank 0 writes)."""
+        rng = gather_rng_states()
+        path = None
+        if self.context.is_main:
+            path = save_checkpoint(
+                checkpoint_path(self.run_dir, self.images_shown),
+                objects=self._stateful(),
+                state=self.state(),
+                rng=rng,
+                keep_last=self.config.train.keep_checkpoints,
+            )
+        self.context.barrier()
+        return path
+
+    def resume(self, path: str | Path) -> None:
+        """Restore everything from a checkpoint written by `save` (same world size: bit-exact)."""
+        header = read_checkpoint(path)
+        same_world = header.state.get("world_size") == self.context.world_size
+        objects = self._stateful()
+        if not self.scaler_G.is_enabled():
+            objects.pop("scaler_G", None), objects.pop("scaler_D", None)
+        elif "scaler_G" not in header.objects:
+            objects.pop("scaler_G"), objects.pop("scaler_D")  # fp32 checkpoint continued under AMP
+        checkpoint = load_checkpoint(path, objects=objects, map_location=self.device,
+                                     rank=self.context.rank if same_world else None)
+        self.images_shown = int(checkpoint.state["images_shown"])
+        self.steps = int(checkpoint.state["steps"])
+        self.phase_index = int(checkpoint.state["phase_index"])
+        if not same_world:
+            # Data order stays identical (it depends only on images shown); latents differ.
+            self._seed_rngs(self.config.train.seed * 1000 + self.context.rank + 1 + self.images_shown)
+        self._batches = None
+
+    # ------------------------------------------------------------------------------ data
+
+    def _next_reals(self, per_rank: int) -> torch.Tensor:
+        if self._batches is None:
+            sampler = ResumableBatchSampler(
+                len(self.dataset),  # type: ignore[arg-type]
+                self.schedule.batch_size_at,
+                seed=self.config.train.seed,
+                start_position=self.images_shown,
+                rank=self.context.rank,
+                world_size=self.context.world_size,
+            )
+            loader = make_loader(
+                self.dataset, batch_size=per_rank, workers=self.config.data.num_workers,
+                batch_sampler=sampler, seed=self.config.train.seed,
+            )
+            self._batches = iter(loader)
+        images = next(self._batches)[0]
+        if images.shape[0] != per_rank:
+            raise RuntimeError(f"data stream out of step: got {images.shape[0]} images, expected {per_rank}")
+        return images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+
+    # ------------------------------------------------------------------------------ steps
+
+    def _begin_phase(self, phase: Phase) -> None:
+        if self.config.optim.reset_on_new_phase:
+            self.opt_G.state.clear()
+            self.opt_D.state.clear()
+        self.phase_index = phase.index
+
+    def _apply(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+               module: torch.nn.Module, extra: torch.Tensor, where: str) -> torch.Tensor:
+        """All-reduce gradients (+ extra), check finiteness, step or skip. Returns the averaged extra."""
+        extra = average_gradients_(module.parameters(), extra=extra)
+        scaler.unscale_(optimizer)
+        grads = [p.grad for p in module.parameters() if p.grad is not None]
+        if self.guard.check(all_finite(grads + [extra]), where=where):
+            scaler.step(optimizer)
+        elif self.context.is_main and self.monitor is not None:
+            self.monitor.message(
+                f"skipped a non-finite {where} step at {self.images_shown:,} images "
+                f"({self.guard.consecutive} in a row, {self.guard.total_skipped} in all)"
+            )
+        scaler.update()
+        return extra
+
+    def step(self, stop_requested: bool = False) -> torch.Tensor:
+        """One critic and one generator step on one global batch; returns averaged stats."""
+        phase, alpha = self.schedule.at(self.images_shown)
+        if phase.index != self.phase_index:
+            self._begin_phase(phase)
+        resolution, world = phase.resolution, self.context.world_size
+        if phase.batch_size % world:
+            raise ValueError(f"batch size {phase.batch_size} at {resolution}² is not divisible by {world} ranks")
+        per_rank = phase.batch_size // world
+        reals = real_images_at(self._next_reals(per_rank), resolution, alpha)
+        latent_dim = self.config.network.latent_dim
+        loss_cfg = self.config.loss
+
+        # Critic.
+        self.G.requires_grad_(False)
+        self.D.requires_grad_(True)
+        z = torch.randn(per_rank, latent_dim, device=self.device)
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float16,
+                                             enabled=self.amp_enabled):
+            fakes = self.G_forward(z, resolution, alpha)
+        fakes = fakes.float().contiguous(memory_format=self.memory_format)
+        d = discriminator_loss(
+            self.D, reals, fakes, resolution, alpha, gp_weight=loss_cfg.gp_weight,
+            drift_weight=loss_cfg.drift_weight, gp_target=loss_cfg.gp_target, scaler=self.scaler_D,
+            autocast_dtype=self.autocast_dtype,
+        )
+        self.opt_D.zero_grad(set_to_none=True)
+        self.scaler_D.scale(d.loss).backward()
+        d_stats = torch.stack([d.loss.detach(), d.score_real, d.score_fake, d.penalty, d.drift,
+                               torch.tensor(float(stop_requested), device=self.device)])
+        d_stats = self._apply(self.opt_D, self.scaler_D, self.D, d_stats, "discriminator")
+
+        # Generator.
+        self.G.requires_grad_(True)
+        self.D.requires_grad_(False)
+        z = torch.randn(per_rank, latent_dim, device=self.device)
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float16, enabled=self.amp_enabled):
+            fakes = self.G_forward(z, resolution, alpha)
+        loss_g = generator_loss(self.D, fakes.contiguous(memory_format=self.memory_format), resolution, alpha,
+                                autocast_dtype=self.autocast_dtype)
+        self.opt_G.zero_grad(set_to_none=True)
+        self.scaler_G.scale(loss_g).backward()
+        g_stats = self._apply(self.opt_G, self.scaler_G, self.G, loss_g.detach().reshape(1), "generator")
+        self.D.requires_grad_(True)
+
+        self._update_ema()
+        self.images_shown += phase.batch_size
+        self.steps += 1
+        return torch.cat([d_stats, g_stats])
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        beta = self.config.ema.beta
+        if self.config.ema.rampup:
+            beta = min(beta, (1.0 + self.steps) / (10.0 + self.steps))
+        for ema_param, param in zip(self.G_ema.parameters(), self.G.parameters()):
+            ema_param.lerp_(param.detach(), 1.0 - beta)
+
+    # ------------------------------------------------------------------------------ outputs
+
+    @torch.no_grad()
+    def sample_grid(self) -> torch.Tensor:
+        """EMA samples of the fixed grid latents at the current phase, upsampled to the final size."""
+        phase, alpha = self.schedule.at(min(self.images_shown, self.schedule.total_images - 1))
+        images = self.G_ema(self.grid_latents, phase.resolution, alpha).float().clamp(-1, 1)
+        factor = self.config.network.resolution // phase.resolution
+        return F.interpolate(images, scale_factor=factor, mode="nearest") if factor > 1 else images
+
+    def write_grid(self) -> Path | None:
+        if not self.context.is_main:
+            return None
+        return save_image_grid(self.sample_grid(), self.run_dir / "grids" / f"fakes-{self.images_shown:012d}.png")
+
+    # ------------------------------------------------------------------------------ loop
+
+    monitor: TrainingMonitor | None = None
+
+    def train(self, stop_at_images: int | None = None) -> TrainResult:
+        """Train until the schedule ends (or `stop_at_images`), a signal asks to stop, or a fault."""
+        config, ctx = self.config, self.context
+        end = self.schedule.total_images if stop_at_images is None else min(stop_at_images, self.schedule.total_images)
+        if ctx.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self.run_dir / "config.json", {"config": config.to_dict(), "data": self.data_spec})
+        self.monitor = TrainingMonitor(self.run_dir, total=self.schedule.total_images, initial=self.images_shown,
+                                       enabled=ctx.is_main, tensorboard=self.tensorboard, progress=self.progress)
+        monitor = self.monitor
+        monitor.message(f"training {config.name} on {self.data_spec}: {self.schedule.total_images:,} images, "
+                        f"{ctx.world_size} process(es) on {self.device}, from {self.images_shown:,}\n"
+                        + self.schedule.describe())
+        if ctx.is_main and self.images_shown == 0:
+            save_image_grid(self._reals_for_grid(), self.run_dir / "grids" / "reals.png")
+            self.write_grid()
+
+        tick_every, checkpoint_every = config.train.tick_images, config.train.checkpoint_images
+        next_tick = (self.images_shown // tick_every + 1) * tick_every
+        next_checkpoint = (self.images_shown // checkpoint_every + 1) * checkpoint_every
+        tick_sums, tick_steps = None, 0
+        tick_start_time, tick_start_images = time.perf_counter(), self.images_shown
+        stopped = False
+        last_checkpoint: Path | None = None
+        try:
+            with StopRequest() as stop:
+                while self.images_shown < end:
+                    stats = self.step(stop_requested=stop.requested)
+                    tick_sums = stats if tick_sums is None else tick_sums + stats
+                    tick_steps += 1
+                    stopped = bool(stats[_D_STATS.index("stop")] > 0)
+                    done = self.images_shown >= end
+                    monitor.advance(self.images_shown)
+                    if self.images_shown >= next_tick or done or stopped:
+                        elapsed = time.perf_counter() - tick_start_time
+                        rate = (self.images_shown - tick_start_images) / max(elapsed, 1e-9)
+                        self._log_tick(tick_sums / tick_steps, rate)
+                        next_tick = (self.images_shown // tick_every + 1) * tick_every
+                        tick_sums, tick_steps = None, 0
+                        tick_start_time, tick_start_images = time.perf_counter(), self.images_shown
+                    if self.images_shown >= next_checkpoint or done or stopped:
+                        last_checkpoint = self.save()
+                        next_checkpoint = (self.images_shown // checkpoint_every + 1) * checkpoint_every
+                    if stopped:
+                        monitor.message(f"stopped by {stop.signal_name or 'a signal on another rank'} at "
+                                        f"{self.images_shown:,} images; checkpoint {last_checkpoint}")
+                        break
+        finally:
+            monitor.close()
+        return TrainResult(self.images_shown, self.images_shown >= self.schedule.total_images, stopped,
+                           last_checkpoint)
+
+    def _reals_for_grid(self) -> torch.Tensor:
+        count = min(self.config.train.grid_size, len(self.dataset))  # type: ignore[arg-type]
+        return torch.stack([self.dataset[i][0] for i in range(count)])
+
+    def _log_tick(self, means: torch.Tensor, images_per_second: float) -> None:
+        values = means.tolist()
+        phase, alpha = self.schedule.at(min(self.images_shown, self.schedule.total_images - 1))
+        stats: dict[str, Any] = {name: values[i] for i, name in enumerate(_D_STATS) if name != "stop"}
+        stats.update(
+            loss_g=values[len(_D_STATS)],
+            wasserstein=values[1] - values[2],
+            images_shown=self.images_shown,
+            kimg=self.images_shown / 1000,
+            resolution=phase.resolution,
+            phase=phase.kind,
+            alpha=alpha,
+            images_per_second=images_per_second,
+            nonfinite_skipped=self.guard.total_skipped,
+        )
+        if self.scaler_G.is_enabled():
+            stats.update(loss_scale_g=self.scaler_G.get_scale(), loss_scale_d=self.scaler_D.get_scale())
+        if self.monitor is None:
+            return
+        self.monitor.log(stats, step=self.images_shown)
+        self.monitor.advance(self.images_shown, {
+            "phase": phase.label, "alpha": f"{alpha:.2f}", "img/s": f"{images_per_second:.0f}",
+            "D": f"{stats['loss_d']:.3f}", "G": f"{stats['loss_g']:.3f}",
+        })
+        self.write_grid()
