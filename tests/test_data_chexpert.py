@@ -154,3 +154,14 @@ def test_invalid_label_value(tmp_path: Path) -> None:
 def test_invalid_policy(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="zeros, ones, ignore"):
         CheXpert(write_chexpert(tmp_path), uncertain="half")
+
+
+def test_open_dataset_spec(tmp_path: Path) -> None:
+    from training.data import open_dataset
+
+    root = write_chexpert(tmp_path)
+    dataset = open_dataset(f"chexpert:{root}", 32, uncertain="ones")
+    assert isinstance(dataset, CheXpert) and dataset.uncertain == "ones"
+    assert np.array_equal(dataset.label_mask, CheXpert(root, uncertain="ones").label_mask)
+    with pytest.raises(DataFormatError, match="valid.csv does not exist"):
+        open_dataset(f"chexpert:{root}", 32, split="val")

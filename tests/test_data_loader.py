@@ -124,3 +124,28 @@ def test_image_folder_through_worker_loader(tmp_path: Path) -> None:
         assert shapes == [(3, 1, 40, 40)] * 2
     assert len(list((tmp_path / ".cache").rglob("*.npy"))) == 6
     assert len(dataset) == 6  # the hidden cache folder is not scanned as images
+
+
+def test_open_dataset_by_spec(tmp_path: Path, nih_csv: Path) -> None:
+    from PIL import Image
+
+    from training.data import NIHChestXray14, open_dataset
+
+    train = open_dataset("phantoms:20", 32, seed=1)
+    val = open_dataset("phantoms:20", 32, split="val", seed=1)
+    assert isinstance(train, PhantomDataset) and len(train) == 20
+    assert not torch.equal(train[0][0], val[0][0])  # disjoint phantom streams per split
+
+    nih = open_dataset(f"nih:{nih_csv.parent}", 64, split="test", index_images=False)
+    assert isinstance(nih, NIHChestXray14)
+    direct = NIHChestXray14(nih_csv.parent, split="test", size=64, index_images=False)
+    assert np.array_equal(nih.image_names, direct.image_names)
+
+    Image.fromarray(np.full((40, 40), 9, np.uint8)).save(tmp_path / "x.png")
+    folder = open_dataset(f"folder:{tmp_path}", 32)
+    assert isinstance(folder, ImageFolder) and folder[0][0].shape == (1, 32, 32)
+
+    with pytest.raises(ValueError, match="nih:…, chexpert:…, folder:…, phantoms:…"):
+        open_dataset("imagenet:/data", 32)
+    with pytest.raises(ValueError, match="needs a location"):
+        open_dataset("chexpert", 32)

@@ -7,6 +7,7 @@ Every reader yields ``(image, labels, mask)``: ``image`` float32 1×H×W in [-1,
 from training.data.base import DataFormatError, ImageDataset
 from training.data.cache import ResizeCache
 from training.data.chexpert import CheXpert
+from training.data.factory import open_dataset
 from training.data.folder import ImageFolder
 from training.data.images import IMAGE_EXTENSIONS, ImageSkipped, decode_image, to_tensor
 from training.data.loader import EpochSampler, infinite_batches, make_loader
@@ -28,6 +29,7 @@ __all__ = [
     "decode_image",
     "infinite_batches",
     "make_loader",
+    "open_dataset",
     "read_data_entry",
     "to_tensor",
 ]
