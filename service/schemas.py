@@ -117,7 +117,8 @@ class LCOSettings(BaseModel):
 class GenerateRequest(BaseModel):
     """POST /generate body."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # the title names the body in validation errors ("1 validation error for POST /generate body")
+    model_config = ConfigDict(extra="forbid", strict=True, title="POST /generate body")
 
     labels: dict[str, bool] | list[str] = Field(
         default_factory=dict,

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hmac
 import io
 import json
@@ -296,10 +297,12 @@ class CXRSynth:
         job = _GenerateJob(self, request, spec, options, request_id, base_seed, sink)
         return await job.run()
 
-    def _s3_error(self, error: SinkError, bucket: str) -> JSONResponse:
+    def _s3_error(self, error: SinkError, bucket: str, counted: bool = False) -> JSONResponse:
+        """The caller's answer for an S3 failure: 404/403 for bucket or credentials, else 502."""
         code = "NoSuchBucket" if isinstance(error, SinkKeyNotFound) else error.code
         status = S3_STATUS.get(code, 502)
-        self.metrics.s3_upload_errors.labels(code=code).inc()
+        if not counted:
+            self.metrics.s3_upload_errors.labels(code=code).inc()
         if code == "NoSuchBucket":
             message = f"S3 bucket {bucket!r} does not exist; create it or fix the destination"
         elif status == 403:
@@ -322,6 +325,7 @@ class _GenerateJob:
         self.base_seed = base_seed
         self.sink = sink
         self.uploaded: list[str] = []
+        self.in_flight: set[asyncio.Future[str]] = set()
         self.upload_slots = asyncio.Semaphore(SETTINGS.s3_concurrency)
 
     async def run(self) -> GenerateResponse | JSONResponse:
@@ -333,16 +337,11 @@ class _GenerateJob:
         try:
             images = await asyncio.gather(*tasks)
         except SinkError as error:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            await asyncio.to_thread(self._remove_uploaded)
+            await self._abandon(tasks)
             assert self.sink is not None
-            return self.service._s3_error(error, self.sink.bucket)
+            return self.service._s3_error(error, self.sink.bucket, counted=True)
         except BaseException:
-            for task in tasks:
-                task.cancel()
-            await asyncio.to_thread(self._remove_uploaded)
+            await self._abandon(tasks)
             raise
         return GenerateResponse(
             request_id=self.request_id,
@@ -353,6 +352,12 @@ class _GenerateJob:
             destination=self.sink.uri() if self.sink else None,
             images=list(images),
         )
+
+    async def _abandon(self, tasks: list[asyncio.Task[GeneratedImage]]) -> None:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._remove_uploaded()
 
     def _sample(self, seed: int) -> SampleRequest:
         return SampleRequest(self.spec.target, self.spec.mask, seed, self.options)
@@ -415,16 +420,29 @@ class _GenerateJob:
         async with self.upload_slots:
             started = time.perf_counter()
             self.uploaded.append(key)  # recorded first: a put that fails late may still have landed
-            uri = await asyncio.to_thread(self.sink.put, key, data, content_type, metadata)
+            upload = asyncio.get_running_loop().run_in_executor(
+                None, functools.partial(self.sink.put, key, data, content_type, metadata)
+            )
+            self.in_flight.add(upload)
+            try:
+                # shielded: cancelling this request must not orphan a put that is still running
+                uri = await asyncio.shield(upload)
+            except SinkError as error:
+                self.service.metrics.s3_upload_errors.labels(code=error.code).inc()
+                raise
+            finally:
+                self.in_flight.discard(upload)
             self.service.metrics.s3_upload_seconds.observe(time.perf_counter() - started)
             return uri
 
-    def _remove_uploaded(self) -> None:
+    async def _remove_uploaded(self) -> None:
         """Delete whatever this request uploaded, so a failed request leaves no partial set."""
-        assert self.sink is not None or not self.uploaded
+        if self.sink is None:
+            return
+        await asyncio.gather(*self.in_flight, return_exceptions=True)  # let running puts land first
         for key in self.uploaded:
             try:
-                self.sink.delete(key)  # type: ignore[union-attr]
+                await asyncio.to_thread(self.sink.delete, key)
             except SinkError as error:
                 logger.warning("could not remove %s after a failed request: %s", key, error)
 

@@ -1,0 +1,402 @@
+"""End to end: a real `bentoml serve` subprocess on an exported bundle, with S3 from moto's server mode.
+
+Two servers per module: an open one writing to the shared moto server, and one with bearer-token
+auth whose S3 is a moto server with IAM enforcement, for denied credentials and the clean-up of a
+half-written set.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from contextlib import closing
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.labels import LABELS
+
+pytest_plugins = ["tests.s3_server"]
+
+
+@pytest.fixture(scope="module")
+def exported_bundle(tmp_path_factory) -> Path:
+    import datetime
+
+    import onnx
+
+    from service.bundle import seal_manifest, sha256_file
+    from tests.test_lco import LATENT, SIDE, build_graphs
+
+    directory = tmp_path_factory.mktemp("bundle")
+    for name, data in build_graphs().items():
+        (directory / f"{name}.onnx").write_bytes(data)
+    files = {f"{n}.onnx": {"sha256": sha256_file(directory / f"{n}.onnx"), "bytes": (directory / f"{n}.onnx").stat().st_size}
+             for n in ("generator", "classifier", "lco_step")}
+    doc = {"schema_version": 1, "name": "analytic", "version": "0.0.1", "created": datetime.datetime.now().isoformat(),
+           "labels": list(LABELS), "thresholds": {l: 0.5 for l in LABELS}, "resolution": SIDE,
+           "latent_dim": LATENT, "embedding_dim": SIDE * SIDE, "opset": 17,
+           "pixel": {"range": [-1.0, 1.0], "channels": 1, "dtype": "float32"},
+           "files": files, "provenance": {"dataset": "none", "images_shown": 0, "commit": "dev", "classifier_dataset": "none",
+           "classifier_arch": "linear", "classifier_auroc": {}}}
+    (directory / "manifest.json").write_bytes(seal_manifest(doc))
+    return directory
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKEN = "e2e-secret-token"
+
+
+def _free_port() -> int:
+    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class BentoServer:
+    """`bentoml serve service.service:CXRSynth` in its own process group on a free loopback port."""
+
+    def __init__(self, env: dict[str, str], log_path: Path):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        command = [sys.executable, "-m", "bentoml", "serve", "service.service:CXRSynth",
+                   "--host", "127.0.0.1", "--port", str(self.port), "--working-dir", str(ROOT)]
+        self.log = open(log_path, "wb")
+        self.process = subprocess.Popen(command, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+                                        cwd=ROOT, start_new_session=True)
+
+    def wait_ready(self, timeout: float = 180.0) -> BentoServer:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"bentoml serve exited with {self.process.returncode}:\n{self.output()[-4000:]}")
+            try:
+                if call(self, "GET", "/readyz")[0] == 200:
+                    return self
+            except OSError:
+                pass
+            time.sleep(0.3)
+        self.stop()
+        raise RuntimeError(f"service not ready within {timeout:.0f} s:\n{self.output()[-4000:]}")
+
+    def output(self) -> str:
+        self.log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=10)
+        self.log.close()
+
+
+def call(server: BentoServer, method: str, path: str, body: object = None, raw: bytes | None = None,
+         token: str | None = None, timeout: float = 120.0) -> tuple[int, dict | str]:
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    request = urllib.request.Request(server.url + path, data=data, method=method)
+    if data is not None:
+        request.add_header("Content-Type", "application/json")
+    if token is not None:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            status, payload = response.status, response.read()
+    except urllib.error.HTTPError as error:
+        status, payload = error.code, error.read()
+    text = payload.decode(errors="replace")
+    try:
+        return status, json.loads(text)
+    except json.JSONDecodeError:
+        return status, text
+
+
+def server_env(bundle_dir: Path, home: Path, extra: dict[str, str]) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("CXRSYNTH_", "AWS_"))}
+    env.update({
+        "CXRSYNTH_BUNDLE": str(bundle_dir),
+        "CXRSYNTH_MAX_COUNT": "8",
+        "CXRSYNTH_MAX_BODY_BYTES": "16384",
+        "BENTOML_HOME": str(home),
+        "BENTOML_DO_NOT_TRACK": "true",
+        "OMP_NUM_THREADS": "1",
+        **extra,
+    })
+    return env
+
+
+@pytest.fixture(scope="module")
+def server(exported_bundle, s3_server, tmp_path_factory) -> BentoServer:
+    home = tmp_path_factory.mktemp("bentoml-open")
+    env = server_env(exported_bundle, home, s3_server.env)
+    bento = BentoServer(env, home / "serve.log")
+    try:
+        yield bento.wait_ready()
+    finally:
+        bento.stop()
+
+
+@pytest.fixture(scope="module")
+def thresholds(server) -> dict[str, float]:
+    status, body = call(server, "GET", "/labels")
+    assert status == 200
+    return {entry["name"]: entry["threshold"] for entry in body["labels"] if entry["threshold"] is not None}
+
+
+def message_text(response: dict) -> str:
+    """The error and every validation message of an error response, as one string."""
+    detail = response.get("detail")
+    messages = [item.get("msg", "") for item in detail] if isinstance(detail, list) else [str(detail or "")]
+    return " ".join([response.get("error", ""), *messages])
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    picture = Image.open(io.BytesIO(data))
+    picture.load()
+    return np.asarray(picture)
+
+
+def check_image(image: dict, thresholds: dict[str, float], resolution: int, bits: int = 8) -> None:
+    assert set(image["probabilities"]) == set(LABELS)
+    on_side = [(image["probabilities"][name] >= thresholds[name]) == wanted for name, wanted in image["labels"].items()]
+    assert image["satisfied"] == all(on_side)
+    if image.get("data") is not None:
+        pixels = decode_png(base64.b64decode(image["data"]))
+        assert pixels.shape == (resolution, resolution)
+        assert pixels.dtype == (np.uint8 if bits == 8 else np.uint16)
+        assert pixels.std() > 0, "a blank image"
+
+
+# -- the open server -----------------------------------------------------------------------------
+def test_probes_model_and_labels(server, exported_bundle):
+    assert call(server, "GET", "/livez")[0] == 200
+    assert call(server, "GET", "/readyz")[0] == 200
+    assert "the API is open" in server.output()
+    status, model = call(server, "GET", "/model")
+    manifest = json.loads((exported_bundle / "manifest.json").read_text())
+    assert status == 200 and model["version"] == manifest["version"] and model["latent_dim"] == manifest["latent_dim"]
+    status, labels = call(server, "GET", "/labels")
+    names = [entry["name"] for entry in labels["labels"]]
+    assert names == [*LABELS, "No Finding"]
+    prevalence = {entry["name"]: entry["prevalence"] for entry in labels["labels"]}
+    assert prevalence["Hernia"] < prevalence["Infiltration"] < prevalence["No Finding"]
+
+
+def test_generate_inline_is_labelled_and_reproducible(server, thresholds):
+    body = {"labels": {"Effusion": True, "Pneumothorax": False}, "count": 3, "seed": 2024}
+    status, response = call(server, "POST", "/generate", body)
+    assert status == 200, response
+    resolution = call(server, "GET", "/model")[1]["resolution"]
+    assert [image["seed"] for image in response["images"]] == [2024, 2025, 2026]
+    assert len({image["id"] for image in response["images"]}) == 3
+    for image in response["images"]:
+        assert image["labels"] == {"Effusion": True, "Pneumothorax": False}
+        assert image["uri"] is None
+        check_image(image, thresholds, resolution)
+    assert response["satisfied"] == sum(image["satisfied"] for image in response["images"])
+    # the same seed gives the same image, alone or with others
+    status, again = call(server, "POST", "/generate", {**body, "count": 1, "seed": 2025})
+    assert status == 200 and again["images"][0]["data"] == response["images"][1]["data"]
+
+
+def test_generate_png16_exclusive_and_no_finding(server, thresholds):
+    resolution = call(server, "GET", "/model")[1]["resolution"]
+    status, response = call(server, "POST", "/generate",
+                            {"labels": ["Cardiomegaly"], "exclusive": True, "format": "png16", "seed": 5})
+    assert status == 200, response
+    image = response["images"][0]
+    assert len(image["labels"]) == len(LABELS) and image["labels"]["Cardiomegaly"] is True
+    check_image(image, thresholds, resolution, bits=16)
+    status, response = call(server, "POST", "/generate", {"labels": ["No Finding"], "seed": 6})
+    assert status == 200 and all(value is False for value in response["images"][0]["labels"].values())
+
+
+def test_strict_retries_unsatisfied_images_with_new_seeds(server):
+    impossible = {name: True for name in LABELS}  # every finding at once, with no optimisation
+    status, response = call(server, "POST", "/generate", {
+        "labels": impossible, "count": 2, "seed": 9, "strict": True, "retries": 2,
+        "lco": {"steps": 0, "candidates": 1},
+    })
+    assert status == 200, response
+    for index, image in enumerate(response["images"]):
+        if not image["satisfied"]:
+            assert image["attempts"] == 3 and image["seed"] != 9 + index
+
+
+def test_generate_to_s3_uploads_png_and_sidecar_per_image(server, s3_server):
+    bucket = s3_server.new_bucket()
+    status, response = call(server, "POST", "/generate", {
+        "labels": {"Mass": True}, "count": 3, "seed": 77, "destination": f"s3://{bucket}/runs/today/",
+    })
+    assert status == 200, response
+    client = s3_server.client()
+    keys = sorted(item["Key"] for item in client.list_objects_v2(Bucket=bucket)["Contents"])
+    request_id = response["request_id"]
+    assert keys == sorted(f"runs/today/{request_id}/{i:04d}.{ext}" for i in range(3) for ext in ("png", "json"))
+    for index, image in enumerate(response["images"]):
+        assert image["data"] is None
+        assert image["uri"] == f"s3://{bucket}/runs/today/{request_id}/{index:04d}.png"
+        png = client.get_object(Bucket=bucket, Key=f"runs/today/{request_id}/{index:04d}.png")
+        assert png["ContentType"] == "image/png"
+        assert png["Metadata"]["seed"] == str(image["seed"])
+        assert decode_png(png["Body"].read()).std() > 0
+        sidecar = json.loads(client.get_object(Bucket=bucket, Key=f"runs/today/{request_id}/{index:04d}.json")["Body"].read())
+        for field in ("id", "seed", "labels", "probabilities", "satisfied", "steps", "attempts"):
+            assert sidecar[field] == image[field], field
+        assert sidecar["model"] == response["model"]
+
+
+def test_unknown_bucket_is_a_clear_404(server):
+    status, body = call(server, "POST", "/generate", {"labels": ["Mass"], "destination": "s3://no-such-bucket-here/x"})
+    assert status == 404
+    assert "no-such-bucket-here" in body["error"] and body["detail"]["s3_code"] == "NoSuchBucket"
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "fragment"),
+    [
+        ({"labels": {"Pneumonitis": True}}, 400, "valid labels are: Atelectasis"),
+        ({"labels": {"Effusion": True, "effusion": False}}, 400, "both present and absent"),
+        ({"labels": ["No Finding", "Hernia"]}, 400, '"No Finding" cannot be combined'),
+        ({"count": 0}, 400, "count must be between 1 and 8"),
+        ({"count": 9}, 400, "count must be between 1 and 8"),
+        ({"count": "two"}, 400, "valid integer"),
+        ({"labels": {"Mass": "yes"}}, 400, "valid boolean"),
+        ({"seed": -5}, 400, "greater than or equal to 0"),
+        ({"seed": 2**60}, 400, "less than or equal to"),
+        ({"destination": "bucket/prefix"}, 400, "is not an S3 URI"),
+        ({"destination": "s3://bucket/a/../../etc"}, 400, "'..' segment"),
+        ({"destination": "s3://bucket/a\u0007b"}, 400, "control characters"),
+        ({"lco": {"steps": 100000}}, 400, "less than or equal to 1000"),
+        ({"lco": {"lr": -1}}, 400, "greater than or equal to"),
+        ({"lco": {"candidates": 1000}}, 400, "less than or equal to 64"),
+    ],
+)
+def test_bad_input_is_a_4xx_that_says_what_to_fix(server, body, status, fragment):
+    got, response = call(server, "POST", "/generate", body)
+    assert got == status, response
+    assert fragment in message_text(response), response
+
+
+def test_malformed_and_oversized_bodies(server):
+    status, response = call(server, "POST", "/generate", raw=b'{"labels": {"Mass": true')
+    assert status == 400 and "Invalid JSON" in message_text(response)
+    status, response = call(server, "POST", "/generate", raw=json.dumps({"labels": ["Mass"] * 5000}).encode())
+    assert status == 413 and "larger than 16384 bytes" in response["error"]
+    # still serving after all the bad input
+    status, response = call(server, "POST", "/generate", {"labels": ["Mass"], "seed": 1})
+    assert status == 200 and len(response["images"]) == 1
+
+
+def test_metrics_show_project_and_bentoml_series(server, s3_server):
+    call(server, "POST", "/generate", {"labels": ["Nodule"], "count": 2, "seed": 3})
+    call(server, "POST", "/generate", {"labels": ["Nodule"], "seed": 4, "destination": f"s3://{s3_server.new_bucket()}/m"})
+    status, text = call(server, "GET", "/metrics")
+    assert status == 200
+    assert "bentoml_service_request_total" in text
+    counted = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                  if line.startswith('cxrsynth_images_total{finding="Nodule"'))
+    assert counted >= 3
+    for series in ("cxrsynth_lco_steps_bucket", "cxrsynth_satisfied_ratio", "cxrsynth_s3_upload_seconds_count",
+                   "cxrsynth_lco_batch_size_bucket", 'cxrsynth_s3_upload_errors_total{code="NoSuchBucket"}'):
+        assert series in text, series
+    ratio = next(float(line.split()[-1]) for line in text.splitlines() if line.startswith("cxrsynth_satisfied_ratio"))
+    assert 0.0 <= ratio <= 1.0
+
+
+# -- the server with auth, on an S3 that enforces IAM ----------------------------------------------
+@pytest.fixture(scope="module")
+def iam_s3(monkeypatch_module) -> dict:
+    """A moto server enforcing IAM: user 'writer' may use bucket 'partial' but not write *.json there."""
+    import boto3
+
+    from tests.s3_server import FAKE_CREDENTIALS, MotoS3Server
+
+    setup_calls = 5  # the requests below that run before authentication is enforced
+    monkeypatch_module.setenv("INITIAL_NO_AUTH_ACTION_COUNT", str(setup_calls))
+    moto = MotoS3Server().start()
+    try:
+        admin = {"endpoint_url": moto.endpoint_url, "region_name": "us-east-1",
+                 "aws_access_key_id": FAKE_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+                 "aws_secret_access_key": FAKE_CREDENTIALS["AWS_SECRET_ACCESS_KEY"]}
+        iam = boto3.client("iam", **admin)
+        iam.create_user(UserName="writer")
+        key = iam.create_access_key(UserName="writer")["AccessKey"]
+        iam.put_user_policy(UserName="writer", PolicyName="partial-writer", PolicyDocument=json.dumps({
+            "Version": "2012-10-17",
+            "Statement": [
+                {"Effect": "Allow", "Action": ["s3:*"], "Resource": ["arn:aws:s3:::partial", "arn:aws:s3:::partial/*"]},
+                {"Effect": "Deny", "Action": ["s3:PutObject"], "Resource": ["arn:aws:s3:::partial/*.json"]},
+            ],
+        }))
+        s3 = boto3.client("s3", **admin)
+        s3.create_bucket(Bucket="partial")
+        s3.create_bucket(Bucket="forbidden")
+        user = {"AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"],
+                "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1", "AWS_ENDPOINT_URL": moto.endpoint_url,
+                "AWS_MAX_ATTEMPTS": "1"}
+        yield {"env": user, "client": boto3.client("s3", endpoint_url=moto.endpoint_url, region_name="us-east-1",
+                                                    aws_access_key_id=key["AccessKeyId"],
+                                                    aws_secret_access_key=key["SecretAccessKey"])}
+    finally:
+        moto.stop()
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    patch = pytest.MonkeyPatch()
+    yield patch
+    patch.undo()
+
+
+@pytest.fixture(scope="module")
+def auth_server(exported_bundle, iam_s3, tmp_path_factory) -> BentoServer:
+    home = tmp_path_factory.mktemp("bentoml-auth")
+    env = server_env(exported_bundle, home, {**iam_s3["env"], "CXRSYNTH_API_TOKEN": TOKEN})
+    bento = BentoServer(env, home / "serve.log")
+    try:
+        yield bento.wait_ready()
+    finally:
+        bento.stop()
+
+
+def test_auth_on_requires_the_bearer_token(auth_server):
+    assert "bearer-token auth is on" in auth_server.output()
+    assert "the API is open" not in auth_server.output()
+    for path, method, body in (("/generate", "POST", {"labels": ["Mass"]}), ("/labels", "GET", None),
+                               ("/model", "GET", None)):
+        status, response = call(auth_server, method, path, body)
+        assert status == 401 and "Authorization: Bearer" in response["error"]
+        assert call(auth_server, method, path, body, token="wrong")[0] == 401
+        assert call(auth_server, method, path, body, token=TOKEN)[0] == 200
+    for probe in ("/livez", "/readyz", "/metrics"):
+        assert call(auth_server, "GET", probe)[0] == 200
+
+
+def test_denied_credentials_are_a_403_with_s3s_message(auth_server):
+    status, body = call(auth_server, "POST", "/generate", {"labels": ["Mass"], "destination": "s3://forbidden/x"},
+                        token=TOKEN)
+    assert status == 403 and "forbidden" in body["error"]
+    assert body["detail"]["s3_message"]
+
+
+def test_a_failed_upload_leaves_no_partial_set(auth_server, iam_s3):
+    status, body = call(auth_server, "POST", "/generate",
+                        {"labels": ["Mass"], "count": 3, "seed": 1, "destination": "s3://partial/run"}, token=TOKEN)
+    assert status == 403, body
+    assert body["detail"]["s3_code"] == "AccessDenied" and "Access Denied" in body["detail"]["s3_message"]
+    assert iam_s3["client"].list_objects_v2(Bucket="partial").get("Contents", []) == []
