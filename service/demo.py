@@ -1,0 +1,225 @@
+"""The main job on the embedded default: `python -m service.demo` (what `make demo` runs).
+
+1. Makes sure the demo bundle exists: if ``models/demo`` holds no valid bundle, trains one on
+   procedural phantoms with the training CLI's ``demo`` presets (GAN, LCO classifier, auditor,
+   export), each step a ``python -m training.cli`` subprocess with its own progress bar.
+2. Starts the service (``bentoml serve``) on localhost:3000 with that bundle.
+3. Asks POST /generate once per finding (and for "No Finding").
+4. Writes the PNGs, their JSON descriptions and a captioned contact sheet to ``demo-output/``.
+5. Prints where they are and a curl line, then keeps serving until Ctrl+C (``--exit`` stops).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
+
+from service.labels import LABELS, NO_FINDING
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_BUNDLE = ROOT / "models" / "demo"
+DEFAULT_OUTPUT = ROOT / "demo-output"
+DEFAULT_RUNS = ROOT / "runs" / "demo"
+TILE = 160  # pixels per contact-sheet tile (images are upscaled with nearest neighbour)
+
+# The training CLI steps that make the demo bundle; {runs} and {bundle} are filled in.
+TRAINING_STEPS: list[tuple[str, list[str]]] = [
+    ("PGGAN generator", ["train", "--config", "demo", "--data", "phantoms", "--run-dir", "{runs}/gan"]),
+    ("LCO classifier", ["classifier", "train", "--config", "demo", "--data", "phantoms", "--run-dir", "{runs}/classifier"]),
+    ("auditor", ["classifier", "train", "--config", "demo-auditor", "--data", "phantoms", "--run-dir", "{runs}/auditor"]),
+    ("bundle export", ["export", "--generator", "{runs}/gan", "--classifier", "{runs}/classifier",
+                       "--auditor", "{runs}/auditor", "--out", "{bundle}"]),
+]
+
+
+def bundle_is_valid(bundle: Path) -> bool:
+    from service.bundle import BundleError, verify_bundle
+
+    if not (bundle / "manifest.json").is_file():
+        return False
+    try:
+        verify_bundle(bundle)
+    except BundleError as error:
+        print(f"existing bundle is unusable ({error}); training a new one", file=sys.stderr)
+        return False
+    return True
+
+
+def train_bundle(bundle: Path, runs: Path) -> None:
+    """Run the training CLI steps; each shows its own progress bar."""
+    for number, (title, arguments) in enumerate(TRAINING_STEPS, start=1):
+        command = [sys.executable, "-m", "training.cli",
+                   *(a.format(runs=runs, bundle=bundle) for a in arguments)]
+        print(f"[{number}/{len(TRAINING_STEPS)}] {title}: {' '.join(command[1:])}", flush=True)
+        result = subprocess.run(command, cwd=ROOT)
+        if result.returncode != 0:
+            raise SystemExit(f"training step '{title}' failed with exit code {result.returncode}")
+    if not bundle_is_valid(bundle):
+        raise SystemExit(f"training finished but {bundle} holds no valid bundle")
+
+
+def request_json(url: str, body: object | None = None, timeout: float = 600.0) -> tuple[int, object]:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, method="POST" if data else "GET",
+                                     headers={"Content-Type": "application/json"} if data else {})
+    token = os.environ.get("CXRSYNTH_API_TOKEN")
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"null")
+
+
+def start_server(bundle: Path, host: str, port: int, log_path: Path) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "CXRSYNTH_BUNDLE": str(bundle)}
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log = open(log_path, "wb")
+    command = [sys.executable, "-m", "bentoml", "serve", "service.service:CXRSynth",
+               "--host", host, "--port", str(port), "--working-dir", str(ROOT)]
+    return subprocess.Popen(command, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_ready(process: subprocess.Popen[bytes], base_url: str, log_path: Path, timeout: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout
+    with tqdm(desc="starting the service", total=None, unit="probe", leave=False) as bar:
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                tail = log_path.read_text(errors="replace")[-3000:]
+                raise SystemExit(f"the service exited with code {process.returncode}; its log ends:\n{tail}")
+            try:
+                with urllib.request.urlopen(base_url + "/readyz", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            bar.update()
+            time.sleep(0.5)
+    raise SystemExit(f"the service was not ready within {timeout:.0f} s; see {log_path}")
+
+
+def stop_server(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+def port_in_use(host: str, port: int) -> bool:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        return sock.connect_ex((host, port)) == 0
+
+
+def contact_sheet(rows: list[tuple[str, list[tuple[Image.Image, str]]]], path: Path) -> None:
+    """One row per request: a caption column, then the images with their probability underneath."""
+    font = ImageFont.load_default(size=13)
+    caption_width, label_height, pad = 190, 16, 6
+    columns = max(len(tiles) for _, tiles in rows)
+    width = caption_width + columns * (TILE + pad) + pad
+    height = len(rows) * (TILE + label_height + pad) + pad
+    sheet = Image.new("L", (width, height), color=255)
+    draw = ImageDraw.Draw(sheet)
+    for row, (caption, tiles) in enumerate(rows):
+        top = pad + row * (TILE + label_height + pad)
+        draw.text((pad, top + TILE // 2 - 6), caption, fill=0, font=font)
+        for column, (image, label) in enumerate(tiles):
+            left = caption_width + column * (TILE + pad)
+            sheet.paste(image.convert("L").resize((TILE, TILE), Image.Resampling.NEAREST), (left, top))
+            draw.text((left, top + TILE + 2), label, fill=0, font=font)
+    temporary = path.with_suffix(".tmp.png")
+    sheet.save(temporary)
+    temporary.replace(path)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    bundle = args.bundle.resolve()
+    if not bundle_is_valid(bundle):
+        print(f"no demo bundle at {bundle}: training one on procedural phantoms (CPU, a while)")
+        train_bundle(bundle, args.runs.resolve())
+    if port_in_use(args.host, args.port):
+        raise SystemExit(f"port {args.port} on {args.host} is taken; stop what uses it or pass --port")
+    base_url = f"http://{args.host}:{args.port}"
+    output = args.output.resolve()
+    output.mkdir(parents=True, exist_ok=True)
+    log_path = output / "service.log"
+    process = start_server(bundle, args.host, args.port, log_path)
+    try:
+        wait_ready(process, base_url, log_path)
+        print(f"service ready at {base_url} (log: {log_path})")
+        rows = []
+        results = []
+        for finding in tqdm([*LABELS, NO_FINDING], desc="asking /generate per finding", unit="finding"):
+            body = {"labels": [finding], "count": args.count, "seed": args.seed}
+            status, response = request_json(base_url + "/generate", body)
+            if status != 200:
+                raise SystemExit(f"/generate for {finding} answered {status}: {response}")
+            folder = output / finding.replace(" ", "_")
+            folder.mkdir(exist_ok=True)
+            tiles = []
+            for image in response["images"]:
+                png = base64.b64decode(image.pop("data"))
+                (folder / f"{image['index']:02d}.png").write_bytes(png)
+                shown = image["probabilities"].get(finding) if finding != NO_FINDING else max(image["probabilities"].values())
+                mark = "ok" if image["satisfied"] else "unsat"
+                label = f"p={shown:.2f} {mark} {image['steps']} st" if finding != NO_FINDING else f"max p={shown:.2f} {mark}"
+                tiles.append((Image.open(io.BytesIO(png)), label))
+            satisfied = sum(image["satisfied"] for image in response["images"])
+            rows.append((f"{finding}\n{satisfied}/{len(tiles)} satisfied", tiles))
+            results.append({"finding": finding, **{k: v for k, v in response.items() if k != "images"},
+                            "images": response["images"]})
+        (output / "results.json").write_text(json.dumps(results, indent=2))
+        sheet = output / "contact_sheet.png"
+        contact_sheet(rows, sheet)
+        total = sum(len(r["images"]) for r in results)
+        satisfied = sum(sum(i["satisfied"] for i in r["images"]) for r in results)
+        print(f"\n{total} images ({satisfied} satisfied) in {output}/<finding>/, contact sheet: {sheet}")
+        print("Ask the API yourself:")
+        print(f"  curl -s -X POST {base_url}/generate -H 'Content-Type: application/json' "
+              "-d '{\"labels\": {\"Effusion\": true, \"Pneumothorax\": false}, \"count\": 2}'")
+        print(f"  curl -s {base_url}/labels    # vocabulary, thresholds, prevalence;  API docs: {base_url}/")
+        if args.exit:
+            return 0
+        print("Serving until Ctrl+C ...")
+        try:
+            process.wait()
+        except KeyboardInterrupt:
+            pass
+        return 0
+    finally:
+        stop_server(process)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m service.demo", description=__doc__.split("\n")[0])
+    parser.add_argument("--bundle", type=Path, default=Path(os.environ.get("CXRSYNTH_DEMO_BUNDLE", DEFAULT_BUNDLE)),
+                        help="bundle directory; trained here on phantoms if missing")
+    parser.add_argument("--runs", type=Path, default=DEFAULT_RUNS, help="where the training runs go")
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="where PNGs and the contact sheet go")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=3000)
+    parser.add_argument("--count", type=int, default=4, help="images per finding")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--exit", action="store_true", help="stop the service after the demo instead of serving on")
+    return run_demo(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
