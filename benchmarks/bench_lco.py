@@ -148,7 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     bundle = load_bundle(args.bundle, SessionTuning(providers=providers))
     engine = LCOEngine(bundle, max_batch=int(64 * max(1.0, args.scale)))
     engine.warm_up()
-    n = lambda count: max(1, int(round(count * args.scale)))  # noqa: E731
+
+    def n(count: int) -> int:
+        return max(1, round(count * args.scale))
+
     print(f"bundle {bundle.manifest.name} {bundle.manifest.version}, {bundle.manifest.resolution}², "
           f"latent {bundle.manifest.latent_dim}, on {bundle.providers[0]} (IOBinding device: {engine.device_type})")
 

@@ -101,14 +101,14 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         "# LCO label fidelity",
         "",
-        f"Bundle `{manifest.name}` {manifest.version} ({manifest.resolution}², latent {manifest.latent_dim}, "
-        f"generator trained on {manifest.provenance.dataset}); auditor `{auditor.preset}` "
-        f"({auditor.spec.arch}, seed {auditor.seed}). {args.images} images per request with the service's default "
-        f"LCO options; unconditional rates from {args.unconditional} generator samples. "
-        f"Written by `python -m benchmarks.bench_lco_quality` in {elapsed:.0f} s.",
+        (f"Bundle `{manifest.name}` {manifest.version} ({manifest.resolution}², latent {manifest.latent_dim}, "
+         f"generator trained on {manifest.provenance.dataset}); auditor `{auditor.preset}` "
+         f"({auditor.spec.arch}, seed {auditor.seed}). {args.images} images per request with the service's default "
+         f"LCO options; unconditional rates from {args.unconditional} generator samples. "
+         f"Written by `python -m benchmarks.bench_lco_quality` in {elapsed:.0f} s."),
         "",
-        "| request | NIH prevalence | unconditional (LCO classifier) | unconditional (auditor) "
-        "| LCO satisfied | auditor agrees | mean steps |",
+        ("| request | NIH prevalence | unconditional (LCO classifier) | unconditional (auditor) "
+         "| LCO satisfied | auditor agrees | mean steps |"),
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in rows:
@@ -117,9 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     singles = rows[: len(LABELS)]
     lines += [
         "",
-        f"Single findings: LCO satisfied ≥ 90% for {sum(r['lco'] >= 0.9 for r in singles)}/{len(singles)}, "
-        f"auditor agrees ≥ 70% for {sum(r['audit'] >= 0.7 for r in singles)}/{len(singles)}. "
-        f"Combination: LCO {rows[-1]['lco']:.0%}, auditor {rows[-1]['audit']:.0%}.",
+        (f"Single findings: LCO satisfied ≥ 90% for {sum(r['lco'] >= 0.9 for r in singles)}/{len(singles)}, "
+         f"auditor agrees ≥ 70% for {sum(r['audit'] >= 0.7 for r in singles)}/{len(singles)}. "
+         f"Combination: LCO {rows[-1]['lco']:.0%}, auditor {rows[-1]['audit']:.0%}."),
         "",
     ]
     text = "\n".join(lines)

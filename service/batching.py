@@ -115,7 +115,7 @@ class Batcher:
                     if self.on_step is not None:
                         self.on_step(len(batch))
                     _deliver(batch.step())
-            except Exception as error:  # a failing graph call fails the samples in flight, not the worker
+            except Exception as error:  # a failing step fails its samples, not the worker
                 logger.exception("LCO batch failed; failing %d samples", len(batch) + len(joining))
                 for future in [*batch.rows.tags, *(f for _, f in joining)]:
                     if not future.done():
@@ -137,6 +137,7 @@ class Batcher:
                         self.on_step(len(batch))
                     _deliver(batch.step())
         except Exception as error:
+            logger.exception("LCO batch failed; failing its %d samples", len(items))
             for _, future in items:
                 if not future.done():
                     future.set_exception(error)

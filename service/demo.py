@@ -64,7 +64,7 @@ def train_bundle(bundle: Path, runs: Path) -> None:
         command = [sys.executable, "-m", "training.cli",
                    *(a.format(runs=runs, bundle=bundle) for a in arguments)]
         print(f"[{number}/{len(TRAINING_STEPS)}] {title}: {' '.join(command[1:])}", flush=True)
-        result = subprocess.run(command, cwd=ROOT)
+        result = subprocess.run(command, cwd=ROOT, check=False)
         if result.returncode != 0:
             raise SystemExit(f"training step '{title}' failed with exit code {result.returncode}")
     if not bundle_is_valid(bundle):
@@ -88,10 +88,11 @@ def request_json(url: str, body: object | None = None, timeout: float = 600.0) -
 def start_server(bundle: Path, host: str, port: int, log_path: Path) -> subprocess.Popen[bytes]:
     env = {**os.environ, "CXRSYNTH_BUNDLE": str(bundle)}
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    log = open(log_path, "wb")
     command = [sys.executable, "-m", "bentoml", "serve", "service.service:CXRSynth",
                "--host", host, "--port", str(port), "--working-dir", str(ROOT)]
-    return subprocess.Popen(command, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    with open(log_path, "wb") as log:  # the server keeps its own copy of the descriptor
+        return subprocess.Popen(command, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
 
 
 def wait_ready(process: subprocess.Popen[bytes], base_url: str, log_path: Path, timeout: float = 300.0) -> None:

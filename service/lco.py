@@ -353,7 +353,9 @@ class _Rows:
 
     @classmethod
     def empty(cls, latent_dim: int) -> _Rows:
-        zeros = lambda *shape: np.zeros(shape, np.float32)  # noqa: E731
+        def zeros(*shape: int) -> np.ndarray:
+            return np.zeros(shape, np.float32)
+
         return cls([], np.zeros(0, np.int64), zeros(0, latent_dim), zeros(0, latent_dim), zeros(0, latent_dim),
                    np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.int64), zeros(0), zeros(0, NUM_LABELS),
                    zeros(0, NUM_LABELS))
@@ -456,7 +458,7 @@ class LCOBatch:
             for name in ("loss", "grad_z", "probs", "image"):
                 binding.bind_output(name, engine.device_type, engine.device_id)
             engine.lco_step.run_with_iobinding(binding)
-            loss, grad, probs_value, image_value = binding.get_outputs()
+            _loss, grad, probs_value, image_value = binding.get_outputs()
             engine.stats.add(step=len(self))
             probs = probs_value.numpy()
 

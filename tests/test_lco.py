@@ -166,8 +166,8 @@ def test_adam_graph_matches_numpy_adam_with_sphere_projection():
     step_size = (lr * c2 / (1 - ADAM_BETA1**t)).astype(np.float32)[:, None]
     eps_hat = (ADAM_EPS * c2).astype(np.float32)[:, None]
     radius = np.array([math.sqrt(LATENT)], np.float32)
-    z_next, m_next, v_next = session.run(None, dict(z=z, grad=grad, m=m, v=v, step_size=step_size, eps_hat=eps_hat,
-                                                    radius=radius))
+    z_next, m_next, v_next = session.run(None, {"z": z, "grad": grad, "m": m, "v": v, "step_size": step_size,
+                                                "eps_hat": eps_hat, "radius": radius})
     m_ref = ADAM_BETA1 * m + (1 - ADAM_BETA1) * grad
     v_ref = ADAM_BETA2 * v + (1 - ADAM_BETA2) * grad**2
     m_hat = m_ref / (1 - ADAM_BETA1**t)[:, None]

@@ -34,8 +34,6 @@ pytest_plugins = ["tests.s3_server"]
 def exported_bundle(tmp_path_factory) -> Path:
     import datetime
 
-    import onnx
-
     from service.bundle import seal_manifest, sha256_file
     from tests.test_lco import LATENT, SIDE, build_graphs
 
@@ -72,9 +70,9 @@ class BentoServer:
         self.log_path = log_path
         command = [sys.executable, "-m", "bentoml", "serve", "service.service:CXRSynth",
                    "--host", "127.0.0.1", "--port", str(self.port), "--working-dir", str(ROOT)]
-        self.log = open(log_path, "wb")
-        self.process = subprocess.Popen(command, env=env, stdout=self.log, stderr=subprocess.STDOUT,
-                                        cwd=ROOT, start_new_session=True)
+        with open(log_path, "wb") as log:  # the server keeps its own copy of the descriptor
+            self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                            cwd=ROOT, start_new_session=True)
 
     def wait_ready(self, timeout: float = 180.0) -> BentoServer:
         deadline = time.monotonic() + timeout
@@ -91,7 +89,6 @@ class BentoServer:
         raise RuntimeError(f"service not ready within {timeout:.0f} s:\n{self.output()[-4000:]}")
 
     def output(self) -> str:
-        self.log.flush()
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> None:
@@ -102,7 +99,6 @@ class BentoServer:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait(timeout=10)
-        self.log.close()
 
 
 def call(server: BentoServer, method: str, path: str, body: object = None, raw: bytes | None = None,
