@@ -221,8 +221,7 @@ info_app = Starlette(routes=[Route("/labels", labels_view, methods=["GET"]),
 
 
 def _resources() -> dict[str, Any]:
-    gpus = int(__import__("os").environ.get("CXRSYNTH_GPUS", "0") or 0)
-    return {"cpu": "2", "memory": "4Gi", **({"gpu": gpus} if gpus else {})}
+    return {"cpu": "2", "memory": "4Gi", **({"gpu": SETTINGS.gpus} if SETTINGS.gpus else {})}
 
 
 @bentoml.asgi_app(info_app, path="/")

@@ -12,6 +12,7 @@
 | `CXRSYNTH_BATCHING` | 1 | 0 runs each request's samples on their own (no cross-request batching) |
 | `CXRSYNTH_MAX_RETRIES` | 8 | most retries per image a `strict` request may ask for |
 | `CXRSYNTH_S3_CONCURRENCY` | 4 | uploads in flight per request |
+| `CXRSYNTH_GPUS` | 0 | GPUs the service declares in its BentoML resources (onnxruntime-gpu uses the first) |
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class Settings:
     batching: bool
     max_retries: int
     s3_concurrency: int
+    gpus: int
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -64,4 +66,5 @@ class Settings:
             batching=_int("BATCHING", 1, 0, 1) == 1,
             max_retries=_int("MAX_RETRIES", 8, 0, 100),
             s3_concurrency=_int("S3_CONCURRENCY", 4, 1, 64),
+            gpus=_int("GPUS", 0, 0, 16),
         )
