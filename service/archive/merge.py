@@ -152,7 +152,11 @@ def merge_archive(
                         key = plan.chunk_key(shard, number)
                         data = sink.get(key)
                         manifests[key] = sha256_hex(data)
-                        records = decode_records(data, sink.uri(key))
+                        try:
+                            records = decode_records(data, sink.uri(key))
+                        except ArchiveError as error:
+                            problems.append(str(error))
+                            continue
                         if [record["index"] for record in records] != list(chunk):
                             problems.append(f"{key} does not list exactly images {chunk.start}..{chunk.stop - 1}")
                             continue

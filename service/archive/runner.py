@@ -149,9 +149,10 @@ class _Uploader:
         if future.exception() is not None and self.error is None:
             self.error = future.exception()
 
-    def close(self) -> None:
+    def close(self, cancel_pending: bool = False) -> None:
+        """Wait for the work in flight; on failure, drop what has not started (a rerun redoes it)."""
         if self._pool is not None:
-            self._pool.shutdown(wait=True)
+            self._pool.shutdown(wait=True, cancel_futures=cancel_pending)
 
 
 class ShardRunner:
@@ -260,7 +261,7 @@ class ShardRunner:
             self._generate(pending, report)
         except SinkError as error:
             raise ArchiveError(
-                f"storage failed: {error}. Committed chunks are kept; rerun the same command to resume."
+                f"storage failed: {error}. Committed chunks are kept: fix the cause and rerun the same command to resume."
             ) from error
         finally:
             report.seconds = time.monotonic() - started
@@ -300,6 +301,7 @@ class ShardRunner:
         previous: tuple[str, list[Future]] | None = None
         manifest_writes: list[Future] = []
         cancelled = False
+        failed = True
         try:
             for chunk_key, chunk in pending:
                 futures: list[Future] = []
@@ -331,8 +333,9 @@ class ShardRunner:
                 report.chunks_written += 1
             for future in manifest_writes:
                 future.result()
+            failed = False
         finally:
-            uploader.close()
+            uploader.close(cancel_pending=failed)
             bar.close()
         if cancelled:
             committed = report.skipped + sum(len(chunk) for _, chunk in pending[: report.chunks_written])

@@ -1,0 +1,396 @@
+"""Archive jobs end to end: real LCO engine on a real bundle, real S3 API (moto server on loopback).
+
+The bundle is the sealed analytic bundle of tests/test_lco.py (tanh-linear generator, linear
+classifier, exact LCO-step gradient): every file, check and ONNX Runtime session is the real thing,
+and it runs fast enough on two cores for a few hundred images per test.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import hashlib
+import io
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.archive import (
+    ArchiveConflict,
+    ArchiveError,
+    ArchiveIncomplete,
+    ArchivePlan,
+    ArchiveSpec,
+    ModelInfo,
+    RunOptions,
+    merge_archive,
+    run_shard,
+)
+from service.archive.manifest import CSV_KEY, JOB_KEY, MARKER_KEY
+from service.archive.png import decode_png
+from service.labels import LABELS, NO_FINDING, parse_finding_labels
+from service.nih_format import DATA_ENTRY_COLUMNS
+from service.prior import get_prior
+from service.sinks import LocalSink, S3Sink, sink_from_uri
+
+pytest_plugins = ["tests.s3_server"]
+
+ROOT = Path(__file__).resolve().parents[1]
+QUIET = RunOptions(progress=False, batch_size=8, upload_workers=3, max_pending_images=16)
+
+
+# -- fixtures ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def archive_bundle(tmp_path_factory) -> Path:
+    """A sealed bundle directory (manifest with sha256 of every graph) that load_bundle verifies."""
+    from service.bundle import seal_manifest, sha256_file
+    from tests.test_lco import LATENT, SIDE, build_graphs
+
+    directory = tmp_path_factory.mktemp("archive-bundle")
+    for name, data in build_graphs().items():
+        (directory / f"{name}.onnx").write_bytes(data)
+    files = {
+        f"{n}.onnx": {"sha256": sha256_file(directory / f"{n}.onnx"), "bytes": (directory / f"{n}.onnx").stat().st_size}
+        for n in ("generator", "classifier", "lco_step")
+    }
+    document = {
+        "schema_version": 1, "name": "analytic", "version": "0.0.1",
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "labels": list(LABELS), "thresholds": dict.fromkeys(LABELS, 0.5), "resolution": SIDE,
+        "latent_dim": LATENT, "embedding_dim": SIDE * SIDE, "opset": 17,
+        "pixel": {"range": [-1.0, 1.0], "channels": 1, "dtype": "float32"}, "files": files,
+        "provenance": {"dataset": "none", "images_shown": 0, "commit": "dev", "classifier_dataset": "none",
+                       "classifier_arch": "linear", "classifier_auroc": {}},
+    }
+    (directory / "manifest.json").write_bytes(seal_manifest(document))
+    return directory
+
+
+@pytest.fixture()
+def s3(s3_server, monkeypatch):
+    """The shared moto server, with its endpoint and fake credentials in the environment."""
+    for name, value in s3_server.env.items():
+        monkeypatch.setenv(name, value)
+    return s3_server
+
+
+@pytest.fixture(scope="session")
+def engine_and_model(archive_bundle):
+    from service.archive.cli import load_engine
+
+    return load_engine(str(archive_bundle), max_batch=8)
+
+
+def make(spec: ArchiveSpec, engine_and_model, sink=None, options: RunOptions = QUIET, **kwargs):
+    engine, model = engine_and_model
+    return run_shard(spec, engine, model, sink=sink, options=options, **kwargs)
+
+
+def s3_sink(server, bucket: str, prefix: str, **options) -> S3Sink:
+    return S3Sink(bucket, prefix, endpoint_url=server.endpoint_url, region="us-east-1", **options)
+
+
+def records_of(sink) -> list[dict]:
+    records = []
+    for key in sink.list("manifests/"):
+        records += [json.loads(line) for line in sink.get(key).splitlines() if line.strip()]
+    return records
+
+
+def csv_rows(sink) -> list[dict[str, str]]:
+    return list(csv.DictReader(io.StringIO(sink.get(CSV_KEY).decode())))
+
+
+def assert_complete_and_consistent(sink, count: int) -> list[dict]:
+    """Exactly ``count`` images, one record each, bytes matching every checksum, CSV agreeing."""
+    images = sink.list("images/")
+    records = records_of(sink)
+    assert len(images) == count and len(set(images)) == count
+    assert sorted(r["image"] for r in records) == images, "one record per image, one image per record"
+    assert len({r["id"] for r in records}) == count
+    for record in records:
+        data = sink.get(record["image"])
+        assert hashlib.sha256(data).hexdigest() == record["sha256"] and len(data) == record["bytes"]
+    rows = csv_rows(sink)
+    assert list(rows[0].keys()) == list(DATA_ENTRY_COLUMNS)
+    by_index = sorted(records, key=lambda r: r["index"])
+    assert [row["Image Index"] for row in rows] == [f"{r['id']}.png" for r in by_index]
+    assert [row["Finding Labels"] for row in rows] == [r["finding_labels"] for r in by_index]
+    marker = json.loads(sink.get(MARKER_KEY))
+    assert marker["images"] == count
+    for key, digest in marker["manifests"].items():
+        assert hashlib.sha256(sink.get(key)).hexdigest() == digest
+    return records
+
+
+# -- the must-show cases ----------------------------------------------------------------------------
+def test_nih_archive_of_200_images_matches_the_prior(s3, engine_and_model):
+    bucket = s3.new_bucket()
+    sink = s3_sink(s3, bucket, "nih-200")
+    spec = ArchiveSpec(count=200, distribution="nih", seed=7, destination=sink.uri(), chunk_size=32)
+    report = make(spec, engine_and_model, sink)
+    assert (report.generated, report.skipped, report.chunks_written) == (200, 0, 7)
+    marker = merge_archive(sink, progress=False)
+    records = assert_complete_and_consistent(sink, 200)
+
+    # Manifest fields, and the PNGs themselves.
+    first = min(records, key=lambda r: r["index"])
+    assert first["id"] == "00000001_000" and first["model_version"] == "0.0.1" and first["format"] == "png8"
+    assert set(first["probabilities"]) == set(LABELS) and isinstance(first["satisfied"], bool)
+    assert decode_png(sink.get(first["image"])).shape == (8, 8)
+    head = s3.client().head_object(Bucket=bucket, Key=f"nih-200/{first['image']}")
+    assert head["ContentType"] == "image/png" and head["Metadata"]["sha256"] == first["sha256"]
+
+    # Label frequencies within sampling error (4 standard errors) of the NIH prior's marginals.
+    prevalence = get_prior("nih").prevalence()
+    counts = marker["label_counts"]
+    assert set(counts) == {*LABELS, NO_FINDING}
+    for label in (*LABELS, NO_FINDING):
+        p = prevalence[label]
+        tolerance = 4 * math.sqrt(p * (1 - p) / 200) + 1 / 200
+        assert abs(counts[label] / 200 - p) <= tolerance, (label, counts[label], p)
+    recount = {label: 0 for label in (*LABELS, NO_FINDING)}
+    for record in records:
+        vector = parse_finding_labels(record["finding_labels"])
+        for i in np.flatnonzero(vector):
+            recount[LABELS[i]] += 1
+        recount[NO_FINDING] += int(not vector.any())
+        assert all(record["requested"][LABELS[i]] == bool(vector[i]) for i in range(len(LABELS)))
+    assert recount == counts
+
+
+def test_three_shards_and_merge_equal_one_run(s3, engine_and_model):
+    bucket = s3.new_bucket()
+    groups = [{"labels": ["Hernia"], "count": 10}, {"labels": {"Effusion": True, "Mass": False}, "count": 20},
+              {"labels": ["No Finding"], "count": 15}, {"labels": ["Nodule", "Mass"], "count": 5, "exclusive": True}]
+    common = {"distribution": groups, "seed": 3, "chunk_size": 6, "image_format": "png16"}
+    single = s3_sink(s3, bucket, "single")
+    make(ArchiveSpec(destination=single.uri(), **common), engine_and_model, single)
+    merge_archive(single, progress=False)
+
+    sharded = s3_sink(s3, bucket, "sharded")
+    for shard in (2, 0, 1):  # order does not matter
+        spec = ArchiveSpec(destination=sharded.uri(), shard_index=shard, shard_count=3, **common)
+        report = make(spec, engine_and_model, sharded)
+        assert report.images == len(ArchivePlan(spec).shard_range())
+    merge_archive(sharded, progress=False)
+
+    assert_complete_and_consistent(sharded, 50)
+    assert single.list("images/") == sharded.list("images/")
+    for key in single.list("images/"):
+        assert single.get(key) == sharded.get(key)
+    assert single.get(CSV_KEY) == sharded.get(CSV_KEY)
+    in_order = lambda records: sorted(records, key=lambda r: r["index"])
+    assert in_order(records_of(single)) == in_order(records_of(sharded))
+    finding_counts = {}
+    for row in csv_rows(sharded):
+        finding_counts[row["Finding Labels"]] = finding_counts.get(row["Finding Labels"], 0) + 1
+    assert finding_counts["Hernia"] == 10 and finding_counts["No Finding"] == 15
+    assert finding_counts["Mass|Nodule"] == 5
+
+
+def _cli(*args: str, env: dict[str, str], **popen) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "service.archive", *args],
+        cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen,
+    )
+
+
+def test_sigkill_mid_run_then_rerun_gives_exactly_n(s3, archive_bundle):
+    bucket = s3.new_bucket()
+    dest = f"s3://{bucket}/killed"
+    # margin=4 keeps every sample optimising to the step cap: slow enough to be killed mid-run.
+    args = ["run", "--bundle", str(archive_bundle), "--count", "240", "--distribution", "balanced", "--seed", "5",
+            "--dest", dest, "--chunk-size", "8", "--batch-size", "8", "--lco", "steps=60", "--lco", "margin=4",
+            "--no-progress"]
+    process = _cli(*args, env=s3.env)
+    sink = sink_from_uri(dest, endpoint_url=s3.endpoint_url, region="us-east-1")
+    deadline = time.monotonic() + 120
+    while len(sink.list("manifests/")) < 3:
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "no chunk committed in time"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.communicate(timeout=30)
+    assert process.returncode == -signal.SIGKILL
+    committed_before = len(sink.list("manifests/"))
+    assert committed_before < 30 and not sink.exists(MARKER_KEY), "killed mid-run"
+
+    rerun = _cli(*args, env=s3.env)
+    out, err = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, err
+    report = json.loads(out)
+    assert report["shard"]["skipped"] >= committed_before * 8, "committed chunks were kept, not redone"
+    assert report["shard"]["skipped"] + report["shard"]["generated"] == 240
+    assert report["archive"]["images"] == 240
+    assert_complete_and_consistent(sink, 240)
+
+
+def test_s3_outage_fails_clearly_then_resumes(private_s3_server, engine_and_model, monkeypatch):
+    for name, value in private_s3_server.env.items():
+        monkeypatch.setenv(name, value)
+    bucket = private_s3_server.new_bucket()
+    # Short timeouts and few retries so the outage is noticed in seconds, not minutes.
+    sink = s3_sink(private_s3_server, bucket, "outage", connect_timeout=1, read_timeout=1, max_attempts=2)
+    monkeypatch.delenv("AWS_MAX_ATTEMPTS", raising=False)
+    spec = ArchiveSpec(count=96, distribution="nih", seed=11, destination=sink.uri(), chunk_size=8)
+    paused = threading.Event()
+
+    def pause_server_at_40(done: int, _total: int) -> None:
+        if done >= 40 and not paused.is_set():
+            paused.set()
+            private_s3_server.pause()
+
+    started = time.monotonic()
+    with pytest.raises(ArchiveError) as raised:
+        make(spec, engine_and_model, sink, on_progress=pause_server_at_40)
+    message = str(raised.value)
+    assert message.startswith(f"storage failed: put {sink.uri()}/images/")
+    assert "ConnectionError: ReadTimeoutError" in message and "rerun the same command to resume" in message
+    assert time.monotonic() - started < 90
+    private_s3_server.resume()
+
+    committed = len(sink.list("manifests/"))
+    assert 1 <= committed < 12
+    report = make(spec, engine_and_model, sink)
+    assert report.skipped == committed * 8 and report.skipped + report.generated == 96
+    merge_archive(sink, progress=False)
+    assert_complete_and_consistent(sink, 96)
+
+
+def test_merged_csv_read_by_the_nih_reader_gives_the_manifest_label_counts(tmp_path, engine_and_model):
+    from training.data.nih import NIHChestXray14
+
+    spec = ArchiveSpec(count=90, distribution="nih", seed=2, destination=str(tmp_path), chunk_size=16)
+    make(spec, engine_and_model)
+    merge_archive(LocalSink(tmp_path), progress=False)
+    records = records_of(LocalSink(tmp_path))
+    from_manifest = np.zeros(len(LABELS))
+    for record in records:
+        from_manifest += parse_finding_labels(record["finding_labels"])
+
+    dataset = NIHChestXray14(tmp_path, split="all", size=8, min_size=8)
+    assert len(dataset) == 90
+    np.testing.assert_array_equal(dataset.labels.sum(axis=0), from_manifest)
+    image, labels, mask = dataset[5]
+    assert tuple(image.shape) == (1, 8, 8) and float(mask.sum()) == len(LABELS)
+    first = sorted(records, key=lambda r: r["index"])[5]
+    np.testing.assert_array_equal(labels.numpy(), parse_finding_labels(first["finding_labels"]))
+    np.testing.assert_allclose(image.numpy()[0], decode_png((tmp_path / first["image"]).read_bytes()), atol=0.02)
+
+
+# -- resume, repair, refuse -------------------------------------------------------------------------
+def test_rerun_of_a_complete_archive_does_nothing(tmp_path, engine_and_model):
+    spec = ArchiveSpec(count=20, distribution="balanced", seed=1, destination=str(tmp_path), chunk_size=8)
+    make(spec, engine_and_model)
+    merge_archive(LocalSink(tmp_path), progress=False)
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.png")}
+    report = make(spec, engine_and_model)
+    assert report.archive_complete and report.generated == 0 and report.skipped == 20
+    assert before == {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.png")}
+
+
+def test_rerun_repairs_a_lost_image_and_a_corrupt_manifest(tmp_path, engine_and_model):
+    spec = ArchiveSpec(count=24, distribution="nih", seed=4, destination=str(tmp_path), chunk_size=8)
+    make(spec, engine_and_model)
+    sink = LocalSink(tmp_path)
+    original = {key: sink.get(key) for key in sink.list("images/")}
+    sink.delete("images/00000003_000.png")  # chunk 0 loses an image
+    chunk_2 = sink.list("manifests/")[2]
+    sink.put(chunk_2, sink.get(chunk_2)[:50])  # chunk 2 has a truncated manifest
+    with pytest.raises(ArchiveIncomplete, match="00000003_000.png is missing"):
+        merge_archive(sink, progress=False)
+    report = make(spec, engine_and_model)
+    assert report.repaired == [sink.list("manifests/")[0], chunk_2]
+    assert (report.generated, report.skipped) == (16, 8)
+    merge_archive(sink, progress=False)
+    assert {key: sink.get(key) for key in sink.list("images/")} == original, "regenerated byte for byte"
+
+
+def test_merge_refuses_missing_shards_and_foreign_images(tmp_path, engine_and_model):
+    spec = ArchiveSpec(count=30, distribution="nih", seed=9, destination=str(tmp_path), shard_count=2, chunk_size=8)
+    make(spec, engine_and_model)
+    sink = LocalSink(tmp_path)
+    with pytest.raises(ArchiveIncomplete, match=r"finish shard\(s\) 1 of 2"):
+        merge_archive(sink, progress=False)
+    assert not sink.exists(MARKER_KEY) and not sink.exists(CSV_KEY)
+    make(spec.model_copy(update={"shard_index": 1}), engine_and_model)
+    sink.put("images/99999999_000.png", b"not ours")
+    with pytest.raises(ArchiveError, match="1 object.*have no manifest record.*99999999_000.png"):
+        merge_archive(sink, progress=False)
+    sink.delete("images/99999999_000.png")
+    assert merge_archive(sink, progress=False)["images"] == 30
+
+
+def test_a_different_job_in_the_same_destination_is_refused(tmp_path, engine_and_model):
+    make(ArchiveSpec(count=8, seed=1, destination=str(tmp_path)), engine_and_model)
+    with pytest.raises(ArchiveConflict, match=r"differs in spec\.seed"):
+        make(ArchiveSpec(count=8, seed=2, destination=str(tmp_path)), engine_and_model)
+    engine, model = engine_and_model
+    other_model = ModelInfo(model.name, "9.9.9", model.resolution)
+    with pytest.raises(ArchiveConflict, match=r"model\.version"):
+        run_shard(ArchiveSpec(count=8, seed=1, destination=str(tmp_path)), engine, other_model, options=QUIET)
+    assert json.loads(LocalSink(tmp_path).get(JOB_KEY))["spec"]["seed"] == 1
+
+
+def test_plan_is_deterministic_and_independent_of_sharding():
+    one = ArchivePlan(ArchiveSpec(count=1000, distribution="nih", seed=5, destination="/tmp/x"))
+    four = [ArchivePlan(ArchiveSpec(count=1000, distribution="nih", seed=5, destination="/tmp/x",
+                                    shard_index=i, shard_count=4)) for i in range(4)]
+    assert [i for plan in four for i in plan.shard_range()] == list(range(1000))
+    for index in (0, 1, 499, 999):
+        a, b = one.image(index), four[index // 250].image(index)
+        assert a.seed == b.seed and np.array_equal(a.target, b.target) and np.array_equal(a.mask, b.mask)
+    assert len({one.image_seed(i) for i in range(1000)}) == 1000
+    other_seed = ArchivePlan(ArchiveSpec(count=1000, distribution="nih", seed=6, destination="/tmp/x"))
+    assert sum(one.image_seed(i) == other_seed.image_seed(i) for i in range(1000)) == 0
+    # Explicit groups: exact counts, spread over the index range rather than in one block.
+    groups = ArchivePlan(ArchiveSpec(distribution=[{"labels": ["Hernia"], "count": 25}, {"labels": ["Edema"], "count": 75}],
+                                     destination="/tmp/x"))
+    hernia = [i for i in range(100) if groups.labels(i)[0][LABELS.index("Hernia")] == 1]
+    assert len(hernia) == 25 and 0 < np.mean(hernia) / 100 < 1 and max(hernia) - min(hernia) > 50
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"distribution": "nih"}, "count is required"),
+        ({"count": 5, "distribution": [{"labels": ["Mass"], "count": 4}]}, "differs from the label groups' total 4"),
+        ({"count": 5, "distribution": [{"labels": ["Mass", "Lung Cancer"], "count": 5}]}, "unknown label 'Lung Cancer'"),
+        ({"distribution": [{"labels": {"No Finding": True, "Mass": True}, "count": 5}]}, "cannot be combined"),
+        ({"distribution": [{"labels": {"Effusion": True, "pleural effusion": False}, "count": 5}]}, "both present"),
+        ({"count": 5, "shard_index": 2, "shard_count": 2}, "must be below shard_count"),
+        ({"count": 2, "shard_count": 3}, "exceeds count"),
+        ({"count": 5, "lco": {"stepz": 3}}, "unknown LCO option"),
+        ({"count": 5, "lco": {"steps": 100000}}, "out of range"),
+        ({"count": 5, "destination": "s3://bucket/../x"}, "'..'"),
+        ({"count": 5, "image_format": "jpeg"}, "png8"),
+        ({"count": 0}, "greater than or equal to 1"),
+    ],
+)
+def test_bad_specs_say_what_to_fix(fields, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        ArchiveSpec(**{"destination": "/tmp/archive", **fields})
+
+
+def test_cli_bad_input_exits_1_with_a_message(tmp_path, archive_bundle):
+    result = subprocess.run(
+        [sys.executable, "-m", "service.archive", "run", "--bundle", str(archive_bundle), "--count", "4",
+         "--distribution", '[{"labels": ["Tumour"], "count": 4}]', "--dest", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert result.returncode == 1
+    assert "invalid archive spec" in result.stderr and "unknown label 'Tumour'" in result.stderr
+    assert "Traceback" not in result.stderr
+    merge = subprocess.run([sys.executable, "-m", "service.archive", "merge", "--dest", str(tmp_path / "none")],
+                           cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    assert merge.returncode == 1 and "holds no archive" in merge.stderr
