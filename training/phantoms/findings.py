@@ -39,12 +39,12 @@ from training.phantoms.geometry import (
     ellipse_distance,
     lattice_field,
     soft_step,
-    sphere_profile,
     splat_lines,
 )
 from training.phantoms.placement import NIH_THORAX, bbox_table
 
 FLUID = 0.78  # attenuation that turns aerated lung into soft-tissue density
+PNEUMOTHORAX_RIM = (0.07, 0.1)  # lateral width of the pleural gas, image fractions
 
 
 @dataclass(frozen=True)
@@ -213,18 +213,18 @@ def sample_findings(rng: np.random.Generator, a: Anatomy) -> FindingPlan:
         fibrosis=Fibrosis(lattice=rng.standard_normal((33, 33)).astype(np.float32), lower_v=a.hilum[0][1] + rng.uniform(0.0, 0.05)),
         hernia=Hernia(
             u=MIDLINE + rng.uniform(0.0, 0.045),
-            v=0.5 * (a.dome_v[0] + a.dome_v[1]) - rng.uniform(0.07, 0.09),
+            v=0.5 * (a.dome_v[0] + a.dome_v[1]) - rng.uniform(0.045, 0.06),
             radius=rng.uniform(0.05, 0.065),
             level=rng.uniform(-0.1, 0.3),
         ),
-        infiltration=_sample_patches(rng, a, "Infiltration", bilateral=0.35, blobs=0, min_radius=0.09),
+        infiltration=_sample_patches(rng, a, "Infiltration", bilateral=0.35, blobs=0, min_radius=0.1, max_radius=0.15),
         mass=_sample_opacity(rng, a, "Mass", radius=(0.06, 0.1)),
         nodule=_sample_opacity(rng, a, "Nodule", radius=(0.028, 0.038)),
         pleural_thickening=PleuralThickening(
-            sides=_sides(rng, bilateral=0.35), thickness=rng.uniform(0.035, 0.05), undulation=rng.uniform(0, 2 * np.pi)
+            sides=_sides(rng, bilateral=0.35), thickness=rng.uniform(0.03, 0.042), undulation=rng.uniform(0, 2 * np.pi)
         ),
-        pneumonia=_sample_patches(rng, a, "Pneumonia", bilateral=0.0, blobs=7, min_radius=0.065),
-        pneumothorax=Pneumothorax(side=int(rng.random() < 0.45), rim=rng.uniform(0.055, 0.085)),
+        pneumonia=_sample_patches(rng, a, "Pneumonia", bilateral=0.0, blobs=7, min_radius=0.065, max_radius=0.12),
+        pneumothorax=Pneumothorax(side=int(rng.random() < 0.45), rim=rng.uniform(PNEUMOTHORAX_RIM[0], PNEUMOTHORAX_RIM[1])),
     )
 
 
@@ -234,7 +234,7 @@ def _sides(rng, bilateral: float) -> tuple[int, ...]:
 
 def _sample_opacity(rng, a: Anatomy, finding: str, radius: tuple[float, float]) -> Opacity:
     r = rng.uniform(*radius)
-    side, u, v, _, _ = _nih_place(rng, a, finding, margin=0.6 * r)
+    side, u, v, _, _ = _nih_place(rng, a, finding, margin=r + 0.01)
     return Opacity(side, u, v, r, (rng.uniform(0.04, 0.1), rng.uniform(0, 2 * np.pi), rng.uniform(0.02, 0.06), rng.uniform(0, 2 * np.pi)))
 
 
@@ -258,16 +258,17 @@ def _sample_consolidation(rng, a: Anatomy) -> Lobe:
     side = 0 if lobe != "lower" else int(rng.integers(2))
     sign = SIDE_SIGN[side]
     hu, hv = a.hilum[side]
-    if lobe == "right upper":
+    # The lobe lies on the side of the fissure line that its normal (angle) points to.
+    if lobe == "right upper":  # above the horizontal fissure
         u, v = hu - 0.08, a.apex_v + 0.13
-        ru, rv, angle, offset = 0.14, 0.13, np.pi / 2 + rng.uniform(-0.1, 0.1), -rng.uniform(0.05, 0.08)
-    elif lobe == "right middle":
-        u, v = hu - 0.06, hv + 0.12
-        ru, rv, angle, offset = 0.13, 0.1, -np.pi / 2 + rng.uniform(-0.1, 0.1), -rng.uniform(0.05, 0.07)
-    else:
-        u, v = hu + sign * 0.09, a.dome_v[side] - 0.09
-        ru, rv = 0.13, 0.12
-        angle, offset = -np.pi / 2 + sign * rng.uniform(0.2, 0.45), -rng.uniform(0.04, 0.07)
+        ru, rv, angle, offset = 0.14, 0.13, -np.pi / 2 + rng.uniform(-0.1, 0.1), -rng.uniform(0.05, 0.08)
+    elif lobe == "right middle":  # below the horizontal fissure, lateral of the right heart border
+        u, v = hu - 0.13, hv + 0.12
+        ru, rv, angle, offset = 0.09, 0.1, np.pi / 2 + rng.uniform(-0.1, 0.1), -rng.uniform(0.05, 0.07)
+    else:  # below the oblique fissure, which runs down and out
+        u, v = hu + sign * 0.11, a.dome_v[side] - 0.09
+        ru, rv = 0.12, 0.12
+        angle, offset = np.pi / 2 + sign * rng.uniform(0.2, 0.45), -rng.uniform(0.04, 0.07)
     # Air bronchograms: a few dark branching tubes heading out from the hilum through the lobe.
     count = 4
     directions = np.arctan2(v - hv, sign * (u - hu)) + rng.uniform(-0.5, 0.5, count)
@@ -277,10 +278,12 @@ def _sample_consolidation(rng, a: Anatomy) -> Lobe:
     return Lobe(side, u, v, ru, rv, float(angle), float(offset), starts, ends)
 
 
-def _sample_patches(rng, a: Anatomy, finding: str, bilateral: float, blobs: int, min_radius: float) -> Patches:
+def _sample_patches(
+    rng, a: Anatomy, finding: str, bilateral: float, blobs: int, min_radius: float, max_radius: float
+) -> Patches:
     max_v = min(a.dome_v) - 0.04
     side, u, v, w, h = _nih_place(rng, a, finding, margin=0.03, max_v=max_v)
-    ru, rv = max(min_radius, min(0.13, w / 2)), max(min_radius, min(0.13, h / 2))
+    ru, rv = max(min_radius, min(max_radius, w / 2)), max(min_radius, min(max_radius, h / 2))
     sides = (0, 1) if rng.random() < bilateral else (side,)
     offsets = np.stack(
         [rng.uniform(-0.7, 0.7, blobs) * ru, rng.uniform(-0.7, 0.7, blobs) * rv, rng.uniform(0.03, 0.055, blobs)], 1
@@ -291,7 +294,7 @@ def _sample_patches(rng, a: Anatomy, finding: str, bilateral: float, blobs: int,
 def _sample_edema(rng, a: Anatomy) -> Edema:
     starts, ends = [], []
     for side in (0, 1):
-        cp_u, cp_v = a.costophrenic_angle(side)
+        cp_v = a.costophrenic_angle(side)[1]
         heights = cp_v - rng.uniform(0.03, 0.16, 5)
         walls = np.array([a.lateral_wall_u(side, h) for h in heights]) - SIDE_SIGN[side] * 0.005
         lengths = rng.uniform(0.035, 0.055, 5)
@@ -330,37 +333,43 @@ def apply_anatomy_changes(a: Anatomy, plan: FindingPlan, present: np.ndarray) ->
 
 # --- rendering --------------------------------------------------------------------------------------
 def render_findings(frame: Frame, a: Anatomy, plan: FindingPlan, present: np.ndarray, layers) -> np.ndarray:
-    """The attenuation the labelled findings add (or remove) on top of the normal chest."""
+    """The attenuation the labelled findings add (or remove) on top of the normal chest.
+
+    Pleural findings (effusion, thickening, pneumothorax) live in the pleural cavity; parenchymal ones
+    only where there is lung, so a pneumothorax's gas shows no opacity or marking."""
     density = np.zeros((frame.size, frame.size), dtype=np.float32)
-    lungs = layers.cavity[0] + layers.cavity[1]
 
     def has(name: str) -> bool:
         return bool(present[LABEL_INDEX[name]])
 
-    if has("Emphysema"):
-        density += _emphysema(frame, a, plan.emphysema, layers, lungs)
+    tissue = list(layers.cavity)
     if has("Pneumothorax"):
-        density += _pneumothorax(frame, a, plan.pneumothorax, layers)
+        change, gas = _pneumothorax(frame, a, plan.pneumothorax, layers)
+        density += change
+        tissue[plan.pneumothorax.side] = tissue[plan.pneumothorax.side] * (1.0 - gas)
+    lungs = tissue[0] + tissue[1]
+    if has("Emphysema"):
+        density += _emphysema(frame, plan.emphysema, layers, tissue)
     if has("Fibrosis"):
-        density += _fibrosis(frame, a, plan.fibrosis, layers)
+        density += _fibrosis(frame, plan.fibrosis, lungs)
     if has("Edema"):
-        density += _edema(frame, a, plan.edema, layers)
+        density += _edema(frame, a, plan.edema, tissue)
     if has("Infiltration"):
-        density += _infiltration(frame, a, plan.infiltration, layers)
+        density += _infiltration(frame, plan.infiltration, tissue)
     if has("Pneumonia"):
-        density += _pneumonia(frame, plan.pneumonia, layers)
+        density += _pneumonia(frame, plan.pneumonia, tissue)
     if has("Consolidation"):
-        density += _consolidation(frame, plan.consolidation, layers)
+        density += _consolidation(frame, plan.consolidation, tissue)
     if has("Atelectasis"):
-        density += _atelectasis(frame, plan.atelectasis, layers)
-    if has("Pleural_Thickening"):
-        density += _pleural_thickening(frame, a, plan.pleural_thickening, layers)
-    if has("Effusion"):
-        density += _effusion(frame, a, plan.effusion, layers)
+        density += _atelectasis(frame, plan.atelectasis, tissue)
     if has("Nodule"):
         density += _opacity(frame, plan.nodule, 0.55, lungs)
     if has("Mass"):
         density += _opacity(frame, plan.mass, 0.6, lungs)
+    if has("Pleural_Thickening"):
+        density += _pleural_thickening(frame, a, plan.pleural_thickening, layers)
+    if has("Effusion"):
+        density += _effusion(frame, a, plan.effusion, layers)
     if has("Hernia"):
         density += _hernia(frame, plan.hernia)
     return density
@@ -378,65 +387,65 @@ def _opacity(frame: Frame, o: Opacity, strength: float, lungs: np.ndarray) -> np
     return strength * inside * thickness * (0.4 + 0.6 * np.minimum(lungs, 1.0))
 
 
-def _atelectasis(frame: Frame, p: Plate, layers) -> np.ndarray:
+def _atelectasis(frame: Frame, p: Plate, tissue) -> np.ndarray:
     cos, sin = np.cos(p.angle), np.sin(p.angle)
     du, dv = frame.u - p.u, frame.v - p.v
     along = cos * du + sin * dv
     across = -sin * du + cos * dv
     plate = band(across, p.thickness / 2, frame.edge) * soft_step(np.abs(along) - p.length / 2, 3 * frame.edge)
-    return 0.6 * plate * layers.parenchyma[p.side]
+    return 0.6 * plate * tissue[p.side]
 
 
-def _consolidation(frame: Frame, lobe: Lobe, layers) -> np.ndarray:
+def _consolidation(frame: Frame, lobe: Lobe, tissue) -> np.ndarray:
     cos, sin = np.cos(lobe.fissure_angle), np.sin(lobe.fissure_angle)
     # Distance from the fissure line, positive on the consolidated side.
     across = cos * (frame.u - lobe.u) + sin * (frame.v - lobe.v) - lobe.fissure_offset
     region = soft_step(-across, frame.edge) * ellipse(frame, lobe.u, lobe.v, lobe.ru, lobe.rv, edge=0.03)
-    region *= layers.parenchyma[lobe.side]
+    region *= tissue[lobe.side]
     bronchi = splat_lines(frame, lobe.bronchi_starts, lobe.bronchi_ends, np.full(len(lobe.bronchi_starts), 0.3), np.full(len(lobe.bronchi_starts), 0.01))
     return region * (0.62 - np.minimum(bronchi, 0.3))
 
 
-def _patch_window(frame: Frame, p: Patches, side: int, a: Anatomy) -> np.ndarray:
+def _patch_window(frame: Frame, p: Patches, side: int) -> np.ndarray:
     u = p.u if side == (0 if p.u < MIDLINE else 1) else 2 * MIDLINE - p.u  # mirrored when bilateral
     du, dv = (frame.u - u) / p.ru, (frame.v - p.v) / p.rv
     return np.exp(-(du * du + dv * dv) ** 2)
 
 
-def _infiltration(frame: Frame, a: Anatomy, p: Patches, layers) -> np.ndarray:
-    mottle = np.clip(lattice_field(p.texture, frame.size) * 1.2 + 0.2, 0.0, 1.0)
+def _infiltration(frame: Frame, p: Patches, tissue) -> np.ndarray:
+    mottle = np.clip(lattice_field(p.texture, frame.size) * 0.7 + 0.6, 0.15, 1.0)
     out = np.zeros_like(mottle)
     for side in p.sides:
-        out += 0.5 * mottle * _patch_window(frame, p, side, a) * layers.parenchyma[side]
+        out += 0.5 * mottle * _patch_window(frame, p, side) * tissue[side]
     return out
 
 
-def _pneumonia(frame: Frame, p: Patches, layers) -> np.ndarray:
+def _pneumonia(frame: Frame, p: Patches, tissue) -> np.ndarray:
     side = p.sides[0]
     cloud = np.zeros((frame.size, frame.size), dtype=np.float32)
     for du, dv, r in p.blobs:
         d2 = ((frame.u - p.u - du) ** 2 + (frame.v - p.v - dv) ** 2) / (r * r)
         cloud += np.exp(-d2)
-    return 0.52 * np.tanh(1.3 * cloud) * layers.parenchyma[side]
+    return 0.52 * np.tanh(1.3 * cloud) * tissue[side]
 
 
-def _edema(frame: Frame, a: Anatomy, e: Edema, layers) -> np.ndarray:
+def _edema(frame: Frame, a: Anatomy, e: Edema, tissue) -> np.ndarray:
     out = np.zeros((frame.size, frame.size), dtype=np.float32)
     for side in (0, 1):
         hu, hv = a.hilum[side]
         # Bat wing: dense at the hilum, fading out before the periphery.
-        du = (frame.u - hu) / 0.16
-        dv = (frame.v - hv - 0.03) / 0.17
-        out += e.strength * np.exp(-(du * du + dv * dv)) * layers.parenchyma[side]
+        du = (frame.u - hu) / 0.13
+        dv = (frame.v - hv - 0.03) / 0.15
+        out += e.strength * np.exp(-(du * du + dv * dv)) * tissue[side]
     kerley = splat_lines(frame, e.kerley_starts, e.kerley_ends, np.full(len(e.kerley_starts), 0.35), np.full(len(e.kerley_starts), 0.006))
-    return out + kerley * (layers.parenchyma[0] + layers.parenchyma[1])
+    return out + kerley * (tissue[0] + tissue[1])
 
 
-def _fibrosis(frame: Frame, a: Anatomy, f: Fibrosis, layers) -> np.ndarray:
+def _fibrosis(frame: Frame, f: Fibrosis, lungs: np.ndarray) -> np.ndarray:
     field = lattice_field(f.lattice, frame.size)
     net = np.clip(1.0 - np.abs(field) / 0.6, 0.0, 1.0)  # ridges of the noise: a reticular mesh
     upper = soft_step(frame.v - f.lower_v, 0.08)
-    return 0.42 * net * upper * (layers.parenchyma[0] + layers.parenchyma[1])
+    return 0.42 * net * upper * lungs
 
 
 def _pleural_thickening(frame: Frame, a: Anatomy, p: PleuralThickening, layers) -> np.ndarray:
@@ -444,7 +453,7 @@ def _pleural_thickening(frame: Frame, a: Anatomy, p: PleuralThickening, layers) 
     for side in p.sides:
         cu, cv, ru, rv = a.lung_ellipse(side)
         distance = ellipse_distance(frame.u, frame.v, cu, cv, ru, rv)
-        thickness = p.thickness * (1.0 + 0.2 * np.sin(frame.v * 40.0 + p.undulation))
+        thickness = p.thickness * (1.0 + 0.15 * np.sin(frame.v * 40.0 + p.undulation))
         rim = soft_step(-(distance + thickness), frame.edge)
         cp_v = a.costophrenic_angle(side)[1]
         # Spares the costophrenic angle (that is where effusion shows).
@@ -457,30 +466,35 @@ def _effusion(frame: Frame, a: Anatomy, e: Effusion, layers) -> np.ndarray:
     out = np.zeros((frame.size, frame.size), dtype=np.float32)
     for side in e.sides:
         cp_u, cp_v = a.costophrenic_angle(side)
-        closeness = np.clip(1.0 - np.abs(frame.u - cp_u) / (0.9 * a.thorax_half_width), 0.0, 1.0)
+        lateral = SIDE_SIGN[side] * (frame.u - cp_u)  # > 0 beyond the angle, towards the wall
+        closeness = np.clip(1.0 + lateral / (0.9 * a.thorax_half_width), 0.0, 1.0)
         surface = cp_v - e.height * (0.3 + 0.7 * closeness**2)  # meniscus: highest at the chest wall
         fluid = soft_step(surface - frame.v, 2 * frame.edge)
         out += FLUID * fluid * layers.cavity[side]
     return out
 
 
-def _pneumothorax(frame: Frame, a: Anatomy, p: Pneumothorax, layers) -> np.ndarray:
-    side, sign = p.side, SIDE_SIGN[p.side]
+def retracted_lung(a: Anatomy, side: int, rim: float) -> tuple[float, float, float, float]:
+    """The lung outline pulled ``rim`` away from the lateral wall and 1.3 × ``rim`` from the apex."""
     cu, cv, ru, rv = a.lung_ellipse(side)
-    shrunk = (cu - sign * p.rim / 2, cv + 0.65 * p.rim, ru - p.rim / 2, rv - 0.65 * p.rim)
-    distance = ellipse_distance(frame.u, frame.v, *shrunk)
-    collapsed_lung = soft_step(distance, frame.edge)
-    gas = layers.cavity[side] * (1.0 - collapsed_lung)
+    return cu - SIDE_SIGN[side] * rim / 2, cv + 0.65 * rim, ru - rim / 2, rv - 0.65 * rim
+
+
+def _pneumothorax(frame: Frame, a: Anatomy, p: Pneumothorax, layers) -> tuple[np.ndarray, np.ndarray]:
+    """The attenuation change and the gas mask: the lung retracts from the apex and lateral wall."""
+    side = p.side
+    distance = ellipse_distance(frame.u, frame.v, *retracted_lung(a, side, p.rim))
+    gas = layers.cavity[side] * soft_step(-distance, frame.edge)
     pleural_line = band(distance, 0.003, frame.edge) * layers.cavity[side]
     # The pleural space holds no lung: remove parenchyma and vessel markings there.
-    return -gas * (layers.lung_tissue + layers.markings + 0.04) + 0.22 * pleural_line
+    return -gas * (layers.lung_tissue + layers.markings + 0.08) + 0.22 * pleural_line, gas
 
 
-def _emphysema(frame: Frame, a: Anatomy, e: Emphysema, layers, lungs: np.ndarray) -> np.ndarray:
+def _emphysema(frame: Frame, e: Emphysema, layers, tissue) -> np.ndarray:
     # Hyperlucent lungs with pruned peripheral vessels.
-    out = -0.09 * lungs - 0.55 * layers.peripheral_markings
+    out = -0.09 * (tissue[0] + tissue[1]) - 0.55 * layers.peripheral_markings
     for side, u, v, r in e.bullae:
-        cavity = layers.cavity[int(side)]
+        cavity = tissue[int(side)]
         interior = ellipse(frame, u, v, r, r)
         wall = band(ellipse_distance(frame.u, frame.v, u, v, r, r), 0.0025, frame.edge)
         out += (-0.06 - layers.markings) * interior * cavity + 0.12 * wall * cavity

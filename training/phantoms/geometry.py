@@ -75,14 +75,6 @@ def ellipse(frame: Frame, cu: float, cv: float, ru: float, rv: float, angle: flo
     return soft_step(ellipse_distance(frame.u, frame.v, cu, cv, ru, rv, angle), edge or frame.edge)
 
 
-def sphere_profile(frame: Frame, cu: float, cv: float, ru: float, rv: float) -> np.ndarray:
-    """Projected thickness of an ellipsoid, 1 at the centre, sqrt-shaped, anti-aliased rim."""
-    du, dv = (frame.u - cu) / ru, (frame.v - cv) / rv
-    rho2 = du * du + dv * dv
-    inside = soft_step(ellipse_distance(frame.u, frame.v, cu, cv, ru, rv), frame.edge)
-    return inside * np.sqrt(np.clip(1.0 - rho2, 0.04, 1.0))
-
-
 def band(distance: np.ndarray, half_width: float, edge: float) -> np.ndarray:
     """Soft mask of the points within ``half_width`` of a curve, given their distance to it."""
     return soft_step(np.abs(distance) - half_width, edge)

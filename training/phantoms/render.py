@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.labels import LABELS, NUM_LABELS
+from service.labels import NUM_LABELS
 from training.phantoms.anatomy import MIDLINE, SIDE_SIGN, Anatomy, sample_anatomy
 from training.phantoms.findings import FindingPlan, apply_anatomy_changes, render_findings, sample_findings
 from training.phantoms.geometry import Frame, band, ellipse, ellipse_distance, soft_step, splat_lines
@@ -40,7 +40,7 @@ class Scene:
 
 def check_size(size: int) -> int:
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)):
-        raise ValueError(f"size must be an integer power of two from {MIN_SIZE} to {MAX_SIZE}, got {size!r}")
+        raise TypeError(f"size must be an integer power of two from {MIN_SIZE} to {MAX_SIZE}, got {size!r}")
     size = int(size)
     if size < MIN_SIZE or size > MAX_SIZE or size & (size - 1):
         raise ValueError(f"size must be a power of two from {MIN_SIZE} to {MAX_SIZE}, got {size}")
@@ -82,13 +82,35 @@ def render_scene(scene: Scene, present: np.ndarray, size: int) -> np.ndarray:
     return _expose(frame, anatomy, density, scene.seed)
 
 
+@dataclass(frozen=True)
+class LungFields:
+    heart: np.ndarray
+    above_diaphragm: np.ndarray
+    cavity: tuple[np.ndarray, np.ndarray]
+
+
+def lung_fields(frame: Frame, a: Anatomy) -> LungFields:
+    """Soft masks of the heart and of each lung field: the lung outline (apex and lateral wall) above
+    the hemidiaphragm, lateral of the mediastinum, outside the heart."""
+    u, v, edge = frame.u, frame.v, frame.edge
+    du = u - MIDLINE
+    heart = ellipse(frame, *a.heart_center, *a.heart_axes)
+    diaphragm = np.where(du < 0, a.diaphragm_v(0, u), a.diaphragm_v(1, u))
+    above_diaphragm = soft_step(v - diaphragm, edge)
+    cavities = []
+    for side in (0, 1):
+        outline = soft_step(ellipse_distance(u, v, *a.lung_ellipse(side)), edge)
+        lateral_of_mediastinum = soft_step(a.mediastinum_half_width - SIDE_SIGN[side] * du, edge)
+        cavities.append(outline * lateral_of_mediastinum * above_diaphragm * (1.0 - heart))
+    return LungFields(heart=heart, above_diaphragm=above_diaphragm, cavity=(cavities[0], cavities[1]))
+
+
 @dataclass
 class AnatomyLayers:
     """Masks the findings need: where each lung's air space is, and its aerated parenchyma."""
 
     density: np.ndarray
-    cavity: tuple[np.ndarray, np.ndarray]  # the pleural cavity of each lung (air space)
-    parenchyma: tuple[np.ndarray, np.ndarray]  # where lung tissue (and its vessels) is
+    cavity: tuple[np.ndarray, np.ndarray]  # each lung field: the pleural cavity, filled with aerated lung
     lung_tissue: np.ndarray  # attenuation of the aerated lung itself
     markings: np.ndarray  # vessel markings
     peripheral_markings: np.ndarray  # the outer vessel generations (pruned in emphysema)
@@ -103,19 +125,8 @@ def _anatomy_layers(frame: Frame, a: Anatomy) -> AnatomyLayers:
     body = np.maximum(torso, neck)
     density = SOFT_TISSUE * body
 
-    heart_u, heart_v = a.heart_center
-    heart = ellipse(frame, heart_u, heart_v, *a.heart_axes)
-    diaphragm = np.where(du < 0, a.diaphragm_v(0, u), a.diaphragm_v(1, u))
-    above_diaphragm = soft_step(v - diaphragm, edge)
-
-    cavities, parenchymas = [], []
-    for side in (0, 1):
-        cu, cv, ru, rv = a.lung_ellipse(side)
-        outline = soft_step(ellipse_distance(u, v, cu, cv, ru, rv), edge)
-        lateral_of_mediastinum = soft_step(a.mediastinum_half_width - SIDE_SIGN[side] * du, edge)
-        cavity = outline * lateral_of_mediastinum * above_diaphragm * (1.0 - heart)
-        cavities.append(cavity)
-        parenchymas.append(cavity.copy())
+    fields = lung_fields(frame, a)
+    heart, above_diaphragm, cavities = fields.heart, fields.above_diaphragm, fields.cavity
     lungs = cavities[0] + cavities[1]
     density -= LUNG_AIR * lungs
     # Soft tissue overlying the bases (breasts, diaphragm slope) and the apices (muscles) greys them.
@@ -125,7 +136,7 @@ def _anatomy_layers(frame: Frame, a: Anatomy) -> AnatomyLayers:
     density += tissue
 
     # Heart and great vessels are thicker than the chest wall; the aortic knob bulges to the image right.
-    density += 0.12 * heart
+    density += 0.05 * heart
     knob = ellipse(frame, MIDLINE + a.mediastinum_half_width - 0.008, a.hilum[1][1] - 0.1, 0.03, 0.028)
     density += 0.25 * knob * (1.0 - heart)
     # Abdomen under the diaphragm, with the gastric air bubble under the left dome.
@@ -154,8 +165,7 @@ def _anatomy_layers(frame: Frame, a: Anatomy) -> AnatomyLayers:
     density += markings[0] + markings[1] + 0.12 * hila * lungs
     return AnatomyLayers(
         density=density,
-        cavity=tuple(cavities),
-        parenchyma=tuple(parenchymas),
+        cavity=cavities,
         lung_tissue=tissue,
         markings=markings[0] + markings[1],
         peripheral_markings=markings[1],
@@ -169,7 +179,7 @@ def _bones(frame: Frame, a: Anatomy, body: np.ndarray) -> np.ndarray:
     # Spine: vertebral bodies with darker disc spaces.
     vertebra = soft_step(np.abs(du) - 0.03, edge)
     discs = 0.75 + 0.25 * np.cos(2 * np.pi * (v - a.rib_top_v) / (a.rib_spacing * 0.95)) ** 8
-    bones = 0.32 * vertebra * (1.0 - 0.5 * discs + 0.5)
+    bones = 0.22 * vertebra * (1.5 - 0.5 * discs)
     # Posterior ribs: arches that rise slightly from the spine, then fall towards the chest wall.
     arch = v - a.rib_top_v + 0.03 * x - 0.1 * x * x
     t = arch / a.rib_spacing
@@ -223,5 +233,3 @@ def sample_phantom(index: int, size: int, seed: int = 0, prior: str = "nih") -> 
     image_seed = int(rng.integers(0, 2**63 - 1))
     return render_phantom(labels, size, image_seed), labels
 
-
-__all__ = ["LABELS", "Scene", "make_scene", "render_phantom", "render_scene", "sample_phantom", "check_size"]
