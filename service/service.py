@@ -41,6 +41,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from service.archive.runner import ModelInfo
+from service.archive.tasks import (
+    ArchiveJobs,
+    ArchiveProgress,
+    ArchiveTaskRequest,
+    ArchiveTaskResult,
+    task_id_of,
+)
 from service.batching import Batcher
 from service.bundle import Bundle, load_bundle
 from service.labels import LABELS, NO_FINDING
@@ -250,6 +258,7 @@ class CXRSynth:
             enabled=SETTINGS.batching,
             on_step=self.metrics.lco_batch_size.observe,
         )
+        self.archive_jobs = ArchiveJobs()
         self.ready = threading.Event()
         logger.info("loaded bundle %s %s from %s on %s", manifest.name, manifest.version, self.bundle.path,
                     ", ".join(self.bundle.providers))
@@ -309,6 +318,26 @@ class CXRSynth:
         else:
             message = f"S3 failed while writing to bucket {bucket!r}; no images were kept"
         return error_response(status, message, {"s3_code": code, "s3_message": error.message, "operation": error.operation})
+
+    # -- archive jobs, as BentoML tasks (logic and error handling: service/archive/tasks.py) ----------
+    # Async methods: BentoML runs sync ones one at a time (threads=1), so a running job would block
+    # /archive/progress and /archive/stop; the job itself runs in a worker thread of its own.
+    @bentoml.task(route="/archive")
+    async def archive(self, request: ArchiveTaskRequest, /, ctx: bentoml.Context) -> ArchiveTaskResult:
+        """Make (or resume) an archive: POST /archive/submit, then GET /archive/status and /archive/get."""
+        task_id = task_id_of(ctx)
+        model = ModelInfo.from_bundle(self.bundle)
+        return await asyncio.to_thread(self.archive_jobs.run, task_id, request, self.engine, model)
+
+    @bentoml.api(route="/archive/progress")
+    async def archive_progress(self, task_id: str) -> ArchiveProgress:
+        """Images done of the shard's total, and the job's state."""
+        return self.archive_jobs.progress(task_id)
+
+    @bentoml.api(route="/archive/stop")
+    async def archive_stop(self, task_id: str) -> ArchiveProgress:
+        """Stop a job at its next batch; whole chunks stay committed and a resubmission resumes."""
+        return self.archive_jobs.stop(task_id)
 
 
 class _GenerateJob:
