@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ["tests.s3_server"]
+
 DATA = Path(__file__).parent / "data"
 
 
