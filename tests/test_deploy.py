@@ -3,6 +3,8 @@ against the Kubernetes schemas offline, and the rendered objects keep the promis
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import shutil
 import subprocess
@@ -12,6 +14,8 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
+
+from tests.test_archive import archive_bundle  # noqa: F401 - the shared bundle fixture
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S_VERSION = "1.33"  # backoffLimitPerIndex (Indexed Jobs) is GA from 1.33
@@ -161,3 +165,47 @@ def test_archive_job_is_indexed_with_one_shard_per_completion_and_a_merge(render
     merge = the_job(objects, "archive-merge")["spec"]["template"]["spec"]["containers"][0]
     assert merge["command"][-3:] == ["-m", "service.archive", "merge"]
     assert any(arg.startswith("--wait=") for arg in merge["args"])
+
+
+def import_bundle_as_bentoml_model(bundle_dir: Path, home: Path) -> str:
+    """Copy a bundle directory into the BentoML model store at ``home`` as cxrsynth:<version>."""
+    script = (
+        "import json, shutil, sys, bentoml\n"
+        "src = sys.argv[1]\n"
+        "manifest = json.load(open(src + '/manifest.json'))\n"
+        "with bentoml.models.create('cxrsynth', labels={'bundle': manifest['name']},\n"
+        "                           metadata={'version': manifest['version']}) as model:\n"
+        "    shutil.copytree(src, model.path, dirs_exist_ok=True)\n"
+        "print(model.tag)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CXRSYNTH_")}
+    env.update(BENTOML_HOME=str(home), BENTOML_DO_NOT_TRACK="true")
+    result = subprocess.run([sys.executable, "-c", script, str(bundle_dir)], env=env, check=False,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip().splitlines()[-1]
+
+
+def test_bentoml_build_packages_the_service_and_the_bundle(archive_bundle, tmp_path):  # noqa: F811
+    home = tmp_path / "bentoml"
+    model_tag = import_bundle_as_bentoml_model(archive_bundle, home)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CXRSYNTH_")}  # declare the BentoModel
+    env.update(BENTOML_HOME=str(home), BENTOML_DO_NOT_TRACK="true")
+    result = subprocess.run([sys.executable, "-m", "bentoml", "build", str(ROOT), "--output", "tag"],
+                            cwd=ROOT, env=env, check=False, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    bento_tag = re.search(r"__tag__:(\S+)", result.stdout).group(1)
+    name, version = bento_tag.split(":")
+    bento_dir = home / "bentos" / name / version
+    info = yaml.safe_load((bento_dir / "bento.yaml").read_text())
+    assert info["service"] == "service.service:CXRSynth"
+    assert [m["tag"] for m in info["models"]] == [model_tag]
+    assert {api["name"] for api in info["schema"]["routes"]} >= {"generate", "archive", "archive_progress"}
+    sources = {p.relative_to(bento_dir / "src").as_posix() for p in (bento_dir / "src").rglob("*") if p.is_file()}
+    assert {"service/service.py", "service/archive/runner.py", "service/data/nih_label_prior.json"} <= sources
+    assert not any(s.startswith(("training/", "tests/", "k8s/")) for s in sources), "only the service ships"
+    requirements = (bento_dir / "env" / "python" / "requirements.txt").read_text()
+    assert "onnxruntime-gpu" in requirements and "torch" not in requirements
+    model_name, model_version = model_tag.split(":")
+    manifest = home / "models" / model_name / model_version / "manifest.json"
+    assert json.loads(manifest.read_text()) == json.loads((archive_bundle / "manifest.json").read_text())
