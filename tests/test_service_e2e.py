@@ -27,7 +27,6 @@ from PIL import Image
 
 from service.labels import LABELS
 
-pytest_plugins = ["tests.s3_server"]
 
 
 @pytest.fixture(scope="module")
