@@ -1,0 +1,166 @@
+"""Classifier training configuration and presets.
+
+Presets (``PRESETS``), all overridable field by field (``--set lr=3e-4``):
+
+- ``ci``: 32² phantoms, a tiny CNN; seconds. Pairs with the GAN's ``ci`` preset in tests.
+- ``demo``: 64² phantoms, a small CNN; a couple of minutes on 2 CPU cores. The LCO classifier of
+  the demo bundle.
+- ``auditor-ci`` / ``auditor``: the independent auditors for ``ci`` and ``demo``: another
+  architecture (a small DenseNet) and another seed, trained on a disjoint phantom seed. Used only to
+  judge label fidelity in evaluation and tests, never inside LCO.
+- ``chexnet``: DenseNet-121 at 224² on NIH ChestX-ray14 (Rajpurkar et al. 2017): Adam 1e-3, batch 16
+  in the paper; here 32 per GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from training.networks.classifier import ClassifierSpec
+
+DATASETS = ("phantoms", "nih", "chexpert", "folder")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where images come from and how they are split.
+
+    phantoms: ``train_count``/``val_count``/``test_count`` items drawn from ``prior`` with seeds
+    ``seed``, ``seed + 1``, ``seed + 2`` (disjoint streams). nih/chexpert: ``root`` with the data set's
+    own CSV and official splits. ``resolution``: the size images are read at.
+    """
+
+    kind: str = "phantoms"
+    root: str = ""
+    resolution: int = 64
+    prior: str = "balanced"
+    seed: int = 1000
+    train_count: int = 6000
+    val_count: int = 1000
+    test_count: int = 1500
+    uncertain: str = "ignore"  # CheXpert's −1 labels: ignore (mask 0), zeros or ones
+    cache_in_memory: bool = True  # render procedural phantoms once instead of every epoch
+
+
+@dataclass(frozen=True)
+class ClassifierTrainConfig:
+    name: str = "demo"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ClassifierSpec = field(default_factory=ClassifierSpec)
+    seed: int = 0
+    batch_size: int = 64  # global, split over ranks
+    total_images: int = 60_000
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    warmup_images: int = 2_000
+    pos_weight_max: float = 10.0  # caps the imbalance weight for labels with very few positives
+    checkpoint_every: int = 20_000  # images
+    tick_images: int = 2_000  # progress/stat interval
+    bootstrap: int = 1000
+    workers: int = 2
+    device: str = "auto"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ClassifierTrainConfig:
+        data = dict(data)
+        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown classifier config fields: {sorted(unknown)}")
+        data["data"] = DataConfig(**data.get("data", {}))
+        data["model"] = ClassifierSpec.from_dict(data.get("model", {}))
+        return cls(**data)
+
+    def override(self, assignments: list[str]) -> ClassifierTrainConfig:
+        """Apply ``key=value`` overrides; nested fields as ``data.train_count=2000``, ``model.channels=8,16``."""
+        document = self.to_dict()
+        for assignment in assignments:
+            if "=" not in assignment:
+                raise ValueError(f"override {assignment!r} must look like key=value")
+            key, text = assignment.split("=", 1)
+            *parents, leaf = key.strip().split(".")
+            node = document
+            for parent in parents:
+                if parent not in node or not isinstance(node[parent], dict):
+                    raise ValueError(f"unknown config section {parent!r} in {assignment!r}")
+                node = node[parent]
+            if leaf not in node:
+                raise ValueError(f"unknown config field {key!r}; fields here: {sorted(node)}")
+            node[leaf] = _parse_like(node[leaf], text, key)
+        return ClassifierTrainConfig.from_dict(document)
+
+
+def _parse_like(current: Any, text: str, key: str) -> Any:
+    try:
+        if isinstance(current, bool):
+            if text.lower() not in ("true", "false", "1", "0"):
+                raise ValueError
+            return text.lower() in ("true", "1")
+        if isinstance(current, int):
+            return int(float(text)) if "e" in text.lower() else int(text)
+        if isinstance(current, float):
+            return float(text)
+        if isinstance(current, (tuple, list)):
+            return tuple(int(v) for v in text.split(",") if v.strip())
+        return text
+    except ValueError:
+        raise ValueError(f"{key}={text!r}: expected a value like {current!r}") from None
+
+
+def _small_cnn(resolution: int, channels: tuple[int, ...]) -> ClassifierSpec:
+    return ClassifierSpec(arch="small_cnn", input_size=resolution, channels=channels)
+
+
+def _small_densenet(resolution: int, block_config: tuple[int, ...], growth: int, init: int) -> ClassifierSpec:
+    return ClassifierSpec(arch="densenet", input_size=resolution, block_config=block_config, growth_rate=growth,
+                          init_features=init, bn_size=2, stem="compact")
+
+
+PRESETS: dict[str, ClassifierTrainConfig] = {
+    "ci": ClassifierTrainConfig(
+        name="ci",
+        data=DataConfig(resolution=32, seed=1000, train_count=2000, val_count=400, test_count=600),
+        model=_small_cnn(32, (8, 16, 32)),
+        seed=0, batch_size=64, total_images=12_000, lr=3e-3, warmup_images=1_000,
+        checkpoint_every=6_000, tick_images=2_000, bootstrap=200,
+    ),
+    "auditor-ci": ClassifierTrainConfig(
+        name="auditor-ci",
+        data=DataConfig(resolution=32, seed=2000, train_count=2000, val_count=400, test_count=600),
+        model=_small_densenet(32, (2, 2, 2), growth=8, init=16),
+        seed=1, batch_size=64, total_images=12_000, lr=3e-3, warmup_images=1_000,
+        checkpoint_every=6_000, tick_images=2_000, bootstrap=200,
+    ),
+    "demo": ClassifierTrainConfig(
+        name="demo",
+        data=DataConfig(resolution=64, seed=1000, train_count=3000, val_count=600, test_count=900),
+        model=_small_cnn(64, (8, 16, 32, 64)),
+        seed=0, batch_size=64, total_images=16_000, lr=3e-3, warmup_images=1_000,
+        checkpoint_every=8_000, tick_images=4_000,
+    ),
+    "auditor": ClassifierTrainConfig(
+        name="auditor",
+        data=DataConfig(resolution=64, seed=2000, train_count=3000, val_count=600, test_count=900),
+        model=_small_densenet(64, (2, 2, 2), growth=8, init=16),
+        seed=1, batch_size=64, total_images=16_000, lr=3e-3, warmup_images=1_000,
+        checkpoint_every=8_000, tick_images=4_000,
+    ),
+    "chexnet": ClassifierTrainConfig(
+        name="chexnet",
+        data=DataConfig(kind="nih", resolution=256, prior="nih", cache_in_memory=False),
+        model=ClassifierSpec(arch="densenet", input_size=224, block_config=(6, 12, 24, 16), growth_rate=32,
+                             init_features=64, bn_size=4),
+        seed=0, batch_size=32, total_images=1_000_000, lr=1e-3, weight_decay=1e-5, warmup_images=20_000,
+        checkpoint_every=50_000, tick_images=10_000, workers=8,
+    ),
+}
+
+
+def get_preset(name: str) -> ClassifierTrainConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown classifier preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name]

@@ -1,0 +1,207 @@
+"""The LCO objective and its gradient as one traceable, ONNX-exportable graph.
+
+LCO (latent class optimisation) moves a latent z so that the classifier, looking at G(z), agrees
+with the requested labels. The service runs without torch, so the gradient ∂loss/∂z must live in
+the ONNX graph itself. The route:
+
+1. ``LCOObjective`` computes the per-sample loss from (z, target, mask).
+2. ``torch.func.grad`` differentiates it with respect to z; the network weights enter through
+   ``torch.func.functional_call`` as explicit inputs so that ``make_fx`` can trace them symbolically.
+3. ``make_fx`` records forward and backward as plain aten operations. Backward operations ONNX has no
+   counterpart for are decomposed on the way into forward-style ones (``BACKWARD_DECOMPOSITIONS``):
+   convolution input gradients become transposed convolutions, pooling gradients become transposed
+   depth-wise convolutions or scatter-adds, nearest upsampling's gradient a block sum.
+4. ``LCOStepModule`` holds the weights as buffers and replays the traced graph, which
+   ``torch.onnx.export(dynamo=True)`` then turns into ``lco_step.onnx`` with a dynamic batch dimension.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.fx.experimental.proxy_tensor import make_fx
+
+aten = torch.ops.aten
+
+
+class GeneratorGraph(nn.Module):
+    """The exported generator: z → image at full resolution, clamped to [-1, 1]."""
+
+    def __init__(self, generator: nn.Module):
+        super().__init__()
+        self.generator = generator
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.generator(z).clamp(-1.0, 1.0)
+
+
+class ClassifierGraph(nn.Module):
+    """The exported classifier: image → (logits, embedding)."""
+
+    def __init__(self, classifier: nn.Module):
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, embedding = self.classifier(image)
+        return logits, embedding
+
+
+def masked_bce(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-sample BCE over the constrained labels (mask = 1), averaged over their number.
+
+    A sample with no constrained label has loss 0 and gradient 0.
+    """
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    return (bce * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
+
+
+class LCOObjective(nn.Module):
+    """(z, target, mask) → (loss [B], probs [B, 14], image [B, 1, H, W]) through G then C."""
+
+    def __init__(self, generator: nn.Module, classifier: nn.Module):
+        super().__init__()
+        self.generator = GeneratorGraph(generator)
+        self.classifier = classifier
+
+    def forward(self, z: torch.Tensor, target: torch.Tensor, mask: torch.Tensor):
+        image = self.generator(z)
+        logits, _ = self.classifier(image)
+        return masked_bce(logits, target, mask), torch.sigmoid(logits), image
+
+
+def reference_lco_step(objective: LCOObjective, z: torch.Tensor, target: torch.Tensor, mask: torch.Tensor):
+    """Eager torch autograd: the ground truth ``lco_step.onnx`` is checked against."""
+    z = z.detach().clone().requires_grad_(True)
+    loss, probs, image = objective(z, target, mask)
+    (grad_z,) = torch.autograd.grad(loss.sum(), z)
+    return loss.detach(), grad_z, probs.detach(), image.detach()
+
+
+# ---------------------------------------------------------------------------------------------
+# Decompositions of backward operations into operations ONNX has.
+
+
+def _transposed_output_padding(input_size: list[int], output_size: list[int], kernel: list[int],
+                               stride: list[int], padding: list[int], dilation: list[int]) -> list[int]:
+    """The output_padding a transposed convolution needs to reproduce the forward input size exactly
+    (a strided forward convolution maps several input sizes to one output size)."""
+    return [
+        input_size[i] - ((output_size[i] - 1) * stride[i] - 2 * padding[i] + dilation[i] * (kernel[i] - 1) + 1)
+        for i in range(len(kernel))
+    ]
+
+
+def _convolution_backward(grad_output, input, weight, bias_sizes, stride, padding, dilation, transposed,
+                          output_padding, groups, output_mask):
+    """Input gradient only (weights are constants in LCO): the transposed convolution."""
+    if transposed:
+        raise NotImplementedError("lco_step export supports gradients of ordinary convolutions only")
+    grad_input = None
+    if output_mask[0]:
+        pad = _transposed_output_padding(list(input.shape[2:]), list(grad_output.shape[2:]),
+                                         list(weight.shape[2:]), list(stride), list(padding), list(dilation))
+        grad_input = aten.convolution(grad_output, weight, None, stride, padding, dilation, True, pad, groups)
+    return grad_input, None, None
+
+
+def _upsample_nearest2d_backward(grad_output, output_size, input_size, scales_h=None, scales_w=None):
+    """Each input pixel was copied to a block of the output: sum the gradient over that block."""
+    _, channels, height, width = input_size
+    factor_h, factor_w = output_size[0] // height, output_size[1] // width
+    if factor_h * height != output_size[0] or factor_w * width != output_size[1]:
+        raise NotImplementedError("lco_step export supports integer nearest-upsampling factors only")
+    blocks = grad_output.reshape(grad_output.shape[0], channels, height, factor_h, width, factor_w)
+    return blocks.sum(dim=(3, 5))
+
+
+def _avg_pool2d_backward(grad_output, input, kernel_size, stride, padding, ceil_mode, count_include_pad,
+                         divisor_override):
+    """Spread each gradient evenly over its window: a depth-wise transposed convolution of 1/|window|."""
+    kernel = list(kernel_size) if len(kernel_size) == 2 else [kernel_size[0]] * 2
+    step = list(stride) if stride else kernel
+    step = step if len(step) == 2 else [step[0]] * 2
+    pad = list(padding) if len(padding) == 2 else [padding[0]] * 2
+    if any(pad) and not count_include_pad and divisor_override is None:
+        raise NotImplementedError("avg_pool2d gradient with padding excluded from the count is not supported")
+    channels = input.shape[1]
+    divisor = divisor_override or kernel[0] * kernel[1]
+    weight = grad_output.new_ones(channels, 1, kernel[0], kernel[1]) / divisor
+    out_pad = _transposed_output_padding(list(input.shape[2:]), list(grad_output.shape[2:]), kernel, step, pad,
+                                         [1, 1])
+    return aten.convolution(grad_output, weight, None, step, pad, [1, 1], True, out_pad, channels)
+
+
+def _max_pool2d_with_indices_backward(grad_output, input, kernel_size, stride, padding, dilation, ceil_mode,
+                                      indices):
+    """Route each gradient to its window's arg-max: a scatter-add (ONNX ScatterElements, add)."""
+    batch, channels, height, width = input.shape
+    flat = grad_output.new_zeros(batch, channels, height * width)
+    flat = flat.scatter_add(2, indices.flatten(2), grad_output.flatten(2))
+    return flat.view(batch, channels, height, width)
+
+
+BACKWARD_DECOMPOSITIONS: dict[Any, Callable] = {
+    aten.convolution_backward.default: _convolution_backward,
+    aten.upsample_nearest2d_backward.default: _upsample_nearest2d_backward,
+    aten.avg_pool2d_backward.default: _avg_pool2d_backward,
+    aten.max_pool2d_with_indices_backward.default: _max_pool2d_with_indices_backward,
+}
+
+
+class LCOStepModule(nn.Module):
+    """The traced gradient step, with the network weights held as buffers for export."""
+
+    def __init__(self, graph: torch.fx.GraphModule, weights: list[torch.Tensor]):
+        super().__init__()
+        self.graph_module = graph
+        self.weight_count = len(weights)
+        for index, weight in enumerate(weights):
+            self.register_buffer(f"w{index}", weight.detach().clone())
+
+    def forward(self, z: torch.Tensor, target: torch.Tensor, mask: torch.Tensor):
+        weights = [getattr(self, f"w{index}") for index in range(self.weight_count)]
+        loss, grad_z, probs, image = self.graph_module(weights, z, target, mask)
+        return loss, grad_z, probs, image
+
+
+def trace_lco_step(objective: LCOObjective, example_batch: int = 3) -> LCOStepModule:
+    """Trace (z, target, mask) → (loss, grad_z, probs, image) into one forward-only graph.
+
+    ``objective`` must be in eval mode (BatchNorm running statistics, no dropout).
+    """
+    if objective.training:
+        raise ValueError("put the generator and classifier in eval mode before tracing the LCO step")
+    state = {**dict(objective.named_parameters()), **dict(objective.named_buffers())}
+    names = list(state)
+
+    def step(weights: list[torch.Tensor], z: torch.Tensor, target: torch.Tensor, mask: torch.Tensor):
+        bound = dict(zip(names, weights))
+
+        def loss_of(latent: torch.Tensor):
+            loss, probs, image = torch.func.functional_call(objective, bound, (latent, target, mask))
+            return loss.sum(), (loss, probs, image)
+
+        grad_z, (loss, probs, image) = torch.func.grad(loss_of, has_aux=True)(z)
+        return loss, grad_z, probs, image
+
+    latent_dim = _latent_dim(objective.generator.generator)
+    num_labels = objective.classifier.head.out_features
+    z = torch.randn(example_batch, latent_dim)
+    target = torch.zeros(example_batch, num_labels)
+    mask = torch.ones(example_batch, num_labels)
+    weights = [state[name].detach() for name in names]
+    graph = make_fx(step, decomposition_table=BACKWARD_DECOMPOSITIONS, tracing_mode="symbolic")(
+        weights, z, target, mask)
+    return LCOStepModule(graph, weights)
+
+
+def _latent_dim(generator: nn.Module) -> int:
+    latent_dim = getattr(generator, "latent_dim", None)
+    if not isinstance(latent_dim, int):
+        raise TypeError("the generator must expose an integer `latent_dim` attribute")
+    return latent_dim

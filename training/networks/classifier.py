@@ -1,0 +1,207 @@
+"""Multi-label pathology classifiers: a small CNN (CI, demo, auditor) and DenseNet-121 (CheXNet).
+
+Every classifier maps a single-channel image in [-1, 1] to 14 logits (``service.labels.LABELS``
+order) and a penultimate embedding: ``forward(image) -> (logits [B, 14], embedding [B, E])``.
+Images of another size than ``input_size`` are resized bilinearly inside the network, so a
+classifier trained at 224² can score a 1024² generator.
+
+The networks use only operations whose input gradients export to ONNX through
+``training.export.lco`` (convolution, eval-mode BatchNorm, ReLU, max/average pooling, bilinear
+resize, concatenation, global mean), because LCO differentiates the classifier with respect to its
+input inside one ONNX graph. Written in plain torch (no torchvision) to keep the training extra small.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from service.labels import NUM_LABELS
+
+ARCHITECTURES = ("small_cnn", "densenet")
+
+
+@dataclass(frozen=True)
+class ClassifierSpec:
+    """Everything needed to rebuild a classifier; stored beside its weights.
+
+    ``arch`` is ``small_cnn`` (``channels`` per stage, two 3×3 convolutions each, then 2×2 max pool)
+    or ``densenet`` (``block_config``, ``growth_rate``, ``init_features``, ``bn_size``; DenseNet-121 is
+    (6, 12, 24, 16), 32, 64, 4). The DenseNet ``stem`` is ``imagenet`` (7×7 stride-2 convolution, 3×3
+    stride-2 max pool: 4× down, for 224² and up) or ``compact`` (3×3 convolution, 2×2 max pool: 2× down,
+    so that small findings in 32²–64² images survive the stem).
+    """
+
+    arch: str = "small_cnn"
+    input_size: int = 64
+    num_labels: int = NUM_LABELS
+    channels: tuple[int, ...] = (16, 32, 64, 96)
+    block_config: tuple[int, ...] = (6, 12, 24, 16)
+    growth_rate: int = 32
+    init_features: int = 64
+    bn_size: int = 4
+    stem: str = "imagenet"
+    dropout: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ClassifierSpec:
+        data = dict(data)
+        for key in ("channels", "block_config"):
+            if key in data:
+                data[key] = tuple(int(v) for v in data[key])
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown classifier spec fields: {sorted(unknown)}")
+        return cls(**data)
+
+
+def densenet121_spec(input_size: int = 224) -> ClassifierSpec:
+    """CheXNet's network (Rajpurkar et al. 2017) with a single-channel stem."""
+    return ClassifierSpec(arch="densenet", input_size=input_size, block_config=(6, 12, 24, 16),
+                          growth_rate=32, init_features=64, bn_size=4)
+
+
+class _Resize(nn.Module):
+    """Bilinear resize to ``size``² when the input differs; identity otherwise."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = size
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        if image.shape[-1] == self.size and image.shape[-2] == self.size:
+            return image
+        return F.interpolate(image, size=(self.size, self.size), mode="bilinear", align_corners=False)
+
+
+class SmallCNN(nn.Module):
+    """VGG-style stages (two conv-BN-ReLU, then 2×2 max pool), global mean pool, linear head."""
+
+    def __init__(self, spec: ClassifierSpec):
+        super().__init__()
+        self.spec = spec
+        self.resize = _Resize(spec.input_size)
+        layers: list[nn.Module] = []
+        in_channels = 1
+        for out_channels in spec.channels:
+            layers += [
+                nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+                nn.BatchNorm2d(out_channels),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
+                nn.BatchNorm2d(out_channels),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(2),
+            ]
+            in_channels = out_channels
+        self.features = nn.Sequential(*layers)
+        self.embedding_dim = in_channels
+        self.dropout = nn.Dropout(spec.dropout)
+        self.head = nn.Linear(in_channels, spec.num_labels)
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.features(self.resize(image))
+        embedding = features.mean(dim=(2, 3))
+        return self.head(self.dropout(embedding)), embedding
+
+
+class _DenseLayer(nn.Module):
+    def __init__(self, in_channels: int, growth_rate: int, bn_size: int):
+        super().__init__()
+        self.norm1 = nn.BatchNorm2d(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, bn_size * growth_rate, 1, bias=False)
+        self.norm2 = nn.BatchNorm2d(bn_size * growth_rate)
+        self.conv2 = nn.Conv2d(bn_size * growth_rate, growth_rate, 3, padding=1, bias=False)
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        x = torch.cat(features, dim=1)
+        x = self.conv1(F.relu(self.norm1(x)))
+        return self.conv2(F.relu(self.norm2(x)))
+
+
+class _DenseBlock(nn.Module):
+    def __init__(self, num_layers: int, in_channels: int, growth_rate: int, bn_size: int):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            _DenseLayer(in_channels + i * growth_rate, growth_rate, bn_size) for i in range(num_layers)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = [x]
+        for layer in self.layers:
+            features.append(layer(features))
+        return torch.cat(features, dim=1)
+
+
+class _Transition(nn.Sequential):
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__(
+            nn.BatchNorm2d(in_channels),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(in_channels, out_channels, 1, bias=False),
+            nn.AvgPool2d(2, stride=2),
+        )
+
+
+class DenseNet(nn.Module):
+    """DenseNet-BC (Huang et al. 2017) with a single-channel stem, as torchvision lays it out."""
+
+    def __init__(self, spec: ClassifierSpec):
+        super().__init__()
+        self.spec = spec
+        self.resize = _Resize(spec.input_size)
+        channels = spec.init_features
+        if spec.stem == "imagenet":
+            stem: list[nn.Module] = [
+                nn.Conv2d(1, channels, 7, stride=2, padding=3, bias=False),
+                nn.BatchNorm2d(channels),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(3, stride=2, padding=1),
+            ]
+        elif spec.stem == "compact":
+            stem = [
+                nn.Conv2d(1, channels, 3, padding=1, bias=False),
+                nn.BatchNorm2d(channels),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(2),
+            ]
+        else:
+            raise ValueError(f"unknown DenseNet stem {spec.stem!r}; choose imagenet or compact")
+        blocks: list[nn.Module] = []
+        for i, num_layers in enumerate(spec.block_config):
+            blocks.append(_DenseBlock(num_layers, channels, spec.growth_rate, spec.bn_size))
+            channels += num_layers * spec.growth_rate
+            if i != len(spec.block_config) - 1:
+                blocks.append(_Transition(channels, channels // 2))
+                channels //= 2
+        self.features = nn.Sequential(*stem, *blocks, nn.BatchNorm2d(channels), nn.ReLU(inplace=True))
+        self.embedding_dim = channels
+        self.dropout = nn.Dropout(spec.dropout)
+        self.head = nn.Linear(channels, spec.num_labels)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight)
+            elif isinstance(module, nn.Linear):
+                nn.init.zeros_(module.bias)
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.features(self.resize(image))
+        embedding = features.mean(dim=(2, 3))
+        return self.head(self.dropout(embedding)), embedding
+
+
+def build_classifier(spec: ClassifierSpec) -> nn.Module:
+    """The network ``spec`` describes, freshly initialised."""
+    if spec.arch == "small_cnn":
+        return SmallCNN(spec)
+    if spec.arch == "densenet":
+        return DenseNet(spec)
+    raise ValueError(f"unknown classifier architecture {spec.arch!r}; choose one of {ARCHITECTURES}")
