@@ -41,17 +41,18 @@ def gradient_penalty(
     target: float = 1.0,
 ) -> torch.Tensor:
     """E[(‖∇_x̂ D(x̂)‖₂ - target)²] at x̂ = lerp(reals, fakes, mix) (mix ~ U[0,1] per sample if None)."""
+    dtype = torch.promote_types(reals.dtype, torch.float32)  # fp32 (or fp64), never half
     if mix is None:
-        mix = torch.rand(reals.shape[0], 1, 1, 1, device=reals.device, dtype=torch.float32)
-    mixed = torch.lerp(reals.float(), fakes.float(), mix.reshape(-1, 1, 1, 1)).requires_grad_(True)
+        mix = torch.rand(reals.shape[0], 1, 1, 1, device=reals.device, dtype=dtype)
+    mixed = torch.lerp(reals.to(dtype), fakes.to(dtype), mix.to(dtype).reshape(-1, 1, 1, 1)).requires_grad_(True)
     with torch.autocast(mixed.device.type, dtype=autocast_dtype or torch.float16, enabled=autocast_dtype is not None):
         scores = discriminator(mixed, resolution, alpha)
-    scores_sum = scores.float().sum()
+    scores_sum = scores.to(dtype).sum()
     scaling = scaler is not None and scaler.is_enabled()
     if scaling:
         scores_sum = scaler.scale(scores_sum)
     (gradient,) = torch.autograd.grad(scores_sum, mixed, create_graph=True)
-    gradient = gradient.float()
+    gradient = gradient.to(dtype)
     if scaling:
         gradient = gradient / scaler.get_scale()
     norms = gradient.flatten(1).norm(2, dim=1)

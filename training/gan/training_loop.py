@@ -137,7 +137,12 @@ class PGGANTrainer:
         use_scaler = self.amp_enabled and self.autocast_dtype == torch.float16
         self.scaler_G = torch.amp.GradScaler(self.device.type, enabled=use_scaler)
         self.scaler_D = torch.amp.GradScaler(self.device.type, enabled=use_scaler)
-        self.guard = NonFiniteGuard(train.max_nonfinite_steps, name="PGGAN")
+        # One guard per network: reals that are NaN poison every critic step while generator steps
+        # stay finite, and that must still stop the run.
+        self.guards = {
+            "discriminator": NonFiniteGuard(train.max_nonfinite_steps, name="PGGAN discriminator"),
+            "generator": NonFiniteGuard(train.max_nonfinite_steps, name="PGGAN generator"),
+        }
         self._seed_rngs(train.seed * 1000 + context.rank + 1)
 
         self.images_shown = 0
@@ -160,7 +165,7 @@ class PGGANTrainer:
     def _stateful(self) -> dict[str, Any]:
         objects: dict[str, Any] = {
             "G": self.G, "D": self.D, "G_ema": self.G_ema, "opt_G": self.opt_G, "opt_D": self.opt_D,
-            "guard": self.guard,
+            "guard_D": self.guards["discriminator"], "guard_G": self.guards["generator"],
         }
         if self.scaler_G.is_enabled():
             objects.update(scaler_G=self.scaler_G, scaler_D=self.scaler_D)
@@ -251,12 +256,13 @@ class PGGANTrainer:
         extra = average_gradients_(module.parameters(), extra=extra)
         scaler.unscale_(optimizer)
         grads = [p.grad for p in module.parameters() if p.grad is not None]
-        if self.guard.check(all_finite(grads + [extra]), where=where):
+        guard = self.guards[where]
+        if guard.check(all_finite(grads + [extra]), where=f"at {self.images_shown:,} images"):
             scaler.step(optimizer)
-        elif self.context.is_main and self.monitor is not None:
+        elif self.monitor is not None:
             self.monitor.message(
                 f"skipped a non-finite {where} step at {self.images_shown:,} images "
-                f"({self.guard.consecutive} in a row, {self.guard.total_skipped} in all)"
+                f"({guard.consecutive} in a row, {guard.total_skipped} in all)"
             )
         scaler.update()
         return extra
@@ -324,7 +330,7 @@ class PGGANTrainer:
     @torch.no_grad()
     def sample_grid(self) -> torch.Tensor:
         """EMA samples of the fixed grid latents at the current phase, upsampled to the final size."""
-        phase, alpha = self.schedule.at(min(self.images_shown, self.schedule.total_images - 1))
+        phase, alpha = self.schedule.at(max(0, self.images_shown - 1))  # the phase just trained
         images = self.G_ema(self.grid_latents, phase.resolution, alpha).float().clamp(-1, 1)
         factor = self.config.network.resolution // phase.resolution
         return F.interpolate(images, scale_factor=factor, mode="nearest") if factor > 1 else images
@@ -396,7 +402,7 @@ class PGGANTrainer:
 
     def _log_tick(self, means: torch.Tensor, images_per_second: float) -> None:
         values = means.tolist()
-        phase, alpha = self.schedule.at(min(self.images_shown, self.schedule.total_images - 1))
+        phase, alpha = self.schedule.at(max(0, self.images_shown - 1))  # the phase just trained
         stats: dict[str, Any] = {name: values[i] for i, name in enumerate(_D_STATS) if name != "stop"}
         stats.update(
             loss_g=values[len(_D_STATS)],
@@ -407,7 +413,7 @@ class PGGANTrainer:
             phase=phase.kind,
             alpha=alpha,
             images_per_second=images_per_second,
-            nonfinite_skipped=self.guard.total_skipped,
+            nonfinite_skipped=sum(guard.total_skipped for guard in self.guards.values()),
         )
         if self.scaler_G.is_enabled():
             stats.update(loss_scale_g=self.scaler_G.get_scale(), loss_scale_d=self.scaler_D.get_scale())
