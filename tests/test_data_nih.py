@@ -219,3 +219,30 @@ def test_unknown_label_in_csv_is_an_error_with_its_line(tmp_path: Path) -> None:
 def test_bad_split_name(nih_csv: Path) -> None:
     with pytest.raises(ValueError, match="train, val, test, all"):
         labels_only(nih_csv, "training")
+
+
+@pytest.mark.parametrize("bit_depth", [8, 16])
+def test_reads_phantom_sets_written_to_disk(tmp_path: Path, bit_depth: int) -> None:
+    """``python -m training.phantoms write`` output read by the NIH reader equals the on-the-fly phantoms."""
+    from training.data import PhantomDataset
+    from training.phantoms.dataset import write_dataset
+
+    count = 24
+    write_dataset(tmp_path, count, 32, seed=3, bit_depth=bit_depth, workers=1, progress=False)
+    from_disk = NIHChestXray14(tmp_path, split="all", size=32)
+    on_the_fly = PhantomDataset(count, 32, seed=3)
+    assert len(from_disk) == count and from_disk.skipped_total == 0
+    quantum = 2.0 / (2**bit_depth - 1)
+    order = np.argsort(from_disk.image_names)  # file names follow the phantom index
+    for row, index in enumerate(order[:6]):
+        disk_image, disk_labels, _ = from_disk[int(index)]
+        image, labels, _ = on_the_fly[row]
+        assert torch.equal(disk_labels, labels)
+        assert (disk_image - image).abs().max() <= quantum / 2 + 1e-6
+    splits = [
+        NIHChestXray14(tmp_path, split=s, size=32, val_fraction=0.3, test_fraction=0.3)
+        for s in ("train", "val", "test")
+    ]
+    assert sum(len(s) for s in splits) == count
+    patients = [set(s.patient_ids.tolist()) for s in splits]
+    assert not (patients[0] & patients[1] or patients[0] & patients[2] or patients[1] & patients[2])

@@ -54,11 +54,11 @@ class ImageDataset(Dataset):
         min_size: int = DEFAULT_MIN_SIZE,
         skipped_before: dict[str, int] | None = None,
     ) -> None:
-        if size < 1:
+        self.size = int(size)
+        if self.size < 1:
             raise ValueError(f"size must be positive, got {size}")
         if len(self) == 0:
             raise DataFormatError(f"{type(self).__name__} has no items; check the root and the split")
-        self.size = int(size)
         self.min_size = int(min_size)
         self.cache = ResizeCache(cache_dir) if cache_dir is not None else None
         self._status = torch.zeros(len(self), dtype=torch.uint8).share_memory_()
