@@ -394,3 +394,46 @@ def test_cli_bad_input_exits_1_with_a_message(tmp_path, archive_bundle):
     merge = subprocess.run([sys.executable, "-m", "service.archive", "merge", "--dest", str(tmp_path / "none")],
                            cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
     assert merge.returncode == 1 and "holds no archive" in merge.stderr
+
+
+def test_sigterm_stops_at_the_next_batch_commits_whole_chunks_and_exits_130(s3, archive_bundle):
+    bucket = s3.new_bucket()
+    dest = f"s3://{bucket}/terminated"
+    args = ["run", "--bundle", str(archive_bundle), "--count", "240", "--distribution", "nih", "--seed", "8",
+            "--dest", dest, "--chunk-size", "8", "--batch-size", "8", "--lco", "steps=60", "--lco", "margin=4",
+            "--no-progress"]
+    process = _cli(*args, env=s3.env)
+    sink = sink_from_uri(dest, endpoint_url=s3.endpoint_url, region="us-east-1")
+    deadline = time.monotonic() + 120
+    while not sink.list("manifests/"):
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)  # what Kubernetes sends before evicting a pod
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    assert "cancelled with" in err and "rerun to resume" in err
+    committed = sink.list("manifests/")
+    records = records_of(sink)
+    assert len(records) == 8 * len(committed), "only whole chunks are committed"
+    assert all(sink.exists(r["image"]) for r in records)
+    rerun = _cli(*args, env=s3.env)
+    out, err = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, err
+    assert json.loads(out)["shard"]["skipped"] == len(records)
+    assert_complete_and_consistent(sink, 240)
+
+
+def test_verify_catches_an_image_altered_in_place(tmp_path, engine_and_model):
+    spec = ArchiveSpec(count=16, distribution="nih", seed=12, destination=str(tmp_path), chunk_size=8)
+    make(spec, engine_and_model)
+    sink = LocalSink(tmp_path)
+    key = "images/00000010_000.png"
+    original = sink.get(key)
+    sink.put(key, bytes(len(original)))  # same size, other bytes: a listing cannot tell
+    with pytest.raises(ArchiveIncomplete, match="00000010_000.png does not match its sha256"):
+        merge_archive(sink, verify_images=True, progress=False)
+    assert make(spec, engine_and_model).generated == 0, "sizes match: a plain rerun trusts them"
+    verified = make(spec, engine_and_model, options=RunOptions(progress=False, verify_existing=True))
+    assert verified.generated == 8 and verified.repaired == [sink.list("manifests/")[1]]
+    assert sink.get(key) == original
+    assert merge_archive(sink, verify_images=True, progress=False)["images"] == 16

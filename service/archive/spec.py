@@ -15,8 +15,9 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from service.labels import LABEL_INDEX, LABELS, NO_FINDING, NUM_LABELS, parse_label
+from service.labels import LABELS, NUM_LABELS
 from service.prior import get_prior
+from service.schemas import resolve_labels
 from service.sinks import parse_s3_uri, sink_from_uri
 
 MAX_COUNT = 100_000_000
@@ -50,34 +51,15 @@ class LabelGroup(BaseModel):
 
 
 def labels_to_target(labels: dict[str, bool] | list[str], exclusive: bool) -> tuple[np.ndarray, np.ndarray]:
-    """target[14] and mask[14] for a request; ValueError naming the conflict on bad input."""
-    wanted = {name: True for name in labels} if isinstance(labels, list) else dict(labels)
-    target = np.zeros(NUM_LABELS, np.float32)
-    mask = np.zeros(NUM_LABELS, np.float32)
-    seen: dict[str, bool] = {}
-    no_finding = False
-    for raw, present in wanted.items():
-        name = parse_label(raw)
-        if name == NO_FINDING:
-            if not present:
-                raise ValueError('"No Finding": false means nothing; name the findings you want instead')
-            no_finding = True
-            continue
-        if name in seen and seen[name] != present:
-            raise ValueError(f"label {name!r} is asked both present and absent; keep one")
-        seen[name] = present
-        target[LABEL_INDEX[name]] = 1.0 if present else 0.0
-        mask[LABEL_INDEX[name]] = 1.0
-    if no_finding:
-        if any(seen.values()):
-            positives = ", ".join(name for name, present in seen.items() if present)
-            raise ValueError(f'"No Finding" cannot be combined with positive findings ({positives})')
-        return np.zeros(NUM_LABELS, np.float32), np.ones(NUM_LABELS, np.float32)
-    if not seen:
-        raise ValueError("a label group needs at least one label (or \"No Finding\")")
-    if exclusive:
-        mask[:] = 1.0
-    return target, mask
+    """target[14] and mask[14] for a group, parsed as /generate parses its labels.
+
+    An archive group must constrain something: its "Finding Labels" are written from the targets,
+    and an unconstrained sample would be written as "No Finding" without having been asked to be.
+    """
+    if not labels and not exclusive:
+        raise ValueError('a label group needs at least one label (or "No Finding", or exclusive: true)')
+    spec = resolve_labels(labels, exclusive)
+    return spec.target, spec.mask
 
 
 class ArchiveSpec(BaseModel):
