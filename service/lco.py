@@ -267,7 +267,11 @@ def _device_of(session: ort.InferenceSession) -> tuple[str, int]:
 class LCOEngine:
     """Latent class optimisation over a loaded bundle. Thread-safe: steps are serialised."""
 
-    def __init__(self, bundle: BundleLike, options: LCOOptions | None = None, max_batch: int = 64):
+    def __init__(self, bundle: BundleLike, options: LCOOptions | None = None, max_batch: int = 64,
+                 pad_batches: bool | None = None):
+        """``pad_batches`` rounds the running batch up to a power of two (rows padded with copies):
+        on CUDA every new batch shape costs a cuDNN algorithm search, so a handful of shapes that
+        warm-up has seen beats a new one every step. None: pad on CUDA only."""
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         self.bundle = bundle
@@ -281,6 +285,7 @@ class LCOEngine:
         if self.thresholds.shape != (NUM_LABELS,):
             raise ValueError(f"bundle thresholds must have {NUM_LABELS} entries, got {self.thresholds.shape}")
         self.device_type, self.device_id = _device_of(self.lco_step)
+        self.pad_batches = self.device_type == "cuda" if pad_batches is None else pad_batches
         providers = self.lco_step.get_providers()
         provider_options = [self.lco_step.get_provider_options().get(p, {}) for p in providers]
         self.adam = ort.InferenceSession(
@@ -308,15 +313,28 @@ class LCOEngine:
         return [r for r in results if r is not None]
 
     def warm_up(self) -> None:
-        """One candidate pass and one LCO step on a throwaway sample (allocations, kernel choice)."""
+        """A candidate pass and one LCO step on throwaway samples (allocations, kernel choice), at
+        every padded batch size when batches are padded."""
         target = np.zeros(NUM_LABELS, np.float32)
         mask = np.zeros(NUM_LABELS, np.float32)
         target[0] = mask[0] = 1.0
-        batch = LCOBatch(self)
-        # margin at its maximum keeps the sample in the batch so the step graph really runs.
-        batch.add([SampleRequest(target, mask, 0, LCOOptions(steps=1, candidates=2, margin=BOUNDS.margin[1]))], [0])
-        while len(batch):
-            batch.step()
+        # margin at its maximum keeps the samples in the batch so the step graph really runs.
+        options = LCOOptions(steps=1, candidates=2, margin=BOUNDS.margin[1])
+        sizes = sorted({self.padded_size(n) for n in range(1, self.max_batch + 1)}) if self.pad_batches else [1]
+        for size in sizes:
+            batch = LCOBatch(self)
+            batch.add([SampleRequest(target, mask, seed, options) for seed in range(size)], list(range(size)))
+            while len(batch):
+                batch.step()
+
+    def padded_size(self, rows: int) -> int:
+        """Rows the step graphs run on for ``rows`` samples (a power of two, or max_batch)."""
+        if not self.pad_batches:
+            return rows
+        size = 1
+        while size < rows:
+            size *= 2
+        return max(rows, min(size, self.max_batch))
 
     # -- graph calls -------------------------------------------------------------------------
     def score(self, latents: np.ndarray, chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
@@ -441,14 +459,15 @@ class LCOBatch:
             return []
         engine = self.engine
         rows = self.rows
+        count = len(self)
+        padding = engine.padded_size(count) - count
         if self._device is None:
-            self._device = {
-                "z": engine.to_device(rows.z),
-                "m": engine.to_device(rows.m),
-                "v": engine.to_device(rows.v),
-                "target": engine.to_device(rows.target),
-                "mask": engine.to_device(rows.mask),
-            }
+            # padding rows repeat the first sample: valid inputs whose outputs are ignored
+            def padded(array: np.ndarray) -> np.ndarray:
+                return np.concatenate([array, np.repeat(array[:1], padding, axis=0)]) if padding else array
+
+            self._device = {name: engine.to_device(padded(getattr(rows, name)))
+                            for name in ("z", "m", "v", "target", "mask")}
         device = self._device
         with engine.lock:
             binding = engine.lco_step.io_binding()
@@ -459,8 +478,8 @@ class LCOBatch:
                 binding.bind_output(name, engine.device_type, engine.device_id)
             engine.lco_step.run_with_iobinding(binding)
             _loss, grad, probs_value, image_value = binding.get_outputs()
-            engine.stats.add(step=len(self))
-            probs = probs_value.numpy()
+            engine.stats.add(step=count + padding)
+            probs = probs_value.numpy()[:count]
 
             done_ok = satisfied(probs, rows.target, rows.mask, engine.thresholds, rows.margin)
             finished_mask = done_ok | (rows.t >= rows.cap)
@@ -468,8 +487,10 @@ class LCOBatch:
             # Adam + projection for everyone (finished rows are dropped below), on the device.
             t_next = rows.t + 1
             correction2 = np.sqrt(1.0 - ADAM_BETA2**t_next)
-            step_size = (rows.lr * correction2 / (1.0 - ADAM_BETA1**t_next)).astype(np.float32)[:, None]
-            eps_hat = (ADAM_EPS * correction2).astype(np.float32)[:, None]
+            step_size = np.zeros((count + padding, 1), np.float32)
+            eps_hat = np.ones((count + padding, 1), np.float32)
+            step_size[:count, 0] = rows.lr * correction2 / (1.0 - ADAM_BETA1**t_next)
+            eps_hat[:count, 0] = ADAM_EPS * correction2
             adam = engine.adam.io_binding()
             adam.bind_ortvalue_input("z", device["z"])
             adam.bind_ortvalue_input("grad", grad)
@@ -486,7 +507,7 @@ class LCOBatch:
 
         if not finished_mask.any():
             return []
-        images = image_value.numpy()[:, 0]
+        images = image_value.numpy()[:count, 0]
         finished = [
             (rows.tags[i], self._result(images[i], probs[i], rows.target[i], rows.mask[i], int(rows.t[i]),
                                         int(rows.seeds[i])))
@@ -499,9 +520,10 @@ class LCOBatch:
     def _sync_to_host(self) -> None:
         """Bring z and the moments back to host rows before the membership changes."""
         if self._device is not None:
-            self.rows.z = self._device["z"].numpy()
-            self.rows.m = self._device["m"].numpy()
-            self.rows.v = self._device["v"].numpy()
+            count = len(self)
+            self.rows.z = self._device["z"].numpy()[:count]
+            self.rows.m = self._device["m"].numpy()[:count]
+            self.rows.v = self._device["v"].numpy()[:count]
             self._device = None
 
     def _result(self, image: np.ndarray, probs: np.ndarray, target: np.ndarray, mask: np.ndarray, steps: int,

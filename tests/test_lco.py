@@ -335,3 +335,20 @@ def test_batcher_fails_the_samples_of_a_broken_step_and_keeps_serving(bundle):
     good = batcher.submit([request(positives=[0], seed=3)])[0].result(timeout=30)
     batcher.close()
     assert good.steps == 5
+
+
+def test_padded_batches_give_the_same_results_on_a_few_shapes(bundle):
+    samples = [request(positives=[i % NUM_LABELS], negatives=[(i + 3) % NUM_LABELS], seed=500 + i, steps=40,
+                       margin=1.0) for i in range(13)]
+    plain_engine = LCOEngine(bundle, max_batch=16)
+    plain = plain_engine.generate(samples)
+    padded_engine = LCOEngine(bundle, max_batch=16, pad_batches=True)
+    assert [padded_engine.padded_size(n) for n in (1, 2, 3, 5, 9, 16)] == [1, 2, 4, 8, 16, 16]
+    padded_engine.warm_up()
+    padded_engine.stats.step_samples = 0
+    padded = padded_engine.generate(samples)
+    for got, want in zip(padded, plain):
+        assert got.steps == want.steps and got.satisfied == want.satisfied
+        assert np.allclose(got.image, want.image, atol=1e-6)
+    # padding rows are real work: more sample-steps than without padding, never fewer
+    assert padded_engine.stats.step_samples > plain_engine.stats.step_samples
