@@ -2,7 +2,7 @@
 
 Layout under the destination::
 
-    job.json                                         the spec's identity and model; written first
+    job.json                                         the spec, model and LCO options; written first
     images/00000001_000.png                          one PNG per image
     manifests/shard-00000-of-00004/chunk-000000.jsonl  one JSON record per image, one object per chunk
     Data_Entry.csv                                   NIH Data_Entry_2017 columns (merge)
@@ -73,7 +73,7 @@ def job_document(identity: dict[str, Any], model_name: str, model_version: str) 
 def describe_difference(existing: dict[str, Any], wanted: dict[str, Any]) -> str:
     """Which top-level fields of two job documents differ, for the conflict message."""
     names = []
-    for section in ("format", "spec", "model"):
+    for section in ("format", "spec", "model", "lco"):
         old, new = existing.get(section), wanted.get(section)
         if isinstance(old, dict) and isinstance(new, dict):
             names += [f"{section}.{k}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]

@@ -107,6 +107,8 @@ def ensure_job(sink: Sink, spec: ArchiveSpec, model: ModelInfo) -> dict[str, Any
     """Write job.json, or check that the one there describes this very job."""
     wanted = job_document(spec.identity(), model.name, model.version)
     wanted["model"]["resolution"] = model.resolution
+    # The options in force, defaults included: new defaults would make different images.
+    wanted["lco"] = asdict(lco_options(spec.lco))
     try:
         existing = json.loads(sink.get(JOB_KEY))
     except SinkKeyNotFound:
@@ -177,7 +179,7 @@ class ShardRunner:
         self.options = options or RunOptions()
         self.cancel = cancel or threading.Event()
         self.on_progress = on_progress
-        self.lco = lco_options(spec.lco) if spec.lco else None
+        self.lco = lco_options(spec.lco)
 
     # -- resume ------------------------------------------------------------------------------
     def _stored_image_sizes(self) -> dict[str, int]:
