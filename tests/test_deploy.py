@@ -209,3 +209,18 @@ def test_bentoml_build_packages_the_service_and_the_bundle(archive_bundle, tmp_p
     model_name, model_version = model_tag.split(":")
     manifest = home / "models" / model_name / model_version / "manifest.json"
     assert json.loads(manifest.read_text()) == json.loads((archive_bundle / "manifest.json").read_text())
+
+
+def test_the_installed_package_carries_every_service_data_file(tmp_path):
+    """The image installs the project as a wheel (not editable): the service's data files must be in it."""
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(ROOT), "-w", str(tmp_path)],
+        check=False, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    import zipfile
+
+    (wheel,) = tmp_path.glob("*.whl")
+    packaged = set(zipfile.ZipFile(wheel).namelist())
+    data_files = {p.relative_to(ROOT).as_posix() for p in (ROOT / "service" / "data").iterdir() if p.is_file()}
+    assert data_files <= packaged, f"missing from the wheel: {sorted(data_files - packaged)}"
