@@ -437,3 +437,40 @@ def test_verify_catches_an_image_altered_in_place(tmp_path, engine_and_model):
     assert verified.generated == 8 and verified.repaired == [sink.list("manifests/")[1]]
     assert sink.get(key) == original
     assert merge_archive(sink, verify_images=True, progress=False)["images"] == 16
+
+
+class SlowLocalSink(LocalSink):
+    """A real directory whose puts take ``delay`` seconds, counting stored images and concurrent puts."""
+
+    def __init__(self, root: Path, delay: float):
+        super().__init__(root)
+        self.delay = delay
+        self.stored = 0
+        self.in_flight = 0
+        self.most_in_flight = 0
+        self.lock = threading.Lock()
+
+    def put(self, key, data, content_type="application/octet-stream", metadata=None):
+        with self.lock:
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            time.sleep(self.delay)
+            return super().put(key, data, content_type, metadata)
+        finally:
+            with self.lock:
+                self.in_flight -= 1
+                self.stored += key.startswith("images/")
+
+
+def test_slow_storage_holds_lco_back_instead_of_queueing_without_bound(tmp_path, engine_and_model):
+    sink = SlowLocalSink(tmp_path, delay=0.03)
+    options = RunOptions(progress=False, batch_size=4, upload_workers=2, max_pending_images=8)
+    lags = []
+    spec = ArchiveSpec(count=64, distribution="nih", seed=13, destination=str(tmp_path), chunk_size=16)
+    make(spec, engine_and_model, sink, options, on_progress=lambda done, _total: lags.append(done - sink.stored))
+    # Generated but not yet stored: at most the pending cap plus the batch just made.
+    assert max(lags) <= options.max_pending_images + options.batch_size
+    assert max(lags) >= options.max_pending_images, "storage was the bottleneck, so the cap was reached"
+    assert sink.most_in_flight <= options.upload_workers
+    assert sink.stored == 64 and len(records_of(sink)) == 64
