@@ -16,7 +16,7 @@ from training.phantoms.geometry import Pose
 
 SIDE_SIGN = (-1.0, 1.0)
 MIDLINE = 0.5
-HEART_TILT = 0.35  # radians; the long axis runs down and to the patient's left
+HEART_TILT = 0.25  # radians; the long axis runs down and to the patient's left
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,7 @@ class Anatomy:
         """The heart sits left of the midline (image right) and rests on the diaphragm."""
         return (
             MIDLINE + 0.3 * self.heart_half_width,
-            0.5 * (self.dome_v[0] + self.dome_v[1]) - 0.6 * self.heart_half_height,
+            0.5 * (self.dome_v[0] + self.dome_v[1]) - 0.8 * self.heart_half_height,
         )
 
     def with_changes(self, **changes) -> Anatomy:
@@ -166,7 +166,9 @@ def _sample_vessels(rng: np.random.Generator, hila) -> VesselTree:
         # Lower-lobe vessels run further: the lung extends further below the hilum than above.
         length = 0.085 + 0.035 * np.clip(spread, 0, None) + rng.uniform(-0.01, 0.01, count)
         width = np.full(count, 0.013) + rng.uniform(-0.002, 0.002, count)
-        origin = np.stack([hu + rng.uniform(-0.015, 0.015, count) + sign * 0.01, hv + 0.5 * np.sin(spread) * 0.04], 1)
+        origin = np.stack(
+            [hu + rng.uniform(-0.015, 0.015, count) + sign * 0.01, hv + 0.5 * np.sin(spread) * 0.04], 1
+        )
         for generation in range(4):
             direction = np.stack([sign * np.cos(spread), np.sin(spread)], axis=1)
             tip = origin + direction * length[:, None]

@@ -45,6 +45,7 @@ from training.phantoms.placement import NIH_THORAX, bbox_table
 
 FLUID = 0.78  # attenuation that turns aerated lung into soft-tissue density
 PNEUMOTHORAX_RIM = (0.07, 0.1)  # lateral width of the pleural gas, image fractions
+CARDIOMEGALY_RATIO = (0.56, 0.68)  # normal hearts are 0.39-0.46 (see anatomy)
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,7 @@ class Lobe:
     rv: float
     fissure_angle: float  # direction of the fissure line
     fissure_offset: float  # signed distance of the fissure from the centre; region lies on the + side
+    density: float  # a posterior lower lobe fills only part of the chest's depth
     bronchi_starts: np.ndarray
     bronchi_ends: np.ndarray
 
@@ -202,29 +204,57 @@ def _nih_place(rng, a: Anatomy, finding: str, margin: float, max_v: float = 1.0)
     return side, a.hilum[side][0] + SIDE_SIGN[side] * 0.12, a.hilum[side][1] + 0.05, 0.15, 0.15
 
 
+def _nih_side(rng, finding: str) -> int:
+    """The side of a random real NIH box of ``finding`` (0 = image left)."""
+    boxes = bbox_table()[finding]
+    return int(boxes[rng.integers(len(boxes)), 0] >= MIDLINE)
+
+
+def _sample_heart_ratio(rng) -> float:
+    """An enlarged heart's cardiothoracic ratio: a real NIH Cardiomegaly box's width over the average
+    film's thoracic width (median about 0.65), kept clearly above the 0.5 limit."""
+    boxes = bbox_table()["Cardiomegaly"]
+    width = boxes[rng.integers(len(boxes)), 2]
+    return float(
+        np.clip(width / (2 * NIH_THORAX["half_width"]), CARDIOMEGALY_RATIO[0], CARDIOMEGALY_RATIO[1])
+    )
+
+
 def sample_findings(rng: np.random.Generator, a: Anatomy) -> FindingPlan:
     return FindingPlan(
         atelectasis=_sample_atelectasis(rng, a),
-        cardiomegaly_ratio=rng.uniform(0.56, 0.66),
+        cardiomegaly_ratio=_sample_heart_ratio(rng),
         consolidation=_sample_consolidation(rng, a),
         edema=_sample_edema(rng, a),
-        effusion=Effusion(sides=_sides(rng, bilateral=0.3), height=rng.uniform(0.13, 0.22)),
+        effusion=Effusion(
+            sides=(0, 1) if rng.random() < 0.3 else (_nih_side(rng, "Effusion"),),
+            height=rng.uniform(0.13, 0.22),
+        ),
         emphysema=_sample_emphysema(rng, a),
-        fibrosis=Fibrosis(lattice=rng.standard_normal((33, 33)).astype(np.float32), lower_v=a.hilum[0][1] + rng.uniform(0.0, 0.05)),
+        fibrosis=Fibrosis(
+            lattice=rng.standard_normal((33, 33)).astype(np.float32),
+            lower_v=a.hilum[0][1] + rng.uniform(0.0, 0.05),
+        ),
         hernia=Hernia(
             u=MIDLINE + rng.uniform(0.0, 0.045),
             v=0.5 * (a.dome_v[0] + a.dome_v[1]) - rng.uniform(0.045, 0.06),
             radius=rng.uniform(0.05, 0.065),
             level=rng.uniform(-0.1, 0.3),
         ),
-        infiltration=_sample_patches(rng, a, "Infiltration", bilateral=0.35, blobs=0, min_radius=0.1, max_radius=0.15),
+        infiltration=_sample_patches(
+            rng, a, "Infiltration", bilateral=0.0, blobs=0, min_radius=0.1, max_radius=0.15
+        ),
         mass=_sample_opacity(rng, a, "Mass", radius=(0.06, 0.1)),
         nodule=_sample_opacity(rng, a, "Nodule", radius=(0.028, 0.038)),
         pleural_thickening=PleuralThickening(
-            sides=_sides(rng, bilateral=0.35), thickness=rng.uniform(0.03, 0.042), undulation=rng.uniform(0, 2 * np.pi)
+            sides=_sides(rng, bilateral=0.35),
+            thickness=rng.uniform(0.03, 0.042),
+            undulation=rng.uniform(0, 2 * np.pi),
         ),
-        pneumonia=_sample_patches(rng, a, "Pneumonia", bilateral=0.0, blobs=7, min_radius=0.065, max_radius=0.12),
-        pneumothorax=Pneumothorax(side=int(rng.random() < 0.45), rim=rng.uniform(PNEUMOTHORAX_RIM[0], PNEUMOTHORAX_RIM[1])),
+        pneumonia=_sample_patches(
+            rng, a, "Pneumonia", bilateral=0.0, blobs=7, min_radius=0.065, max_radius=0.12
+        ),
+        pneumothorax=Pneumothorax(side=_nih_side(rng, "Pneumothorax"), rim=rng.uniform(*PNEUMOTHORAX_RIM)),
     )
 
 
@@ -235,7 +265,18 @@ def _sides(rng, bilateral: float) -> tuple[int, ...]:
 def _sample_opacity(rng, a: Anatomy, finding: str, radius: tuple[float, float]) -> Opacity:
     r = rng.uniform(*radius)
     side, u, v, _, _ = _nih_place(rng, a, finding, margin=r + 0.01)
-    return Opacity(side, u, v, r, (rng.uniform(0.04, 0.1), rng.uniform(0, 2 * np.pi), rng.uniform(0.02, 0.06), rng.uniform(0, 2 * np.pi)))
+    return Opacity(
+        side,
+        u,
+        v,
+        r,
+        (
+            rng.uniform(0.04, 0.1),
+            rng.uniform(0, 2 * np.pi),
+            rng.uniform(0.02, 0.06),
+            rng.uniform(0, 2 * np.pi),
+        ),
+    )
 
 
 def _sample_atelectasis(rng, a: Anatomy) -> Plate:
@@ -272,21 +313,30 @@ def _sample_consolidation(rng, a: Anatomy) -> Lobe:
     # Air bronchograms: a few dark branching tubes heading out from the hilum through the lobe.
     count = 4
     directions = np.arctan2(v - hv, sign * (u - hu)) + rng.uniform(-0.5, 0.5, count)
-    starts = np.stack([u - sign * 0.05 + rng.uniform(-0.02, 0.02, count), v + rng.uniform(-0.03, 0.03, count)], 1)
+    starts = np.stack(
+        [u - sign * 0.05 + rng.uniform(-0.02, 0.02, count), v + rng.uniform(-0.03, 0.03, count)], 1
+    )
     lengths = rng.uniform(0.05, 0.09, count)
     ends = starts + np.stack([sign * np.cos(directions), np.sin(directions)], 1) * lengths[:, None]
-    return Lobe(side, u, v, ru, rv, float(angle), float(offset), starts, ends)
+    density = 0.45 if lobe == "lower" else 0.62
+    return Lobe(side, u, v, ru, rv, float(angle), float(offset), density, starts, ends)
 
 
 def _sample_patches(
     rng, a: Anatomy, finding: str, bilateral: float, blobs: int, min_radius: float, max_radius: float
 ) -> Patches:
-    max_v = min(a.dome_v) - 0.04
+    # Above the costophrenic recesses, where effusions collect.
+    max_v = min(a.dome_v) - (0.1 if finding == "Infiltration" else 0.04)
     side, u, v, w, h = _nih_place(rng, a, finding, margin=0.03, max_v=max_v)
     ru, rv = max(min_radius, min(max_radius, w / 2)), max(min_radius, min(max_radius, h / 2))
     sides = (0, 1) if rng.random() < bilateral else (side,)
     offsets = np.stack(
-        [rng.uniform(-0.7, 0.7, blobs) * ru, rng.uniform(-0.7, 0.7, blobs) * rv, rng.uniform(0.03, 0.055, blobs)], 1
+        [
+            rng.uniform(-0.7, 0.7, blobs) * ru,
+            rng.uniform(-0.7, 0.7, blobs) * rv,
+            rng.uniform(0.03, 0.055, blobs),
+        ],
+        1,
     )
     return Patches(sides, u, v, ru, rv, offsets, rng.standard_normal((21, 21)).astype(np.float32))
 
@@ -300,7 +350,11 @@ def _sample_edema(rng, a: Anatomy) -> Edema:
         lengths = rng.uniform(0.035, 0.055, 5)
         starts.append(np.stack([walls, heights], 1))
         ends.append(np.stack([walls - SIDE_SIGN[side] * lengths, heights + rng.uniform(-0.004, 0.004, 5)], 1))
-    return Edema(strength=rng.uniform(0.45, 0.55), kerley_starts=np.concatenate(starts), kerley_ends=np.concatenate(ends))
+    return Edema(
+        strength=rng.uniform(0.45, 0.55),
+        kerley_starts=np.concatenate(starts),
+        kerley_ends=np.concatenate(ends),
+    )
 
 
 def _sample_emphysema(rng, a: Anatomy) -> Emphysema:
@@ -310,7 +364,9 @@ def _sample_emphysema(rng, a: Anatomy) -> Emphysema:
         r = rng.uniform(0.03, 0.045)
         u = a.lateral_wall_u(side, a.apex_v + 0.08) - SIDE_SIGN[side] * rng.uniform(0.05, 0.1)
         bullae.append((side, u, a.apex_v + rng.uniform(0.06, 0.1), r))
-    return Emphysema(dome_drop=rng.uniform(0.06, 0.085), flattening=rng.uniform(0.2, 0.35), bullae=np.array(bullae))
+    return Emphysema(
+        dome_drop=rng.uniform(0.06, 0.085), flattening=rng.uniform(0.2, 0.35), bullae=np.array(bullae)
+    )
 
 
 # --- anatomy changes --------------------------------------------------------------------------------
@@ -335,8 +391,11 @@ def apply_anatomy_changes(a: Anatomy, plan: FindingPlan, present: np.ndarray) ->
 def render_findings(frame: Frame, a: Anatomy, plan: FindingPlan, present: np.ndarray, layers) -> np.ndarray:
     """The attenuation the labelled findings add (or remove) on top of the normal chest.
 
-    Pleural findings (effusion, thickening, pneumothorax) live in the pleural cavity; parenchymal ones
-    only where there is lung, so a pneumothorax's gas shows no opacity or marking."""
+    Pleural findings (effusion, thickening, pneumothorax) live in the pleural cavity. Diffuse lung
+    findings (emphysema, fibrosis, oedema) show only where there is lung, so a pneumothorax's gas
+    carries no pattern or marking; focal ones are drawn where they were placed, even when a
+    pneumothorax has collapsed the lung away from there, so that every labelled finding stays visible.
+    Airspace opacities also fill the lung behind the heart."""
     density = np.zeros((frame.size, frame.size), dtype=np.float32)
 
     def has(name: str) -> bool:
@@ -347,21 +406,23 @@ def render_findings(frame: Frame, a: Anatomy, plan: FindingPlan, present: np.nda
         change, gas = _pneumothorax(frame, a, plan.pneumothorax, layers)
         density += change
         tissue[plan.pneumothorax.side] = tissue[plan.pneumothorax.side] * (1.0 - gas)
-    lungs = tissue[0] + tissue[1]
+    aerated = tissue[0] + tissue[1]
+    deep = [layers.cavity[side] + layers.retrocardiac[side] for side in (0, 1)]
+    lungs = layers.cavity[0] + layers.cavity[1]
     if has("Emphysema"):
         density += _emphysema(frame, plan.emphysema, layers, tissue)
     if has("Fibrosis"):
-        density += _fibrosis(frame, plan.fibrosis, lungs)
+        density += _fibrosis(frame, plan.fibrosis, aerated)
     if has("Edema"):
         density += _edema(frame, a, plan.edema, tissue)
     if has("Infiltration"):
-        density += _infiltration(frame, plan.infiltration, tissue)
+        density += _infiltration(frame, plan.infiltration, deep)
     if has("Pneumonia"):
-        density += _pneumonia(frame, plan.pneumonia, tissue)
+        density += _pneumonia(frame, plan.pneumonia, deep)
     if has("Consolidation"):
-        density += _consolidation(frame, plan.consolidation, tissue)
+        density += _consolidation(frame, plan.consolidation, deep)
     if has("Atelectasis"):
-        density += _atelectasis(frame, plan.atelectasis, tissue)
+        density += _atelectasis(frame, plan.atelectasis, layers.cavity)
     if has("Nodule"):
         density += _opacity(frame, plan.nodule, 0.55, lungs)
     if has("Mass"):
@@ -392,7 +453,9 @@ def _atelectasis(frame: Frame, p: Plate, tissue) -> np.ndarray:
     du, dv = frame.u - p.u, frame.v - p.v
     along = cos * du + sin * dv
     across = -sin * du + cos * dv
-    plate = band(across, p.thickness / 2, frame.edge) * soft_step(np.abs(along) - p.length / 2, 3 * frame.edge)
+    plate = band(across, p.thickness / 2, frame.edge) * soft_step(
+        np.abs(along) - p.length / 2, 3 * frame.edge
+    )
     return 0.6 * plate * tissue[p.side]
 
 
@@ -402,21 +465,27 @@ def _consolidation(frame: Frame, lobe: Lobe, tissue) -> np.ndarray:
     across = cos * (frame.u - lobe.u) + sin * (frame.v - lobe.v) - lobe.fissure_offset
     region = soft_step(-across, frame.edge) * ellipse(frame, lobe.u, lobe.v, lobe.ru, lobe.rv, edge=0.03)
     region *= tissue[lobe.side]
-    bronchi = splat_lines(frame, lobe.bronchi_starts, lobe.bronchi_ends, np.full(len(lobe.bronchi_starts), 0.3), np.full(len(lobe.bronchi_starts), 0.01))
-    return region * (0.62 - np.minimum(bronchi, 0.3))
+    bronchi = splat_lines(
+        frame,
+        lobe.bronchi_starts,
+        lobe.bronchi_ends,
+        np.full(len(lobe.bronchi_starts), 0.3),
+        np.full(len(lobe.bronchi_starts), 0.01),
+    )
+    return region * (lobe.density - np.minimum(bronchi, 0.3))
 
 
 def _patch_window(frame: Frame, p: Patches, side: int) -> np.ndarray:
     u = p.u if side == (0 if p.u < MIDLINE else 1) else 2 * MIDLINE - p.u  # mirrored when bilateral
     du, dv = (frame.u - u) / p.ru, (frame.v - p.v) / p.rv
-    return np.exp(-(du * du + dv * dv) ** 2)
+    return np.exp(-((du * du + dv * dv) ** 2))
 
 
 def _infiltration(frame: Frame, p: Patches, tissue) -> np.ndarray:
-    mottle = np.clip(lattice_field(p.texture, frame.size) * 0.7 + 0.6, 0.15, 1.0)
+    mottle = np.clip(lattice_field(p.texture, frame.size) * 0.6 + 0.65, 0.3, 1.0)
     out = np.zeros_like(mottle)
     for side in p.sides:
-        out += 0.5 * mottle * _patch_window(frame, p, side) * tissue[side]
+        out += 0.6 * mottle * _patch_window(frame, p, side) * tissue[side]
     return out
 
 
@@ -437,7 +506,13 @@ def _edema(frame: Frame, a: Anatomy, e: Edema, tissue) -> np.ndarray:
         du = (frame.u - hu) / 0.13
         dv = (frame.v - hv - 0.03) / 0.15
         out += e.strength * np.exp(-(du * du + dv * dv)) * tissue[side]
-    kerley = splat_lines(frame, e.kerley_starts, e.kerley_ends, np.full(len(e.kerley_starts), 0.35), np.full(len(e.kerley_starts), 0.006))
+    kerley = splat_lines(
+        frame,
+        e.kerley_starts,
+        e.kerley_ends,
+        np.full(len(e.kerley_starts), 0.35),
+        np.full(len(e.kerley_starts), 0.006),
+    )
     return out + kerley * (tissue[0] + tissue[1])
 
 
@@ -467,8 +542,8 @@ def _effusion(frame: Frame, a: Anatomy, e: Effusion, layers) -> np.ndarray:
     for side in e.sides:
         cp_u, cp_v = a.costophrenic_angle(side)
         lateral = SIDE_SIGN[side] * (frame.u - cp_u)  # > 0 beyond the angle, towards the wall
-        closeness = np.clip(1.0 + lateral / (0.9 * a.thorax_half_width), 0.0, 1.0)
-        surface = cp_v - e.height * (0.3 + 0.7 * closeness**2)  # meniscus: highest at the chest wall
+        closeness = np.clip(1.0 + lateral / (0.7 * a.thorax_half_width), 0.0, 1.0)
+        surface = cp_v - e.height * (0.1 + 0.9 * closeness**2)  # meniscus: climbing the chest wall
         fluid = soft_step(surface - frame.v, 2 * frame.edge)
         out += FLUID * fluid * layers.cavity[side]
     return out

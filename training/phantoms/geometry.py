@@ -146,7 +146,12 @@ def _bilinear_splat(xs: np.ndarray, ys: np.ndarray, mass: np.ndarray, size: int)
     ix, iy = np.floor(xs).astype(int), np.floor(ys).astype(int)
     fx, fy = xs - ix, ys - iy
     image = np.zeros(size * size, dtype=np.float64)
-    for dx, dy, w in ((0, 0, (1 - fx) * (1 - fy)), (1, 0, fx * (1 - fy)), (0, 1, (1 - fx) * fy), (1, 1, fx * fy)):
+    for dx, dy, w in (
+        (0, 0, (1 - fx) * (1 - fy)),
+        (1, 0, fx * (1 - fy)),
+        (0, 1, (1 - fx) * fy),
+        (1, 1, fx * fy),
+    ):
         px, py = ix + dx, iy + dy
         keep = (px >= 0) & (px < size) & (py >= 0) & (py < size)
         image += np.bincount(py[keep] * size + px[keep], weights=(mass * w)[keep], minlength=size * size)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 from scipy import ndimage
@@ -29,6 +30,7 @@ class Measurement:
 
     finding: str
     signature: str
+    short: str  # what the value is, for captions
     read: Callable[[MeasurementView], float]
 
 
@@ -87,32 +89,56 @@ class MeasurementView:
 
 
 def cardiothoracic_ratio(view: MeasurementView) -> float:
-    """Transverse heart diameter over the internal thoracic diameter. The heart is the bright run
-    around the midline on a row through the upper heart (above where basal fluid could merge with its
-    border); the thorax is the widest span of lung near the level of the hila and below."""
+    """Transverse heart diameter over the internal thoracic diameter, as read on a PA film.
+
+    On rows through the upper and middle heart, each heart border is the first clear drop in
+    brightness going out from the heart's centre (past the spine): a border stays a step even when
+    an opacity lies beside or behind the heart. Each border counts at its second-furthest row, so a
+    single row confused by a bubble or an abutting opacity does not decide. The thorax is the widest
+    span of lung near the hila, wall to wall."""
     a = view.anatomy
     count = 4 * view.size
     us = np.linspace(0.0, 1.0, count)
-    hc_v = a.heart_center[1] - 0.3 * a.heart_half_height
-    heart_row = view.line_profile(hc_v, 0.0, 1.0, count, spread=0.012)
+    step = us[1] - us[0]
+    pixel = view.frame.pixel / view.frame.pose.scale  # one pixel in anatomy units
     lung_level = view.lung_reference()
-    heart_level = float(np.median(heart_row[np.abs(us - MIDLINE) < 0.02]))
-    threshold = 0.5 * (lung_level + heart_level)
-    mid = int(np.argmin(np.abs(us - (MIDLINE + 0.02))))
-    dark = heart_row < threshold
-    # The heart's borders: where lung begins, i.e. dark that lasts (a gas bubble inside the heart
-    # shadow, such as a hiatus hernia, does not end the heart).
-    lung = ndimage.minimum_filter1d(dark.astype(np.uint8), size=max(3, count // 33), mode="nearest") > 0
-    lung = ndimage.maximum_filter1d(lung.astype(np.uint8), size=max(3, count // 33), mode="nearest") > 0
-    left_dark, right_dark = np.flatnonzero(lung[:mid]), np.flatnonzero(lung[mid:]) + mid
-    if len(left_dark) == 0 or len(right_dark) == 0:
-        return 1.0  # no lung beside the heart at all
-    heart_width = us[right_dark[0]] - us[left_dark[-1]]
+    centre_u, centre_v = a.heart_center
+    half_height = a.heart_half_height
+    # Rows through the middle of the heart, above a hemidiaphragm lifted by volume loss.
+    rows = np.linspace(centre_v - 0.5 * half_height, centre_v + 0.2 * half_height, 5)
+    lefts, rights, thresholds = [], [], []
+    for v in rows:
+        profile = view.line_profile(v, 0.0, 1.0, count, spread=0.006)
+        heart_level = float(np.median(profile[np.abs(us - centre_u) < 0.03]))
+        thresholds.append(0.5 * (lung_level + heart_level))
+        smooth = ndimage.gaussian_filter1d(profile, max(1.0, pixel / step))
+        slope = np.gradient(smooth) * (pixel / step)  # brightness change per pixel, rightwards
+        drop = 0.07 * max(heart_level - lung_level, 0.05)
+        right = _first_drop(-slope, us >= max(centre_u + 0.02, MIDLINE + 0.04), drop)
+        left = _first_drop(slope[::-1], (us <= MIDLINE - 0.04)[::-1], drop)
+        if right is None or left is None:
+            return 1.0  # no lung beside the heart at all
+        rights.append(us[right])
+        lefts.append(us[count - 1 - left])
+    heart_left, heart_right = sorted(lefts)[1], sorted(rights)[-2]
+    threshold = float(np.mean(thresholds))
     thorax_width = max(
-        _thoracic_width(view.line_profile(v, 0.0, 1.0, count, spread=0.01) < threshold, us, mid)
+        _thoracic_width(
+            view.line_profile(v, 0.0, 1.0, count, spread=0.01) < threshold, us, int(count * MIDLINE)
+        )
         for v in np.linspace(a.lung_center_v - 0.06, a.lung_center_v + 0.04, 4)
     )
-    return float(heart_width / max(thorax_width, 1e-6))
+    return float((heart_right - heart_left) / max(thorax_width, 1e-6))
+
+
+def _first_drop(descent: np.ndarray, allowed: np.ndarray, threshold: float) -> int | None:
+    """Index of the steepest point of the first run where ``descent`` exceeds ``threshold``."""
+    above = allowed & (descent > threshold)
+    if not above.any():
+        return None
+    start = int(np.argmax(above))
+    end = start + int(np.argmax(~above[start:])) if not above[start:].all() else len(above)
+    return start + int(np.argmax(descent[start:end]))
 
 
 def _thoracic_width(dark: np.ndarray, us: np.ndarray, mid: int) -> float:
@@ -206,40 +232,56 @@ def window_opacity(view: MeasurementView, finding: str) -> float:
     return view.mean(window & view.lung[side]) - view.lung_reference()
 
 
+def asymmetric_opacity(view: MeasurementView, finding: str) -> float:
+    """Opacity in the finding's window beyond both aerated lung and the mirror-image window in the
+    other lung: a patchy infiltrate is asymmetric, where oedema's haze is symmetric."""
+    p = getattr(view.plan, finding)
+    side = 0 if p.u < MIDLINE else 1
+    window = ellipse_distance(view.u, view.v, p.u, p.v, 0.6 * p.ru, 0.6 * p.rv) < 0
+    mirror = ellipse_distance(view.u, view.v, 2 * MIDLINE - p.u, p.v, 0.6 * p.ru, 0.6 * p.rv) < 0
+    baseline = np.nanmax([view.mean(mirror & view.lung[1 - side]), view.lung_reference()])
+    return view.mean(window & view.lung[side]) - float(baseline)
+
+
 def perihilar_haze(view: MeasurementView) -> float:
-    """Bat-wing oedema is bilateral: the lung beside each hilum against the same lung's periphery at
-    the same height; the less hazy side counts."""
+    """Bat-wing oedema is bilateral: the lung beside each hilum against the same lung's outer third
+    (medians over tall bands, so a mass or patch in one band does not decide); the less hazy side
+    counts."""
     a = view.anatomy
     scores = []
     for side in (0, 1):
         hu, hv = a.hilum[side]
         sign = SIDE_SIGN[side]
-        rows = np.abs(view.v - hv - 0.04) < 0.07
         offset = sign * (view.u - hu)
-        perihilar = rows & view.lung[side] & (offset > 0.02) & (offset < 0.09)
-        wall = a.lateral_wall_u(side, hv + 0.04)
-        peripheral = rows & view.lung[side] & (sign * (wall - view.u) > 0.05) & (sign * (wall - view.u) < 0.09)
-        scores.append(view.mean(perihilar) - view.mean(peripheral))
+        perihilar = view.lung[side] & (np.abs(view.v - hv - 0.04) < 0.08) & (offset > 0.02) & (offset < 0.09)
+        walls = np.array([a.lateral_wall_u(side, v) for v in np.linspace(0.0, 1.0, 101)])
+        inward = sign * (np.interp(view.v, np.linspace(0.0, 1.0, 101), walls) - view.u)
+        rows = (view.v > hv - 0.1) & (view.v < hv + 0.18)
+        peripheral = view.lung[side] & rows & (inward > 0.04) & (inward < 0.085)
+        scores.append(view.median(perihilar) - view.median(peripheral))
     return float(np.nanmin(scores))
 
 
 def diaphragm_descent(view: MeasurementView) -> float:
-    """How far below the normal dome the top of each hemidiaphragm lies: over-inflated lungs push the
-    diaphragm down and flatten it. Going up from the abdomen at the dome's column, the diaphragm's top
-    is where the brightness last stays above halfway between lung and abdomen. The lower side counts
-    (a basal opacity can only lift one side's apparent edge)."""
+    """How far below its normal height the top of the diaphragm lies: over-inflated lungs push the
+    diaphragm down and flatten it. Going up from the abdomen along a column, the diaphragm's top is
+    where the brightness last stays above halfway between lung and abdomen. Read at the dome and
+    further out on each side; the lowest counts, since a basal opacity, fluid or a large heart can
+    only lift a column's apparent edge."""
     a = view.anatomy
     reference = view.lung_reference()
+    count = 4 * view.size
     descents = []
     for side in (0, 1):
-        u = a.dome_u(side)
-        v0, v1 = a.hilum[side][1] + 0.05, a.dome_v[side] + 0.2
-        count = 4 * view.size
-        profile = view.column_profile(u, v0, v1, count, spread=0.015)
-        abdomen = float(np.median(profile[-count // 6 :]))
-        dark = np.flatnonzero(profile < 0.5 * (reference + abdomen))
-        edge = v0 + (v1 - v0) * ((dark[-1] + 1) if len(dark) else 0) / (count - 1)
-        descents.append(edge - a.dome_v[side])
+        for offset in (0.42, 0.56, 0.7):
+            u = MIDLINE + SIDE_SIGN[side] * offset * a.thorax_half_width
+            normal_v = float(a.diaphragm_v(side, u))
+            v0, v1 = a.hilum[side][1] + 0.05, normal_v + 0.2
+            profile = view.column_profile(u, v0, v1, count, spread=0.015)
+            abdomen = float(np.median(profile[-count // 6 :]))
+            dark = np.flatnonzero(profile < 0.5 * (reference + abdomen))
+            edge = v0 + (v1 - v0) * ((dark[-1] + 1) if len(dark) else 0) / (count - 1)
+            descents.append(edge - normal_v)
     return float(np.max(descents))
 
 
@@ -285,24 +327,42 @@ def retrocardiac_gas(view: MeasurementView) -> float:
     return view.mean(ring) - view.mean(gas)
 
 
-
 MEASUREMENTS: dict[str, Measurement] = {
     m.finding: m
     for m in (
-        Measurement("Atelectasis", "plate-like dense band (and an elevated hemidiaphragm)", plate_contrast),
-        Measurement("Cardiomegaly", "cardiothoracic ratio above 0.5", cardiothoracic_ratio),
-        Measurement("Consolidation", "dense lobar opacity ending sharply at a fissure", fissure_step),
-        Measurement("Edema", "bilateral perihilar haze", perihilar_haze),
-        Measurement("Effusion", "opaque, blunted costophrenic angle with a meniscus", costophrenic_opacity),
-        Measurement("Emphysema", "low, flat diaphragms and hyperlucent lungs", diaphragm_descent),
-        Measurement("Fibrosis", "upper-zone reticular net", upper_zone_reticulation),
-        Measurement("Hernia", "retrocardiac gas bubble with an air-fluid level", retrocardiac_gas),
-        Measurement("Infiltration", "ill-defined patchy opacity", lambda view: window_opacity(view, "infiltration")),
-        Measurement("Mass", "large round opacity", lambda view: blob_contrast(view, "mass")),
-        Measurement("Nodule", "small round opacity", lambda view: blob_contrast(view, "nodule")),
-        Measurement("Pleural_Thickening", "pleural band along the lateral chest wall", lateral_pleural_band),
-        Measurement("Pneumonia", "confluent soft-edged opacity", lambda view: window_opacity(view, "pneumonia")),
-        Measurement("Pneumothorax", "lucent rim without markings beyond the lung edge", peripheral_lucency),
+        Measurement("Atelectasis", "plate-like dense band, elevated hemidiaphragm", "band", plate_contrast),
+        Measurement("Cardiomegaly", "cardiothoracic ratio above 0.5", "CTR", cardiothoracic_ratio),
+        Measurement("Consolidation", "dense lobar opacity ending at a fissure", "fissure step", fissure_step),
+        Measurement("Edema", "bilateral perihilar haze", "perihilar", perihilar_haze),
+        Measurement(
+            "Effusion", "opaque costophrenic angle with a meniscus", "CP angle", costophrenic_opacity
+        ),
+        Measurement("Emphysema", "low flat diaphragms, hyperlucent lungs", "dome drop", diaphragm_descent),
+        Measurement("Fibrosis", "upper-zone reticular net", "upper texture", upper_zone_reticulation),
+        Measurement("Hernia", "retrocardiac gas bubble, air-fluid level", "gas", retrocardiac_gas),
+        Measurement(
+            "Infiltration",
+            "ill-defined patchy opacity",
+            "opacity",
+            partial(asymmetric_opacity, finding="infiltration"),
+        ),
+        Measurement("Mass", "large round opacity", "contrast", partial(blob_contrast, finding="mass")),
+        Measurement("Nodule", "small round opacity", "contrast", partial(blob_contrast, finding="nodule")),
+        Measurement(
+            "Pleural_Thickening", "pleural band along the chest wall", "wall band", lateral_pleural_band
+        ),
+        Measurement(
+            "Pneumonia",
+            "confluent soft-edged opacity",
+            "opacity",
+            partial(window_opacity, finding="pneumonia"),
+        ),
+        Measurement(
+            "Pneumothorax",
+            "lucent rim without markings beyond the lung edge",
+            "rim lucency",
+            peripheral_lucency,
+        ),
     )
 }
 assert tuple(MEASUREMENTS) == LABELS

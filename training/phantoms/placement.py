@@ -37,7 +37,12 @@ def derive_bbox_table(csv_path: str | Path) -> dict:
             raise ValueError(f"{csv_path}: expected the NIH BBox_List_2017 header, got {header[:3]}")
         for row in reader:
             x, y, w, h = (float(value) / NIH_IMAGE_SIZE for value in row[2:6])
-            box = [round(x + w / 2, DECIMALS), round(y + h / 2, DECIMALS), round(w, DECIMALS), round(h, DECIMALS)]
+            box = [
+                round(x + w / 2, DECIMALS),
+                round(y + h / 2, DECIMALS),
+                round(w, DECIMALS),
+                round(h, DECIMALS),
+            ]
             boxes.setdefault(parse_label(row[1]), []).append(box)
     return {
         "source": "NIH ChestX-ray14 BBox_List_2017.csv (1024x1024 images)",

@@ -50,7 +50,9 @@ def check_size(size: int) -> int:
 def _check_labels(labels: np.ndarray) -> np.ndarray:
     labels = np.asarray(labels, dtype=np.float32)
     if labels.shape != (NUM_LABELS,):
-        raise ValueError(f"labels must be a multi-hot vector of {NUM_LABELS} values in LABELS order, got shape {labels.shape}")
+        raise ValueError(
+            f"labels must be a multi-hot vector of {NUM_LABELS} values in LABELS order, got shape {labels.shape}"
+        )
     return labels > 0.5
 
 
@@ -58,7 +60,9 @@ def make_scene(seed: int) -> Scene:
     """The anatomy and the finding plan of ``seed``."""
     seed = int(seed)
     anatomy = sample_anatomy(np.random.default_rng(np.random.SeedSequence([seed, _ANATOMY_STREAM])))
-    findings = sample_findings(np.random.default_rng(np.random.SeedSequence([seed, _FINDINGS_STREAM])), anatomy)
+    findings = sample_findings(
+        np.random.default_rng(np.random.SeedSequence([seed, _FINDINGS_STREAM])), anatomy
+    )
     return Scene(seed=seed, anatomy=anatomy, findings=findings)
 
 
@@ -111,6 +115,9 @@ class AnatomyLayers:
 
     density: np.ndarray
     cavity: tuple[np.ndarray, np.ndarray]  # each lung field: the pleural cavity, filled with aerated lung
+    # Lung behind the heart (the lower lobes are posterior), as a fraction of the chest's depth there:
+    # an opacity there shows through the heart shadow, and the heart border stays visible.
+    retrocardiac: tuple[np.ndarray, np.ndarray]
     lung_tissue: np.ndarray  # attenuation of the aerated lung itself
     markings: np.ndarray  # vessel markings
     peripheral_markings: np.ndarray  # the outer vessel generations (pruned in emphysema)
@@ -158,7 +165,10 @@ def _anatomy_layers(frame: Frame, a: Anatomy) -> AnatomyLayers:
     weights = 0.24 - 0.03 * vessels.generation
     central = vessels.generation < 2
     markings = [
-        splat_lines(frame, vessels.starts[chosen], vessels.ends[chosen], weights[chosen], vessels.widths[chosen]) * lungs
+        splat_lines(
+            frame, vessels.starts[chosen], vessels.ends[chosen], weights[chosen], vessels.widths[chosen]
+        )
+        * lungs
         for chosen in (central, ~central)
     ]
     hila = sum(ellipse(frame, hu, hv, 0.03, 0.045, edge=6 * edge) for hu, hv in a.hilum)
@@ -166,6 +176,9 @@ def _anatomy_layers(frame: Frame, a: Anatomy) -> AnatomyLayers:
     return AnatomyLayers(
         density=density,
         cavity=cavities,
+        retrocardiac=tuple(
+            0.7 * heart * above_diaphragm * soft_step(-SIDE_SIGN[side] * du, edge) for side in (0, 1)
+        ),
         lung_tissue=tissue,
         markings=markings[0] + markings[1],
         peripheral_markings=markings[1],
@@ -186,14 +199,26 @@ def _bones(frame: Frame, a: Anatomy, body: np.ndarray) -> np.ndarray:
     phase = t - np.floor(t)
     thickness = 0.42
     rib = soft_step(np.abs(phase - thickness / 2) * a.rib_spacing - thickness / 2 * a.rib_spacing, edge)
-    cortex = soft_step(np.abs(np.abs(phase - thickness / 2) * a.rib_spacing - thickness / 2 * a.rib_spacing) - edge, edge)
-    in_range = soft_step(-t, 0.3) * soft_step(t - a.rib_count, 0.3) * soft_step(x - 1.08, 0.05) * soft_step(0.1 - x, 0.05)
+    cortex = soft_step(
+        np.abs(np.abs(phase - thickness / 2) * a.rib_spacing - thickness / 2 * a.rib_spacing) - edge, edge
+    )
+    in_range = (
+        soft_step(-t, 0.3)
+        * soft_step(t - a.rib_count, 0.3)
+        * soft_step(x - 1.08, 0.05)
+        * soft_step(0.1 - x, 0.05)
+    )
     bones += (0.06 * rib + 0.035 * cortex) * in_range
     # Anterior ribs: fainter, sloping down towards the sternum.
     anterior = (v - a.rib_top_v - 0.12 - 0.16 * (1.0 - x)) / (a.rib_spacing * 1.15)
     phase_a = anterior - np.floor(anterior)
     rib_a = soft_step(np.abs(phase_a - 0.2) - 0.2, 2 * edge / a.rib_spacing)
-    in_range_a = soft_step(-anterior, 0.3) * soft_step(anterior - 6, 0.3) * soft_step(x - 1.05, 0.05) * soft_step(0.35 - x, 0.1)
+    in_range_a = (
+        soft_step(-anterior, 0.3)
+        * soft_step(anterior - 6, 0.3)
+        * soft_step(x - 1.05, 0.05)
+        * soft_step(0.35 - x, 0.1)
+    )
     bones += 0.04 * rib_a * in_range_a
     # Clavicles: from the sternal notch out and up to the shoulders, gently S-shaped.
     medial_v, lateral_v = a.clavicle_v
@@ -232,4 +257,3 @@ def sample_phantom(index: int, size: int, seed: int = 0, prior: str = "nih") -> 
     labels = get_prior(prior).sample(1, rng)[0].astype(np.float32)
     image_seed = int(rng.integers(0, 2**63 - 1))
     return render_phantom(labels, size, image_seed), labels
-
