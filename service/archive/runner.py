@@ -248,6 +248,17 @@ class ShardRunner:
         records = [future.result() for future in futures]  # raises the first upload error
         return uploader.submit(self.sink.put, chunk_key, encode_records(records), "application/x-ndjson")
 
+    @staticmethod
+    def _drop_finished(writes: list[Future]) -> list[Future]:
+        """The writes still running; raises the error of one that failed."""
+        running = []
+        for future in writes:
+            if future.done():
+                future.result()
+            else:
+                running.append(future)
+        return running
+
     def run(self) -> ShardReport:
         started = time.monotonic()
         spec, plan = self.spec, self.plan
@@ -329,6 +340,7 @@ class ShardRunner:
                 if previous is not None:
                     manifest_writes.append(self._commit(uploader, *previous))
                     report.chunks_written += 1
+                    manifest_writes = self._drop_finished(manifest_writes)  # flat memory
                 previous = (chunk_key, futures)
             if previous is not None:
                 manifest_writes.append(self._commit(uploader, *previous))
