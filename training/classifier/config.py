@@ -116,8 +116,9 @@ def _small_cnn(resolution: int, channels: tuple[int, ...]) -> ClassifierSpec:
 
 
 def _small_densenet(resolution: int, block_config: tuple[int, ...], growth: int, init: int) -> ClassifierSpec:
+    """DenseNet-BC with the DenseNet-121 stem, fewer and thinner layers."""
     return ClassifierSpec(arch="densenet", input_size=resolution, block_config=block_config, growth_rate=growth,
-                          init_features=init, bn_size=2, stem="compact")
+                          init_features=init, bn_size=2, stem="imagenet")
 
 
 PRESETS: dict[str, ClassifierTrainConfig] = {
@@ -145,8 +146,8 @@ PRESETS: dict[str, ClassifierTrainConfig] = {
     "auditor": ClassifierTrainConfig(
         name="auditor",
         data=DataConfig(resolution=64, seed=2000, train_count=3000, val_count=600, test_count=900),
-        model=_small_densenet(64, (2, 2, 2), growth=8, init=16),
-        seed=1, batch_size=64, total_images=16_000, lr=3e-3, warmup_images=1_000,
+        model=_small_densenet(64, (3, 3, 3), growth=12, init=24),
+        seed=1, batch_size=64, total_images=20_000, lr=3e-3, warmup_images=1_000,
         checkpoint_every=8_000, tick_images=4_000,
     ),
     "chexnet": ClassifierTrainConfig(

@@ -219,7 +219,7 @@ def save_roc_picture(network: torch.nn.Module, test: Dataset, device: torch.devi
 
 
 def train_classifier(
-    config: ClassifierTrainConfig,
+    config: ClassifierTrainConfig | None,
     run_dir: str | Path | None = None,
     *,
     runs_root: str | Path = "runs",
@@ -233,11 +233,10 @@ def train_classifier(
 
     run_dir: where checkpoints, stats and the result go; a new numbered directory under
       ``runs_root`` when None. With ``resume`` the latest checkpoint in ``run_dir`` is continued,
-      with the configuration stored in it.
+      with the configuration stored in it (``config`` may then be None).
     stop_after_images: stop (with a checkpoint) once this many images are shown, as an interruption
       would; used to test exact resumption.
     """
-    context = init_distributed(config.device)
     if resume:
         if run_dir is None:
             raise ValueError("resume needs the run directory to continue")
@@ -245,6 +244,7 @@ def train_classifier(
         if found is None:
             raise FileNotFoundError(f"no checkpoint to resume in {run_dir}/checkpoints")
         config = ClassifierTrainConfig.from_dict(read_checkpoint(found).state["config"])
+    context = init_distributed(config.device)
     run_dir = Path(run_dir) if run_dir is not None else None
     if run_dir is None:
         run_dir = create_run_dir(runs_root, f"classifier-{config.name}") if context.is_main else None

@@ -6,12 +6,13 @@ the ONNX graph itself. The route:
 
 1. ``LCOObjective`` computes the per-sample loss from (z, target, mask).
 2. ``torch.func.grad`` differentiates it with respect to z; the network weights enter through
-   ``torch.func.functional_call`` as explicit inputs so that ``make_fx`` can trace them symbolically.
+   ``torch.func.functional_call`` as constants, so only (z, target, mask) are symbolic inputs (weights
+   as symbolic inputs would let a weight dimension equal to the example batch pin the batch size).
 3. ``make_fx`` records forward and backward as plain aten operations. Backward operations ONNX has no
    counterpart for are decomposed on the way into forward-style ones (``BACKWARD_DECOMPOSITIONS``):
    convolution input gradients become transposed convolutions, pooling gradients become transposed
    depth-wise convolutions or scatter-adds, nearest upsampling's gradient a block sum.
-4. ``LCOStepModule`` holds the weights as buffers and replays the traced graph, which
+4. ``LCOStepModule`` replays the traced graph, which
    ``torch.onnx.export(dynamo=True)`` then turns into ``lco_step.onnx`` with a dynamic batch dimension.
 """
 
@@ -154,36 +155,32 @@ BACKWARD_DECOMPOSITIONS: dict[Any, Callable] = {
 
 
 class LCOStepModule(nn.Module):
-    """The traced gradient step, with the network weights held as buffers for export."""
+    """The traced gradient step as a module for ``torch.onnx.export`` (weights are graph constants)."""
 
-    def __init__(self, graph: torch.fx.GraphModule, weights: list[torch.Tensor]):
+    def __init__(self, graph: torch.fx.GraphModule):
         super().__init__()
         self.graph_module = graph
-        self.weight_count = len(weights)
-        for index, weight in enumerate(weights):
-            self.register_buffer(f"w{index}", weight.detach().clone())
 
     def forward(self, z: torch.Tensor, target: torch.Tensor, mask: torch.Tensor):
-        weights = [getattr(self, f"w{index}") for index in range(self.weight_count)]
-        loss, grad_z, probs, image = self.graph_module(weights, z, target, mask)
+        loss, grad_z, probs, image = self.graph_module(z, target, mask)
         return loss, grad_z, probs, image
 
 
 def trace_lco_step(objective: LCOObjective, example_batch: int = 3) -> LCOStepModule:
     """Trace (z, target, mask) → (loss, grad_z, probs, image) into one forward-only graph.
 
-    ``objective`` must be in eval mode (BatchNorm running statistics, no dropout).
+    ``objective`` must be in eval mode (BatchNorm running statistics, no dropout). The weights enter
+    as real tensors (graph constants with static shapes); only z, target and mask are symbolic, so
+    the batch dimension stays dynamic whatever its example size.
     """
     if objective.training:
         raise ValueError("put the generator and classifier in eval mode before tracing the LCO step")
-    state = {**dict(objective.named_parameters()), **dict(objective.named_buffers())}
-    names = list(state)
+    weights = {name: tensor.detach() for name, tensor in
+               (*objective.named_parameters(), *objective.named_buffers())}
 
-    def step(weights: list[torch.Tensor], z: torch.Tensor, target: torch.Tensor, mask: torch.Tensor):
-        bound = dict(zip(names, weights))
-
+    def step(z: torch.Tensor, target: torch.Tensor, mask: torch.Tensor):
         def loss_of(latent: torch.Tensor):
-            loss, probs, image = torch.func.functional_call(objective, bound, (latent, target, mask))
+            loss, probs, image = torch.func.functional_call(objective, weights, (latent, target, mask))
             return loss.sum(), (loss, probs, image)
 
         grad_z, (loss, probs, image) = torch.func.grad(loss_of, has_aux=True)(z)
@@ -191,13 +188,11 @@ def trace_lco_step(objective: LCOObjective, example_batch: int = 3) -> LCOStepMo
 
     latent_dim = _latent_dim(objective.generator.generator)
     num_labels = objective.classifier.head.out_features
-    z = torch.randn(example_batch, latent_dim)
-    target = torch.zeros(example_batch, num_labels)
-    mask = torch.ones(example_batch, num_labels)
-    weights = [state[name].detach() for name in names]
-    graph = make_fx(step, decomposition_table=BACKWARD_DECOMPOSITIONS, tracing_mode="symbolic")(
-        weights, z, target, mask)
-    return LCOStepModule(graph, weights)
+    example = (torch.randn(example_batch, latent_dim), torch.zeros(example_batch, num_labels),
+               torch.ones(example_batch, num_labels))
+    graph = make_fx(step, decomposition_table=BACKWARD_DECOMPOSITIONS, tracing_mode="symbolic",
+                    _allow_non_fake_inputs=True)(*example)
+    return LCOStepModule(graph)
 
 
 def _latent_dim(generator: nn.Module) -> int:

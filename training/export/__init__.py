@@ -1,0 +1,27 @@
+"""Export trained networks as a model bundle, the only contract between training and the service.
+
+``export_bundle`` writes generator.onnx, classifier.onnx, lco_step.onnx and a sealed manifest.json
+(docs/ARCHITECTURE.md); ``save_to_model_store`` puts the same files into the BentoML model store.
+"""
+
+from training.export.bundle import ExportCheckError, GeneratorInfo, check_parity, export_bundle, git_commit
+from training.export.lco import LCOObjective, masked_bce, reference_lco_step, trace_lco_step
+from training.export.model_store import model_tag, save_to_model_store
+from training.export.onnx_graphs import export_classifier, export_generator, export_lco_step
+
+__all__ = [
+    "ExportCheckError",
+    "GeneratorInfo",
+    "LCOObjective",
+    "check_parity",
+    "export_bundle",
+    "export_classifier",
+    "export_generator",
+    "export_lco_step",
+    "git_commit",
+    "masked_bce",
+    "model_tag",
+    "reference_lco_step",
+    "save_to_model_store",
+    "trace_lco_step",
+]

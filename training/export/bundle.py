@@ -1,0 +1,190 @@
+"""Write a model bundle: the three ONNX graphs, a sealed manifest, and a parity check before release.
+
+The bundle is assembled in a temporary sibling directory, checked (ONNX Runtime against eager torch
+on a few latents, through ``service.bundle.load_bundle`` exactly as the service will load it) and
+only then renamed into place, so a failed or interrupted export never leaves a half-written bundle
+where the service looks.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from service.bundle import (
+    GRAPH_FILES,
+    MANIFEST_NAME,
+    SCHEMA_VERSION,
+    SessionTuning,
+    load_bundle,
+    seal_manifest,
+    sha256_file,
+)
+from service.labels import LABELS
+from training.classifier.artifact import TrainedClassifier
+from training.export.lco import LCOObjective, reference_lco_step
+from training.export.onnx_graphs import OPSET, export_classifier, export_generator, export_lco_step
+
+
+@dataclass
+class GeneratorInfo:
+    """What the manifest records about the generator: its data and training length."""
+
+    dataset: str
+    images_shown: int
+    source: str = ""
+    frechet_distance: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class ExportCheckError(RuntimeError):
+    """The exported graphs disagree with torch; nothing was written."""
+
+
+def git_commit(directory: Path | None = None) -> str:
+    """The repository's HEAD commit (with ``-dirty`` if tracked files changed), or ``unknown``."""
+    directory = directory or Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=directory, capture_output=True, text=True,
+                                check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=directory,
+                               capture_output=True, text=True, check=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{commit}-dirty" if dirty else commit
+
+
+def check_parity(bundle_dir: Path, generator: nn.Module, classifier: nn.Module, batch: int = 4,
+                 atol: float = 1e-3, min_cosine: float = 0.999) -> dict[str, float]:
+    """Compare the bundle's graphs with eager torch on random latents; raise if they disagree."""
+    bundle = load_bundle(bundle_dir, SessionTuning(providers=("CPUExecutionProvider",)))
+    generator_rng = torch.Generator().manual_seed(12345)
+    z = torch.randn(batch, bundle.manifest.latent_dim, generator=generator_rng)
+    target = (torch.rand(batch, len(LABELS), generator=generator_rng) > 0.5).float()
+    mask = (torch.rand(batch, len(LABELS), generator=generator_rng) > 0.3).float()
+    objective = LCOObjective(generator, classifier).eval()
+    loss, grad_z, probs, image = reference_lco_step(objective, z, target, mask)
+    with torch.no_grad():
+        logits, embedding = classifier(image)
+    onnx_image = bundle.generate(z.numpy())
+    onnx_logits, onnx_embedding = bundle.classify(image.numpy())
+    step = bundle.lco_step(z.numpy(), target.numpy(), mask.numpy())
+    grad = grad_z.numpy().ravel()
+    cosine = float(np.dot(step.grad_z.ravel(), grad) / (np.linalg.norm(step.grad_z) * np.linalg.norm(grad) + 1e-30))
+    report = {
+        "generator_max_abs": float(np.abs(onnx_image - image.numpy()).max()),
+        "classifier_max_abs": float(max(np.abs(onnx_logits - logits.numpy()).max(),
+                                        np.abs(onnx_embedding - embedding.numpy()).max())),
+        "lco_loss_max_abs": float(np.abs(step.loss - loss.numpy()).max()),
+        "lco_probs_max_abs": float(np.abs(step.probs - probs.numpy()).max()),
+        "lco_grad_cosine": cosine,
+    }
+    failures = [f"{k}={v:.3g}" for k, v in report.items() if (k.endswith("max_abs") and v > atol)]
+    if cosine < min_cosine:
+        failures.append(f"lco_grad_cosine={cosine:.6f}")
+    if failures:
+        raise ExportCheckError("the exported graphs disagree with torch: " + ", ".join(failures))
+    return report
+
+
+def export_bundle(
+    generator: nn.Module,
+    classifier: TrainedClassifier,
+    output_dir: str | os.PathLike[str],
+    *,
+    generator_info: GeneratorInfo,
+    name: str = "cxrsynth",
+    version: str | None = None,
+    overwrite: bool = False,
+    opset: int = OPSET,
+    extra_provenance: dict[str, Any] | None = None,
+) -> Path:
+    """Export ``generator`` (the EMA weights) and ``classifier`` as a bundle at ``output_dir``.
+
+    Returns the bundle directory. Raises :class:`ExportCheckError` (writing nothing) if ONNX Runtime
+    and torch disagree, FileExistsError if ``output_dir`` exists and ``overwrite`` is False.
+    """
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not overwrite:
+        raise FileExistsError(f"{output_dir} exists; choose another directory or pass overwrite")
+    generator = generator.eval().requires_grad_(False).cpu()
+    network = classifier.network.eval().requires_grad_(False).cpu()
+    resolution = int(getattr(generator, "resolution", 0))
+    if resolution < 4:
+        raise TypeError("the generator must expose its output `resolution`")
+    with torch.no_grad():
+        probe = generator(torch.zeros(1, generator.latent_dim))
+        embedding_dim = int(network(probe)[1].shape[1])
+    if tuple(probe.shape[1:]) != (1, resolution, resolution):
+        raise ValueError(f"the generator makes {tuple(probe.shape[1:])} images, expected (1, {resolution}, {resolution})")
+
+    created = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+    commit = git_commit()
+    version = version or f"{created:%Y%m%d.%H%M%S}-{commit[:7]}"
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".partial", dir=output_dir.parent))
+    try:
+        export_generator(generator, staging / GRAPH_FILES["generator"], opset)
+        export_classifier(network, resolution, staging / GRAPH_FILES["classifier"], opset)
+        export_lco_step(generator, network, staging / GRAPH_FILES["lco_step"], opset)
+        files = {}
+        for filename in sorted(GRAPH_FILES.values()):
+            path = staging / filename
+            files[filename] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+        document = {
+            "schema_version": SCHEMA_VERSION,
+            "name": name,
+            "version": version,
+            "created": created.isoformat(),
+            "labels": list(LABELS),
+            "thresholds": {label: float(t) for label, t in zip(LABELS, classifier.thresholds)},
+            "resolution": resolution,
+            "latent_dim": int(generator.latent_dim),
+            "embedding_dim": embedding_dim,
+            "opset": opset,
+            "pixel": {"range": [-1.0, 1.0], "channels": 1, "dtype": "float32"},
+            "files": files,
+            "provenance": {
+                "dataset": generator_info.dataset,
+                "images_shown": int(generator_info.images_shown),
+                "commit": commit,
+                "classifier_dataset": classifier.dataset,
+                "classifier_arch": classifier.spec.arch,
+                "classifier_auroc": {label: m.to_dict() for label, m in classifier.metrics.items()},
+                "classifier_mean_auroc": classifier.mean_auroc,
+                "frechet_distance": generator_info.frechet_distance,
+                "generator_source": generator_info.source,
+                "classifier_source": str(classifier.extra.get("source", classifier.preset)),
+                "extra": {**generator_info.extra, **(extra_provenance or {})},
+            },
+        }
+        (staging / MANIFEST_NAME).write_bytes(seal_manifest(document))
+        check_parity(staging, generator, network)
+        _move_into_place(staging, output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return output_dir
+
+
+def _move_into_place(staging: Path, output_dir: Path) -> None:
+    """Replace ``output_dir`` by ``staging`` with renames only (an old bundle stays until the swap)."""
+    staging.chmod(0o755)
+    if not output_dir.exists():
+        os.replace(staging, output_dir)
+        return
+    retired = output_dir.with_name(f".{output_dir.name}.retired")
+    shutil.rmtree(retired, ignore_errors=True)
+    os.replace(output_dir, retired)
+    os.replace(staging, output_dir)
+    shutil.rmtree(retired, ignore_errors=True)
