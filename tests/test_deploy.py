@@ -213,8 +213,14 @@ def test_bentoml_build_packages_the_service_and_the_bundle(archive_bundle, tmp_p
 
 def test_the_installed_package_carries_every_service_data_file(tmp_path):
     """The image installs the project as a wheel (not editable): the service's data files must be in it."""
+    source = tmp_path / "src"  # build from a copy: setuptools leaves build/ and egg-info beside the sources
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    for package in ("service", "training"):
+        shutil.copytree(ROOT / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
     result = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(ROOT), "-w", str(tmp_path)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(source), "-w", str(tmp_path)],
         check=False, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
