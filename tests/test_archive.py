@@ -474,3 +474,17 @@ def test_slow_storage_holds_lco_back_instead_of_queueing_without_bound(tmp_path,
     assert max(lags) >= options.max_pending_images, "storage was the bottleneck, so the cap was reached"
     assert sink.most_in_flight <= options.upload_workers
     assert sink.stored == 64 and len(records_of(sink)) == 64
+
+
+def test_contact_sheet_shows_one_row_per_label_set(tmp_path, engine_and_model):
+    from service.archive.contact import write_contact_sheet
+    from service.demo import TILE
+
+    groups = [{"labels": ["Hernia"], "count": 3}, {"labels": ["No Finding"], "count": 5}]
+    make(ArchiveSpec(distribution=groups, seed=1, destination=str(tmp_path / "a"), chunk_size=4), engine_and_model)
+    sheet = write_contact_sheet(LocalSink(tmp_path / "a"), tmp_path / "sheet.png", per_row=4)
+    from PIL import Image
+
+    with Image.open(sheet) as picture:
+        assert picture.mode == "L" and picture.height == 2 * (TILE + 16 + 6) + 6  # two label sets
+        assert picture.width > 4 * TILE

@@ -4,6 +4,7 @@
         --dest s3://bucket/prefix [--shard-index I --shard-count N]
     python -m service.archive merge --dest s3://bucket/prefix [--wait 3600]
     python -m service.archive status --dest s3://bucket/prefix
+    python -m service.archive contact --dest s3://bucket/prefix --out sheet.png
 
 ``--shard-index`` defaults to ``$JOB_COMPLETION_INDEX`` (a Kubernetes Indexed Job pod's index). A
 single-shard run merges at the end unless ``--no-merge``. SIGTERM and Ctrl-C stop at the next batch,
@@ -97,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = commands.add_parser("status", help="chunks done per shard, and whether the archive is committed")
     status.add_argument("--dest", required=True)
+
+    contact = commands.add_parser("contact", help="a captioned contact sheet: the first images of each label set")
+    contact.add_argument("--dest", required=True)
+    contact.add_argument("--out", type=Path, required=True, help="PNG file to write")
+    contact.add_argument("--per-row", type=int, default=8)
+    contact.add_argument("--rows", type=int, default=16)
     return parser
 
 
@@ -172,7 +179,11 @@ def main(argv: list[str] | None = None) -> int:
         from service.sinks import sink_from_uri
 
         sink = sink_from_uri(args.dest)
-        if args.command == "merge":
+        if args.command == "contact":
+            from service.archive.contact import write_contact_sheet
+
+            print(write_contact_sheet(sink, args.out, per_row=args.per_row, rows=args.rows))
+        elif args.command == "merge":
             marker = merge_archive(sink, verify_images=args.verify_images, wait_seconds=args.wait,
                                    poll_seconds=args.poll, progress=not args.no_progress)
             print(json.dumps({k: marker[k] for k in ("images", "satisfied", "image_bytes", "label_counts")}, indent=2))
