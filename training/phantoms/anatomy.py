@@ -9,6 +9,7 @@ side); ``SIDE_SIGN`` turns a side index into the direction away from the midline
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 
 import numpy as np
 
@@ -71,19 +72,26 @@ class Anatomy:
         x = (np.asarray(u) - self.dome_u(side)) / self.thorax_half_width
         return self.dome_v[side] + self.dome_curvature[side] * x * x
 
-    def lateral_wall_u(self, side: int, v: float) -> float:
-        """Column of the inner chest wall at height ``v`` (the lung ellipse's lateral edge)."""
+    def lateral_wall_u(self, side: int, v: np.ndarray | float) -> np.ndarray | float:
+        """Column of the inner chest wall at height(s) ``v`` (the lung ellipse's lateral edge)."""
         cu, cv, ru, rv = self.lung_ellipse(side)
-        inside = max(0.0, 1.0 - ((v - cv) / rv) ** 2)
+        inside = np.clip(1.0 - ((np.asarray(v) - cv) / rv) ** 2, 0.0, None)
         return cu + SIDE_SIGN[side] * ru * np.sqrt(inside)
 
     def costophrenic_angle(self, side: int) -> tuple[float, float]:
         """Where the diaphragm meets the lateral chest wall: the lung's lowest lateral corner."""
-        vs = np.linspace(self.lung_center_v, self.lung_center_v + 0.3, 301)
-        us = np.array([self.lateral_wall_u(side, v) for v in vs])
-        gap = vs - self.diaphragm_v(side, us)
-        k = int(np.argmax(gap >= 0)) if np.any(gap >= 0) else len(vs) - 1
-        return float(us[k]), float(vs[k])
+        return self._costophrenic_angles[side]
+
+    @cached_property
+    def _costophrenic_angles(self) -> tuple[tuple[float, float], tuple[float, float]]:
+        vs = np.linspace(self.lung_center_v, self.lung_center_v + 0.35, 701)
+        angles = []
+        for side in (0, 1):
+            us = self.lateral_wall_u(side, vs)
+            below = np.flatnonzero(vs >= self.diaphragm_v(side, us))
+            k = int(below[0]) if len(below) else len(vs) - 1
+            angles.append((float(us[k]), float(vs[k])))
+        return angles[0], angles[1]
 
     @property
     def heart_half_width(self) -> float:

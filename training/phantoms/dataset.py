@@ -148,7 +148,9 @@ def _render_all(job: _Job, visits: list[Visit], workers: int) -> Iterator[tuple[
     # Chunks small enough to keep the progress bar moving, large enough to amortise the IPC.
     chunk = max(1, min(64, len(named) // (workers * 8)))
     chunks = [(job, named[i : i + chunk]) for i in range(0, len(named), chunk)]
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+    # fork starts workers in milliseconds (they inherit the loaded modules); elsewhere, spawn.
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    with multiprocessing.get_context(method).Pool(workers) as pool:
         for results in pool.imap_unordered(_worker, chunks):
             yield from results
 

@@ -38,6 +38,7 @@ from training.phantoms.geometry import (
     ellipse,
     ellipse_distance,
     lattice_field,
+    ring,
     soft_step,
     splat_lines,
 )
@@ -232,7 +233,7 @@ def sample_findings(rng: np.random.Generator, a: Anatomy) -> FindingPlan:
         ),
         emphysema=_sample_emphysema(rng, a),
         fibrosis=Fibrosis(
-            lattice=rng.standard_normal((33, 33)).astype(np.float32),
+            lattice=rng.standard_normal((2, 29, 29)).astype(np.float32),
             lower_v=a.hilum[0][1] + rng.uniform(0.0, 0.05),
         ),
         hernia=Hernia(
@@ -346,7 +347,7 @@ def _sample_edema(rng, a: Anatomy) -> Edema:
     for side in (0, 1):
         cp_v = a.costophrenic_angle(side)[1]
         heights = cp_v - rng.uniform(0.03, 0.16, 5)
-        walls = np.array([a.lateral_wall_u(side, h) for h in heights]) - SIDE_SIGN[side] * 0.005
+        walls = a.lateral_wall_u(side, heights) - SIDE_SIGN[side] * 0.005
         lengths = rng.uniform(0.035, 0.055, 5)
         starts.append(np.stack([walls, heights], 1))
         ends.append(np.stack([walls - SIDE_SIGN[side] * lengths, heights + rng.uniform(-0.004, 0.004, 5)], 1))
@@ -437,15 +438,19 @@ def render_findings(frame: Frame, a: Anatomy, plan: FindingPlan, present: np.nda
 
 
 def _opacity(frame: Frame, o: Opacity, strength: float, lungs: np.ndarray) -> np.ndarray:
-    du, dv = frame.u - o.u, frame.v - o.v
-    theta = np.arctan2(dv, du)
+    """A lobulated sphere: bumps of 3- and 5-fold symmetry on the outline, thickest at the centre."""
     amp3, phase3, amp5, phase5 = o.lobulation
+    rows, cols = frame.window(o.u, o.v, o.radius * (1 + amp3 + amp5) + frame.edge)
+    du, dv = frame.u[rows, cols] - o.u, frame.v[rows, cols] - o.v
+    theta = np.arctan2(dv, du)
     radius = o.radius * (1.0 + amp3 * np.sin(3 * theta + phase3) + amp5 * np.sin(5 * theta + phase5))
     rho = np.hypot(du, dv)
     inside = soft_step(rho - radius, frame.edge)
     thickness = np.sqrt(np.clip(1.0 - (rho / radius) ** 2, 0.15, 1.0))
+    out = np.zeros((frame.size, frame.size), dtype=np.float32)
     # Mostly over lung, but a mass reaching the mediastinum still shows.
-    return strength * inside * thickness * (0.4 + 0.6 * np.minimum(lungs, 1.0))
+    out[rows, cols] = strength * inside * thickness * (0.4 + 0.6 * np.minimum(lungs[rows, cols], 1.0))
+    return out
 
 
 def _atelectasis(frame: Frame, p: Plate, tissue) -> np.ndarray:
@@ -517,8 +522,10 @@ def _edema(frame: Frame, a: Anatomy, e: Edema, tissue) -> np.ndarray:
 
 
 def _fibrosis(frame: Frame, f: Fibrosis, lungs: np.ndarray) -> np.ndarray:
-    field = lattice_field(f.lattice, frame.size)
-    net = np.clip(1.0 - np.abs(field) / 0.6, 0.0, 1.0)  # ridges of the noise: a reticular mesh
+    # The zero lines of two independent noise fields cross each other into a mesh of small cells.
+    net = np.maximum(
+        *(np.clip(1.0 - np.abs(lattice_field(lattice, frame.size)) / 0.45, 0.0, 1.0) for lattice in f.lattice)
+    )
     upper = soft_step(frame.v - f.lower_v, 0.08)
     return 0.42 * net * upper * lungs
 
@@ -571,14 +578,14 @@ def _emphysema(frame: Frame, e: Emphysema, layers, tissue) -> np.ndarray:
     for side, u, v, r in e.bullae:
         cavity = tissue[int(side)]
         interior = ellipse(frame, u, v, r, r)
-        wall = band(ellipse_distance(frame.u, frame.v, u, v, r, r), 0.0025, frame.edge)
+        wall = ring(frame, u, v, r, r, 0.0025)
         out += (-0.06 - layers.markings) * interior * cavity + 0.12 * wall * cavity
     return out
 
 
 def _hernia(frame: Frame, h: Hernia) -> np.ndarray:
     sac = ellipse(frame, h.u, h.v, h.radius, 0.85 * h.radius)
-    wall = band(ellipse_distance(frame.u, frame.v, h.u, h.v, h.radius, 0.85 * h.radius), 0.004, frame.edge)
+    wall = ring(frame, h.u, h.v, h.radius, 0.85 * h.radius, 0.004)
     level_v = h.v + h.level * h.radius
     gas = sac * soft_step(frame.v - level_v, frame.edge)
     fluid = sac * (1.0 - soft_step(frame.v - level_v, frame.edge))

@@ -42,6 +42,17 @@ class Frame:
         # Anti-aliasing width: a little more than one pixel, in anatomy units.
         self.edge = np.float32(1.25 / (size * pose.scale))
 
+    def window(self, cu: float, cv: float, reach: float) -> tuple[slice, slice]:
+        """Rows and columns of the pixels within ``reach`` (anatomy units) of (cu, cv): drawing a
+        small shape touches only these, which keeps large renders fast."""
+        x, y = self.to_pixels(
+            np.array([cu - reach, cu + reach, cu - reach, cu + reach]),
+            np.array([cv - reach, cv - reach, cv + reach, cv + reach]),
+        )
+        x0, x1 = max(0, int(np.floor(x.min())) - 1), min(self.size, int(np.ceil(x.max())) + 2)
+        y0, y1 = max(0, int(np.floor(y.min())) - 1), min(self.size, int(np.ceil(y.max())) + 2)
+        return slice(y0, max(y0, y1)), slice(x0, max(x0, x1))
+
     def to_pixels(self, u: np.ndarray | float, v: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
         """Pixel coordinates (x = column, y = row, continuous, 0 at the first pixel's centre)."""
         cos, sin = np.cos(self.pose.angle), np.sin(self.pose.angle)
@@ -54,7 +65,8 @@ class Frame:
 
 def soft_step(signed_distance: np.ndarray, edge: float) -> np.ndarray:
     """1 inside (negative distance), 0 outside, a linear ramp ``edge`` wide across the boundary."""
-    return np.clip(0.5 - signed_distance / edge, 0.0, 1.0)
+    ramp = 0.5 - signed_distance / np.float32(edge)
+    return np.minimum(np.maximum(ramp, 0.0, out=ramp), 1.0, out=ramp)
 
 
 def ellipse_distance(
@@ -72,7 +84,21 @@ def ellipse_distance(
 
 def ellipse(frame: Frame, cu: float, cv: float, ru: float, rv: float, angle: float = 0.0, edge=None):
     """Soft mask of a filled ellipse."""
-    return soft_step(ellipse_distance(frame.u, frame.v, cu, cv, ru, rv, angle), edge or frame.edge)
+    edge = edge or frame.edge
+    mask = np.zeros((frame.size, frame.size), dtype=np.float32)
+    rows, cols = frame.window(cu, cv, max(ru, rv) + edge)
+    u, v = frame.u[rows, cols], frame.v[rows, cols]
+    mask[rows, cols] = soft_step(ellipse_distance(u, v, cu, cv, ru, rv, angle), edge)
+    return mask
+
+
+def ring(frame: Frame, cu: float, cv: float, ru: float, rv: float, half_width: float) -> np.ndarray:
+    """Soft mask of an ellipse's outline, ``2 × half_width`` thick (a cyst or sac wall)."""
+    mask = np.zeros((frame.size, frame.size), dtype=np.float32)
+    rows, cols = frame.window(cu, cv, max(ru, rv) + half_width + frame.edge)
+    distance = ellipse_distance(frame.u[rows, cols], frame.v[rows, cols], cu, cv, ru, rv)
+    mask[rows, cols] = band(distance, half_width, frame.edge)
+    return mask
 
 
 def band(distance: np.ndarray, half_width: float, edge: float) -> np.ndarray:
@@ -138,7 +164,13 @@ def splat_lines(
         chosen = classes[segment] == width_class
         layer = _bilinear_splat(xs[chosen], ys[chosen], mass[chosen], size)
         sigma = max(0.5, float(np.median(widths_px[classes == width_class])) * 0.42)
-        result += ndimage.gaussian_filter(layer, sigma, mode="constant", truncate=3.0).astype(np.float32)
+        # Blur only the box the lines occupy (plus the kernel's reach).
+        reach = int(np.ceil(3 * sigma)) + 2
+        y0, y1 = max(0, int(ys[chosen].min()) - reach), min(size, int(ys[chosen].max()) + reach + 1)
+        x0, x1 = max(0, int(xs[chosen].min()) - reach), min(size, int(xs[chosen].max()) + reach + 1)
+        if y1 > y0 and x1 > x0:
+            box = layer[y0:y1, x0:x1]
+            result[y0:y1, x0:x1] += ndimage.gaussian_filter(box, sigma, mode="constant", truncate=3.0)
     return result
 
 

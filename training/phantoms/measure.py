@@ -161,7 +161,7 @@ def costophrenic_opacity(view: MeasurementView) -> float:
     scores = []
     for side in (0, 1):
         cp_v = a.costophrenic_angle(side)[1]
-        wall = np.array([a.lateral_wall_u(side, v) for v in (cp_v - 0.11, cp_v - 0.05)]).mean()
+        wall = float(np.mean(a.lateral_wall_u(side, np.array([cp_v - 0.11, cp_v - 0.05]))))
         inward = SIDE_SIGN[side] * (wall - view.u)
         region = (view.v > cp_v - 0.11) & (view.v < cp_v - 0.05) & (inward > 0.01) & (inward < 0.08)
         scores.append(view.mean(region & view.lung[side]) - reference)
@@ -254,8 +254,7 @@ def perihilar_haze(view: MeasurementView) -> float:
         sign = SIDE_SIGN[side]
         offset = sign * (view.u - hu)
         perihilar = view.lung[side] & (np.abs(view.v - hv - 0.04) < 0.08) & (offset > 0.02) & (offset < 0.09)
-        walls = np.array([a.lateral_wall_u(side, v) for v in np.linspace(0.0, 1.0, 101)])
-        inward = sign * (np.interp(view.v, np.linspace(0.0, 1.0, 101), walls) - view.u)
+        inward = sign * (a.lateral_wall_u(side, view.v) - view.u)
         rows = (view.v > hv - 0.1) & (view.v < hv + 0.18)
         peripheral = view.lung[side] & rows & (inward > 0.04) & (inward < 0.085)
         scores.append(view.median(perihilar) - view.median(peripheral))
