@@ -1,6 +1,7 @@
 """Archive job throughput with and without upload overlap, and peak memory against archive size.
 
     python -m benchmarks.bench_archive [--bundle DIR] [--count 400] [--rss-counts 500 5000]
+                                       [--lco-steps N] [--candidates K]
 
 S3 is moto's server on loopback (started here), so uploads cost what encoding a PNG and one HTTP PUT
 cost on this machine; against a remote bucket, with tens of milliseconds per PUT, overlap matters
@@ -51,13 +52,16 @@ def analytic_bundle(directory: Path) -> Path:
     return directory
 
 
+LCO: dict[str, int] = {}  # LCO options for every run (--lco-steps, --candidates)
+
+
 def make_archive(bundle: str, dest: str, count: int, workers: int, seed: int = 0, engine_and_model=None) -> float:
     """Seconds to make ``count`` images (one shard, no merge) into ``dest``."""
     from service.archive import ArchiveSpec, RunOptions, run_shard
     from service.archive.cli import load_engine
 
     engine, model = engine_and_model or load_engine(bundle, max_batch=16)
-    spec = ArchiveSpec(count=count, distribution="nih", seed=seed, destination=dest)
+    spec = ArchiveSpec(count=count, distribution="nih", seed=seed, destination=dest, lco=LCO)
     options = RunOptions(batch_size=16, upload_workers=workers, progress=False)
     started = time.perf_counter()
     run_shard(spec, engine, model, options=options)
@@ -109,9 +113,12 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=400, help="images per throughput run")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--rss-counts", type=int, nargs=2, default=[500, 5000])
+    parser.add_argument("--lco-steps", type=int, help="cap on LCO steps (default: the engine's)")
+    parser.add_argument("--candidates", type=int, help="LCO candidates per image (default: the engine's)")
     parser.add_argument("--rss-probe", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--dest", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    LCO.update({k: v for k, v in (("steps", args.lco_steps), ("candidates", args.candidates)) if v is not None})
     if args.rss_probe:
         rss_probe(args)
         return
@@ -134,16 +141,19 @@ def main() -> None:
                 seconds = make_archive(bundle, f"s3://{bucket}/{mode}-{repeat}", args.count, workers)
                 rates[mode].append(args.count / seconds)
         best = {mode: max(values) for mode, values in rates.items()}
-        print(f"archive throughput, {args.count} images, S3 = moto on loopback, bundle = {Path(bundle).name}")
+        print(f"archive throughput, {args.count} images, S3 = moto on loopback, bundle = {Path(bundle).name}, "
+              f"LCO options {LCO or 'defaults'}")
         for mode, rate in best.items():
             print(f"  {mode:<11} {rate:8.1f} images/s   (runs: {', '.join(f'{r:.1f}' for r in rates[mode])})")
         print(f"  overlap speed-up: {best['overlapped'] / best['inline']:.2f}x")
 
         peaks = {}
         for count in args.rss_counts:
+            lco_args = [arg for name, value in LCO.items()
+                        for arg in ({"steps": "--lco-steps", "candidates": "--candidates"}[name], str(value))]
             result = subprocess.run(
                 [sys.executable, "-m", "benchmarks.bench_archive", "--bundle", bundle, "--rss-probe", str(count),
-                 "--dest", f"s3://{bucket}/rss-{count}"],
+                 "--dest", f"s3://{bucket}/rss-{count}", *lco_args],
                 cwd=ROOT, env={**os.environ}, capture_output=True, text=True, check=True,
             )
             peaks[count] = json.loads(result.stdout.strip().splitlines()[-1])

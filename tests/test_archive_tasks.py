@@ -84,6 +84,13 @@ def test_a_bad_spec_fails_its_task_with_the_validation_message(server):
         assert status == 400 and reason in str(body)
 
 
+def test_local_destinations_are_refused_by_default(server):
+    task_id = submit(server, {"count": 4, "destination": "/tmp/somewhere-on-the-server"})
+    assert wait_for(server, task_id)["status"] == "failed"
+    status, body = call(server, "GET", f"/archive/get?task_id={task_id}")
+    assert status == 400 and "s3://bucket/prefix destinations only" in str(body)
+
+
 def test_stop_ends_a_running_task_and_a_resubmission_resumes(server, s3_server):
     bucket = s3_server.new_bucket()
     # Every finding at once, 4 logits past threshold, is out of this bundle's reach: each sample runs

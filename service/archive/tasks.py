@@ -17,10 +17,12 @@ its ``timeout_s`` the same way.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
 from http import HTTPStatus
+from pathlib import Path
 from typing import Any, Literal
 
 from bentoml.exceptions import BentoMLException
@@ -92,7 +94,12 @@ class ArchiveJobs:
     """The archive jobs of one service process. One runs at a time (it shares the LCO engine with
     /generate); later ones wait as "queued". Finished jobs are remembered for ``keep_s`` seconds."""
 
-    def __init__(self, keep_s: float = 86_400.0):
+    def __init__(self, keep_s: float = 86_400.0, local_root: str | None = None):
+        """``local_root``: the one local directory tree archives may be written under (default
+        ``$CXRSYNTH_ARCHIVE_LOCAL_ROOT``); unset, the service writes archives to s3:// only, so an API
+        caller cannot make the server write into its own file system."""
+        root = local_root if local_root is not None else os.environ.get("CXRSYNTH_ARCHIVE_LOCAL_ROOT", "")
+        self._local_root = Path(root).resolve() if root else None
         self._jobs: dict[str, _Job] = {}
         self._lock = threading.Lock()
         self._one_at_a_time = threading.Lock()
@@ -101,6 +108,7 @@ class ArchiveJobs:
     def run(self, task_id: str, request: ArchiveTaskRequest, engine: Engine, model: ModelInfo) -> ArchiveTaskResult:
         """Run the job to the end; raise :class:`ArchiveTaskFailed` saying why when it cannot."""
         spec = ArchiveSpec(**request.model_dump(exclude={"merge", "batch_size", "timeout_s"}))
+        self._check_destination(spec.destination)
         job = _Job(task_id, spec.destination, total=len(ArchivePlan(spec).shard_range()))
         with self._lock:
             self._forget_old()
@@ -154,6 +162,19 @@ class ArchiveJobs:
         finally:
             watchdog.cancel()
             job.finished_at = time.monotonic()
+
+    def _check_destination(self, destination: str) -> None:
+        if destination.startswith("s3://"):
+            return
+        if self._local_root is None:
+            raise ArchiveTaskFailed(
+                "the service writes archives to s3://bucket/prefix destinations only (set "
+                "CXRSYNTH_ARCHIVE_LOCAL_ROOT on the server to allow a local directory under it)",
+                HTTPStatus.BAD_REQUEST,
+            )
+        path = Path(destination.removeprefix("file://")).resolve()
+        if not path.is_relative_to(self._local_root):
+            raise ArchiveTaskFailed(f"local destinations must lie under {self._local_root}", HTTPStatus.BAD_REQUEST)
 
     def progress(self, task_id: str) -> ArchiveProgress:
         with self._lock:
