@@ -206,10 +206,9 @@ class PGGANTrainer:
         header = read_checkpoint(path)
         same_world = header.state.get("world_size") == self.context.world_size
         objects = self._stateful()
-        if not self.scaler_G.is_enabled():
-            objects.pop("scaler_G", None), objects.pop("scaler_D", None)
-        elif "scaler_G" not in header.objects:
-            objects.pop("scaler_G"), objects.pop("scaler_D")  # fp32 checkpoint continued under AMP
+        if "scaler_G" not in header.objects:  # an fp32 checkpoint continued under AMP: fresh scalers
+            for name in ("scaler_G", "scaler_D"):
+                objects.pop(name, None)
         checkpoint = load_checkpoint(path, objects=objects, map_location=self.device,
                                      rank=self.context.rank if same_world else None)
         self.images_shown = int(checkpoint.state["images_shown"])

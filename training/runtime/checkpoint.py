@@ -82,12 +82,12 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
     np.random.set_state(
         {
             "bit_generator": npy["bit_generator"],
-            "state": {"key": npy["key"].numpy().astype(np.uint32), "pos": npy["pos"]},
+            "state": {"key": npy["key"].cpu().numpy().astype(np.uint32), "pos": npy["pos"]},
             "has_gauss": npy["has_gauss"],
             "gauss": npy["gauss"],
         }
     )
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(state["torch"].cpu())  # a map_location may have moved it
     cuda_states = state.get("cuda") or []
     if cuda_states and torch.cuda.is_available():
         if len(cuda_states) != torch.cuda.device_count():
@@ -95,7 +95,7 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
                 f"checkpoint holds RNG states for {len(cuda_states)} CUDA devices but this process sees "
                 f"{torch.cuda.device_count()}; resume with the same CUDA_VISIBLE_DEVICES"
             )
-        torch.cuda.set_rng_state_all(cuda_states)
+        torch.cuda.set_rng_state_all([cuda_state.cpu() for cuda_state in cuda_states])
 
 
 def gather_rng_states() -> list[dict[str, Any]]:
