@@ -22,6 +22,15 @@ from training.gan.config import GanConfig, ProgressiveSchedule, load_config
 from training.gan.data import build_dataset
 from training.gan.training_loop import PGGANTrainer, load_generator
 from training.runtime import (
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_per_test():
+    """Small networks on shared cores run fastest single-threaded; restore the setting afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
     NonFiniteError,
     init_distributed,
     latest_checkpoint,
@@ -62,7 +71,6 @@ def _assert_same_state(a: PGGANTrainer, b: PGGANTrainer) -> None:
 
 
 def test_resume_mid_fade_in_equals_an_uninterrupted_run(tmp_path):
-    torch.set_num_threads(1)
     schedule = ProgressiveSchedule(load_config("ci", TINY))
     # 4² stable: 0..64, 8² fade: 64..128. Stop at 96 images: halfway through the fade-in.
     middle, end = 96, 192
@@ -81,6 +89,26 @@ def test_resume_mid_fade_in_equals_an_uninterrupted_run(tmp_path):
     resumed.train(stop_at_images=end)
     _assert_same_state(straight, resumed)
     assert schedule.at(end)[0].resolution == 16  # the comparison spans two phase changes
+
+
+def test_resume_is_exact_under_mixed_precision_with_loss_scaling(tmp_path):
+    """AMP float16 + GradScaler (runs on CPU too): the scaler state is checkpointed and the GP stays finite."""
+    amp = ["train.amp=on", "train.amp_dtype=float16"]
+    straight = _trainer(tmp_path / "straight", amp)
+    straight.train(stop_at_images=160)
+    assert straight.scaler_D.is_enabled()
+    first = _trainer(tmp_path / "split", amp)
+    first.train(stop_at_images=96)
+    checkpoint = read_checkpoint(latest_checkpoint(tmp_path / "split"))
+    assert {"scaler_G", "scaler_D"} <= set(checkpoint.objects)
+    resumed = _trainer(tmp_path / "split", amp)
+    resumed.resume(latest_checkpoint(tmp_path / "split"))
+    resumed.train(stop_at_images=160)
+    _assert_same_state(straight, resumed)
+    assert resumed.scaler_D.get_scale() == straight.scaler_D.get_scale()
+    assert all(torch.isfinite(p).all() for p in resumed.G.parameters())
+    records = [json.loads(line) for line in (tmp_path / "straight" / "stats.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["gradient_penalty"]) for r in records[1:])
 
 
 def test_non_finite_steps_are_skipped_then_stop_without_touching_checkpoints(tmp_path):
@@ -112,7 +140,6 @@ DDP_WORKER = textwrap.dedent(
     from training.gan.training_loop import PGGANTrainer
     from training.runtime import init_distributed, shutdown_distributed
 
-    torch.set_num_threads(1)
     out, overrides = sys.argv[1], sys.argv[2:]
     context = init_distributed("cpu")
     images = torch.rand(40, 1, 16, 16, generator=torch.Generator().manual_seed(123)) * 2 - 1
@@ -229,7 +256,6 @@ def _pixel_features(images: torch.Tensor) -> np.ndarray:
 
 @pytest.mark.slow
 def test_ci_preset_learns_phantoms_and_cli_samples_from_it(tmp_path):
-    torch.set_num_threads(1)
     config = load_config("ci")
     data = build_dataset("phantoms", config, progress=False)
     trainer = PGGANTrainer(config, data, tmp_path, init_distributed("cpu"), data_spec="phantoms", progress=False,
@@ -266,3 +292,19 @@ def test_ci_preset_learns_phantoms_and_cli_samples_from_it(tmp_path):
     assert len(files) == 3
     with Image.open(files[0]) as png:
         assert png.size == (32, 32) and np.asarray(png).dtype == np.uint16
+
+
+def test_trains_from_an_image_folder(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for index in range(8):
+        Image.fromarray(rng.integers(0, 256, (40, 48), dtype=np.uint8)).save(folder / f"{index}.png")
+    config = load_config("ci", [*TINY, "network.resolution=32"])
+    data = build_dataset(f"folder:{folder}", config)
+    image, labels, mask = data[0]
+    assert image.shape == (1, 32, 32) and -1 <= image.min() and image.max() <= 1 and mask.sum() == 0
+    trainer = PGGANTrainer(config, data, tmp_path / "run", init_distributed("cpu"), data_spec=f"folder:{folder}",
+                           progress=False, tensorboard=False)
+    result = trainer.train(stop_at_images=32)
+    assert read_checkpoint(result.checkpoint).state["data"] == f"folder:{folder}"

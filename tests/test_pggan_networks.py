@@ -9,6 +9,15 @@ import torch
 import torch.nn.functional as F
 
 from training.networks.pggan import (
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_per_test():
+    """Small networks on shared cores run fastest single-threaded; restore the setting afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
     PAPER_CHANNELS,
     Discriminator,
     EqualizedConv2d,
