@@ -22,6 +22,12 @@ from training.gan.config import GanConfig, ProgressiveSchedule, load_config
 from training.gan.data import build_dataset
 from training.gan.training_loop import PGGANTrainer, load_generator
 from training.runtime import (
+    NonFiniteError,
+    init_distributed,
+    latest_checkpoint,
+    list_checkpoints,
+    read_checkpoint,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -31,12 +37,6 @@ def _one_thread_per_test():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-    NonFiniteError,
-    init_distributed,
-    latest_checkpoint,
-    list_checkpoints,
-    read_checkpoint,
-)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -303,6 +303,7 @@ def test_trains_from_an_image_folder(tmp_path):
     config = load_config("ci", [*TINY, "network.resolution=32"])
     data = build_dataset(f"folder:{folder}", config)
     image, labels, mask = data[0]
+    assert labels.shape == (14,)
     assert image.shape == (1, 32, 32) and -1 <= image.min() and image.max() <= 1 and mask.sum() == 0
     trainer = PGGANTrainer(config, data, tmp_path / "run", init_distributed("cpu"), data_spec=f"folder:{folder}",
                            progress=False, tensorboard=False)

@@ -9,15 +9,6 @@ import torch
 import torch.nn.functional as F
 
 from training.networks.pggan import (
-
-
-@pytest.fixture(autouse=True)
-def _one_thread_per_test():
-    """Small networks on shared cores run fastest single-threaded; restore the setting afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
     PAPER_CHANNELS,
     Discriminator,
     EqualizedConv2d,
@@ -27,6 +18,15 @@ def _one_thread_per_test():
     minibatch_stddev,
     pixel_norm,
 )
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_per_test():
+    """Small networks on shared cores run fastest single-threaded; restore the setting afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def test_equalized_conv_effective_weight_is_he_scaled_and_bias_is_not():
