@@ -9,19 +9,19 @@ differ from the others in kind: shape, texture, place or laterality.
 | finding | signature | where |
 | --- | --- | --- |
 | Atelectasis | plate-like dense band, elevated hemidiaphragm (volume loss) | mid/lower zones (NIH boxes) |
-| Cardiomegaly | cardiothoracic ratio 0.56-0.66 (normal 0.39-0.46) | heart |
-| Consolidation | dense homogeneous lobar opacity, sharp fissure border, air bronchograms | one lobe |
+| Cardiomegaly | cardiothoracic ratio 0.56-0.68 (normal 0.39-0.46) | heart; ratio from NIH box widths |
+| Consolidation | dense homogeneous lobar opacity, sharp fissure border, air bronchograms | right upper, right middle or a lower lobe |
 | Edema | bilateral perihilar bat-wing haze, Kerley B lines at the bases | both hila |
-| Effusion | fluid filling the costophrenic angle, meniscus rising laterally | lung base, one or both sides |
+| Effusion | fluid filling the costophrenic angle, meniscus climbing the wall | base; side from NIH boxes, 30 % bilateral |
 | Emphysema | hyperlucent lungs, pruned peripheral vessels, low flat diaphragms, apical bullae | both lungs |
-| Fibrosis | coarse reticular net, upper-zone predominant | both upper zones |
-| Hernia | retrocardiac round sac with an air-fluid level | behind the heart |
-| Infiltration | faint ill-defined mottled patches | NIH boxes (may be bilateral) |
-| Mass | large lobulated opacity (12-22 % of the film) | NIH boxes |
-| Nodule | small round dense opacity (5.5-8 % of the film) | NIH boxes |
+| Fibrosis | reticular net, upper-zone predominant | both upper zones |
+| Hernia | retrocardiac round sac with an air-fluid level | behind the heart, above the diaphragm |
+| Infiltration | ill-defined mottled patch | NIH boxes, above the costophrenic recesses |
+| Mass | large lobulated opacity (12-20 % of the film across) | NIH boxes |
+| Nodule | small round dense opacity (5.6-7.6 % of the film across) | NIH boxes |
 | Pleural_Thickening | smooth thick pleural band along the lateral wall and apex | chest wall, one or both sides |
 | Pneumonia | confluent cluster of soft-edged opacities | NIH boxes, mostly lower zones |
-| Pneumothorax | lung edge retracted from the wall, lucent rim without markings | apex and lateral wall |
+| Pneumothorax | lung edge retracted from the wall, lucent rim without markings | apex and lateral wall; side from NIH boxes |
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ class Lobe:
 class Patches:
     """Ill-defined patchy opacity: a window of soft blobs (pneumonia) or mottled texture (infiltration)."""
 
-    sides: tuple[int, ...]
+    side: int
     u: float
     v: float
     ru: float
@@ -242,9 +242,7 @@ def sample_findings(rng: np.random.Generator, a: Anatomy) -> FindingPlan:
             radius=rng.uniform(0.05, 0.065),
             level=rng.uniform(-0.1, 0.3),
         ),
-        infiltration=_sample_patches(
-            rng, a, "Infiltration", bilateral=0.0, blobs=0, min_radius=0.1, max_radius=0.15
-        ),
+        infiltration=_sample_patches(rng, a, "Infiltration", blobs=0, min_radius=0.1, max_radius=0.15),
         mass=_sample_opacity(rng, a, "Mass", radius=(0.06, 0.1)),
         nodule=_sample_opacity(rng, a, "Nodule", radius=(0.028, 0.038)),
         pleural_thickening=PleuralThickening(
@@ -252,9 +250,7 @@ def sample_findings(rng: np.random.Generator, a: Anatomy) -> FindingPlan:
             thickness=rng.uniform(0.03, 0.042),
             undulation=rng.uniform(0, 2 * np.pi),
         ),
-        pneumonia=_sample_patches(
-            rng, a, "Pneumonia", bilateral=0.0, blobs=7, min_radius=0.065, max_radius=0.12
-        ),
+        pneumonia=_sample_patches(rng, a, "Pneumonia", blobs=7, min_radius=0.065, max_radius=0.12),
         pneumothorax=Pneumothorax(side=_nih_side(rng, "Pneumothorax"), rim=rng.uniform(*PNEUMOTHORAX_RIM)),
     )
 
@@ -324,13 +320,12 @@ def _sample_consolidation(rng, a: Anatomy) -> Lobe:
 
 
 def _sample_patches(
-    rng, a: Anatomy, finding: str, bilateral: float, blobs: int, min_radius: float, max_radius: float
+    rng, a: Anatomy, finding: str, blobs: int, min_radius: float, max_radius: float
 ) -> Patches:
     # Above the costophrenic recesses, where effusions collect.
     max_v = min(a.dome_v) - (0.1 if finding == "Infiltration" else 0.04)
     side, u, v, w, h = _nih_place(rng, a, finding, margin=0.03, max_v=max_v)
     ru, rv = max(min_radius, min(max_radius, w / 2)), max(min_radius, min(max_radius, h / 2))
-    sides = (0, 1) if rng.random() < bilateral else (side,)
     offsets = np.stack(
         [
             rng.uniform(-0.7, 0.7, blobs) * ru,
@@ -339,7 +334,7 @@ def _sample_patches(
         ],
         1,
     )
-    return Patches(sides, u, v, ru, rv, offsets, rng.standard_normal((21, 21)).astype(np.float32))
+    return Patches(side, u, v, ru, rv, offsets, rng.standard_normal((21, 21)).astype(np.float32))
 
 
 def _sample_edema(rng, a: Anatomy) -> Edema:
@@ -480,22 +475,15 @@ def _consolidation(frame: Frame, lobe: Lobe, tissue) -> np.ndarray:
     return region * (lobe.density - np.minimum(bronchi, 0.3))
 
 
-def _patch_window(frame: Frame, p: Patches, side: int) -> np.ndarray:
-    u = p.u if side == (0 if p.u < MIDLINE else 1) else 2 * MIDLINE - p.u  # mirrored when bilateral
-    du, dv = (frame.u - u) / p.ru, (frame.v - p.v) / p.rv
-    return np.exp(-((du * du + dv * dv) ** 2))
-
-
 def _infiltration(frame: Frame, p: Patches, tissue) -> np.ndarray:
     mottle = np.clip(lattice_field(p.texture, frame.size) * 0.6 + 0.65, 0.3, 1.0)
-    out = np.zeros_like(mottle)
-    for side in p.sides:
-        out += 0.6 * mottle * _patch_window(frame, p, side) * tissue[side]
-    return out
+    du, dv = (frame.u - p.u) / p.ru, (frame.v - p.v) / p.rv
+    window = np.exp(-((du * du + dv * dv) ** 2))  # flat-topped, fading out over the window's edge
+    return 0.6 * mottle * window * tissue[p.side]
 
 
 def _pneumonia(frame: Frame, p: Patches, tissue) -> np.ndarray:
-    side = p.sides[0]
+    side = p.side
     cloud = np.zeros((frame.size, frame.size), dtype=np.float32)
     for du, dv, r in p.blobs:
         d2 = ((frame.u - p.u - du) ** 2 + (frame.v - p.v - dv) ** 2) / (r * r)

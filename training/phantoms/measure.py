@@ -227,16 +227,15 @@ def window_opacity(view: MeasurementView, finding: str) -> float:
     """Mean brightness of the lung inside the finding's window against aerated lung elsewhere
     (pneumonia, infiltration)."""
     p = getattr(view.plan, finding)
-    side = 0 if p.u < MIDLINE else 1
     window = ellipse_distance(view.u, view.v, p.u, p.v, 0.6 * p.ru, 0.6 * p.rv) < 0
-    return view.mean(window & view.lung[side]) - view.lung_reference()
+    return view.mean(window & view.lung[p.side]) - view.lung_reference()
 
 
 def asymmetric_opacity(view: MeasurementView, finding: str) -> float:
     """Opacity in the finding's window beyond both aerated lung and the mirror-image window in the
     other lung: a patchy infiltrate is asymmetric, where oedema's haze is symmetric."""
     p = getattr(view.plan, finding)
-    side = 0 if p.u < MIDLINE else 1
+    side = p.side
     window = ellipse_distance(view.u, view.v, p.u, p.v, 0.6 * p.ru, 0.6 * p.rv) < 0
     mirror = ellipse_distance(view.u, view.v, 2 * MIDLINE - p.u, p.v, 0.6 * p.ru, 0.6 * p.rv) < 0
     baseline = np.nanmax([view.mean(mirror & view.lung[1 - side]), view.lung_reference()])

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from service.labels import NUM_LABELS
+from service.prior import get_prior
 from training.phantoms.anatomy import MIDLINE, SIDE_SIGN, Anatomy, sample_anatomy
 from training.phantoms.findings import FindingPlan, apply_anatomy_changes, render_findings, sample_findings
 from training.phantoms.geometry import Frame, band, ellipse, ellipse_distance, soft_step, splat_lines
@@ -39,6 +40,7 @@ class Scene:
 
 
 def check_size(size: int) -> int:
+    """``size`` as an int, or a clear error unless it is a power of two from 32 to 1024."""
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)):
         raise TypeError(f"size must be an integer power of two from {MIN_SIZE} to {MAX_SIZE}, got {size!r}")
     size = int(size)
@@ -78,6 +80,7 @@ def render_phantom(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
 
 
 def render_scene(scene: Scene, present: np.ndarray, size: int) -> np.ndarray:
+    """Render ``scene`` with the findings marked in the boolean [14] ``present``."""
     anatomy = apply_anatomy_changes(scene.anatomy, scene.findings, present)
     frame = Frame(size, anatomy.pose)
     layers = _anatomy_layers(frame, anatomy)
@@ -88,6 +91,8 @@ def render_scene(scene: Scene, present: np.ndarray, size: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class LungFields:
+    """Soft masks in [0, 1] of one chest at one size."""
+
     heart: np.ndarray
     above_diaphragm: np.ndarray
     cavity: tuple[np.ndarray, np.ndarray]
@@ -111,7 +116,7 @@ def lung_fields(frame: Frame, a: Anatomy) -> LungFields:
 
 @dataclass
 class AnatomyLayers:
-    """Masks the findings need: where each lung's air space is, and its aerated parenchyma."""
+    """The normal chest's attenuation, and the masks and layers the findings draw on."""
 
     density: np.ndarray
     cavity: tuple[np.ndarray, np.ndarray]  # each lung field: the pleural cavity, filled with aerated lung
@@ -250,8 +255,6 @@ def sample_phantom(index: int, size: int, seed: int = 0, prior: str = "nih") -> 
 
     Returns (image float32 [size, size] in [0, 1], labels float32 [14]).
     """
-    from service.prior import get_prior
-
     size = check_size(size)
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(index)]))
     labels = get_prior(prior).sample(1, rng)[0].astype(np.float32)
