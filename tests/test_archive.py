@@ -488,3 +488,17 @@ def test_contact_sheet_shows_one_row_per_label_set(tmp_path, engine_and_model):
     with Image.open(sheet) as picture:
         assert picture.mode == "L" and 2 * TILE < picture.height < 3 * TILE  # two label sets
         assert picture.width > 4 * TILE
+
+
+def test_cli_takes_its_shard_from_job_completion_index(tmp_path, archive_bundle):
+    """What each pod of the Kubernetes Indexed Job does: the shard comes from JOB_COMPLETION_INDEX."""
+    result = subprocess.run(
+        [sys.executable, "-m", "service.archive", "run", "--bundle", str(archive_bundle), "--count", "10",
+         "--shard-count", "2", "--dest", str(tmp_path), "--chunk-size", "4", "--no-progress"],
+        cwd=ROOT, env={**os.environ, "JOB_COMPLETION_INDEX": "1"}, capture_output=True, text=True, timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["shard"]["shard_index"] == 1 and report["shard"]["generated"] == 5 and "archive" not in report
+    assert LocalSink(tmp_path).list("images/") == [f"images/{i:08d}_000.png" for i in range(6, 11)]

@@ -63,6 +63,15 @@ def _lco_option(text: str) -> tuple[str, float | int | None]:
             raise argparse.ArgumentTypeError(f"--lco {name}: {value!r} is not a number") from None
 
 
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    if not raw.isdigit():
+        raise SystemExit(f"error: ${name}={raw!r} is not a non-negative integer")
+    return int(raw)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m service.archive", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -75,8 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="nih | balanced | JSON list of {labels, count, exclusive} | @groups.json")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--dest", required=True, help="s3://bucket/prefix or a local directory")
-    run.add_argument("--shard-index", type=int, default=int(os.environ.get("JOB_COMPLETION_INDEX", "0")))
-    run.add_argument("--shard-count", type=int, default=int(os.environ.get("CXRSYNTH_SHARD_COUNT", "1")))
+    run.add_argument("--shard-index", type=int, default=_env_int("JOB_COMPLETION_INDEX", 0),
+                     help="this shard (default: $JOB_COMPLETION_INDEX, else 0)")
+    run.add_argument("--shard-count", type=int, default=_env_int("CXRSYNTH_SHARD_COUNT", 1),
+                     help="shards in the job (default: $CXRSYNTH_SHARD_COUNT, else 1)")
     run.add_argument("--format", dest="image_format", choices=("png8", "png16"), default="png8")
     run.add_argument("--chunk-size", type=int, default=64, help="images per manifest object")
     run.add_argument("--lco", type=_lco_option, action="append", default=[], metavar="NAME=VALUE",
