@@ -38,10 +38,9 @@ TILE = 160  # pixels per contact-sheet tile (images are upscaled with nearest ne
 # The training CLI steps that make the demo bundle; {runs} and {bundle} are filled in.
 TRAINING_STEPS: list[tuple[str, list[str]]] = [
     ("PGGAN generator", ["train", "--config", "demo", "--data", "phantoms", "--run-dir", "{runs}/gan"]),
-    ("LCO classifier", ["classifier", "train", "--config", "demo", "--data", "phantoms", "--run-dir", "{runs}/classifier"]),
-    ("auditor", ["classifier", "train", "--config", "demo-auditor", "--data", "phantoms", "--run-dir", "{runs}/auditor"]),
+    ("LCO classifier", ["classifier", "train", "--preset", "demo", "--run-dir", "{runs}/classifier"]),
     ("bundle export", ["export", "--generator", "{runs}/gan", "--classifier", "{runs}/classifier",
-                       "--auditor", "{runs}/auditor", "--out", "{bundle}"]),
+                       "--out", "{bundle}", "--name", "cxrsynth-demo", "--overwrite"]),
 ]
 
 

@@ -29,26 +29,14 @@ from service.labels import LABELS
 
 
 
+pytest_plugins = ["tests.bundle_fixtures"]
+
+
 @pytest.fixture(scope="module")
-def exported_bundle(tmp_path_factory) -> Path:
-    import datetime
+def exported_bundle(ci_bundle: Path) -> Path:
+    """The `ci` bundle: a trained 32² PGGAN and classifier, exported by the export command."""
+    return ci_bundle
 
-    from service.bundle import seal_manifest, sha256_file
-    from tests.test_lco import LATENT, SIDE, build_graphs
-
-    directory = tmp_path_factory.mktemp("bundle")
-    for name, data in build_graphs().items():
-        (directory / f"{name}.onnx").write_bytes(data)
-    files = {f"{n}.onnx": {"sha256": sha256_file(directory / f"{n}.onnx"), "bytes": (directory / f"{n}.onnx").stat().st_size}
-             for n in ("generator", "classifier", "lco_step")}
-    doc = {"schema_version": 1, "name": "analytic", "version": "0.0.1", "created": datetime.datetime.now().isoformat(),
-           "labels": list(LABELS), "thresholds": {l: 0.5 for l in LABELS}, "resolution": SIDE,
-           "latent_dim": LATENT, "embedding_dim": SIDE * SIDE, "opset": 17,
-           "pixel": {"range": [-1.0, 1.0], "channels": 1, "dtype": "float32"},
-           "files": files, "provenance": {"dataset": "none", "images_shown": 0, "commit": "dev", "classifier_dataset": "none",
-           "classifier_arch": "linear", "classifier_auroc": {}}}
-    (directory / "manifest.json").write_bytes(seal_manifest(doc))
-    return directory
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "e2e-secret-token"
