@@ -349,7 +349,7 @@ def train_classifier(
         network = network.cpu().eval()
         result = TrainedClassifier(network=network, spec=config.model, thresholds=thresholds, metrics=metrics,
                                    dataset=splits.description, images_shown=images_shown, preset=config.name,
-                                   seed=config.seed)
+                                   seed=config.seed, extra={"source": str(run_dir / "classifier")})
         result.save(run_dir / "classifier")
         summary = {"mean_auroc": result.mean_auroc, "images_shown": images_shown,
                    **{f"auroc/{k}": v.auroc for k, v in metrics.items() if v.auroc is not None}}

@@ -1,0 +1,101 @@
+"""Session fixtures with really trained networks and a really exported bundle (register with
+``pytest_plugins = ["tests.bundle_fixtures"]`` in conftest.py).
+
+- ``ci_models``: the `ci` PGGAN (32², the GAN's own preset) and the `ci` classifier, trained once.
+- ``ci_bundle``: those two exported by the ``export`` command into a bundle directory (read-only by
+  convention: tests that damage a bundle copy it first, see ``copy_bundle``).
+- ``demo_classifier`` / ``demo_auditor``: the demo LCO classifier and its independent auditor (64²).
+
+Training and export happen once per test session, whichever test asks first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from training.classifier import TrainedClassifier, get_preset, train_classifier
+
+
+@dataclass
+class CIModels:
+    gan_run: Path
+    gan_checkpoint: Path
+    classifier_dir: Path
+    generator: torch.nn.Module
+    classifier: TrainedClassifier
+
+
+def train_ci_gan(run_dir: Path) -> Path:
+    """Train the GAN's `ci` preset on phantoms; return its final checkpoint."""
+    from training.gan.config import load_config
+    from training.gan.data import build_dataset
+    from training.gan.training_loop import PGGANTrainer
+    from training.runtime import init_distributed
+
+    config = load_config("ci")
+    data = build_dataset("phantoms", config, progress=False)
+    trainer = PGGANTrainer(config, data, run_dir, init_distributed("cpu"), data_spec="phantoms", progress=False,
+                           tensorboard=False)
+    result = trainer.train()
+    assert result.finished and result.checkpoint is not None
+    return result.checkpoint
+
+
+def train_preset(preset: str, run_dir: Path) -> TrainedClassifier:
+    result = train_classifier(get_preset(preset), run_dir, progress=False, tensorboard=False)
+    assert result is not None
+    return result
+
+
+def run_command(module: str, argv: list[str]) -> int:
+    """Run one ``training.cli`` command module's handler, as ``python -m training.cli`` would."""
+    import importlib
+
+    parser = argparse.ArgumentParser()
+    importlib.import_module(module).register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return int(args.handler(args) or 0)
+
+
+def copy_bundle(bundle: Path, destination: Path) -> Path:
+    shutil.copytree(bundle, destination)
+    return destination
+
+
+@pytest.fixture(scope="session")
+def ci_models(tmp_path_factory) -> CIModels:
+    from training.gan.training_loop import load_generator
+
+    root = tmp_path_factory.mktemp("ci-models")
+    checkpoint = train_ci_gan(root / "gan")
+    classifier = train_preset("ci", root / "classifier")
+    return CIModels(gan_run=root / "gan", gan_checkpoint=checkpoint, classifier_dir=root / "classifier" / "classifier",
+                    generator=load_generator(checkpoint), classifier=classifier)
+
+
+@pytest.fixture(scope="session")
+def ci_bundle(ci_models, tmp_path_factory) -> Path:
+    """The `ci` bundle, written by the export command from the GAN run and the classifier."""
+    out = tmp_path_factory.mktemp("ci-bundle") / "cxrsynth-ci"
+    status = run_command("training.export.commands", [
+        "export", "--generator", str(ci_models.gan_run), "--classifier", str(ci_models.classifier_dir),
+        "--out", str(out), "--name", "cxrsynth-ci",
+    ])
+    assert status == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def demo_classifier(tmp_path_factory) -> TrainedClassifier:
+    return train_preset("demo", tmp_path_factory.mktemp("demo-classifier"))
+
+
+@pytest.fixture(scope="session")
+def demo_auditor(tmp_path_factory) -> TrainedClassifier:
+    return train_preset("auditor", tmp_path_factory.mktemp("demo-auditor"))

@@ -1,0 +1,181 @@
+"""Classifier: metrics, loss, networks, exact resume, and the demo classifier and auditor on phantoms."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from service.labels import LABELS, NUM_LABELS
+from training.classifier import (
+    TrainedClassifier,
+    auroc,
+    get_preset,
+    per_label_auroc,
+    train_classifier,
+    youden_thresholds,
+)
+from training.classifier.trainer import Splits, masked_weighted_bce, positive_weights
+from training.networks.classifier import build_classifier, densenet121_spec
+
+
+def _pairwise_auroc(scores: np.ndarray, labels: np.ndarray) -> float:
+    positives, negatives = scores[labels], scores[~labels]
+    wins = sum(1.0 if p > n else 0.5 if p == n else 0.0 for p, n in itertools.product(positives, negatives))
+    return wins / (len(positives) * len(negatives))
+
+
+def test_auroc_equals_the_pairwise_definition_with_ties():
+    rng = np.random.default_rng(0)
+    scores = np.round(rng.random(60), 1)  # many ties
+    labels = rng.random(60) < 0.4
+    assert auroc(scores, labels) == pytest.approx(_pairwise_auroc(scores, labels), abs=1e-12)
+    assert auroc(labels.astype(float), labels) == 1.0
+    assert np.isnan(auroc(scores, np.zeros(60, bool)))
+
+
+def test_per_label_auroc_has_bootstrap_intervals_and_skips_undefined_labels():
+    rng = np.random.default_rng(1)
+    labels = (rng.random((400, NUM_LABELS)) < 0.2).astype(np.float32)
+    labels[:, LABELS.index("Hernia")] = 0.0  # no positives: undefined
+    scores = labels * 0.6 + rng.random(labels.shape)  # informative, imperfect
+    mask = np.ones_like(labels)
+    mask[:200, 0] = 0.0  # Atelectasis known for half the images only
+    results = per_label_auroc(scores, labels, mask, bootstrap=300, seed=0)
+    assert results["Hernia"].auroc is None and results["Hernia"].positives == 0
+    known = mask[:, 0] > 0
+    assert results["Atelectasis"].auroc == pytest.approx(auroc(scores[known, 0], labels[known, 0] > 0))
+    assert results["Atelectasis"].positives + results["Atelectasis"].negatives == 200
+    for name, result in results.items():
+        if result.auroc is not None:
+            assert 0.5 < result.ci_low < result.auroc < result.ci_high <= 1.0, name
+    wide = results["Atelectasis"].ci_high - results["Atelectasis"].ci_low
+    narrow = results["Cardiomegaly"].ci_high - results["Cardiomegaly"].ci_low
+    assert wide > narrow  # half the images, a wider interval
+
+
+def test_youden_threshold_maximises_sensitivity_plus_specificity():
+    rng = np.random.default_rng(2)
+    labels = (rng.random((300, NUM_LABELS)) < 0.3).astype(np.float32)
+    probabilities = np.clip(labels * 0.35 + rng.random(labels.shape) * 0.65, 0, 1)
+    thresholds = youden_thresholds(probabilities, labels)
+    for column in range(NUM_LABELS):
+        p, y = probabilities[:, column], labels[:, column] > 0.5
+
+        def j(t, p=p, y=y):
+            predicted = p >= t
+            return predicted[y].mean() - predicted[~y].mean()
+
+        best = max(j(t) for t in np.unique(p))
+        assert j(thresholds[column]) == pytest.approx(best)
+    separable = np.tile(np.r_[np.full(50, 0.2), np.full(50, 0.9)][:, None], (1, NUM_LABELS))
+    labels = np.tile(np.r_[np.zeros(50), np.ones(50)][:, None], (1, NUM_LABELS))
+    assert np.allclose(youden_thresholds(separable, labels), 0.55)
+    assert np.allclose(youden_thresholds(separable, np.zeros_like(labels)), 0.5)  # undefined: default
+
+
+def test_loss_ignores_unknown_labels_and_weights_rare_positives():
+    logits = torch.tensor([[2.0, -1.0], [0.5, 3.0]])
+    labels = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    mask = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    weight = torch.tensor([4.0, 1.0])
+    expected = (4 * torch.nn.functional.softplus(-logits[0, 0]) + torch.nn.functional.softplus(logits[1, 0])
+                + torch.nn.functional.softplus(-logits[1, 1])) / 3
+    assert masked_weighted_bce(logits, labels, mask, weight) == pytest.approx(float(expected))
+    changed = labels.clone()
+    changed[0, 1] = 1.0  # an unknown label's value must not matter
+    assert masked_weighted_bce(logits, changed, mask, weight) == masked_weighted_bce(logits, labels, mask, weight)
+    weights = positive_weights(np.array([10.0, 1.0, 0.0, 90.0]), np.array([100.0, 1000.0, 100.0, 100.0]), cap=20)
+    assert weights.tolist() == pytest.approx([9.0, 20.0, 1.0, 10 / 90])
+
+
+def test_densenet121_is_chexnets_network_with_one_input_channel():
+    network = build_classifier(densenet121_spec())
+    # torchvision's densenet121 has 7,978,856 parameters for 3 channels and 1000 classes.
+    expected = 7_978_856 - (1024 * 1000 + 1000) + (1024 * NUM_LABELS + NUM_LABELS) - 2 * 64 * 7 * 7
+    assert sum(p.numel() for p in network.parameters()) == expected
+    network.eval()
+    with torch.no_grad():
+        logits, embedding = network(torch.zeros(2, 1, 256, 256))  # resized to 224 inside
+    assert logits.shape == (2, NUM_LABELS) and embedding.shape == (2, 1024)
+
+
+@pytest.mark.parametrize("preset", ["ci", "demo", "auditor-ci", "auditor"])
+def test_presets_give_logits_and_embeddings(preset):
+    config = get_preset(preset)
+    network = build_classifier(config.model).eval()
+    size = config.data.resolution
+    with torch.no_grad():
+        logits, embedding = network(torch.rand(3, 1, size, size) * 2 - 1)
+    assert logits.shape == (3, NUM_LABELS) and embedding.shape[0] == 3 and embedding.ndim == 2
+
+
+def test_config_overrides_are_checked():
+    config = get_preset("ci").override(["lr=1e-4", "data.train_count=300", "model.channels=4,8"])
+    assert config.lr == 1e-4 and config.data.train_count == 300 and config.model.channels == (4, 8)
+    with pytest.raises(ValueError, match="unknown config field 'lrate'"):
+        get_preset("ci").override(["lrate=1"])
+    with pytest.raises(ValueError, match="expected a value like"):
+        get_preset("ci").override(["total_images=many"])
+    with pytest.raises(ValueError, match="unknown classifier preset"):
+        get_preset("nope")
+
+
+def _tiny_splits() -> Splits:
+    from training.classifier.trainer import materialize
+    from training.data import PhantomDataset
+
+    parts = [materialize(PhantomDataset(count, 32, seed=seed, prior="balanced"), 0, "phantoms")
+             for count, seed in ((256, 5), (64, 6), (64, 7))]
+    return Splits(*parts, description="phantoms-test")
+
+
+def _weights(classifier: TrainedClassifier) -> dict[str, torch.Tensor]:
+    return classifier.network.state_dict()
+
+
+def test_interrupted_and_resumed_training_equals_one_straight_run(tmp_path):
+    config = get_preset("ci").override(["total_images=512", "checkpoint_every=1024", "tick_images=128",
+                                        "warmup_images=128", "bootstrap=0", "model.channels=4,8"])
+    splits = _tiny_splits()
+    straight = train_classifier(config, tmp_path / "straight", progress=False, tensorboard=False, splits=splits)
+    paused = train_classifier(config, tmp_path / "paused", progress=False, tensorboard=False, splits=splits,
+                              stop_after_images=256)
+    assert paused is None
+    assert [p.name for p in (tmp_path / "paused" / "checkpoints").iterdir()] == ["checkpoint-000000000256.pt"]
+    resumed = train_classifier(None, tmp_path / "paused", resume=True, progress=False, tensorboard=False,
+                               splits=splits)
+    assert resumed.images_shown == straight.images_shown == 512
+    for name, tensor in _weights(straight).items():
+        torch.testing.assert_close(_weights(resumed)[name], tensor, rtol=0, atol=1e-6, msg=name)
+    np.testing.assert_allclose(resumed.thresholds, straight.thresholds, atol=1e-6)
+
+    reloaded = TrainedClassifier.load(tmp_path / "straight")
+    assert reloaded.spec == straight.spec and reloaded.images_shown == 512
+    images = splits.test.images[:8].float()
+    np.testing.assert_allclose(reloaded.predict(images), straight.predict(images), atol=1e-6)
+
+
+def _check_trained(classifier: TrainedClassifier, arch: str) -> None:
+    per_label = {label: round(m.auroc, 3) for label, m in classifier.metrics.items()}
+    print(f"{classifier.preset} ({arch}): mean AUROC {classifier.mean_auroc:.4f} on phantom hold-out; {per_label}")
+    assert classifier.spec.arch == arch
+    assert all(m.auroc is not None and m.positives >= 20 for m in classifier.metrics.values())
+    assert classifier.mean_auroc >= 0.95
+    assert (Path(classifier.extra["source"]).parent / "roc.png").is_file()
+    assert np.all((classifier.thresholds > 0) & (classifier.thresholds < 1))
+
+
+@pytest.mark.slow
+def test_demo_classifier_reaches_auroc_095_on_phantom_holdout(demo_classifier):
+    _check_trained(demo_classifier, "small_cnn")
+
+
+@pytest.mark.slow
+def test_auditor_is_independent_and_reaches_auroc_095(demo_auditor, demo_classifier):
+    _check_trained(demo_auditor, "densenet")
+    assert demo_auditor.seed != demo_classifier.seed
+    assert demo_auditor.dataset != demo_classifier.dataset  # a disjoint phantom stream

@@ -1,0 +1,148 @@
+"""The exported bundle against eager torch: generator, classifier and the LCO gradient step.
+
+Uses the session's really trained `ci` GAN and classifier (tests/bundle_fixtures.py).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from service.bundle import GRAPH_FILES, LCOStepOutput, SessionTuning, load_bundle, verify_bundle
+from service.labels import LABELS, NUM_LABELS
+from training.export import GeneratorInfo, LCOObjective, export_bundle, export_lco_step, reference_lco_step
+from training.networks.classifier import ClassifierSpec, build_classifier
+
+BATCHES = (1, 7, 64)
+
+
+@pytest.fixture(scope="module")
+def loaded(ci_bundle):
+    return load_bundle(ci_bundle, SessionTuning(providers=("CPUExecutionProvider",)))
+
+
+def _latents(batch: int, latent_dim: int, seed: int) -> torch.Tensor:
+    return torch.randn(batch, latent_dim, generator=torch.Generator().manual_seed(seed))
+
+
+def _requests(batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    rng = torch.Generator().manual_seed(seed)
+    target = (torch.rand(batch, NUM_LABELS, generator=rng) < 0.3).float()
+    mask = (torch.rand(batch, NUM_LABELS, generator=rng) < 0.6).float()
+    mask[0] = 1.0  # at least one fully constrained sample
+    return target, mask
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+def test_generator_and_classifier_match_torch(loaded, ci_models, batch):
+    generator, classifier = ci_models.generator, ci_models.classifier.network.eval()
+    z = _latents(batch, loaded.manifest.latent_dim, seed=batch)
+    with torch.no_grad():
+        image = generator(z).clamp(-1, 1)
+        logits, embedding = classifier(image)
+    onnx_image = loaded.generate(z.numpy())
+    assert onnx_image.shape == (batch, 1, 32, 32)
+    assert np.abs(onnx_image - image.numpy()).max() <= 1e-4
+    assert onnx_image.min() >= -1.0 and onnx_image.max() <= 1.0
+    onnx_logits, onnx_embedding = loaded.classify(image.numpy())
+    assert onnx_logits.shape == (batch, NUM_LABELS) and onnx_embedding.shape == (batch, loaded.manifest.embedding_dim)
+    assert np.abs(onnx_logits - logits.numpy()).max() <= 1e-4
+    assert np.abs(onnx_embedding - embedding.numpy()).max() <= 1e-4
+
+
+def _assert_step_matches(step, reference, batch):
+    loss, grad_z, probs, image = (t.numpy() for t in reference)
+    assert step.loss.shape == (batch,) and step.grad_z.shape == grad_z.shape and step.probs.shape == (batch, NUM_LABELS)
+    onnx_grad, torch_grad = step.grad_z.astype(np.float64).ravel(), grad_z.astype(np.float64).ravel()
+    cosine = onnx_grad @ torch_grad / (np.linalg.norm(onnx_grad) * np.linalg.norm(torch_grad))
+    relative = np.linalg.norm(onnx_grad - torch_grad) / np.linalg.norm(torch_grad)
+    print(f"batch {batch}: gradient cosine {cosine:.8f}, relative error {relative:.2e}")
+    assert np.linalg.norm(torch_grad) > 0
+    assert cosine >= 0.9999
+    assert relative <= 1e-3
+    assert np.abs(step.loss - loss).max() <= 1e-4
+    assert np.abs(step.probs - probs).max() <= 1e-4
+    assert np.abs(step.image - image).max() <= 1e-4
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+def test_lco_step_gradient_matches_torch_autograd(loaded, ci_models, batch):
+    objective = LCOObjective(ci_models.generator, ci_models.classifier.network).eval()
+    z = _latents(batch, loaded.manifest.latent_dim, seed=100 + batch)
+    target, mask = _requests(batch, seed=batch)
+    step = loaded.lco_step(z.numpy(), target.numpy(), mask.numpy())
+    _assert_step_matches(step, reference_lco_step(objective, z, target, mask), batch)
+
+
+def test_lco_step_loss_is_masked_bce_over_constrained_labels(loaded):
+    z = _latents(3, loaded.manifest.latent_dim, seed=7).numpy()
+    target = np.zeros((3, NUM_LABELS), np.float32)
+    mask = np.zeros((3, NUM_LABELS), np.float32)
+    mask[1, 4] = 1.0  # sample 1: Effusion absent; sample 2: Effusion and Mass present
+    mask[2, [4, 9]] = 1.0
+    target[2, [4, 9]] = 1.0
+    step = loaded.lco_step(z, target, mask)
+    logits = loaded.classify(step.image)[0].astype(np.float64)
+
+    def softplus(x):
+        return np.logaddexp(0.0, x)
+
+    assert step.loss[0] == 0.0 and not step.grad_z[0].any()  # unconstrained: nothing to optimise
+    assert step.loss[1] == pytest.approx(softplus(logits[1, 4]), rel=1e-4, abs=1e-6)  # -log(1 - p)
+    expected = (softplus(-logits[2, 4]) + softplus(-logits[2, 9])) / 2  # mean of -log(p)
+    assert step.loss[2] == pytest.approx(expected, rel=1e-4, abs=1e-6)
+    np.testing.assert_allclose(step.probs, 1 / (1 + np.exp(-logits)), atol=1e-5)
+
+
+def test_manifest_records_the_training_it_came_from(ci_bundle, ci_models):
+    manifest = verify_bundle(ci_bundle)
+    assert manifest.name == "cxrsynth-ci" and manifest.resolution == 32
+    assert manifest.latent_dim == ci_models.generator.latent_dim
+    assert list(manifest.labels) == list(LABELS)
+    assert manifest.thresholds == {label: pytest.approx(float(t)) for label, t in
+                                   zip(LABELS, ci_models.classifier.thresholds)}
+    assert set(manifest.files) == set(GRAPH_FILES.values())
+    provenance = manifest.provenance
+    assert provenance.dataset == "phantoms" and provenance.images_shown > 0
+    assert provenance.classifier_arch == "small_cnn" and provenance.classifier_dataset.startswith("phantoms")
+    assert provenance.classifier_mean_auroc == pytest.approx(ci_models.classifier.mean_auroc)
+    assert len(provenance.commit) >= 7
+    for label, metric in provenance.classifier_auroc.items():
+        assert metric.ci_low <= metric.auroc <= metric.ci_high, label
+    assert json.loads((ci_bundle / "manifest.json").read_text())["pixel"] == {
+        "range": [-1.0, 1.0], "channels": 1, "dtype": "float32"}
+
+
+def test_densenet_classifier_with_resize_exports_its_gradient(ci_models, tmp_path):
+    """DenseNet path: 7×7 stem, padded max pool, concatenations, average-pool transitions, and a
+    bilinear resize (the classifier reads 40² while the generator makes 32²)."""
+    torch.manual_seed(3)
+    spec = ClassifierSpec(arch="densenet", input_size=40, block_config=(2, 2), growth_rate=8, init_features=16,
+                          bn_size=2)
+    network = build_classifier(spec)
+    with torch.no_grad():  # non-trivial BatchNorm statistics, as after training
+        for module in network.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.2, 0.2)
+                module.running_var.uniform_(0.5, 1.5)
+    network.eval()
+    export_lco_step(ci_models.generator, network, tmp_path / "lco_step.onnx")
+    session = ort.InferenceSession(str(tmp_path / "lco_step.onnx"), SessionTuning().session_options(),
+                                   providers=["CPUExecutionProvider"])
+    objective = LCOObjective(ci_models.generator, network).eval()
+    for batch in (1, 9):
+        z = _latents(batch, loaded.manifest.latent_dim, seed=batch)
+        target, mask = _requests(batch, seed=batch)
+        outputs = session.run(None, {"z": z.numpy(), "target": target.numpy(), "mask": mask.numpy()})
+        _assert_step_matches(LCOStepOutput(*outputs), reference_lco_step(objective, z, target, mask), batch)
+
+
+def test_export_refuses_to_overwrite_and_leaves_no_partial_bundle(ci_bundle, ci_models):
+    with pytest.raises(FileExistsError):
+        export_bundle(ci_models.generator, ci_models.classifier, ci_bundle, generator_info=GeneratorInfo("x", 0))
+    leftovers = [p.name for p in ci_bundle.parent.iterdir() if p.name.startswith(".")]
+    assert leftovers == []
