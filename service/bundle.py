@@ -377,7 +377,9 @@ class Bundle:
 
 
 def resolve_bundle_path(source: str | Path | Any) -> Path:
-    """A bundle directory from a path, a BentoML model (anything with ``.path``) or a model tag."""
+    """A bundle directory from a path, a BentoML model (stored, or a ``BentoModel`` reference) or a tag."""
+    if not isinstance(source, (str, Path)) and not hasattr(source, "path") and hasattr(source, "resolve"):
+        source = source.resolve()  # bentoml.models.BentoModel -> the stored model
     if hasattr(source, "path") and not isinstance(source, (str, Path)):
         return Path(source.path)
     path = Path(source)

@@ -166,7 +166,8 @@ def test_bundle_is_saved_in_the_bentoml_model_store_and_loads_from_it(ci_bundle,
         from service.bundle import load_bundle
         tags = [str(m.tag) for m in bentoml.models.list()]
         assert tags == [{first!r}], tags
-        for source in ({first!r}, "cxrsynth-ci:latest", bentoml.models.get("cxrsynth-ci:latest")):
+        for source in ({first!r}, "cxrsynth-ci:latest", bentoml.models.get("cxrsynth-ci:latest"),
+                       bentoml.models.BentoModel("cxrsynth-ci:latest")):
             bundle = load_bundle(source)
             assert bundle.manifest.version == {version!r}
         print("OK", bundle.path)

@@ -342,7 +342,11 @@ def train_classifier(
         monitor.close()
         return None
 
-    broadcast_module_(network)  # BatchNorm statistics differ per rank; keep rank 0's
+    # Parameters agree on every rank (same start, averaged gradients); BatchNorm running statistics
+    # come from each rank's own batches, so keep rank 0's.
+    for buffer in network.buffers():
+        if context.is_distributed:
+            torch.distributed.broadcast(buffer.data, src=0)
     result = None
     if context.is_main:
         thresholds, metrics = evaluate(network, splits.val, splits.test, device, config.bootstrap, config.seed)
