@@ -1,6 +1,6 @@
 """PGGAN training throughput on CPU for the `demo` preset: eager vs channels_last (vs torch.compile).
 
-    python -m benchmarks.bench_gan_cpu [--seconds 3] [--rounds 3] [--threads 1] [--compile]
+    python -m benchmarks.bench_gan_cpu [--seconds 3] [--rounds 3] [--threads 1] [--compile] [--resolutions 32 64]
 
 For every resolution of the preset, one full training iteration (critic step with gradient penalty,
 generator step, EMA update) is timed in the stabilising phase. The variants run interleaved, round
@@ -48,6 +48,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile of the generator")
+    parser.add_argument("--resolutions", type=int, nargs="*", help="only these resolutions (default: all)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -58,22 +59,38 @@ def main() -> None:
     images = torch.rand(256, 1, resolution, resolution) * 2 - 1
     data = TensorDataset(images, torch.zeros(256, 14), torch.zeros(256, 14))
     trainers = {
-        name: PGGANTrainer(load_config(args.config, VARIANTS[name] + ["train.amp=off"]), data, "/tmp/bench-gan-cpu",
-                           context, progress=False, tensorboard=False)
+        name: PGGANTrainer(
+            load_config(args.config, VARIANTS[name] + ["train.amp=off"]),
+            data,
+            "/tmp/bench-gan-cpu",
+            context,
+            progress=False,
+            tensorboard=False,
+        )
         for name in names
     }
-    stable = [p for p in trainers["eager"].schedule.phases if p.kind == "stable"]
-    print(f"PGGAN {args.config} preset, CPU, {args.threads} thread(s), torch {torch.__version__}; "
-          f"median of {args.rounds} rounds × {args.seconds:.0f} s, img/s (one critic + one generator step per image)")
+    stable = [
+        p
+        for p in trainers["eager"].schedule.phases
+        if p.kind == "stable" and (not args.resolutions or p.resolution in args.resolutions)
+    ]
+    print(
+        f"PGGAN {args.config} preset, CPU, {args.threads} thread(s), torch {torch.__version__}; "
+        f"median of {args.rounds} rounds × {args.seconds:.0f} s, img/s (one critic + one generator step per image)"
+    )
     header = f"{'resolution':>10s}  {'batch':>5s}  " + "  ".join(f"{n:>14s}" for n in names)
     print(header + "  " + "  ".join(f"{n + '/eager':>20s}" for n in names[1:]))
     for phase in stable:
         samples: dict[str, list[float]] = {n: [] for n in names}
         for _ in range(args.rounds):
             for name in names:
-                samples[name].append(measure(trainers[name], phase.start, phase.index, phase.batch_size, args.seconds))
+                samples[name].append(
+                    measure(trainers[name], phase.start, phase.index, phase.batch_size, args.seconds)
+                )
         medians = {n: statistics.median(v) for n, v in samples.items()}
-        row = f"{phase.resolution:>9d}²  {phase.batch_size:>5d}  " + "  ".join(f"{medians[n]:>14.1f}" for n in names)
+        row = f"{phase.resolution:>9d}²  {phase.batch_size:>5d}  " + "  ".join(
+            f"{medians[n]:>14.1f}" for n in names
+        )
         ratios = "  ".join(f"{medians[n] / medians['eager']:>19.2f}×" for n in names[1:])
         print(row + "  " + ratios, flush=True)
 

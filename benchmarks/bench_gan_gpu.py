@@ -34,15 +34,19 @@ VARIANTS = {
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seconds", type=float, default=10.0, help="timed seconds per variant and resolution")
+    parser.add_argument(
+        "--seconds", type=float, default=10.0, help="timed seconds per variant and resolution"
+    )
     parser.add_argument("--resolutions", type=int, nargs="+", default=[256, 1024])
     parser.add_argument("--batch", nargs="*", default=["256=32", "1024=16"], help="RESOLUTION=BATCH per GPU")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        print(f"bench_gan_gpu needs one CUDA GPU, but torch {torch.__version__} sees none "
-              "(a CPU-only build or no driver). Run it on a GPU machine with a CUDA build of torch.",
-              file=sys.stderr)
+        print(
+            f"bench_gan_gpu needs one CUDA GPU, but torch {torch.__version__} sees none "
+            "(a CPU-only build or no driver). Run it on a GPU machine with a CUDA build of torch.",
+            file=sys.stderr,
+        )
         return 2
 
     from training.gan.config import load_config
@@ -52,9 +56,13 @@ def main() -> int:
     torch.backends.cudnn.benchmark = True
     batches = {int(k): int(v) for k, v in (item.split("=") for item in args.batch)}
     context = init_distributed("cuda")
-    print(f"PGGAN paper-1024 networks on {torch.cuda.get_device_name(0)}, torch {torch.__version__}, "
-          f"img/s (one critic + one generator step per image)")
-    print(f"{'resolution':>10s}  {'batch':>5s}  {'variant':>12s}  {'img/s':>9s}  {'vs fp32':>8s}  {'peak GiB':>8s}")
+    print(
+        f"PGGAN paper-1024 networks on {torch.cuda.get_device_name(0)}, torch {torch.__version__}, "
+        f"img/s (one critic + one generator step per image)"
+    )
+    print(
+        f"{'resolution':>10s}  {'batch':>5s}  {'variant':>12s}  {'img/s':>9s}  {'vs fp32':>8s}  {'peak GiB':>8s}"
+    )
     for resolution in args.resolutions:
         batch = batches.get(resolution, 16)
         reference = None
@@ -62,11 +70,14 @@ def main() -> int:
             overrides = VARIANTS[name] + [f"schedule.batch_size.{resolution}={batch}"]
             config = load_config("paper-1024", overrides)
             placeholder = TensorDataset(torch.zeros(1, 1, 1, 1), torch.zeros(1, 14), torch.zeros(1, 14))
-            trainer = PGGANTrainer(config, placeholder, "/tmp/bench-gan-gpu", context, progress=False,
-                                   tensorboard=False)
+            trainer = PGGANTrainer(
+                config, placeholder, "/tmp/bench-gan-gpu", context, progress=False, tensorboard=False
+            )
             reals = torch.rand(batch, 1, 1024, 1024, device=context.device) * 2 - 1
             trainer._next_reals = lambda per_rank, reals=reals: reals[:per_rank]  # GPU-resident batch
-            phase = next(p for p in trainer.schedule.phases if p.resolution == resolution and p.kind == "stable")
+            phase = next(
+                p for p in trainer.schedule.phases if p.resolution == resolution and p.kind == "stable"
+            )
             trainer.images_shown, trainer.phase_index = phase.start, phase.index
             torch.cuda.reset_peak_memory_stats()
             for _ in range(5):  # warm-up: cuDNN autotuning, allocator
@@ -80,8 +91,10 @@ def main() -> int:
             rate = count / (time.perf_counter() - start)
             reference = reference or rate
             peak = torch.cuda.max_memory_allocated() / 2**30
-            print(f"{resolution:>9d}²  {batch:>5d}  {name:>12s}  {rate:>9.1f}  {rate / reference:>7.2f}×  {peak:>8.1f}",
-                  flush=True)
+            print(
+                f"{resolution:>9d}²  {batch:>5d}  {name:>12s}  {rate:>9.1f}  {rate / reference:>7.2f}×  {peak:>8.1f}",
+                flush=True,
+            )
             del trainer, reals
             torch.cuda.empty_cache()
     return 0

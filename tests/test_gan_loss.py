@@ -40,7 +40,9 @@ def test_gradient_penalty_equals_direct_autograd_jacobian():
 
 def test_gradient_penalty_is_differentiable_in_the_critic_weights():
     critic = _critic()
-    penalty = gradient_penalty(critic, torch.randn(4, 1, 16, 16).double(), torch.randn(4, 1, 16, 16).double(), 16, 1.0)
+    penalty = gradient_penalty(
+        critic, torch.randn(4, 1, 16, 16).double(), torch.randn(4, 1, 16, 16).double(), 16, 1.0
+    )
     penalty.backward()
     grads = [p.grad for p in critic.parameters() if p.grad is not None]
     assert grads and any(g.abs().sum() > 0 for g in grads)

@@ -38,13 +38,22 @@ def _one_thread_per_test():
     yield
     torch.set_num_threads(before)
 
+
 REPO = Path(__file__).resolve().parent.parent
 
 # A 16² network small enough that a few dozen steps take a second or two.
 TINY = [
-    "network.resolution=16", "network.latent_dim=16", "network.channel_base=64", "network.channel_max=8",
-    "schedule.fade_images.default=64", "schedule.stable_images.default=64", "schedule.batch_size.default=8",
-    "train.tick_images=32", "train.checkpoint_images=1000000", "train.grid_size=4", "train.cpu_threads=1",
+    "network.resolution=16",
+    "network.latent_dim=16",
+    "network.channel_base=64",
+    "network.channel_max=8",
+    "schedule.fade_images.default=64",
+    "schedule.stable_images.default=64",
+    "schedule.batch_size.default=8",
+    "train.tick_images=32",
+    "train.checkpoint_images=1000000",
+    "train.grid_size=4",
+    "train.cpu_threads=1",
 ]
 
 
@@ -56,8 +65,9 @@ def _dataset(resolution: int = 16, count: int = 40) -> TensorDataset:
 
 def _trainer(run_dir: Path, overrides: list[str] = (), dataset=None) -> PGGANTrainer:
     config = load_config("ci", [*TINY, *overrides])
-    return PGGANTrainer(config, dataset or _dataset(), run_dir, init_distributed("cpu"), progress=False,
-                        tensorboard=False)
+    return PGGANTrainer(
+        config, dataset or _dataset(), run_dir, init_distributed("cpu"), progress=False, tensorboard=False
+    )
 
 
 def _assert_same_state(a: PGGANTrainer, b: PGGANTrainer) -> None:
@@ -157,8 +167,17 @@ DDP_WORKER = textwrap.dedent(
 def test_two_process_gloo_run_keeps_replicas_identical(tmp_path):
     worker = tmp_path / "worker.py"
     worker.write_text(DDP_WORKER)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(worker), str(tmp_path), *TINY, "schedule.batch_size.default=16"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(worker),
+        str(tmp_path),
+        *TINY,
+        "schedule.batch_size.default=16",
+    ]
     completed = subprocess.run(command, check=False, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
@@ -178,8 +197,15 @@ def test_two_process_gloo_run_keeps_replicas_identical(tmp_path):
 
 
 def _cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "training.cli", *args], check=False, cwd=REPO, capture_output=True,
-                          text=True, timeout=300, **kwargs)
+    return subprocess.run(
+        [sys.executable, "-m", "training.cli", *args],
+        check=False,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        **kwargs,
+    )
 
 
 def test_sigterm_writes_a_checkpoint_and_resume_continues(tmp_path):
@@ -188,9 +214,24 @@ def test_sigterm_writes_a_checkpoint_and_resume_continues(tmp_path):
     settings = [*TINY, "network.resolution=32", "schedule.stable_images.32=100000", "data.phantom_count=64"]
     overrides = [arg for item in settings for arg in ("--set", item)]
     process = subprocess.Popen(
-        [sys.executable, "-m", "training.cli", "train", "--config", "ci", "--data", "phantoms", "--run-dir",
-         str(run_dir), "--no-progress", *overrides],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "training.cli",
+            "train",
+            "--config",
+            "ci",
+            "--data",
+            "phantoms",
+            "--run-dir",
+            str(run_dir),
+            "--no-progress",
+            *overrides,
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     deadline = time.time() + 120
     while not (run_dir / "stats.jsonl").exists() and time.time() < deadline and process.poll() is None:
@@ -211,7 +252,9 @@ def test_sigterm_writes_a_checkpoint_and_resume_continues(tmp_path):
 
 
 def test_cli_rejects_bad_configuration_with_a_clear_message(tmp_path):
-    unknown = _cli("train", "--config", "ci", "--set", "schedule.batchsize.default=4", "--run-dir", str(tmp_path))
+    unknown = _cli(
+        "train", "--config", "ci", "--set", "schedule.batchsize.default=4", "--run-dir", str(tmp_path)
+    )
     assert unknown.returncode == 2 and "schedule.batchsize" in unknown.stderr
     preset = _cli("train", "--config", "nonexistent", "--run-dir", str(tmp_path))
     assert preset.returncode == 2 and "presets: ['ci', 'demo', 'nih-256', 'paper-1024']" in preset.stderr
@@ -223,8 +266,17 @@ def test_paper_schedule_matches_segal_et_al():
     config = load_config("paper-1024")
     schedule = ProgressiveSchedule(config)
     assert schedule.total_images == 14_000_000
-    assert config.network.channel_table() == {4: 512, 8: 512, 16: 512, 32: 512, 64: 256, 128: 128, 256: 64,
-                                              512: 32, 1024: 16}
+    assert config.network.channel_table() == {
+        4: 512,
+        8: 512,
+        16: 512,
+        32: 512,
+        64: 256,
+        128: 128,
+        256: 64,
+        512: 32,
+        1024: 16,
+    }
     per_resolution: dict[int, dict[str, int]] = {}
     for phase in schedule.phases:
         per_resolution.setdefault(phase.resolution, {})[phase.kind] = phase.length
@@ -232,7 +284,12 @@ def test_paper_schedule_matches_segal_et_al():
     for resolution in (8, 16, 32, 64, 128, 256, 512):
         assert per_resolution[resolution] == {"fade": 800_000, "stable": 800_000}
     assert per_resolution[1024] == {"fade": 800_000, "stable": 1_200_000}
-    assert (config.loss.gp_weight, config.loss.drift_weight, config.optim.lr, config.ema.beta) == (10, 0.001, 1e-3, 0.999)
+    assert (config.loss.gp_weight, config.loss.drift_weight, config.optim.lr, config.ema.beta) == (
+        10,
+        0.001,
+        1e-3,
+        0.999,
+    )
     assert config.optim.betas == [0.0, 0.99]
     phase, alpha = schedule.at(800_000 + 200_000)
     assert (phase.resolution, phase.kind, alpha) == (8, "fade", 0.25)
@@ -258,8 +315,15 @@ def _pixel_features(images: torch.Tensor) -> np.ndarray:
 def test_ci_preset_learns_phantoms_and_cli_samples_from_it(tmp_path):
     config = load_config("ci")
     data = build_dataset("phantoms", config, progress=False)
-    trainer = PGGANTrainer(config, data, tmp_path, init_distributed("cpu"), data_spec="phantoms", progress=False,
-                           tensorboard=True)
+    trainer = PGGANTrainer(
+        config,
+        data,
+        tmp_path,
+        init_distributed("cpu"),
+        data_spec="phantoms",
+        progress=False,
+        tensorboard=True,
+    )
     real = _pixel_features(torch.stack([data[i][0] for i in range(len(data))]))
     latents = torch.randn(512, config.network.latent_dim, generator=torch.Generator().manual_seed(42))
 
@@ -284,7 +348,9 @@ def test_ci_preset_learns_phantoms_and_cli_samples_from_it(tmp_path):
     generator = load_generator(checkpoint)
     assert torch.allclose(generator(latents[:4]), trainer.G_ema(latents[:4]))
     grid, out = tmp_path / "grid.png", tmp_path / "samples"
-    sampled = _cli("sample", str(checkpoint), "--grid", str(grid), "--count", "3", "--out", str(out), "--bits", "16")
+    sampled = _cli(
+        "sample", str(checkpoint), "--grid", str(grid), "--count", "3", "--out", str(out), "--bits", "16"
+    )
     assert sampled.returncode == 0, sampled.stderr
     with Image.open(grid) as png:
         assert png.size == (64, 64)  # 3 images -> 2×2 grid of 32²
@@ -305,7 +371,14 @@ def test_trains_from_an_image_folder(tmp_path):
     image, labels, mask = data[0]
     assert labels.shape == (14,)
     assert image.shape == (1, 32, 32) and -1 <= image.min() and image.max() <= 1 and mask.sum() == 0
-    trainer = PGGANTrainer(config, data, tmp_path / "run", init_distributed("cpu"), data_spec=f"folder:{folder}",
-                           progress=False, tensorboard=False)
+    trainer = PGGANTrainer(
+        config,
+        data,
+        tmp_path / "run",
+        init_distributed("cpu"),
+        data_spec=f"folder:{folder}",
+        progress=False,
+        tensorboard=False,
+    )
     result = trainer.train(stop_at_images=32)
     assert read_checkpoint(result.checkpoint).state["data"] == f"folder:{folder}"

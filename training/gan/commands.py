@@ -1,8 +1,8 @@
 """CLI commands for the PGGAN: train, resume, sample (registered by training.cli).
 
-    python -m training.cli train --config demo --data phantoms [--run-dir DIR] [--set key=value ...]
-    python -m training.cli resume RUN_DIR_OR_CHECKPOINT [--set train.tick_images=5000]
-    python -m training.cli sample CHECKPOINT --grid out.png [--count N --out DIR] [--seed S]
+python -m training.cli train --config demo --data phantoms [--run-dir DIR] [--set key=value ...]
+python -m training.cli resume RUN_DIR_OR_CHECKPOINT [--set train.tick_images=5000]
+python -m training.cli sample CHECKPOINT --grid out.png [--count N --out DIR] [--seed S]
 """
 
 from __future__ import annotations
@@ -31,9 +31,13 @@ from training.runtime import (
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     train = subparsers.add_parser("train", help="train a PGGAN from a preset")
-    train.add_argument("--config", default="demo", help="preset (ci, demo, nih-256, paper-1024) or a TOML file")
+    train.add_argument(
+        "--config", default="demo", help="preset (ci, demo, nih-256, paper-1024) or a TOML file"
+    )
     train.add_argument("--data", default="phantoms", help="phantoms | nih:PATH | folder:PATH")
-    train.add_argument("--run-dir", type=Path, help="directory for this run (default: a new numbered one under --runs)")
+    train.add_argument(
+        "--run-dir", type=Path, help="directory for this run (default: a new numbered one under --runs)"
+    )
     train.add_argument("--runs", type=Path, default=Path("runs"), help="parent of numbered run directories")
     _add_common(train)
     train.set_defaults(handler=run_train)
@@ -56,8 +60,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. schedule.batch_size.64=32 (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. schedule.batch_size.64=32 (repeatable)",
+    )
     parser.add_argument("--stop-at", type=int, help="stop (with a checkpoint) after this many images in all")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs still written)")
 
@@ -67,22 +77,32 @@ def _fail(message: str) -> int:
     return 2
 
 
-def _train(config: GanConfig, data_spec: str, run_dir: Path | None, runs_root: Path | None,
-           resume_from: Path | None, args: argparse.Namespace) -> int:
+def _train(
+    config: GanConfig,
+    data_spec: str,
+    run_dir: Path | None,
+    runs_root: Path | None,
+    resume_from: Path | None,
+    args: argparse.Namespace,
+) -> int:
     context = init_distributed(config.train.device)
     if context.device.type == "cpu" and config.train.cpu_threads > 0:
         torch.set_num_threads(config.train.cpu_threads)
     try:
         torch.backends.cudnn.benchmark = True
         if run_dir is None:
-            created = [str(create_run_dir(runs_root, f"{config.name}-{data_spec.split(':')[0]}"))] \
-                if context.is_main else [""]
+            created = (
+                [str(create_run_dir(runs_root, f"{config.name}-{data_spec.split(':')[0]}"))]
+                if context.is_main
+                else [""]
+            )
             if context.is_distributed:
                 torch.distributed.broadcast_object_list(created, src=0)
             run_dir = Path(created[0])
         dataset = build_dataset(data_spec, config, progress=context.is_main and not args.no_progress)
-        trainer = PGGANTrainer(config, dataset, run_dir, context, data_spec=data_spec,
-                               progress=not args.no_progress)
+        trainer = PGGANTrainer(
+            config, dataset, run_dir, context, data_spec=data_spec, progress=not args.no_progress
+        )
         if resume_from is not None:
             trainer.resume(resume_from)
         try:
@@ -90,9 +110,13 @@ def _train(config: GanConfig, data_spec: str, run_dir: Path | None, runs_root: P
         except NonFiniteError as error:
             return _fail(str(error))
         if context.is_main:
-            state = "finished" if result.finished else ("interrupted" if result.stopped_by_signal else "paused")
-            print(f"{state} at {result.images_shown:,} images; run directory {run_dir}; "
-                  f"checkpoint {result.checkpoint}")
+            state = (
+                "finished" if result.finished else ("interrupted" if result.stopped_by_signal else "paused")
+            )
+            print(
+                f"{state} at {result.images_shown:,} images; run directory {run_dir}; "
+                f"checkpoint {result.checkpoint}"
+            )
         return 130 if result.stopped_by_signal else 0
     finally:
         shutdown_distributed()

@@ -154,7 +154,9 @@ class GanConfig:
         net, sched = self.network, self.schedule
         resolutions_up_to(net.resolution)
         if sched.start_resolution not in resolutions_up_to(net.resolution):
-            raise ConfigError(f"schedule.start_resolution {sched.start_resolution} not in 4..{net.resolution}")
+            raise ConfigError(
+                f"schedule.start_resolution {sched.start_resolution} not in 4..{net.resolution}"
+            )
         for name in ("fade_images", "stable_images", "batch_size"):
             setattr(sched, name, _per_resolution(getattr(sched, name), f"schedule.{name}"))
         net.channels = _per_resolution(net.channels, "network.channels")
@@ -181,7 +183,9 @@ def _build(cls: type, raw: Mapping[str, Any], prefix: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - set(fields))
     if unknown:
-        raise ConfigError(f"unknown key(s) {[prefix + k for k in unknown]}; known: {sorted(prefix + k for k in fields)}")
+        raise ConfigError(
+            f"unknown key(s) {[prefix + k for k in unknown]}; known: {sorted(prefix + k for k in fields)}"
+        )
     values = {}
     for name, value in raw.items():
         default = getattr(cls(), name)

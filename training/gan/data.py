@@ -56,7 +56,9 @@ def build_dataset(spec: str, config: GanConfig, progress: bool = True) -> Datase
             config.data.phantom_count, size, seed=config.data.phantom_seed, prior=config.data.phantom_prior
         )
         if config.data.cache_in_memory:
-            dataset = InMemoryImages(dataset, description=f"rendering {len(dataset)} phantoms", progress=progress)
+            dataset = InMemoryImages(
+                dataset, description=f"rendering {len(dataset)} phantoms", progress=progress
+            )
         return dataset
     if kind == "nih" and path:
         return NIHChestXray14(path, split="train", size=size, cache_dir=cache_dir)

@@ -44,8 +44,12 @@ def gradient_penalty(
     dtype = torch.promote_types(reals.dtype, torch.float32)  # fp32 (or fp64), never half
     if mix is None:
         mix = torch.rand(reals.shape[0], 1, 1, 1, device=reals.device, dtype=dtype)
-    mixed = torch.lerp(reals.to(dtype), fakes.to(dtype), mix.to(dtype).reshape(-1, 1, 1, 1)).requires_grad_(True)
-    with torch.autocast(mixed.device.type, dtype=autocast_dtype or torch.float16, enabled=autocast_dtype is not None):
+    mixed = torch.lerp(reals.to(dtype), fakes.to(dtype), mix.to(dtype).reshape(-1, 1, 1, 1)).requires_grad_(
+        True
+    )
+    with torch.autocast(
+        mixed.device.type, dtype=autocast_dtype or torch.float16, enabled=autocast_dtype is not None
+    ):
         scores = discriminator(mixed, resolution, alpha)
     scores_sum = scores.to(dtype).sum()
     scaling = scaler is not None and scaler.is_enabled()
@@ -72,12 +76,20 @@ def discriminator_loss(
     autocast_dtype: torch.dtype | None = None,
 ) -> DiscriminatorLoss:
     """WGAN-GP critic loss plus drift; `fakes` must already be detached from the generator."""
-    with torch.autocast(reals.device.type, dtype=autocast_dtype or torch.float16, enabled=autocast_dtype is not None):
+    with torch.autocast(
+        reals.device.type, dtype=autocast_dtype or torch.float16, enabled=autocast_dtype is not None
+    ):
         # Separate passes: minibatch stddev must see groups of reals only and of fakes only.
         score_real = discriminator(reals, resolution, alpha).float()
         score_fake = discriminator(fakes, resolution, alpha).float()
     penalty = gradient_penalty(
-        discriminator, reals, fakes, resolution, alpha, scaler=scaler, autocast_dtype=autocast_dtype,
+        discriminator,
+        reals,
+        fakes,
+        resolution,
+        alpha,
+        scaler=scaler,
+        autocast_dtype=autocast_dtype,
         target=gp_target,
     )
     drift = score_real.square().mean()
@@ -99,6 +111,8 @@ def generator_loss(
     autocast_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """WGAN generator loss -E[D(G(z))]."""
-    with torch.autocast(fakes.device.type, dtype=autocast_dtype or torch.float16, enabled=autocast_dtype is not None):
+    with torch.autocast(
+        fakes.device.type, dtype=autocast_dtype or torch.float16, enabled=autocast_dtype is not None
+    ):
         scores = discriminator(fakes, resolution, alpha).float()
     return -scores.mean()

@@ -131,8 +131,12 @@ class PGGANTrainer:
         self.G_forward = torch.compile(self.G) if train.compile else self.G  # D needs double backward: eager
 
         betas = tuple(config.optim.betas)
-        self.opt_G = torch.optim.Adam(self.G.parameters(), lr=config.optim.lr, betas=betas, eps=config.optim.eps)
-        self.opt_D = torch.optim.Adam(self.D.parameters(), lr=config.optim.lr, betas=betas, eps=config.optim.eps)
+        self.opt_G = torch.optim.Adam(
+            self.G.parameters(), lr=config.optim.lr, betas=betas, eps=config.optim.eps
+        )
+        self.opt_D = torch.optim.Adam(
+            self.D.parameters(), lr=config.optim.lr, betas=betas, eps=config.optim.eps
+        )
         use_scaler = self.amp_enabled and self.autocast_dtype == torch.float16
         # 2**10 rather than 2**16: WGAN-GP gradients are large, so a high start only costs skipped steps.
         self.scaler_G = torch.amp.GradScaler(self.device.type, init_scale=2.0**10, enabled=use_scaler)
@@ -149,7 +153,8 @@ class PGGANTrainer:
         self.steps = 0
         self.phase_index = 0
         self.grid_latents = torch.randn(
-            train.grid_size, config.network.latent_dim,
+            train.grid_size,
+            config.network.latent_dim,
             generator=torch.Generator().manual_seed(train.seed + GRID_SEED_OFFSET),
         ).to(self.device)
         self._batches = None
@@ -164,8 +169,13 @@ class PGGANTrainer:
 
     def _stateful(self) -> dict[str, Any]:
         objects: dict[str, Any] = {
-            "G": self.G, "D": self.D, "G_ema": self.G_ema, "opt_G": self.opt_G, "opt_D": self.opt_D,
-            "guard_D": self.guards["discriminator"], "guard_G": self.guards["generator"],
+            "G": self.G,
+            "D": self.D,
+            "G_ema": self.G_ema,
+            "opt_G": self.opt_G,
+            "opt_D": self.opt_D,
+            "guard_D": self.guards["discriminator"],
+            "guard_G": self.guards["generator"],
         }
         if self.scaler_G.is_enabled():
             objects.update(scaler_G=self.scaler_G, scaler_D=self.scaler_D)
@@ -209,8 +219,9 @@ class PGGANTrainer:
         if "scaler_G" not in header.objects:  # an fp32 checkpoint continued under AMP: fresh scalers
             for name in ("scaler_G", "scaler_D"):
                 objects.pop(name, None)
-        checkpoint = load_checkpoint(path, objects=objects, map_location=self.device,
-                                     rank=self.context.rank if same_world else None)
+        checkpoint = load_checkpoint(
+            path, objects=objects, map_location=self.device, rank=self.context.rank if same_world else None
+        )
         self.images_shown = int(checkpoint.state["images_shown"])
         self.steps = int(checkpoint.state["steps"])
         self.phase_index = int(checkpoint.state["phase_index"])
@@ -232,8 +243,11 @@ class PGGANTrainer:
                 world_size=self.context.world_size,
             )
             loader = make_loader(
-                self.dataset, batch_size=per_rank, workers=self.config.data.num_workers,
-                batch_sampler=sampler, seed=self.config.train.seed,
+                self.dataset,
+                batch_size=per_rank,
+                workers=self.config.data.num_workers,
+                batch_sampler=sampler,
+                seed=self.config.train.seed,
             )
             self._batches = iter(loader)
         images = next(self._batches)[0]
@@ -249,8 +263,14 @@ class PGGANTrainer:
             self.opt_D.state.clear()
         self.phase_index = phase.index
 
-    def _apply(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-               module: torch.nn.Module, extra: torch.Tensor, where: str) -> torch.Tensor:
+    def _apply(
+        self,
+        optimizer: torch.optim.Optimizer,
+        scaler: torch.amp.GradScaler,
+        module: torch.nn.Module,
+        extra: torch.Tensor,
+        where: str,
+    ) -> torch.Tensor:
         """All-reduce gradients (+ extra), check finiteness, step or skip. Returns the averaged extra."""
         extra = average_gradients_(module.parameters(), extra=extra)
         scaler.unscale_(optimizer)
@@ -259,8 +279,11 @@ class PGGANTrainer:
         if guard.check(all_finite(grads + [extra]), where=f"at {self.images_shown:,} images"):
             scaler.step(optimizer)
         elif self.monitor is not None:
-            overflow = f"; under AMP usually a loss-scale overflow, scale now {scaler.get_scale() / 2:g}" \
-                if scaler.is_enabled() else ""
+            overflow = (
+                f"; under AMP usually a loss-scale overflow, scale now {scaler.get_scale() / 2:g}"
+                if scaler.is_enabled()
+                else ""
+            )
             self.monitor.message(
                 f"skipped a non-finite {where} step at {self.images_shown:,} images "
                 f"({guard.consecutive} in a row, {guard.total_skipped} in all{overflow})"
@@ -275,7 +298,9 @@ class PGGANTrainer:
             self._begin_phase(phase)
         resolution, world = phase.resolution, self.context.world_size
         if phase.batch_size % world:
-            raise ValueError(f"batch size {phase.batch_size} at {resolution}² is not divisible by {world} ranks")
+            raise ValueError(
+                f"batch size {phase.batch_size} at {resolution}² is not divisible by {world} ranks"
+            )
         per_rank = phase.batch_size // world
         reals = real_images_at(self._next_reals(per_rank), resolution, alpha)
         latent_dim = self.config.network.latent_dim
@@ -285,29 +310,55 @@ class PGGANTrainer:
         self.G.requires_grad_(False)
         self.D.requires_grad_(True)
         z = torch.randn(per_rank, latent_dim, device=self.device)
-        with torch.no_grad(), torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float16,
-                                             enabled=self.amp_enabled):
+        with (
+            torch.no_grad(),
+            torch.autocast(
+                self.device.type, dtype=self.autocast_dtype or torch.float16, enabled=self.amp_enabled
+            ),
+        ):
             fakes = self.G_forward(z, resolution, alpha)
         fakes = fakes.float().contiguous(memory_format=self.memory_format)
         d = discriminator_loss(
-            self.D, reals, fakes, resolution, alpha, gp_weight=loss_cfg.gp_weight,
-            drift_weight=loss_cfg.drift_weight, gp_target=loss_cfg.gp_target, scaler=self.scaler_D,
+            self.D,
+            reals,
+            fakes,
+            resolution,
+            alpha,
+            gp_weight=loss_cfg.gp_weight,
+            drift_weight=loss_cfg.drift_weight,
+            gp_target=loss_cfg.gp_target,
+            scaler=self.scaler_D,
             autocast_dtype=self.autocast_dtype,
         )
         self.opt_D.zero_grad(set_to_none=True)
         self.scaler_D.scale(d.loss).backward()
-        d_stats = torch.stack([d.loss.detach(), d.score_real, d.score_fake, d.penalty, d.drift,
-                               torch.tensor(float(stop_requested), device=self.device)])
+        d_stats = torch.stack(
+            [
+                d.loss.detach(),
+                d.score_real,
+                d.score_fake,
+                d.penalty,
+                d.drift,
+                torch.tensor(float(stop_requested), device=self.device),
+            ]
+        )
         d_stats = self._apply(self.opt_D, self.scaler_D, self.D, d_stats, "discriminator")
 
         # Generator.
         self.G.requires_grad_(True)
         self.D.requires_grad_(False)
         z = torch.randn(per_rank, latent_dim, device=self.device)
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float16, enabled=self.amp_enabled):
+        with torch.autocast(
+            self.device.type, dtype=self.autocast_dtype or torch.float16, enabled=self.amp_enabled
+        ):
             fakes = self.G_forward(z, resolution, alpha)
-        loss_g = generator_loss(self.D, fakes.contiguous(memory_format=self.memory_format), resolution, alpha,
-                                autocast_dtype=self.autocast_dtype)
+        loss_g = generator_loss(
+            self.D,
+            fakes.contiguous(memory_format=self.memory_format),
+            resolution,
+            alpha,
+            autocast_dtype=self.autocast_dtype,
+        )
         self.opt_G.zero_grad(set_to_none=True)
         self.scaler_G.scale(loss_g).backward()
         g_stats = self._apply(self.opt_G, self.scaler_G, self.G, loss_g.detach().reshape(1), "generator")
@@ -339,7 +390,9 @@ class PGGANTrainer:
     def write_grid(self) -> Path | None:
         if not self.context.is_main:
             return None
-        return save_image_grid(self.sample_grid(), self.run_dir / "grids" / f"fakes-{self.images_shown:012d}.png")
+        return save_image_grid(
+            self.sample_grid(), self.run_dir / "grids" / f"fakes-{self.images_shown:012d}.png"
+        )
 
     # ------------------------------------------------------------------------------ loop
 
@@ -348,16 +401,30 @@ class PGGANTrainer:
     def train(self, stop_at_images: int | None = None) -> TrainResult:
         """Train until the schedule ends (or `stop_at_images`), a signal asks to stop, or a fault."""
         config, ctx = self.config, self.context
-        end = self.schedule.total_images if stop_at_images is None else min(stop_at_images, self.schedule.total_images)
+        end = (
+            self.schedule.total_images
+            if stop_at_images is None
+            else min(stop_at_images, self.schedule.total_images)
+        )
         if ctx.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(self.run_dir / "config.json", {"config": config.to_dict(), "data": self.data_spec})
-        self.monitor = TrainingMonitor(self.run_dir, total=self.schedule.total_images, initial=self.images_shown,
-                                       enabled=ctx.is_main, tensorboard=self.tensorboard, progress=self.progress)
+            write_json_atomic(
+                self.run_dir / "config.json", {"config": config.to_dict(), "data": self.data_spec}
+            )
+        self.monitor = TrainingMonitor(
+            self.run_dir,
+            total=self.schedule.total_images,
+            initial=self.images_shown,
+            enabled=ctx.is_main,
+            tensorboard=self.tensorboard,
+            progress=self.progress,
+        )
         monitor = self.monitor
-        monitor.message(f"training {config.name} on {self.data_spec}: {self.schedule.total_images:,} images, "
-                        f"{ctx.world_size} process(es) on {self.device}, from {self.images_shown:,}\n"
-                        + self.schedule.describe())
+        monitor.message(
+            f"training {config.name} on {self.data_spec}: {self.schedule.total_images:,} images, "
+            f"{ctx.world_size} process(es) on {self.device}, from {self.images_shown:,}\n"
+            + self.schedule.describe()
+        )
         if ctx.is_main and self.images_shown == 0:
             save_image_grid(self._reals_for_grid(), self.run_dir / "grids" / "reals.png")
             self.write_grid()
@@ -389,13 +456,16 @@ class PGGANTrainer:
                         last_checkpoint = self.save()
                         next_checkpoint = (self.images_shown // checkpoint_every + 1) * checkpoint_every
                     if stopped:
-                        monitor.message(f"stopped by {stop.signal_name or 'a signal on another rank'} at "
-                                        f"{self.images_shown:,} images; checkpoint {last_checkpoint}")
+                        monitor.message(
+                            f"stopped by {stop.signal_name or 'a signal on another rank'} at "
+                            f"{self.images_shown:,} images; checkpoint {last_checkpoint}"
+                        )
                         break
         finally:
             monitor.close()
-        return TrainResult(self.images_shown, self.images_shown >= self.schedule.total_images, stopped,
-                           last_checkpoint)
+        return TrainResult(
+            self.images_shown, self.images_shown >= self.schedule.total_images, stopped, last_checkpoint
+        )
 
     def _reals_for_grid(self) -> torch.Tensor:
         count = min(self.config.train.grid_size, len(self.dataset))  # type: ignore[arg-type]
@@ -421,8 +491,14 @@ class PGGANTrainer:
         if self.monitor is None:
             return
         self.monitor.log(stats, step=self.images_shown)
-        self.monitor.advance(self.images_shown, {
-            "phase": phase.label, "alpha": f"{alpha:.2f}", "img/s": f"{images_per_second:.0f}",
-            "D": f"{stats['loss_d']:.3f}", "G": f"{stats['loss_g']:.3f}",
-        })
+        self.monitor.advance(
+            self.images_shown,
+            {
+                "phase": phase.label,
+                "alpha": f"{alpha:.2f}",
+                "img/s": f"{images_per_second:.0f}",
+                "D": f"{stats['loss_d']:.3f}",
+                "G": f"{stats['loss_g']:.3f}",
+            },
+        )
         self.write_grid()

@@ -30,7 +30,17 @@ LEAKY_SLOPE = 0.2
 HE_GAIN = math.sqrt(2.0)
 
 #: Segal et al. (2021) channel counts for 1024² chest x-rays, resolution -> feature maps.
-PAPER_CHANNELS: dict[int, int] = {4: 512, 8: 512, 16: 512, 32: 512, 64: 256, 128: 128, 256: 64, 512: 32, 1024: 16}
+PAPER_CHANNELS: dict[int, int] = {
+    4: 512,
+    8: 512,
+    16: 512,
+    32: 512,
+    64: 256,
+    128: 128,
+    256: 64,
+    512: 32,
+    1024: 16,
+}
 
 
 def channels_for(resolution: int, channel_base: int = 16384, channel_max: int = 512) -> int:
@@ -230,8 +240,10 @@ class Discriminator(nn.Module):
         self.blocks = nn.ModuleDict()
         for r in self.resolutions[1:]:
             self.blocks[str(r)] = nn.ModuleList(
-                [EqualizedConv2d(self.channels[r], self.channels[r], 3),
-                 EqualizedConv2d(self.channels[r], self.channels[r // 2], 3)]
+                [
+                    EqualizedConv2d(self.channels[r], self.channels[r], 3),
+                    EqualizedConv2d(self.channels[r], self.channels[r // 2], 3),
+                ]
             )
         c4 = self.channels[4]
         self.final_conv = EqualizedConv2d(c4 + 1, c4, 3)

@@ -45,7 +45,7 @@ class DistributedContext:
 
 
 def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
-    """"auto" -> cuda:LOCAL_RANK when CUDA is available, else cpu."""
+    """ "auto" -> cuda:LOCAL_RANK when CUDA is available, else cpu."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":

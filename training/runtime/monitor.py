@@ -109,8 +109,9 @@ class TrainingMonitor:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if progress:
-            self._bar = tqdm(total=total, initial=initial, unit=unit, unit_scale=True, dynamic_ncols=True,
-                             smoothing=0.05)
+            self._bar = tqdm(
+                total=total, initial=initial, unit=unit, unit_scale=True, dynamic_ncols=True, smoothing=0.05
+            )
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # imported lazily: slow import
 
