@@ -158,6 +158,7 @@ class PGGANTrainer:
             generator=torch.Generator().manual_seed(train.seed + GRID_SEED_OFFSET),
         ).to(self.device)
         self._batches = None
+        self._tick_postfix: dict[str, str] = {}  # last tick's losses, shown on the progress bar
 
     # ------------------------------------------------------------------------------ state
 
@@ -433,6 +434,7 @@ class PGGANTrainer:
         next_tick = (self.images_shown // tick_every + 1) * tick_every
         next_checkpoint = (self.images_shown // checkpoint_every + 1) * checkpoint_every
         tick_sums, tick_steps = None, 0
+        self._tick_postfix = {}
         tick_start_time, tick_start_images = time.perf_counter(), self.images_shown
         stopped = False
         last_checkpoint: Path | None = None
@@ -444,7 +446,11 @@ class PGGANTrainer:
                     tick_steps += 1
                     stopped = bool(stats[_D_STATS.index("stop")] > 0)
                     done = self.images_shown >= end
-                    monitor.advance(self.images_shown)
+                    phase, alpha = self.schedule.at(self.images_shown - 1)
+                    monitor.advance(
+                        self.images_shown,
+                        {"phase": phase.label, "alpha": f"{alpha:.2f}", **self._tick_postfix},
+                    )
                     if self.images_shown >= next_tick or done or stopped:
                         elapsed = time.perf_counter() - tick_start_time
                         rate = (self.images_shown - tick_start_images) / max(elapsed, 1e-9)
@@ -491,14 +497,5 @@ class PGGANTrainer:
         if self.monitor is None:
             return
         self.monitor.log(stats, step=self.images_shown)
-        self.monitor.advance(
-            self.images_shown,
-            {
-                "phase": phase.label,
-                "alpha": f"{alpha:.2f}",
-                "img/s": f"{images_per_second:.0f}",
-                "D": f"{stats['loss_d']:.3f}",
-                "G": f"{stats['loss_g']:.3f}",
-            },
-        )
+        self._tick_postfix = {"D": f"{stats['loss_d']:.3f}", "G": f"{stats['loss_g']:.3f}"}
         self.write_grid()
