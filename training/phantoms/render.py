@@ -135,7 +135,9 @@ def _anatomy_layers(frame: Frame, a: Anatomy) -> AnatomyLayers:
     torso = soft_step(_superellipse_distance(du, v - 0.7, a.body_half_width, 0.68, 3.0), 3 * edge)
     neck = soft_step(np.abs(du) - 0.09, 2 * edge) * soft_step(v - 0.2, 6 * edge)
     body = np.maximum(torso, neck)
-    density = SOFT_TISSUE * body
+    # The chest is an elliptic cylinder: X-rays cross more tissue near the midline than at the sides.
+    depth = np.sqrt(np.clip(1.0 - (du / (a.body_half_width + 0.02)) ** 2, 0.0, 1.0))
+    density = SOFT_TISSUE * body * (0.6 + 0.4 * depth)
 
     fields = lung_fields(frame, a)
     heart, above_diaphragm, cavities = fields.heart, fields.above_diaphragm, fields.cavity
