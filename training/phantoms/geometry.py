@@ -143,9 +143,24 @@ def splat_lines(
     across a line, like a projected cylinder. Segments are grouped into a few width classes so each
     class is blurred once.
     """
+    return splat_line_groups(frame, starts, ends, weights, widths, np.zeros(len(starts), dtype=int), 1)[0]
+
+
+def splat_line_groups(
+    frame: Frame,
+    starts: np.ndarray,
+    ends: np.ndarray,
+    weights: np.ndarray,
+    widths: np.ndarray,
+    groups: np.ndarray,
+    group_count: int,
+) -> list[np.ndarray]:
+    """:func:`splat_lines` for several sets of segments at once (``groups`` numbers each segment's
+    set), one image per set: the per-point work is shared, which matters for small images."""
     size = frame.size
+    result = [np.zeros((size, size), dtype=np.float32) for _ in range(group_count)]
     if len(starts) == 0:
-        return np.zeros((size, size), dtype=np.float32)
+        return result
     x0, y0 = frame.to_pixels(starts[:, 0], starts[:, 1])
     x1, y1 = frame.to_pixels(ends[:, 0], ends[:, 1])
     lengths = np.hypot(x1 - x0, y1 - y0)
@@ -158,19 +173,21 @@ def splat_lines(
     # Each point carries the density of a piece of line `length / count` pixels long.
     widths_px = widths * size * frame.pose.scale
     mass = (weights * widths_px * lengths / counts)[segment]
-    classes = np.digitize(widths_px, [1.5, 3.0, 6.0])
-    result = np.zeros((size, size), dtype=np.float32)
-    for width_class in np.unique(classes):
-        chosen = classes[segment] == width_class
+    # One blur per (set, width class).
+    classes = groups * 4 + np.digitize(widths_px, [1.5, 3.0, 6.0])
+    for key in np.unique(classes):
+        chosen = classes[segment] == key
         layer = _bilinear_splat(xs[chosen], ys[chosen], mass[chosen], size)
-        sigma = max(0.5, float(np.median(widths_px[classes == width_class])) * 0.42)
+        sigma = max(0.5, float(np.median(widths_px[classes == key])) * 0.42)
         # Blur only the box the lines occupy (plus the kernel's reach).
         reach = int(np.ceil(3 * sigma)) + 2
-        y0, y1 = max(0, int(ys[chosen].min()) - reach), min(size, int(ys[chosen].max()) + reach + 1)
-        x0, x1 = max(0, int(xs[chosen].min()) - reach), min(size, int(xs[chosen].max()) + reach + 1)
-        if y1 > y0 and x1 > x0:
-            box = layer[y0:y1, x0:x1]
-            result[y0:y1, x0:x1] += ndimage.gaussian_filter(box, sigma, mode="constant", truncate=3.0)
+        top, bottom = max(0, int(ys[chosen].min()) - reach), min(size, int(ys[chosen].max()) + reach + 1)
+        left, right = max(0, int(xs[chosen].min()) - reach), min(size, int(xs[chosen].max()) + reach + 1)
+        if bottom > top and right > left:
+            box = layer[top:bottom, left:right]
+            result[key // 4][top:bottom, left:right] += ndimage.gaussian_filter(
+                box, sigma, mode="constant", truncate=3.0
+            )
     return result
 
 

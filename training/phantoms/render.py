@@ -16,7 +16,7 @@ from service.labels import NUM_LABELS
 from service.prior import get_prior
 from training.phantoms.anatomy import MIDLINE, SIDE_SIGN, Anatomy, sample_anatomy
 from training.phantoms.findings import FindingPlan, apply_anatomy_changes, render_findings, sample_findings
-from training.phantoms.geometry import Frame, band, ellipse, ellipse_distance, soft_step, splat_lines
+from training.phantoms.geometry import Frame, band, ellipse, ellipse_distance, soft_step, splat_line_groups
 
 MIN_SIZE, MAX_SIZE = 32, 1024
 # Independent random streams: the anatomy and each finding's placement never depend on the labels, so
@@ -165,19 +165,22 @@ def _anatomy_layers(frame: Frame, a: Anatomy) -> AnatomyLayers:
     density -= 0.35 * trachea * body
 
     density += _bones(frame, a, body)
+    # Main bronchi (air, darker) and the vessel tree, drawn in one pass: bronchi, central vessels
+    # (the first two generations) and peripheral ones (pruned in emphysema) as three layers.
     vessels = a.vessels
-    bronchi_starts = np.array([[MIDLINE + 0.004, carina_v]] * 2)
-    bronchi_ends = np.array(a.hilum)
-    density -= splat_lines(frame, bronchi_starts, bronchi_ends, np.full(2, 0.25), np.full(2, 0.018))
-    weights = 0.24 - 0.03 * vessels.generation
-    central = vessels.generation < 2
-    markings = [
-        splat_lines(
-            frame, vessels.starts[chosen], vessels.ends[chosen], weights[chosen], vessels.widths[chosen]
-        )
-        * lungs
-        for chosen in (central, ~central)
-    ]
+    carina = np.array([[MIDLINE + 0.004, carina_v]] * 2)
+    generation_set = np.where(vessels.generation < 2, 1, 2)
+    bronchi, central, peripheral = splat_line_groups(
+        frame,
+        np.concatenate([carina, vessels.starts]),
+        np.concatenate([np.array(a.hilum), vessels.ends]),
+        np.concatenate([np.full(2, 0.25), 0.24 - 0.03 * vessels.generation]),
+        np.concatenate([np.full(2, 0.018), vessels.widths]),
+        np.concatenate([np.zeros(2, dtype=int), generation_set]),
+        3,
+    )
+    density -= bronchi
+    markings = [central * lungs, peripheral * lungs]
     hila = sum(ellipse(frame, hu, hv, 0.03, 0.045, edge=6 * edge) for hu, hv in a.hilum)
     density += markings[0] + markings[1] + 0.12 * hila * lungs
     return AnatomyLayers(
