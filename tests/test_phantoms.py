@@ -84,6 +84,10 @@ def test_bad_size_type_and_label_shape_are_errors():
         render_phantom(np.zeros(NUM_LABELS), 64.0, seed=0)
     with pytest.raises(ValueError, match="multi-hot vector of 14"):
         render_phantom(np.zeros(13), 64, seed=0)
+    with pytest.raises(ValueError, match="seed must be a non-negative integer"):
+        render_phantom(np.zeros(NUM_LABELS), 64, seed=-1)
+    with pytest.raises(ValueError, match="index must be a non-negative integer"):
+        sample_phantom(-3, 64)
 
 
 def test_sample_phantom_draws_from_the_prior():

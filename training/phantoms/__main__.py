@@ -22,6 +22,13 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {value}")
+    return value
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -39,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     write.add_argument(
         "--size", required=True, type=_size, help=f"image side, a power of two {MIN_SIZE}..{MAX_SIZE}"
     )
-    write.add_argument("--seed", type=int, default=0, help="data set seed (default 0)")
+    write.add_argument("--seed", type=_non_negative, default=0, help="data set seed (default 0)")
     write.add_argument("--prior", choices=PRIOR_NAMES, default="nih", help="label prior (default nih)")
     write.add_argument("--bit-depth", type=int, choices=(8, 16), default=8, help="PNG bits per pixel")
     write.add_argument("--workers", type=_positive, default=None, help="processes (default: all cores)")
@@ -47,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     sheet = commands.add_parser("sheet", help="write a PNG contact sheet: one phantom per finding")
     sheet.add_argument("--out", required=True, help="output PNG")
     sheet.add_argument("--size", type=_size, default=256, help="tile side (default 256)")
-    sheet.add_argument("--seed", type=int, default=0, help="chest seed (default 0)")
+    sheet.add_argument("--seed", type=_non_negative, default=0, help="chest seed (default 0)")
 
     args = parser.parse_args(argv)
     if args.command == "write":

@@ -49,6 +49,12 @@ def check_size(size: int) -> int:
     return size
 
 
+def _check_seed(value: int, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    return int(value)
+
+
 def _check_labels(labels: np.ndarray) -> np.ndarray:
     labels = np.asarray(labels, dtype=np.float32)
     if labels.shape != (NUM_LABELS,):
@@ -59,8 +65,8 @@ def _check_labels(labels: np.ndarray) -> np.ndarray:
 
 
 def make_scene(seed: int) -> Scene:
-    """The anatomy and the finding plan of ``seed``."""
-    seed = int(seed)
+    """The anatomy and the finding plan of ``seed`` (a non-negative integer)."""
+    seed = _check_seed(seed, "seed")
     anatomy = sample_anatomy(np.random.default_rng(np.random.SeedSequence([seed, _ANATOMY_STREAM])))
     findings = sample_findings(
         np.random.default_rng(np.random.SeedSequence([seed, _FINDINGS_STREAM])), anatomy
@@ -218,7 +224,9 @@ def _bones(frame: Frame, a: Anatomy, body: np.ndarray) -> np.ndarray:
         * soft_step(x - 1.08, 0.05)
         * soft_step(0.1 - x, 0.05)
     )
-    bones += (0.06 * rib + 0.035 * cortex) * in_range
+    # Ribs finer than about two pixels would alias into moire: fade them as a detector's blur would.
+    resolved = float(np.clip((a.rib_spacing / frame.pixel - 1.5) / 2.0, 0.0, 1.0))
+    bones += (0.06 * rib + 0.035 * cortex) * in_range * resolved
     # Anterior ribs: fainter, sloping down towards the sternum.
     anterior = (v - a.rib_top_v - 0.12 - 0.16 * (1.0 - x)) / (a.rib_spacing * 1.15)
     phase_a = anterior - np.floor(anterior)
@@ -229,7 +237,7 @@ def _bones(frame: Frame, a: Anatomy, body: np.ndarray) -> np.ndarray:
         * soft_step(x - 1.05, 0.05)
         * soft_step(0.35 - x, 0.1)
     )
-    bones += 0.04 * rib_a * in_range_a
+    bones += 0.04 * rib_a * in_range_a * resolved
     # Clavicles: from the sternal notch out and up to the shoulders, gently S-shaped.
     medial_v, lateral_v = a.clavicle_v
     span = np.clip((np.abs(du) - 0.035) / (1.1 * a.thorax_half_width), -0.2, 1.3)
@@ -261,7 +269,9 @@ def sample_phantom(index: int, size: int, seed: int = 0, prior: str = "nih") -> 
     Returns (image float32 [size, size] in [0, 1], labels float32 [14]).
     """
     size = check_size(size)
-    rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(index)]))
+    rng = np.random.default_rng(
+        np.random.SeedSequence([_check_seed(seed, "seed"), _check_seed(index, "index")])
+    )
     labels = get_prior(prior).sample(1, rng)[0].astype(np.float32)
     image_seed = int(rng.integers(0, 2**63 - 1))
     return render_phantom(labels, size, image_seed), labels
