@@ -166,8 +166,10 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f"service ready at {base_url} (log: {log_path})")
         rows = []
         results = []
-        for finding in tqdm([*LABELS, NO_FINDING], desc="asking /generate per finding", unit="finding"):
-            body = {"labels": [finding], "count": args.count, "seed": args.seed}
+        findings = [*LABELS, NO_FINDING]
+        for row, finding in enumerate(tqdm(findings, desc="asking /generate per finding", unit="finding")):
+            # each finding starts from its own latents, so the sheet also shows the generator's variety
+            body = {"labels": [finding], "count": args.count, "seed": args.seed + 1000 * row}
             status, response = request_json(base_url + "/generate", body)
             if status != 200:
                 raise SystemExit(f"/generate for {finding} answered {status}: {response}")
