@@ -135,7 +135,7 @@ def test_densenet_classifier_with_resize_exports_its_gradient(ci_models, tmp_pat
                                    providers=["CPUExecutionProvider"])
     objective = LCOObjective(ci_models.generator, network).eval()
     for batch in (1, 9):
-        z = _latents(batch, loaded.manifest.latent_dim, seed=batch)
+        z = _latents(batch, ci_models.generator.latent_dim, seed=batch)
         target, mask = _requests(batch, seed=batch)
         outputs = session.run(None, {"z": z.numpy(), "target": target.numpy(), "mask": mask.numpy()})
         _assert_step_matches(LCOStepOutput(*outputs), reference_lco_step(objective, z, target, mask), batch)

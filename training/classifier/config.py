@@ -3,8 +3,8 @@
 Presets (``PRESETS``), all overridable field by field (``--set lr=3e-4``):
 
 - ``ci``: 32² phantoms, a tiny CNN; seconds. Pairs with the GAN's ``ci`` preset in tests.
-- ``demo``: 64² phantoms, a small CNN; a couple of minutes on 2 CPU cores. The LCO classifier of
-  the demo bundle.
+- ``demo``: 64² phantoms, a small CNN; about a minute of CPU time (mean AUROC ≈ 0.99 on the
+  phantom hold-out). The LCO classifier of the demo bundle.
 - ``auditor-ci`` / ``auditor``: the independent auditors for ``ci`` and ``demo``: another
   architecture (a small DenseNet) and another seed, trained on a disjoint phantom seed. Used only to
   judge label fidelity in evaluation and tests, never inside LCO.
@@ -140,14 +140,14 @@ PRESETS: dict[str, ClassifierTrainConfig] = {
         name="demo",
         data=DataConfig(resolution=64, seed=1000, train_count=3000, val_count=600, test_count=900),
         model=_small_cnn(64, (8, 16, 32, 64)),
-        seed=0, batch_size=64, total_images=16_000, lr=3e-3, warmup_images=1_000,
-        checkpoint_every=8_000, tick_images=4_000,
+        seed=0, batch_size=64, total_images=12_000, lr=3e-3, warmup_images=1_000,
+        checkpoint_every=6_000, tick_images=3_000,
     ),
     "auditor": ClassifierTrainConfig(
         name="auditor",
         data=DataConfig(resolution=64, seed=2000, train_count=3000, val_count=600, test_count=900),
         model=_small_densenet(64, (3, 3, 3), growth=12, init=24),
-        seed=1, batch_size=64, total_images=20_000, lr=3e-3, warmup_images=1_000,
+        seed=1, batch_size=64, total_images=16_000, lr=3e-3, warmup_images=1_000,
         checkpoint_every=8_000, tick_images=4_000,
     ),
     "chexnet": ClassifierTrainConfig(
