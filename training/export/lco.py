@@ -99,11 +99,22 @@ def _transposed_output_padding(input_size: list[int], output_size: list[int], ke
 
 def _convolution_backward(grad_output, input, weight, bias_sizes, stride, padding, dilation, transposed,
                           output_padding, groups, output_mask):
-    """Input gradient only (weights are constants in LCO): the transposed convolution."""
+    """Input gradient only (weights are constants in LCO): the transposed convolution.
+
+    For stride 1 without groups (every convolution of PGGAN and most of the classifiers) the same
+    gradient is an ordinary convolution with the kernel flipped and its in/out channels swapped,
+    which ONNX Runtime runs several times faster than ConvTranspose on CPU.
+    """
     if transposed:
         raise NotImplementedError("lco_step export supports gradients of ordinary convolutions only")
     grad_input = None
-    if output_mask[0]:
+    kernel = list(weight.shape[2:])
+    full_padding = [d * (k - 1) - p for d, k, p in zip(dilation, kernel, padding)]
+    if output_mask[0] and all(s == 1 for s in stride) and groups == 1 and all(p >= 0 for p in full_padding):
+        flipped = weight.flip(list(range(2, weight.dim()))).transpose(0, 1)
+        grad_input = aten.convolution(grad_output, flipped, None, [1] * len(kernel), full_padding, dilation, False,
+                                      [0] * len(kernel), 1)
+    elif output_mask[0]:
         pad = _transposed_output_padding(list(input.shape[2:]), list(grad_output.shape[2:]),
                                          list(weight.shape[2:]), list(stride), list(padding), list(dilation))
         grad_input = aten.convolution(grad_output, weight, None, stride, padding, dilation, True, pad, groups)
@@ -139,14 +150,43 @@ def _avg_pool2d_backward(grad_output, input, kernel_size, stride, padding, ceil_
 
 def _max_pool2d_with_indices_backward(grad_output, input, kernel_size, stride, padding, dilation, ceil_mode,
                                       indices):
-    """Route each gradient to its window's arg-max: a scatter-add (ONNX ScatterElements, add)."""
+    """Route each gradient to its window's arg-max.
+
+    Non-overlapping windows that tile the input (2×2, stride 2): every input pixel belongs to one
+    window, so the gradient is the window's gradient where the pixel is the recorded arg-max and 0
+    elsewhere (an equality mask; ties go to the one index torch recorded, exactly as in torch).
+    Otherwise a scatter-add into the arg-max indices (ONNX ScatterElements with add).
+    """
     batch, channels, height, width = input.shape
+    kernel = list(kernel_size) if len(kernel_size) == 2 else [kernel_size[0]] * 2
+    step = list(stride) if stride else kernel
+    step = step if len(step) == 2 else [step[0]] * 2
+    pad = list(padding) if len(padding) == 2 else [padding[0]] * 2
+    tiles = (kernel == step and not any(pad) and all(d == 1 for d in dilation)
+             and grad_output.shape[2] * kernel[0] == height and grad_output.shape[3] * kernel[1] == width)
+    if tiles:
+        def spread(x):
+            return x.repeat_interleave(kernel[0], dim=2).repeat_interleave(kernel[1], dim=3)
+
+        position = torch.arange(height * width, device=input.device).view(1, 1, height, width)
+        return torch.where(spread(indices) == position, spread(grad_output), grad_output.new_zeros(()))
     flat = grad_output.new_zeros(batch, channels, height * width)
     flat = flat.scatter_add(2, indices.flatten(2), grad_output.flatten(2))
     return flat.view(batch, channels, height, width)
 
 
+def _pow_tensor_scalar(x, exponent):
+    """x¹ and x² as products: ONNX Runtime's general Pow is several times slower than Mul, and
+    PGGAN's pixel norm (x², and x¹ in its gradient) runs after every layer."""
+    if exponent == 1:
+        return x.clone()
+    if exponent == 2:
+        return x * x
+    return NotImplemented  # make_fx keeps the operation as it is
+
+
 BACKWARD_DECOMPOSITIONS: dict[Any, Callable] = {
+    aten.pow.Tensor_Scalar: _pow_tensor_scalar,
     aten.convolution_backward.default: _convolution_backward,
     aten.upsample_nearest2d_backward.default: _upsample_nearest2d_backward,
     aten.avg_pool2d_backward.default: _avg_pool2d_backward,
