@@ -176,12 +176,14 @@ def _max_pool2d_with_indices_backward(grad_output, input, kernel_size, stride, p
 
 
 def _pow_tensor_scalar(x, exponent):
-    """x¹ and x² as products: ONNX Runtime's general Pow is several times slower than Mul, and
-    PGGAN's pixel norm (x², and x¹ in its gradient) runs after every layer."""
+    """x¹, x², x³ as products: ONNX Runtime's general Pow is several times slower than Mul, and
+    PGGAN's pixel norm (x², rsqrt, and x¹ and rsqrt³ in their gradients) runs after every layer."""
     if exponent == 1:
         return x.clone()
     if exponent == 2:
         return x * x
+    if exponent == 3:  # the gradient of rsqrt
+        return x * x * x
     return NotImplemented  # make_fx keeps the operation as it is
 
 
