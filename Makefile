@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m training.demo
+	$(BIN)/python -m service.demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -20,6 +20,8 @@ from collections.abc import Sequence
 
 COMMAND_MODULES: list[str] = [
     "training.gan.commands",  # train, resume, sample
+    "training.classifier.commands",  # classifier train / evaluate
+    "training.export.commands",  # export a model bundle
 ]
 
 
