@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["tests.s3_server"]
+pytest_plugins = ["tests.s3_server", "tests.bundle_fixtures"]
 
 DATA = Path(__file__).parent / "data"
 
@@ -19,3 +19,14 @@ def nih_csv() -> Path:
 @pytest.fixture(scope="session")
 def nih_bbox_csv() -> Path:
     return DATA / "nih" / "BBox_List_2017.csv.gz"
+
+
+@pytest.fixture
+def single_torch_thread():
+    """Small networks on shared cores run fastest single-threaded; the setting is restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

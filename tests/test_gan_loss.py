@@ -9,13 +9,7 @@ from training.gan.loss import discriminator_loss, generator_loss, gradient_penal
 from training.networks.pggan import Discriminator
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_per_test():
-    """Small networks on shared cores run fastest single-threaded; restore the setting afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def _critic() -> Discriminator:

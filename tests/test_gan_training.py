@@ -30,13 +30,7 @@ from training.runtime import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_per_test():
-    """Small networks on shared cores run fastest single-threaded; restore the setting afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 REPO = Path(__file__).resolve().parent.parent

@@ -20,13 +20,7 @@ from training.networks.pggan import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_per_test():
-    """Small networks on shared cores run fastest single-threaded; restore the setting afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def test_equalized_conv_effective_weight_is_he_scaled_and_bias_is_not():
