@@ -27,7 +27,6 @@ from PIL import Image
 
 from service.labels import LABELS
 
-pytest_plugins = ["tests.bundle_fixtures"]
 
 
 @pytest.fixture(scope="module")

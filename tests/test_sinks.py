@@ -15,7 +15,6 @@ from service.sinks import (
     sink_from_uri,
 )
 
-pytest_plugins = ["tests.s3_server"]
 
 
 @pytest.fixture(params=["local", "s3"])
