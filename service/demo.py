@@ -35,12 +35,14 @@ DEFAULT_OUTPUT = ROOT / "demo-output"
 DEFAULT_RUNS = ROOT / "runs" / "demo"
 TILE = 160  # pixels per contact-sheet tile (images are upscaled with nearest neighbour)
 
-# The training CLI steps that make the demo bundle; {runs} and {bundle} are filled in.
-TRAINING_STEPS: list[tuple[str, list[str]]] = [
-    ("PGGAN generator", ["train", "--config", "demo", "--data", "phantoms", "--run-dir", "{runs}/gan"]),
-    ("LCO classifier", ["classifier", "train", "--preset", "demo", "--run-dir", "{runs}/classifier"]),
-    ("bundle export", ["export", "--generator", "{runs}/gan", "--classifier", "{runs}/classifier",
-                       "--out", "{bundle}", "--name", "cxrsynth-demo", "--overwrite"]),
+# The training CLI steps that make the demo bundle: (title, data-parallel, arguments); {runs} and
+# {bundle} are filled in. The GAN trains one process per core (torchrun, gloo): on CPU one thread per
+# process runs fastest (BENCHMARKS.md).
+TRAINING_STEPS: list[tuple[str, bool, list[str]]] = [
+    ("PGGAN generator", True, ["train", "--config", "demo", "--data", "phantoms", "--run-dir", "{runs}/gan"]),
+    ("LCO classifier", False, ["classifier", "train", "--preset", "demo", "--run-dir", "{runs}/classifier"]),
+    ("bundle export", False, ["export", "--generator", "{runs}/gan", "--classifier", "{runs}/classifier",
+                              "--out", "{bundle}", "--name", "cxrsynth-demo", "--overwrite"]),
 ]
 
 
@@ -57,10 +59,17 @@ def bundle_is_valid(bundle: Path) -> bool:
     return True
 
 
+def launcher(data_parallel: bool) -> list[str]:
+    processes = min(2, os.cpu_count() or 1)
+    if not data_parallel or processes < 2:
+        return []
+    return ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+
+
 def train_bundle(bundle: Path, runs: Path) -> None:
     """Run the training CLI steps; each shows its own progress bar."""
-    for number, (title, arguments) in enumerate(TRAINING_STEPS, start=1):
-        command = [sys.executable, "-m", "training.cli",
+    for number, (title, data_parallel, arguments) in enumerate(TRAINING_STEPS, start=1):
+        command = [sys.executable, *launcher(data_parallel), "-m", "training.cli",
                    *(a.format(runs=runs, bundle=bundle) for a in arguments)]
         print(f"[{number}/{len(TRAINING_STEPS)}] {title}: {' '.join(command[1:])}", flush=True)
         result = subprocess.run(command, cwd=ROOT, check=False)
