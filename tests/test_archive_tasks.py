@@ -1,23 +1,27 @@
-"""Archive jobs as BentoML task endpoints on a real `bentoml serve` subprocess, S3 from moto."""
+"""Archive jobs as BentoML task endpoints on a real `bentoml serve` subprocess, S3 from moto.
+
+The service serves the trained `ci` bundle of tests/bundle_fixtures.py; jobs ask for a short LCO.
+"""
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
 
 from service.labels import LABELS
 from service.sinks import S3Sink
-from tests.test_archive import archive_bundle  # noqa: F401 - the shared bundle fixture
+from tests.test_archive import FAST_LCO
 from tests.test_service_e2e import BentoServer, call, server_env
 
 pytest_plugins = ["tests.s3_server"]
 
 
 @pytest.fixture(scope="module")
-def server(archive_bundle, s3_server, tmp_path_factory):  # noqa: F811
+def server(ci_bundle, s3_server, tmp_path_factory):
     home = tmp_path_factory.mktemp("bentoml-archive")
-    bento = BentoServer(server_env(archive_bundle, home, s3_server.env), home / "serve.log")
+    bento = BentoServer(server_env(ci_bundle, home, s3_server.env), home / "serve.log")
     try:
         yield bento.wait_ready()
     finally:
@@ -43,10 +47,10 @@ def submit(server, spec: dict) -> str:
     return body["task_id"]
 
 
-def test_submit_status_get_round_trip(server, s3_server):
+def test_submit_status_get_round_trip(server, s3_server, ci_bundle):
     bucket = s3_server.new_bucket()
     task_id = submit(server, {"count": 24, "distribution": "balanced", "seed": 1, "chunk_size": 8,
-                              "destination": f"s3://{bucket}/task"})
+                              "destination": f"s3://{bucket}/task", "lco": FAST_LCO})
     assert wait_for(server, task_id)["status"] == "completed"
     status, result = call(server, "GET", f"/archive/get?task_id={task_id}")
     assert status == 200
@@ -54,13 +58,16 @@ def test_submit_status_get_round_trip(server, s3_server):
     assert sum(result["label_counts"].values()) >= 24
     sink = S3Sink(bucket, "task", client=s3_server.client())
     assert len(sink.list("images/")) == 24 and sink.exists("_COMPLETE.json") and sink.exists("Data_Entry.csv")
+    manifest = json.loads((ci_bundle / "manifest.json").read_text())
+    records = [json.loads(line) for key in sink.list("manifests/") for line in sink.get(key).splitlines() if line]
+    assert len(records) == 24 and {r["model_version"] for r in records} == {manifest["version"]}
     status, progress = call(server, "POST", "/archive/progress", {"task_id": task_id})
     assert status == 200 and progress == {"task_id": task_id, "state": "completed", "done": 24, "total": 24,
                                           "destination": f"s3://{bucket}/task", "error": None}
 
 
 def test_a_failing_task_reports_its_error(server, s3_server):
-    task_id = submit(server, {"count": 4, "destination": "s3://no-such-bucket-for-archive/x"})
+    task_id = submit(server, {"count": 4, "destination": "s3://no-such-bucket-for-archive/x", "lco": FAST_LCO})
     assert wait_for(server, task_id)["status"] == "failed"
     status, body = call(server, "GET", f"/archive/get?task_id={task_id}")
     assert status == 422
@@ -94,9 +101,9 @@ def test_local_destinations_are_refused_by_default(server):
 def test_stop_ends_a_running_task_and_a_resubmission_resumes(server, s3_server):
     bucket = s3_server.new_bucket()
     # Every finding at once, 4 logits past threshold, is out of this bundle's reach: each sample runs
-    # to the 1000-step cap, a job slow enough to stop midway.
+    # to the 100-step cap, a job slow enough to stop midway.
     spec = {"distribution": [{"labels": list(LABELS), "count": 96}], "seed": 2, "chunk_size": 8, "batch_size": 4,
-            "destination": f"s3://{bucket}/stopped", "lco": {"steps": 1000, "margin": 4.0}}
+            "destination": f"s3://{bucket}/stopped", "lco": {"steps": 100, "candidates": 2, "margin": 4.0}}
     task_id = submit(server, spec)
     deadline = time.monotonic() + 60
     while call(server, "POST", "/archive/progress", {"task_id": task_id})[1]["done"] < 16:
