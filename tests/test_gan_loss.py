@@ -8,7 +8,6 @@ import torch
 from training.gan.loss import discriminator_loss, generator_loss, gradient_penalty
 from training.networks.pggan import Discriminator
 
-
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 

@@ -29,7 +29,6 @@ from training.runtime import (
     read_checkpoint,
 )
 
-
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 

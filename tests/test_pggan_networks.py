@@ -19,7 +19,6 @@ from training.networks.pggan import (
     pixel_norm,
 )
 
-
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 

@@ -28,7 +28,6 @@ from PIL import Image
 from service.labels import LABELS
 
 
-
 @pytest.fixture(scope="module")
 def exported_bundle(ci_bundle: Path) -> Path:
     """The `ci` bundle: a trained 32² PGGAN and classifier, exported by the export command."""

@@ -16,7 +16,6 @@ from service.sinks import (
 )
 
 
-
 @pytest.fixture(params=["local", "s3"])
 def sink(request, tmp_path):
     if request.param == "local":
