@@ -21,7 +21,7 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m service.demo
 
-test: $(STAMP)
+test: lint
 	$(BIN)/python -m pytest
 
 benchmarks: $(STAMP)
