@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv benchmarks lint clean
+.PHONY: demo test venv lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,9 +23,6 @@ demo: $(STAMP)
 
 test: lint
 	$(BIN)/python -m pytest
-
-benchmarks: $(STAMP)
-	$(BIN)/python -m benchmarks.run_all
 
 lint: $(STAMP)
 	$(BIN)/ruff check training service tests benchmarks scripts
