@@ -24,7 +24,6 @@ import asyncio
 import base64
 import functools
 import hmac
-import io
 import json
 import logging
 import secrets
@@ -35,7 +34,6 @@ from typing import Any
 
 import bentoml
 import numpy as np
-from PIL import Image
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -54,6 +52,7 @@ from service.bundle import Bundle, load_bundle
 from service.labels import LABELS, NO_FINDING
 from service.lco import LCOEngine, LCOOptions, SampleRequest, SampleResult
 from service.metrics import ServiceMetrics, create_metrics
+from service.png import encode_png
 from service.prior import nih_prior
 from service.schemas import (
     MAX_SEED,
@@ -152,19 +151,6 @@ class BearerTokenMiddleware:
             )
             return await response(scope, receive, send)
         await self.app(scope, receive, send)
-
-
-# -- image files ---------------------------------------------------------------------------------
-def encode_png(image: np.ndarray, image_format: str = "png8") -> bytes:
-    """[H, W] float in [-1, 1] -> grayscale PNG, 8-bit ("png8") or 16-bit ("png16")."""
-    unit = (np.clip(image, -1.0, 1.0) + 1.0) / 2.0
-    if image_format == "png16":
-        picture = Image.fromarray(np.round(unit * 65535).astype(np.uint16))
-    else:
-        picture = Image.fromarray(np.round(unit * 255).astype(np.uint8), mode="L")
-    buffer = io.BytesIO()
-    picture.save(buffer, format="PNG", optimize=False)
-    return buffer.getvalue()
 
 
 def retry_seed(seed: int, attempt: int) -> int:

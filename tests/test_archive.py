@@ -36,13 +36,11 @@ from service.archive import (
     run_shard,
 )
 from service.archive.manifest import CSV_KEY, JOB_KEY, MARKER_KEY
-from service.archive.png import decode_png
 from service.labels import LABELS, NO_FINDING, parse_finding_labels
 from service.nih_format import DATA_ENTRY_COLUMNS
+from service.png import decode_png
 from service.prior import get_prior
 from service.sinks import LocalSink, S3Sink, sink_from_uri
-
-pytest_plugins = ["tests.s3_server"]
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = RunOptions(progress=False, batch_size=8, upload_workers=3, max_pending_images=16)

@@ -15,8 +15,6 @@ from service.sinks import S3Sink
 from tests.test_archive import FAST_LCO
 from tests.test_service_e2e import BentoServer, call, server_env
 
-pytest_plugins = ["tests.s3_server"]
-
 
 @pytest.fixture(scope="module")
 def server(ci_bundle, s3_server, tmp_path_factory):

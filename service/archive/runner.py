@@ -37,8 +37,8 @@ from service.archive.manifest import (
     make_record,
     sha256_hex,
 )
-from service.archive.png import encode_png
 from service.archive.spec import ArchivePlan, ArchiveSpec, PlannedImage, image_key, labels_of, lco_options
+from service.png import encode_png
 from service.sinks import S3Sink, Sink, SinkError, SinkKeyNotFound, sink_from_uri
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,5 @@
-"""Generator output ([-1, 1] float) to single-channel PNG bytes, 8- or 16-bit."""
+"""Generator output ([-1, 1] float) to single-channel PNG bytes, 8- or 16-bit, and back: the one
+encoder behind /generate and archive jobs."""
 
 from __future__ import annotations
 
