@@ -23,6 +23,7 @@ def _worker(run_dir: str) -> None:
     from training.classifier.trainer import Splits, materialize
     from training.data import PhantomDataset
     from training.networks.classifier import build_classifier
+    from training.runtime import shutdown_distributed
 
     torch.set_num_threads(1)
     built = []
@@ -45,7 +46,7 @@ def _worker(run_dir: str) -> None:
     if dist.get_rank() == 0:
         difference = max(float((g - gathered[0]).abs().max()) for g in gathered)
         print(f"REPLICA_MAX_DIFFERENCE {difference:.3e} IMAGES {result.images_shown}", flush=True)
-    dist.destroy_process_group()
+    shutdown_distributed()
 
 
 @pytest.mark.slow

@@ -80,8 +80,17 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> Distrib
 
 
 def shutdown_distributed() -> None:
+    """Leave the process group together: every rank waits for the others before tearing it down.
+
+    Without the barrier a fast rank closes its gloo connections while a peer is still finishing its
+    last collective, and the peer's transport thread aborts the process (SIGABRT, "terminate called
+    without an active exception") after the work itself has succeeded.
+    """
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def _world_size() -> int:
