@@ -62,7 +62,7 @@ def make_archive(bundle: str, dest: str, count: int, workers: int, seed: int = 0
 
     engine, model = engine_and_model or load_engine(bundle, max_batch=16)
     spec = ArchiveSpec(count=count, distribution="nih", seed=seed, destination=dest, lco=LCO)
-    options = RunOptions(batch_size=16, upload_workers=workers, progress=False)
+    options = RunOptions(upload_workers=workers, progress=False)
     started = time.perf_counter()
     run_shard(spec, engine, model, options=options)
     return time.perf_counter() - started

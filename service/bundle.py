@@ -307,6 +307,9 @@ class SessionTuning:
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.intra_op_num_threads = self.intra_op_threads or available_cpus()
         options.inter_op_num_threads = 1
+        # The same request must give the same image (and an archive rerun the same bytes): CUDA
+        # then uses deterministic kernels only (cuDNN algorithms without atomics).
+        options.use_deterministic_compute = True
         options.enable_cpu_mem_arena = True
         options.enable_mem_pattern = True
         options.log_severity_level = self.log_severity

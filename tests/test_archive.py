@@ -43,7 +43,7 @@ from service.prior import get_prior
 from service.sinks import LocalSink, S3Sink, sink_from_uri
 
 ROOT = Path(__file__).resolve().parents[1]
-QUIET = RunOptions(progress=False, batch_size=8, upload_workers=3, max_pending_images=16)
+QUIET = RunOptions(progress=False, upload_workers=3, max_pending_images=16)
 # Short LCO: the archive's labels are its LCO targets whatever the optimiser reaches, so ten steps
 # from the better of two candidates exercise every path at a fraction of the default's cost.
 FAST_LCO = {"steps": 10, "candidates": 2}
@@ -93,7 +93,7 @@ def engine_and_model(ci_bundle):
     """The LCO engine and model record of the trained `ci` bundle."""
     from service.archive.cli import load_engine
 
-    return load_engine(str(ci_bundle), max_batch=8)
+    return load_engine(str(ci_bundle), max_batch=16)
 
 
 def make(spec: ArchiveSpec, engine_and_model, sink=None, options: RunOptions = QUIET, **kwargs):
@@ -182,18 +182,18 @@ def test_three_shards_and_merge_equal_one_run(s3, engine_and_model):
     bucket = s3.new_bucket()
     groups = [{"labels": ["Hernia"], "count": 10}, {"labels": {"Effusion": True, "Mass": False}, "count": 20},
               {"labels": ["No Finding"], "count": 15}, {"labels": ["Nodule", "Mass"], "count": 5, "exclusive": True}]
-    common = {"distribution": groups, "seed": 3, "chunk_size": 6, "image_format": "png16", "lco": FAST_LCO}
-    # One sample per engine call: ONNX Runtime's rounding on a trained network depends on the batch
-    # a sample shares, and uneven shards (17, 17, 16) batch their images differently from one run.
-    one_by_one = RunOptions(progress=False, batch_size=1, upload_workers=3, max_pending_images=16)
+    # Default LCO batches (16): 50 images are batches 16, 16, 16, 2, and the shards hold 1, 1, 2 of
+    # them, so every image is optimised beside the same neighbours as in the single run.
+    common = {"distribution": groups, "seed": 3, "chunk_size": 16, "image_format": "png16", "lco": FAST_LCO}
     single = s3_sink(s3, bucket, "single")
-    make(ArchiveSpec(destination=single.uri(), **common), engine_and_model, single, one_by_one)
+    make(ArchiveSpec(destination=single.uri(), **common), engine_and_model, single)
     merge_archive(single, progress=False)
 
     sharded = s3_sink(s3, bucket, "sharded")
     for shard in (2, 0, 1):  # order does not matter
         spec = ArchiveSpec(destination=sharded.uri(), shard_index=shard, shard_count=3, **common)
-        report = make(spec, engine_and_model, sharded, one_by_one)
+        assert spec.batch_size == 16
+        report = make(spec, engine_and_model, sharded)
         assert report.images == len(ArchivePlan(spec).shard_range())
     merge_archive(sharded, progress=False)
 
@@ -374,6 +374,32 @@ def test_plan_is_deterministic_and_independent_of_sharding():
     assert len(hernia) == 25 and 0 < np.mean(hernia) / 100 < 1 and max(hernia) - min(hernia) > 50
 
 
+def test_an_engine_smaller_than_the_archive_batch_is_refused_before_any_write(tmp_path, ci_bundle):
+    from service.archive.cli import load_engine
+
+    engine, model = load_engine(str(ci_bundle), max_batch=8)
+    spec = ArchiveSpec(count=16, seed=1, destination=str(tmp_path / "a"), chunk_size=16, lco=FAST_LCO)
+    with pytest.raises(ArchiveError, match="batch_size is 16 but the LCO engine runs at most 8"):
+        run_shard(spec, engine, model, options=QUIET)
+    assert not (tmp_path / "a").exists() or not any((tmp_path / "a").rglob("*.*"))
+
+
+@pytest.mark.parametrize(("count", "shards", "chunk_size", "batch_size"), [(50, 3, 16, 16), (1000, 7, 24, 8), (37, 5, 4, 4)])
+def test_lco_batches_are_fixed_by_index_whatever_the_sharding(count, shards, chunk_size, batch_size):
+    """Each image's LCO batch (and so its bytes) is the same in every layout: batches of consecutive
+    indices from 0, never cut by a shard or chunk boundary."""
+    common = {"count": count, "seed": 1, "destination": "/tmp/x", "chunk_size": chunk_size}
+    whole = ArchivePlan(ArchiveSpec(**common))
+    assert whole.spec.batch_size == batch_size  # the default: the largest power of two <= 16 dividing chunk_size
+    expected = [range(start, min(start + batch_size, count)) for start in range(0, count, batch_size)]
+    assert [b for chunk in whole.chunks() for b in whole.batches(chunk)] == expected
+    plans = [ArchivePlan(ArchiveSpec(**common, shard_index=i, shard_count=shards)) for i in range(shards)]
+    batches = [b for plan in plans for chunk in plan.chunks() for b in plan.batches(chunk)]
+    assert batches == expected
+    sizes = [len(plan.shard_range()) for plan in plans]
+    assert min(sizes) > 0 and max(sizes) - min(sizes) <= 2 * batch_size  # shared out evenly, in whole batches
+
+
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
@@ -383,7 +409,9 @@ def test_plan_is_deterministic_and_independent_of_sharding():
         ({"distribution": [{"labels": {"No Finding": True, "Mass": True}, "count": 5}]}, "cannot be combined"),
         ({"distribution": [{"labels": {"Effusion": True, "pleural effusion": False}, "count": 5}]}, "both present"),
         ({"count": 5, "shard_index": 2, "shard_count": 2}, "must be below shard_count"),
-        ({"count": 2, "shard_count": 3}, "exceeds count"),
+        ({"count": 20, "shard_count": 3}, "exceeds the job's 2 LCO batches"),
+        ({"count": 20, "batch_size": 12, "chunk_size": 24}, "must be a power of two"),
+        ({"count": 20, "batch_size": 16, "chunk_size": 24}, "must be a multiple of batch_size 16"),
         ({"count": 5, "lco": {"stepz": 3}}, "unknown LCO option"),
         ({"count": 5, "lco": {"steps": 100000}}, "out of range"),
         ({"count": 5, "destination": "s3://bucket/../x"}, "'..'"),
@@ -479,12 +507,13 @@ class SlowLocalSink(LocalSink):
 
 def test_slow_storage_holds_lco_back_instead_of_queueing_without_bound(tmp_path, engine_and_model):
     sink = SlowLocalSink(tmp_path, delay=0.1)
-    options = RunOptions(progress=False, batch_size=4, upload_workers=2, max_pending_images=8)
+    options = RunOptions(progress=False, upload_workers=2, max_pending_images=8)
     lags = []
-    spec = ArchiveSpec(count=64, distribution="nih", seed=13, destination=str(tmp_path), chunk_size=16, lco=FAST_LCO)
+    spec = ArchiveSpec(count=64, distribution="nih", seed=13, destination=str(tmp_path), chunk_size=16, batch_size=4,
+                       lco=FAST_LCO)
     make(spec, engine_and_model, sink, options, on_progress=lambda done, _total: lags.append(done - sink.stored))
     # Generated but not yet stored: at most the pending cap plus the batch just made.
-    assert max(lags) <= options.max_pending_images + options.batch_size
+    assert max(lags) <= options.max_pending_images + spec.batch_size
     assert max(lags) >= options.max_pending_images, "storage was the bottleneck, so the cap was reached"
     assert sink.most_in_flight <= options.upload_workers
     assert sink.stored == 64 and len(records_of(sink)) == 64
@@ -514,5 +543,6 @@ def test_cli_takes_its_shard_from_job_completion_index(tmp_path, ci_bundle):
     )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert report["shard"]["shard_index"] == 1 and report["shard"]["generated"] == 5 and "archive" not in report
-    assert LocalSink(tmp_path).list("images/") == [f"images/{i:08d}_000.png" for i in range(6, 11)]
+    # LCO batches of 4 (the chunk size): 4 + 4 + 2 images, the first batch for shard 0, two for shard 1.
+    assert report["shard"]["shard_index"] == 1 and report["shard"]["generated"] == 6 and "archive" not in report
+    assert LocalSink(tmp_path).list("images/") == [f"images/{i:08d}_000.png" for i in range(5, 11)]

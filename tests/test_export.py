@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -139,6 +140,27 @@ def test_densenet_classifier_with_resize_exports_its_gradient(ci_models, tmp_pat
         target, mask = _requests(batch, seed=batch)
         outputs = session.run(None, {"z": z.numpy(), "target": target.numpy(), "mask": mask.numpy()})
         _assert_step_matches(LCOStepOutput(*outputs), reference_lco_step(objective, z, target, mask), batch)
+    operations = {node.op_type for node in onnx.load(str(tmp_path / "lco_step.onnx")).graph.node}
+    assert "ScatterND" not in operations  # the resize's gradient is matrix products, not an index-put
+
+
+def test_lco_on_several_threads_gives_the_same_images_every_time(ci_bundle):
+    """No operation in the step graph sums in a thread-dependent order (an index-put's ScatterND
+    did, before the generator's upsampling and the classifiers' resize were written as broadcasts
+    and matrix products): the same requests give the same bytes, call after call."""
+    from service.lco import LCOEngine, LCOOptions, SampleRequest
+
+    operations = {node.op_type for node in onnx.load(str(ci_bundle / "lco_step.onnx")).graph.node}
+    assert not operations & {"ScatterND", "GatherND"}
+    bundle = load_bundle(ci_bundle, SessionTuning(providers=("CPUExecutionProvider",), intra_op_threads=2))
+    engine = LCOEngine(bundle, LCOOptions(steps=15, candidates=2, margin=4.0), max_batch=16)
+    requests = [SampleRequest(np.eye(NUM_LABELS, dtype=np.float32)[i % NUM_LABELS],
+                              np.eye(NUM_LABELS, dtype=np.float32)[i % NUM_LABELS], seed=100 + i) for i in range(16)]
+    first = engine.generate(requests)
+    for _ in range(2):
+        again = engine.generate(requests)
+        assert [r.steps for r in again] == [r.steps for r in first]
+        assert all(np.array_equal(a.image, b.image) for a, b in zip(first, again, strict=True))
 
 
 def test_export_refuses_to_overwrite_and_leaves_no_partial_bundle(ci_bundle, ci_models):

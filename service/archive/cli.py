@@ -92,7 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--chunk-size", type=int, default=64, help="images per manifest object")
     run.add_argument("--lco", type=_lco_option, action="append", default=[], metavar="NAME=VALUE",
                      help="LCO option (steps, lr, candidates, truncation, margin); repeatable")
-    run.add_argument("--batch-size", type=int, default=16, help="images per LCO batch")
+    run.add_argument("--batch-size", type=int, default=None,
+                     help="images per LCO batch, a power of two dividing --chunk-size (default: the largest up to 16); "
+                     "part of what fixes the archive's bytes, so the same on every shard")
     run.add_argument("--upload-workers", type=int, default=4, help="0 uploads inline (no overlap)")
     run.add_argument("--max-pending", type=int, default=64, help="generated images waiting for upload, at most")
     run.add_argument("--verify-existing", action="store_true", help="re-hash committed images before skipping")
@@ -145,15 +147,15 @@ def _run(args: argparse.Namespace) -> int:
         image_format=args.image_format,
         lco=dict(args.lco),
         chunk_size=args.chunk_size,
+        batch_size=args.batch_size,
     )
     options = RunOptions(
-        batch_size=args.batch_size,
         upload_workers=args.upload_workers,
         max_pending_images=args.max_pending,
         verify_existing=args.verify_existing,
         progress=not args.no_progress,
     )
-    engine, model = load_engine(args.bundle, max_batch=args.batch_size)
+    engine, model = load_engine(args.bundle, max_batch=spec.batch_size)
     sink = sink_from_uri(spec.destination)
     cancel = threading.Event()
     _cancel_on_signals(cancel)

@@ -70,15 +70,14 @@ class ModelInfo:
 class RunOptions:
     """How to run (not what to make: changing these never changes the archive's bytes)."""
 
-    batch_size: int = 16  # requests handed to the engine per call
     upload_workers: int = 4  # 0: encode and upload in the LCO thread, one after the other
     max_pending_images: int = 64  # images generated but not yet stored; bounds memory
     verify_existing: bool = False  # re-hash the images of complete chunks instead of trusting sizes
     progress: bool = True  # tqdm bar on stderr
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.upload_workers < 0 or self.max_pending_images < 1:
-            raise ValueError("batch_size and max_pending_images must be >= 1, upload_workers >= 0")
+        if self.upload_workers < 0 or self.max_pending_images < 1:
+            raise ValueError("max_pending_images must be >= 1, upload_workers >= 0")
 
 
 @dataclass
@@ -266,6 +265,10 @@ class ShardRunner:
         try:
             if isinstance(self.sink, S3Sink):
                 self.sink.head_bucket()  # a clear NoSuchBucket/AccessDenied before any work
+            max_batch = getattr(self.engine, "max_batch", spec.batch_size)
+            if max_batch < spec.batch_size:
+                raise ArchiveError(f"the archive's batch_size is {spec.batch_size} but the LCO engine runs at most "
+                                   f"{max_batch} images per batch; raise the engine's maximum batch")
             ensure_job(self.sink, spec, self.model)
             if self.sink.exists(MARKER_KEY):
                 report.archive_complete, report.skipped = True, report.images
@@ -318,13 +321,13 @@ class ShardRunner:
         try:
             for chunk_key, chunk in pending:
                 futures: list[Future] = []
-                for start in range(chunk.start, chunk.stop, options.batch_size):
+                for indices in self.plan.batches(chunk):
                     if self.cancel.is_set():
                         cancelled = True
                         break
                     if uploader.error is not None:
                         raise uploader.error
-                    batch = [self.plan.image(i) for i in range(start, min(start + options.batch_size, chunk.stop))]
+                    batch = [self.plan.image(i) for i in indices]
                     results = self.engine.generate(self._requests(batch))
                     for planned, result in zip(batch, results, strict=True):
                         futures.append(uploader.submit(self._store, planned, result))

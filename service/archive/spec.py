@@ -1,8 +1,15 @@
 """What an archive job makes: the spec, and the deterministic plan derived from it.
 
-Everything about image ``index`` (its id, its requested labels, its LCO seed, its shard and chunk) is a
-pure function of the spec and ``index``. That is what makes a job resumable and shardable: any pod,
-any rerun, computes the same plan for the same index and so writes the same bytes under the same key.
+Everything about image ``index`` (its id, its requested labels, its LCO seed, its LCO batch, its shard
+and chunk) is a pure function of the spec and ``index``. That is what makes a job resumable and
+shardable: any pod, any rerun, computes the same plan for the same index and so writes the same bytes
+under the same key.
+
+The LCO batch is part of the plan because floating point is: ONNX Runtime picks kernels by batch shape,
+and LCO's many gradient steps amplify their last-bit differences into different pixels. So images are
+optimised in fixed batches of ``batch_size`` consecutive indices, and shard and chunk boundaries fall on
+batch boundaries: however the job is split, resumed or rerun, each image is made beside the same
+neighbours and comes out with the same bytes.
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ from service.sinks import parse_s3_uri, sink_from_uri
 
 MAX_COUNT = 100_000_000
 MAX_SEED = 2**63 - 1
+MAX_BATCH_SIZE = 256
+DEFAULT_BATCH_SIZE = 16
 # Independent random streams per index (SeedSequence spawn keys): one for labels, one for LCO.
 _LABEL_STREAM = 1
 _IMAGE_STREAM = 2
@@ -78,6 +87,11 @@ class ArchiveSpec(BaseModel):
     image_format: Literal["png8", "png16"] = "png8"
     lco: dict[str, float | int | None] = Field(default_factory=dict, description="LCOOptions fields")
     chunk_size: int = Field(64, ge=1, le=10_000, description="images per manifest object")
+    batch_size: int | None = Field(
+        None, ge=1, le=MAX_BATCH_SIZE,
+        description="images optimised together by LCO, a power of two dividing chunk_size "
+        f"(default: the largest such up to {DEFAULT_BATCH_SIZE})",
+    )
 
     @field_validator("destination")
     @classmethod
@@ -106,10 +120,20 @@ class ArchiveSpec(BaseModel):
                 raise ValueError(f"count {self.count} differs from the label groups' total {total}; drop count or fix it")
         elif self.count is None:
             raise ValueError(f"count is required with the {self.distribution!r} distribution")
+        if self.batch_size is None:
+            self.batch_size = math.gcd(self.chunk_size, DEFAULT_BATCH_SIZE)
+        # A power of two: GPU engines pad a batch to the next one, so the padded shape is the same
+        # whatever the engine's own maximum batch.
+        if self.batch_size & (self.batch_size - 1):
+            raise ValueError(f"batch_size {self.batch_size} must be a power of two (1, 2, 4, ... {MAX_BATCH_SIZE})")
+        if self.chunk_size % self.batch_size:
+            raise ValueError(f"chunk_size {self.chunk_size} must be a multiple of batch_size {self.batch_size}")
         if self.shard_index >= self.shard_count:
             raise ValueError(f"shard_index {self.shard_index} must be below shard_count {self.shard_count}")
-        if self.shard_count > self.count:
-            raise ValueError(f"shard_count {self.shard_count} exceeds count {self.count}; use fewer shards")
+        batches = -(-self.count // self.batch_size)
+        if self.shard_count > batches:
+            raise ValueError(f"shard_count {self.shard_count} exceeds the job's {batches} LCO batches "
+                             f"({self.count} images / batch_size {self.batch_size}); use fewer shards or a smaller batch_size")
         return self
 
     def identity(self) -> dict[str, Any]:
@@ -204,15 +228,22 @@ class ArchivePlan:
 
     # -- layout --------------------------------------------------------------------------------
     def shard_range(self, shard_index: int | None = None) -> range:
+        """The shard's indices: whole LCO batches, shared out as evenly as batches allow."""
         shard = self.spec.shard_index if shard_index is None else shard_index
-        n = self.spec.shard_count
-        return range(shard * self.count // n, (shard + 1) * self.count // n)
+        n, size = self.spec.shard_count, self.spec.batch_size
+        batches = -(-self.count // size)
+        return range(shard * batches // n * size, min((shard + 1) * batches // n * size, self.count))
 
     def chunks(self, shard_index: int | None = None) -> list[range]:
-        """The shard's indices cut into manifest chunks of ``chunk_size``."""
+        """The shard's indices cut into manifest chunks of ``chunk_size`` (whole LCO batches)."""
         shard = self.shard_range(shard_index)
         size = self.spec.chunk_size
         return [range(start, min(start + size, shard.stop)) for start in range(shard.start, shard.stop, size)]
+
+    def batches(self, chunk: range) -> list[range]:
+        """The LCO batches of a chunk: ``batch_size`` consecutive indices, the archive's last one shorter."""
+        size = self.spec.batch_size
+        return [range(start, min(start + size, chunk.stop)) for start in range(chunk.start, chunk.stop, size)]
 
     def chunk_key(self, shard_index: int, chunk_number: int) -> str:
         return f"{self.shard_dir(shard_index)}/chunk-{chunk_number:06d}.jsonl"

@@ -41,7 +41,6 @@ class ArchiveTaskRequest(ArchiveSpec):
     """An archive job spec, plus how the service should run it."""
 
     merge: bool = Field(True, description="write Data_Entry.csv and the commit marker after a single-shard run")
-    batch_size: int = Field(16, ge=1, le=1024, description="images per LCO batch")
     timeout_s: int = Field(86_400, ge=1, le=30 * 86_400, description="stop the job after this long")
 
 
@@ -107,7 +106,7 @@ class ArchiveJobs:
 
     def run(self, task_id: str, request: ArchiveTaskRequest, engine: Engine, model: ModelInfo) -> ArchiveTaskResult:
         """Run the job to the end; raise :class:`ArchiveTaskFailed` saying why when it cannot."""
-        spec = ArchiveSpec(**request.model_dump(exclude={"merge", "batch_size", "timeout_s"}))
+        spec = ArchiveSpec(**request.model_dump(exclude={"merge", "timeout_s"}))
         self._check_destination(spec.destination)
         job = _Job(task_id, spec.destination, total=len(ArchivePlan(spec).shard_range()))
         with self._lock:
@@ -125,7 +124,7 @@ class ArchiveJobs:
                     spec,
                     engine,
                     model,
-                    options=RunOptions(batch_size=request.batch_size, progress=False),
+                    options=RunOptions(progress=False),
                     cancel=job.cancel,
                     on_progress=lambda done, _total: setattr(job, "done", done),
                 )

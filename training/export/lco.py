@@ -11,7 +11,8 @@ the ONNX graph itself. The route:
 3. ``make_fx`` records forward and backward as plain aten operations. Backward operations ONNX has no
    counterpart for are decomposed on the way into forward-style ones (``BACKWARD_DECOMPOSITIONS``):
    convolution input gradients become transposed convolutions, pooling gradients become transposed
-   depth-wise convolutions or scatter-adds, nearest upsampling's gradient a block sum.
+   depth-wise convolutions or scatter-adds. (The networks themselves avoid operations whose gradient
+   is an index-put: see ``upsample2x`` and the classifiers' ``_Resize``.)
 4. ``LCOStepModule`` replays the traced graph, which
    ``torch.onnx.export(dynamo=True)`` then turns into ``lco_step.onnx`` with a dynamic batch dimension.
 """
@@ -121,16 +122,6 @@ def _convolution_backward(grad_output, input, weight, bias_sizes, stride, paddin
     return grad_input, None, None
 
 
-def _upsample_nearest2d_backward(grad_output, output_size, input_size, scales_h=None, scales_w=None):
-    """Each input pixel was copied to a block of the output: sum the gradient over that block."""
-    _, channels, height, width = input_size
-    factor_h, factor_w = output_size[0] // height, output_size[1] // width
-    if factor_h * height != output_size[0] or factor_w * width != output_size[1]:
-        raise NotImplementedError("lco_step export supports integer nearest-upsampling factors only")
-    blocks = grad_output.reshape(grad_output.shape[0], channels, height, factor_h, width, factor_w)
-    return blocks.sum(dim=(3, 5))
-
-
 def _avg_pool2d_backward(grad_output, input, kernel_size, stride, padding, ceil_mode, count_include_pad,
                          divisor_override):
     """Spread each gradient evenly over its window: a depth-wise transposed convolution of 1/|window|."""
@@ -190,7 +181,6 @@ def _pow_tensor_scalar(x, exponent):
 BACKWARD_DECOMPOSITIONS: dict[Any, Callable] = {
     aten.pow.Tensor_Scalar: _pow_tensor_scalar,
     aten.convolution_backward.default: _convolution_backward,
-    aten.upsample_nearest2d_backward.default: _upsample_nearest2d_backward,
     aten.avg_pool2d_backward.default: _avg_pool2d_backward,
     aten.max_pool2d_with_indices_backward.default: _max_pool2d_with_indices_backward,
 }

@@ -69,17 +69,32 @@ def densenet121_spec(input_size: int = 224) -> ClassifierSpec:
                           growth_rate=32, init_features=64, bn_size=4)
 
 
+def linear_resize_matrix(size_in: int, size_out: int) -> torch.Tensor:
+    """[size_out, size_in]: 1-D linear interpolation (align_corners=False), one output pixel per row."""
+    eye = torch.eye(size_in)[:, None, :]  # size_in signals, one impulse each
+    return F.interpolate(eye, size=size_out, mode="linear", align_corners=False)[:, 0, :].T
+
+
 class _Resize(nn.Module):
-    """Bilinear resize to ``size``² when the input differs; identity otherwise."""
+    """Bilinear resize to ``size``² when the input differs; identity otherwise.
+
+    Written as two matrix products (bilinear is separable), which gives ``F.interpolate``'s values
+    but a gradient of two more matrix products. ``F.interpolate``'s gradient becomes an index-put in
+    the exported LCO step (ONNX ScatterND with add): slow, and summed in a varying order on several
+    threads or on a GPU, so the same request would not give the same image twice.
+    """
 
     def __init__(self, size: int):
         super().__init__()
         self.size = size
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        if image.shape[-1] == self.size and image.shape[-2] == self.size:
+        height, width = image.shape[-2], image.shape[-1]
+        if height == self.size and width == self.size:
             return image
-        return F.interpolate(image, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        rows = linear_resize_matrix(height, self.size).to(image)  # constants when traced
+        columns = linear_resize_matrix(width, self.size).to(image)
+        return rows @ image @ columns.T
 
 
 class SmallCNN(nn.Module):

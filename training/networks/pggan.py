@@ -78,7 +78,12 @@ def minibatch_stddev(x: torch.Tensor, group_size: int = 4, eps: float = 1e-8) ->
 
 
 def upsample2x(x: torch.Tensor) -> torch.Tensor:
-    return F.interpolate(x, scale_factor=2.0, mode="nearest")
+    """Nearest-neighbour 2× upsampling as a broadcast, not ``F.interpolate``: the same values, but its
+    gradient is a plain sum over each 2×2 block. ``F.interpolate``'s decomposes into an index-put
+    (ONNX ScatterND with add), which ONNX Runtime runs slowly and, on several threads, in a varying
+    order, so the exported LCO step would not give the same image twice."""
+    _, c, h, w = x.shape  # the batch stays -1: traced graphs keep a dynamic batch
+    return x[:, :, :, None, :, None].expand(-1, -1, -1, 2, -1, 2).reshape(-1, c, 2 * h, 2 * w)
 
 
 def downsample2x(x: torch.Tensor) -> torch.Tensor:
