@@ -1,8 +1,8 @@
 """The main job on the embedded default: `python -m service.demo` (what `make demo` runs).
 
 1. Makes sure the demo bundle exists: if ``models/demo`` holds no valid bundle, trains one on
-   procedural phantoms with the training CLI's ``demo`` presets (GAN, LCO classifier, auditor,
-   export), each step a ``python -m training.cli`` subprocess with its own progress bar.
+   procedural phantoms with the training CLI's ``demo`` presets (GAN, three LCO classifiers and
+   their ensemble, export), each step a ``python -m training.cli`` subprocess with its own progress bar.
 2. Starts the service (``bentoml serve``) on localhost:3000 with that bundle.
 3. Asks POST /generate once per finding (and for "No Finding").
 4. Writes the PNGs, their JSON descriptions and a captioned contact sheet to ``demo-output/``.
@@ -40,7 +40,11 @@ TILE = 160  # pixels per contact-sheet tile (images are upscaled with nearest ne
 # process runs fastest (BENCHMARKS.md).
 TRAINING_STEPS: list[tuple[str, bool, list[str]]] = [
     ("PGGAN generator", True, ["train", "--config", "demo", "--data", "phantoms", "--run-dir", "{runs}/gan"]),
-    ("LCO classifier", False, ["classifier", "train", "--preset", "demo", "--run-dir", "{runs}/classifier"]),
+    ("LCO classifier 1/3", False, ["classifier", "train", "--preset", "demo", "--run-dir", "{runs}/classifier-1"]),
+    ("LCO classifier 2/3", False, ["classifier", "train", "--preset", "demo-2", "--run-dir", "{runs}/classifier-2"]),
+    ("LCO classifier 3/3", False, ["classifier", "train", "--preset", "demo-3", "--run-dir", "{runs}/classifier-3"]),
+    ("LCO classifier ensemble", False, ["classifier", "ensemble", "{runs}/classifier-1", "{runs}/classifier-2",
+                                        "{runs}/classifier-3", "--preset", "demo", "--run-dir", "{runs}/classifier"]),
     ("bundle export", False, ["export", "--generator", "{runs}/gan", "--classifier", "{runs}/classifier",
                               "--out", "{bundle}", "--name", "cxrsynth-demo", "--overwrite"]),
 ]

@@ -18,8 +18,9 @@ from training.classifier import (
     train_classifier,
     youden_thresholds,
 )
+from training.classifier.ensemble import combine
 from training.classifier.trainer import Splits, masked_weighted_bce, positive_weights
-from training.networks.classifier import build_classifier, densenet121_spec
+from training.networks.classifier import ClassifierSpec, build_classifier, densenet121_spec
 
 
 def _pairwise_auroc(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -179,3 +180,50 @@ def test_auditor_is_independent_and_reaches_auroc_095(demo_auditor, demo_classif
     _check_trained(demo_auditor, "densenet")
     assert demo_auditor.seed != demo_classifier.seed
     assert demo_auditor.dataset != demo_classifier.dataset  # a disjoint phantom stream
+
+
+def _untrained(spec: ClassifierSpec, threshold: float) -> TrainedClassifier:
+    return TrainedClassifier(network=build_classifier(spec).eval(), spec=spec, thresholds=np.full(NUM_LABELS, threshold,
+                             np.float32), metrics={}, dataset="phantoms-test", images_shown=100, preset="ci")
+
+
+def test_ensemble_averages_centred_logits_over_members_and_shifted_views(tmp_path):
+    torch.manual_seed(0)
+    members = [_untrained(ClassifierSpec(input_size=32, channels=(8, 16)), 0.3),
+               _untrained(ClassifierSpec(input_size=32, channels=(4, 8, 16)), 0.6)]
+    shifts = ((1, 2), (-2, 0))
+    network = combine(members, shifts)
+    image = torch.randn(3, 1, 32, 32)
+    views = [image] + [torch.roll(image, shifts=s, dims=(2, 3)) for s in shifts]
+    expected = torch.stack([member.network(view)[0] - torch.logit(torch.tensor(member.thresholds))
+                            for member in members for view in views]).mean(0)
+    with torch.no_grad():
+        logits, embedding = network(image)
+    assert torch.allclose(logits, expected, atol=1e-5)
+    assert embedding.shape == (3, 16 + 16)  # the members' embeddings of the unshifted image
+    # Saved and loaded like any classifier: the spec nests the members', the centres travel as weights.
+    ensemble = TrainedClassifier(network=network, spec=network.spec, thresholds=np.full(NUM_LABELS, 0.5, np.float32),
+                                 metrics={}, dataset="phantoms-test", images_shown=200)
+    loaded = TrainedClassifier.load(ensemble.save(tmp_path / "ensemble"))
+    assert loaded.spec == network.spec and loaded.spec.members[1].channels == (4, 8, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded.network(image)[0], logits)
+    with pytest.raises(ValueError, match="different input sizes"):
+        combine([members[0], _untrained(ClassifierSpec(input_size=64, channels=(8,)), 0.5)])
+
+
+@pytest.mark.slow
+def test_ensemble_command_evaluates_on_held_out_phantoms(ci_models, tmp_path):
+    from tests.bundle_fixtures import run_command
+
+    status = run_command("training.classifier.commands", [
+        "classifier", "ensemble", str(ci_models.classifier_dir), str(ci_models.classifier_dir), "--preset", "ci",
+        "--run-dir", str(tmp_path / "ensemble"), "--shift", "1,0", "--set", "bootstrap=20"])
+    assert status == 0
+    ensemble = TrainedClassifier.load(tmp_path / "ensemble")
+    assert ensemble.spec.arch == "ensemble" and ensemble.spec.shifts == ((1, 0),) and len(ensemble.spec.members) == 2
+    assert [m["source"] for m in ensemble.extra["members"]] == [str(ci_models.classifier_dir)] * 2
+    assert all(m.auroc is not None for m in ensemble.metrics.values())
+    # The same member twice, one view shifted by a pixel: about as good as the member alone.
+    assert abs(ensemble.mean_auroc - ci_models.classifier.mean_auroc) < 0.05
+    assert (tmp_path / "ensemble" / "roc.png").is_file()

@@ -144,6 +144,27 @@ def test_densenet_classifier_with_resize_exports_its_gradient(ci_models, tmp_pat
     assert "ScatterND" not in operations  # the resize's gradient is matrix products, not an index-put
 
 
+def test_ensemble_classifier_exports_its_gradient(ci_models, tmp_path):
+    """An ensemble (two members, shifted views) traces and exports like one network."""
+    from training.classifier.artifact import TrainedClassifier
+    from training.classifier.ensemble import combine
+
+    torch.manual_seed(4)
+    specs = (ClassifierSpec(input_size=32, channels=(8, 16)), ClassifierSpec(input_size=32, channels=(4, 8, 16)))
+    members = [TrainedClassifier(network=build_classifier(spec).eval(), spec=spec, thresholds=np.full(NUM_LABELS, t, np.float32),
+                                 metrics={}, dataset="test", images_shown=1) for spec, t in zip(specs, (0.4, 0.6))]
+    network = combine(members, shifts=((2, 1), (-1, -2)))
+    export_lco_step(ci_models.generator, network, tmp_path / "lco_step.onnx")
+    session = ort.InferenceSession(str(tmp_path / "lco_step.onnx"), SessionTuning().session_options(),
+                                   providers=["CPUExecutionProvider"])
+    objective = LCOObjective(ci_models.generator, network).eval()
+    for batch in (1, 6):
+        z = _latents(batch, ci_models.generator.latent_dim, seed=batch)
+        target, mask = _requests(batch, seed=batch)
+        outputs = session.run(None, {"z": z.numpy(), "target": target.numpy(), "mask": mask.numpy()})
+        _assert_step_matches(LCOStepOutput(*outputs), reference_lco_step(objective, z, target, mask), batch)
+
+
 def test_lco_on_several_threads_gives_the_same_images_every_time(ci_bundle):
     """No operation in the step graph sums in a thread-dependent order (an index-put's ScatterND
     did, before the generator's upsampling and the classifiers' resize were written as broadcasts

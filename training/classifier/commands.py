@@ -3,6 +3,7 @@
     python -m training.cli classifier train --preset demo [--run-dir DIR] [--set lr=1e-3 ...]
     python -m training.cli classifier train --preset chexnet --set data.root=/data/nih
     python -m training.cli classifier resume RUN_DIR
+    python -m training.cli classifier ensemble RUN_A RUN_B RUN_C --run-dir DIR [--preset demo]
     python -m training.cli classifier evaluate CLASSIFIER_DIR [--preset auditor] [--bootstrap 1000]
 
 Under torchrun the same commands train data-parallel: ``torchrun --nproc_per_node=2 -m training.cli
@@ -36,6 +37,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     resume.add_argument("run_dir", type=Path)
     resume.add_argument("--no-progress", action="store_true")
     resume.set_defaults(handler=run_resume)
+
+    ensemble = commands.add_parser("ensemble", help="combine trained classifiers into one (LCO steers by all of them)")
+    ensemble.add_argument("members", type=Path, nargs="+", help="trained classifier directories (or their runs)")
+    ensemble.add_argument("--run-dir", type=Path, required=True, help="directory to write <run>/classifier to")
+    ensemble.add_argument("--preset", default="demo", choices=sorted(PRESETS),
+                          help="whose validation and test splits set the thresholds and measure AUROC")
+    ensemble.add_argument("--shift", dest="shifts", type=_shift, action="append", default=None, metavar="ROWS,COLS",
+                          help="an extra view of each image, circularly shifted (repeatable; default 2,1 and -1,-2)")
+    ensemble.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                          help="override a value of the evaluation preset, e.g. bootstrap=200")
+    ensemble.set_defaults(handler=run_ensemble)
 
     evaluate = commands.add_parser("evaluate", help="per-label AUROC (bootstrap CIs) of a trained classifier")
     evaluate.add_argument("classifier", type=Path, help="trained classifier directory")
@@ -73,6 +85,33 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_resume(args: argparse.Namespace) -> int:
     return _train(None, args.run_dir, Path("runs"), True, not args.no_progress)
+
+
+def _shift(text: str) -> tuple[int, int]:
+    try:
+        rows, columns = (int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shift takes ROWS,COLS (e.g. 2,-1), got {text!r}") from None
+    return rows, columns
+
+
+def run_ensemble(args: argparse.Namespace) -> int:
+    from training.classifier.artifact import TrainedClassifier
+    from training.classifier.ensemble import DEFAULT_SHIFTS, build_ensemble
+
+    try:
+        config = get_preset(args.preset).override(args.overrides)
+        members = [TrainedClassifier.load(path) for path in args.members]
+        for member, path in zip(members, args.members):
+            member.extra.setdefault("source", str(path))
+        result = build_ensemble(members, config, args.run_dir,
+                                shifts=DEFAULT_SHIFTS if args.shifts is None else tuple(args.shifts))
+    except (FileNotFoundError, ValueError) as error:
+        return _fail(str(error))
+    member_aurocs = ", ".join(f"{m.mean_auroc:.4f}" for m in members if m.mean_auroc is not None)
+    print(f"mean AUROC {result.mean_auroc:.4f} on the held-out split (members: {member_aurocs}); "
+          f"saved {args.run_dir / 'classifier'}")
+    return 0
 
 
 def run_evaluate(args: argparse.Namespace) -> int:

@@ -4,7 +4,10 @@ Presets (``PRESETS``), all overridable field by field (``--set lr=3e-4``):
 
 - ``ci``: 32² phantoms, a tiny CNN; seconds. Pairs with the GAN's ``ci`` preset in tests.
 - ``demo``: 64² phantoms, a small CNN; about a minute of CPU time (mean AUROC ≈ 0.99 on the
-  phantom hold-out). The LCO classifier of the demo bundle.
+  phantom hold-out).
+- ``demo-2`` / ``demo-3``: the same on other phantom seeds (``demo-3`` wider). The demo bundle's LCO
+  classifier is the ensemble of the three (``classifier ensemble``, evaluated on ``demo``'s hold-out,
+  which none of them trained on).
 - ``auditor-ci`` / ``auditor``: the independent auditors for ``ci`` and ``demo``: another
   architecture (a small DenseNet) and another seed, trained on a disjoint phantom seed. Used only to
   judge label fidelity in evaluation and tests, never inside LCO.
@@ -141,6 +144,20 @@ PRESETS: dict[str, ClassifierTrainConfig] = {
         data=DataConfig(resolution=64, seed=1000, train_count=3000, val_count=600, test_count=900),
         model=_small_cnn(64, (8, 16, 32, 64)),
         seed=0, batch_size=64, total_images=12_000, lr=3e-3, warmup_images=1_000,
+        checkpoint_every=6_000, tick_images=3_000,
+    ),
+    "demo-2": ClassifierTrainConfig(
+        name="demo-2",
+        data=DataConfig(resolution=64, seed=3000, train_count=3000, val_count=600, test_count=900),
+        model=_small_cnn(64, (8, 16, 32, 64)),
+        seed=1, batch_size=64, total_images=12_000, lr=3e-3, warmup_images=1_000,
+        checkpoint_every=6_000, tick_images=3_000,
+    ),
+    "demo-3": ClassifierTrainConfig(
+        name="demo-3",
+        data=DataConfig(resolution=64, seed=4000, train_count=3000, val_count=600, test_count=900),
+        model=_small_cnn(64, (16, 32, 48, 64)),
+        seed=2, batch_size=64, total_images=12_000, lr=3e-3, warmup_images=1_000,
         checkpoint_every=6_000, tick_images=3_000,
     ),
     "auditor": ClassifierTrainConfig(

@@ -219,7 +219,7 @@ def trace_lco_step(objective: LCOObjective, example_batch: int = 3) -> LCOStepMo
         return loss, grad_z, probs, image
 
     latent_dim = _latent_dim(objective.generator.generator)
-    num_labels = objective.classifier.head.out_features
+    num_labels = objective.classifier.spec.num_labels
     example = (torch.randn(example_batch, latent_dim), torch.zeros(example_batch, num_labels),
                torch.ones(example_batch, num_labels))
     graph = make_fx(step, decomposition_table=BACKWARD_DECOMPOSITIONS, tracing_mode="symbolic",

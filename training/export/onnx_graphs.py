@@ -55,7 +55,7 @@ def export_lco_step(generator: nn.Module, classifier: nn.Module, path: Path, ops
     """``lco_step.onnx``: (z, target, mask) → loss [B], grad_z [B, latent], probs [B, 14], image."""
     objective = LCOObjective(generator, classifier).eval()
     step = trace_lco_step(objective, example_batch=_EXAMPLE_BATCH)
-    num_labels = classifier.head.out_features
+    num_labels = classifier.spec.num_labels
     example = (
         torch.randn(_EXAMPLE_BATCH, generator.latent_dim),
         torch.zeros(_EXAMPLE_BATCH, num_labels),

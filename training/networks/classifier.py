@@ -22,7 +22,7 @@ from torch import nn
 
 from service.labels import NUM_LABELS
 
-ARCHITECTURES = ("small_cnn", "densenet")
+ARCHITECTURES = ("small_cnn", "densenet", "ensemble")
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,8 @@ class ClassifierSpec:
     bn_size: int = 4
     stem: str = "imagenet"
     dropout: float = 0.0
+    members: tuple[ClassifierSpec, ...] = ()  # ensemble only: the members' specs
+    shifts: tuple[tuple[int, int], ...] = ()  # ensemble only: extra views, (rows, columns) circular shifts
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -57,6 +59,8 @@ class ClassifierSpec:
         for key in ("channels", "block_config"):
             if key in data:
                 data[key] = tuple(int(v) for v in data[key])
+        data["members"] = tuple(cls.from_dict(member) for member in data.get("members", ()))
+        data["shifts"] = tuple((int(rows), int(columns)) for rows, columns in data.get("shifts", ()))
         unknown = set(data) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"unknown classifier spec fields: {sorted(unknown)}")
@@ -213,10 +217,45 @@ class DenseNet(nn.Module):
         return self.head(self.dropout(embedding)), embedding
 
 
+class ClassifierEnsemble(nn.Module):
+    """Several trained classifiers read as one, for LCO to steer by.
+
+    Logits are the mean, over members and over views (the image and its ``shifts``), of each member's
+    logits minus its own decision threshold (as a logit), so every member votes on the same scale.
+    Gradient descent on a single classifier finds pixel patterns that this one network reads as a
+    finding and nothing else does; patterns that move several independently trained networks at
+    once, and survive a shift of a few pixels, are much more often the finding itself (measured in
+    docs/lco-quality.md against an auditor that is none of the members). The embedding is the
+    members' embeddings of the image, concatenated.
+    """
+
+    def __init__(self, spec: ClassifierSpec):
+        super().__init__()
+        if not spec.members or any(member.arch == "ensemble" for member in spec.members):
+            raise ValueError("an ensemble needs one or more members, none of them an ensemble")
+        self.spec = spec
+        self.members = nn.ModuleList(build_classifier(member) for member in spec.members)
+        # Each member's thresholds as logits; set from the trained members (saved with the weights).
+        self.register_buffer("centres", torch.zeros(len(spec.members), spec.num_labels))
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        views = [image] + [torch.roll(image, shifts=shift, dims=(2, 3)) for shift in self.spec.shifts]
+        total, embeddings = 0.0, []
+        for member, centre in zip(self.members, self.centres):
+            for number, view in enumerate(views):
+                logits, embedding = member(view)
+                total = total + (logits - centre)
+                if number == 0:
+                    embeddings.append(embedding)
+        return total / (len(self.members) * len(views)), torch.cat(embeddings, dim=1)
+
+
 def build_classifier(spec: ClassifierSpec) -> nn.Module:
     """The network ``spec`` describes, freshly initialised."""
     if spec.arch == "small_cnn":
         return SmallCNN(spec)
     if spec.arch == "densenet":
         return DenseNet(spec)
+    if spec.arch == "ensemble":
+        return ClassifierEnsemble(spec)
     raise ValueError(f"unknown classifier architecture {spec.arch!r}; choose one of {ARCHITECTURES}")
