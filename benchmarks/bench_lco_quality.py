@@ -8,7 +8,9 @@ For each single finding, for "No Finding", and for a two-present-one-absent comb
   images on which it agrees that every constraint is met, at its own thresholds.
 
 Beside them, how often each request is met without LCO: the NIH ChestX-ray14 prevalence, and the
-rate among unconditional samples of the generator under each judge. Writes a Markdown table.
+rate among unconditional samples of the generator under each judge. Writes a Markdown table, and
+beside it (same name, .png) a contact sheet: the first images of each request, each captioned with
+the auditor's verdict.
 
     python -m benchmarks.bench_lco_quality --bundle models/demo --auditor runs/demo/auditor \\
         --out docs/lco-quality.md
@@ -24,9 +26,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 from service.bundle import load_bundle
+from service.demo import contact_sheet
 from service.labels import LABELS, NO_FINDING
 from service.lco import LCOEngine, SampleRequest, draw_latents
 from service.prior import nih_prior
@@ -34,6 +38,7 @@ from service.schemas import resolve_labels
 from training.classifier.artifact import TrainedClassifier
 
 COMBINATION = {"Effusion": True, "Atelectasis": True, "Pneumothorax": False}
+SHEET_COLUMNS = 8
 
 
 def met(probs: np.ndarray, thresholds: np.ndarray, target: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -77,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 
     requests: list[tuple[str, dict[str, bool] | list[str]]] = [(name, [name]) for name in LABELS]
     requests += [(NO_FINDING, [NO_FINDING]), ("Effusion + Atelectasis, no Pneumothorax", COMBINATION)]
-    rows = []
+    rows, sheet_rows = [], []
     started = time.perf_counter()
     for title, constraints in tqdm(requests, desc="requests", unit="request"):
         spec = resolve_labels(constraints, exclusive=False)
@@ -86,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
         images = np.stack([r.image for r in results])
         lco_ok = np.array([r.satisfied for r in results])
         audit_ok = met(audit(images), auditor.thresholds, spec.target, spec.mask)
+        sheet_rows.append((title if len(title) <= 24 else title[:22] + "…", [
+            (Image.fromarray(np.uint8(np.round((image + 1.0) * 127.5))), "auditor: yes" if ok else "auditor: no")
+            for image, ok in zip(images[:SHEET_COLUMNS], audit_ok)]))
         rows.append({
             "request": title,
             "nih": nih_rate(constraints),
@@ -129,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     with os.fdopen(fd, "w") as handle:
         handle.write(text)
     os.replace(temporary, args.out)
-    print(f"written to {args.out}")
+    contact_sheet(sheet_rows, args.out.with_suffix(".png"))
+    print(f"written to {args.out} and {args.out.with_suffix('.png')}")
     return 0
 
 
