@@ -8,7 +8,6 @@ short LCO (``FAST_LCO``) so a few hundred 32² images take seconds on two cores.
 from __future__ import annotations
 
 import csv
-import datetime
 import hashlib
 import io
 import json
@@ -51,35 +50,6 @@ FAST_LCO_ARGS = ["--lco", "steps=10", "--lco", "candidates=2"]
 
 
 # -- fixtures ---------------------------------------------------------------------------------------
-@pytest.fixture(scope="session")
-def archive_bundle(tmp_path_factory) -> Path:
-    """A sealed analytic bundle directory (manifest with sha256 of every graph) that load_bundle verifies.
-
-    No archive test here needs it any more; tests/test_deploy.py imports it for `bentoml build`.
-    """
-    from service.bundle import seal_manifest, sha256_file
-    from tests.test_lco import LATENT, SIDE, build_graphs
-
-    directory = tmp_path_factory.mktemp("archive-bundle")
-    for name, data in build_graphs().items():
-        (directory / f"{name}.onnx").write_bytes(data)
-    files = {
-        f"{n}.onnx": {"sha256": sha256_file(directory / f"{n}.onnx"), "bytes": (directory / f"{n}.onnx").stat().st_size}
-        for n in ("generator", "classifier", "lco_step")
-    }
-    document = {
-        "schema_version": 1, "name": "analytic", "version": "0.0.1",
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        "labels": list(LABELS), "thresholds": dict.fromkeys(LABELS, 0.5), "resolution": SIDE,
-        "latent_dim": LATENT, "embedding_dim": SIDE * SIDE, "opset": 17,
-        "pixel": {"range": [-1.0, 1.0], "channels": 1, "dtype": "float32"}, "files": files,
-        "provenance": {"dataset": "none", "images_shown": 0, "commit": "dev", "classifier_dataset": "none",
-                       "classifier_arch": "linear", "classifier_auroc": {}},
-    }
-    (directory / "manifest.json").write_bytes(seal_manifest(document))
-    return directory
-
-
 @pytest.fixture()
 def s3(s3_server, monkeypatch):
     """The shared moto server, with its endpoint and fake credentials in the environment."""

@@ -15,8 +15,6 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from tests.test_archive import archive_bundle  # noqa: F401 - the shared bundle fixture
-
 ROOT = Path(__file__).resolve().parents[1]
 K8S_VERSION = "1.33"  # backoffLimitPerIndex (Indexed Jobs) is GA from 1.33
 OVERLAYS = ["base", "overlays/cpu-dev", "overlays/gpu-prod"]
@@ -167,28 +165,23 @@ def test_archive_job_is_indexed_with_one_shard_per_completion_and_a_merge(render
     assert any(arg.startswith("--wait=") for arg in merge["args"])
 
 
-def import_bundle_as_bentoml_model(bundle_dir: Path, home: Path) -> str:
-    """Copy a bundle directory into the BentoML model store at ``home`` as cxrsynth:<version>."""
-    script = (
-        "import json, shutil, sys, bentoml\n"
-        "src = sys.argv[1]\n"
-        "manifest = json.load(open(src + '/manifest.json'))\n"
-        "with bentoml.models.create('cxrsynth', labels={'bundle': manifest['name']},\n"
-        "                           metadata={'version': manifest['version']}) as model:\n"
-        "    shutil.copytree(src, model.path, dirs_exist_ok=True)\n"
-        "print(model.tag)\n"
-    )
+def save_bundle_to_model_store(bundle_dir: Path, home: Path) -> str:
+    """The export command's ``--model-store`` step, into the BentoML model store at ``home``, under the
+    service's default model name (``CXRSYNTH_MODEL_TAG`` is cxrsynth:latest)."""
+    script = ("import sys\nfrom training.export.model_store import save_to_model_store\n"
+              "print(save_to_model_store(sys.argv[1], name='cxrsynth'))\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("CXRSYNTH_")}
     env.update(BENTOML_HOME=str(home), BENTOML_DO_NOT_TRACK="true")
-    result = subprocess.run([sys.executable, "-c", script, str(bundle_dir)], env=env, check=False,
+    result = subprocess.run([sys.executable, "-c", script, str(bundle_dir)], cwd=ROOT, env=env, check=False,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     return result.stdout.strip().splitlines()[-1]
 
 
-def test_bentoml_build_packages_the_service_and_the_bundle(archive_bundle, tmp_path):  # noqa: F811
+def test_bentoml_build_packages_the_service_and_the_bundle(ci_bundle, tmp_path):
+    """`bentoml build` for real, with the trained `ci` bundle as the Bento's model."""
     home = tmp_path / "bentoml"
-    model_tag = import_bundle_as_bentoml_model(archive_bundle, home)
+    model_tag = save_bundle_to_model_store(ci_bundle, home)
     env = {k: v for k, v in os.environ.items() if not k.startswith("CXRSYNTH_")}  # declare the BentoModel
     env.update(BENTOML_HOME=str(home), BENTOML_DO_NOT_TRACK="true")
     result = subprocess.run([sys.executable, "-m", "bentoml", "build", str(ROOT), "--output", "tag"],
@@ -208,7 +201,7 @@ def test_bentoml_build_packages_the_service_and_the_bundle(archive_bundle, tmp_p
     assert "onnxruntime-gpu" in requirements and "torch" not in requirements
     model_name, model_version = model_tag.split(":")
     manifest = home / "models" / model_name / model_version / "manifest.json"
-    assert json.loads(manifest.read_text()) == json.loads((archive_bundle / "manifest.json").read_text())
+    assert json.loads(manifest.read_text()) == json.loads((ci_bundle / "manifest.json").read_text())
 
 
 def test_the_installed_package_carries_every_service_data_file(tmp_path):
