@@ -12,8 +12,7 @@ rate among unconditional samples of the generator under each judge. Writes a Mar
 beside it (same name, .png) a contact sheet: the first images of each request, each captioned with
 the auditor's verdict.
 
-    python -m benchmarks.bench_lco_quality --bundle models/demo --auditor runs/demo/auditor \\
-        --out docs/lco-quality.md
+    python -m benchmarks.bench_lco_quality --bundle models/demo --auditor runs/demo/auditor --images 32
 """
 
 from __future__ import annotations
@@ -63,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--auditor", default="runs/demo/auditor", help="auditor run or classifier directory")
     parser.add_argument("--images", type=int, default=32, help="images per request")
     parser.add_argument("--unconditional", type=int, default=512, help="unconditional samples for the baseline")
-    parser.add_argument("--out", type=Path, default=Path("docs/lco-quality.md"))
+    parser.add_argument("--out", type=Path, default=Path("runs/lco-quality.md"), help="Markdown table; the sheet goes beside it")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
 
