@@ -21,6 +21,7 @@ import argparse
 import os
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,7 @@ from tqdm import tqdm
 from service.bundle import load_bundle
 from service.demo import contact_sheet
 from service.labels import LABELS, NO_FINDING
-from service.lco import LCOEngine, SampleRequest, draw_latents
+from service.lco import LCOEngine, LCOOptions, SampleRequest, draw_latents
 from service.prior import nih_prior
 from service.schemas import resolve_labels
 from training.classifier.artifact import TrainedClassifier
@@ -62,12 +63,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--auditor", default="runs/demo/auditor", help="auditor run or classifier directory")
     parser.add_argument("--images", type=int, default=32, help="images per request")
     parser.add_argument("--unconditional", type=int, default=512, help="unconditional samples for the baseline")
+    parser.add_argument("--margin", type=float, help="LCO margin in logits (default: the service's)")
     parser.add_argument("--out", type=Path, default=Path("runs/lco-quality.md"), help="Markdown table; the sheet goes beside it")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
 
     bundle = load_bundle(args.bundle)
-    engine = LCOEngine(bundle)
+    defaults = LCOOptions()
+    engine = LCOEngine(bundle, defaults if args.margin is None else replace(defaults, margin=args.margin))
     auditor = TrainedClassifier.load(args.auditor)
 
     def audit(images: np.ndarray) -> np.ndarray:
@@ -110,8 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         (f"Bundle `{manifest.name}` {manifest.version} ({manifest.resolution}², latent {manifest.latent_dim}, "
          f"generator trained on {manifest.provenance.dataset}); auditor `{auditor.preset}` "
-         f"({auditor.spec.arch}, seed {auditor.seed}). {args.images} images per request with the service's default "
-         f"LCO options; unconditional rates from {args.unconditional} generator samples. "
+         f"({auditor.spec.arch}, seed {auditor.seed}). {args.images} images per request, LCO options "
+         f"{engine.options}; unconditional rates from {args.unconditional} generator samples. "
          f"Written by `python -m benchmarks.bench_lco_quality` in {elapsed:.0f} s."),
         "",
         ("| request | NIH prevalence | unconditional (LCO classifier) | unconditional (auditor) "
