@@ -48,6 +48,8 @@ def build_ensemble(members: Sequence[TrainedClassifier], config: ClassifierTrain
     if not members:
         raise ValueError("an ensemble needs at least one member classifier")
     network = combine(members, shifts)
+    if config.data.kind == "phantoms":  # only the validation and test splits are read: draw no training set
+        config = config.override(["data.train_count=1"])
     splits = build_splits(config)
     thresholds, metrics = evaluate(network, splits.val, splits.test, torch.device("cpu"), config.bootstrap, config.seed)
     result = TrainedClassifier(
