@@ -118,6 +118,21 @@ def test_manifest_records_the_training_it_came_from(ci_bundle, ci_models):
         "range": [-1.0, 1.0], "channels": 1, "dtype": "float32"}
 
 
+def _export_and_compare_step(generator, network, tmp_path, batches) -> set[str]:
+    """Export the LCO step of (generator, network), check it against autograd at each batch size,
+    and return the graph's operation types."""
+    path = tmp_path / "lco_step.onnx"
+    export_lco_step(generator, network, path)
+    session = ort.InferenceSession(str(path), SessionTuning().session_options(), providers=["CPUExecutionProvider"])
+    objective = LCOObjective(generator, network).eval()
+    for batch in batches:
+        z = _latents(batch, generator.latent_dim, seed=batch)
+        target, mask = _requests(batch, seed=batch)
+        outputs = session.run(None, {"z": z.numpy(), "target": target.numpy(), "mask": mask.numpy()})
+        _assert_step_matches(LCOStepOutput(*outputs), reference_lco_step(objective, z, target, mask), batch)
+    return {node.op_type for node in onnx.load(str(path)).graph.node}
+
+
 def test_densenet_classifier_with_resize_exports_its_gradient(ci_models, tmp_path):
     """DenseNet path: 7×7 stem, padded max pool, concatenations, average-pool transitions, and a
     bilinear resize (the classifier reads 40² while the generator makes 32²)."""
@@ -130,17 +145,7 @@ def test_densenet_classifier_with_resize_exports_its_gradient(ci_models, tmp_pat
             if isinstance(module, torch.nn.BatchNorm2d):
                 module.running_mean.uniform_(-0.2, 0.2)
                 module.running_var.uniform_(0.5, 1.5)
-    network.eval()
-    export_lco_step(ci_models.generator, network, tmp_path / "lco_step.onnx")
-    session = ort.InferenceSession(str(tmp_path / "lco_step.onnx"), SessionTuning().session_options(),
-                                   providers=["CPUExecutionProvider"])
-    objective = LCOObjective(ci_models.generator, network).eval()
-    for batch in (1, 9):
-        z = _latents(batch, ci_models.generator.latent_dim, seed=batch)
-        target, mask = _requests(batch, seed=batch)
-        outputs = session.run(None, {"z": z.numpy(), "target": target.numpy(), "mask": mask.numpy()})
-        _assert_step_matches(LCOStepOutput(*outputs), reference_lco_step(objective, z, target, mask), batch)
-    operations = {node.op_type for node in onnx.load(str(tmp_path / "lco_step.onnx")).graph.node}
+    operations = _export_and_compare_step(ci_models.generator, network.eval(), tmp_path, batches=(1, 9))
     assert "ScatterND" not in operations  # the resize's gradient is matrix products, not an index-put
 
 
@@ -154,15 +159,7 @@ def test_ensemble_classifier_exports_its_gradient(ci_models, tmp_path):
     members = [TrainedClassifier(network=build_classifier(spec).eval(), spec=spec, thresholds=np.full(NUM_LABELS, t, np.float32),
                                  metrics={}, dataset="test", images_shown=1) for spec, t in zip(specs, (0.4, 0.6))]
     network = combine(members, shifts=((2, 1), (-1, -2)))
-    export_lco_step(ci_models.generator, network, tmp_path / "lco_step.onnx")
-    session = ort.InferenceSession(str(tmp_path / "lco_step.onnx"), SessionTuning().session_options(),
-                                   providers=["CPUExecutionProvider"])
-    objective = LCOObjective(ci_models.generator, network).eval()
-    for batch in (1, 6):
-        z = _latents(batch, ci_models.generator.latent_dim, seed=batch)
-        target, mask = _requests(batch, seed=batch)
-        outputs = session.run(None, {"z": z.numpy(), "target": target.numpy(), "mask": mask.numpy()})
-        _assert_step_matches(LCOStepOutput(*outputs), reference_lco_step(objective, z, target, mask), batch)
+    _export_and_compare_step(ci_models.generator, network, tmp_path, batches=(1, 6))
 
 
 def test_lco_on_several_threads_gives_the_same_images_every_time(ci_bundle):

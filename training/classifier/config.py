@@ -124,6 +124,18 @@ def _small_densenet(resolution: int, block_config: tuple[int, ...], growth: int,
                           init_features=init, bn_size=2, stem="imagenet")
 
 
+def _demo(name: str = "demo", data_seed: int = 1000, seed: int = 0,
+          channels: tuple[int, ...] = (8, 16, 32, 64)) -> ClassifierTrainConfig:
+    """The demo CNN; its ensemble siblings differ in phantom stream, seed and width only."""
+    return ClassifierTrainConfig(
+        name=name,
+        data=DataConfig(resolution=64, seed=data_seed, train_count=3000, val_count=600, test_count=900),
+        model=_small_cnn(64, channels),
+        seed=seed, batch_size=64, total_images=12_000, lr=3e-3, warmup_images=1_000,
+        checkpoint_every=6_000, tick_images=3_000,
+    )
+
+
 PRESETS: dict[str, ClassifierTrainConfig] = {
     "ci": ClassifierTrainConfig(
         name="ci",
@@ -139,27 +151,9 @@ PRESETS: dict[str, ClassifierTrainConfig] = {
         seed=1, batch_size=64, total_images=12_000, lr=3e-3, warmup_images=1_000,
         checkpoint_every=6_000, tick_images=2_000, bootstrap=200,
     ),
-    "demo": ClassifierTrainConfig(
-        name="demo",
-        data=DataConfig(resolution=64, seed=1000, train_count=3000, val_count=600, test_count=900),
-        model=_small_cnn(64, (8, 16, 32, 64)),
-        seed=0, batch_size=64, total_images=12_000, lr=3e-3, warmup_images=1_000,
-        checkpoint_every=6_000, tick_images=3_000,
-    ),
-    "demo-2": ClassifierTrainConfig(
-        name="demo-2",
-        data=DataConfig(resolution=64, seed=3000, train_count=3000, val_count=600, test_count=900),
-        model=_small_cnn(64, (8, 16, 32, 64)),
-        seed=1, batch_size=64, total_images=12_000, lr=3e-3, warmup_images=1_000,
-        checkpoint_every=6_000, tick_images=3_000,
-    ),
-    "demo-3": ClassifierTrainConfig(
-        name="demo-3",
-        data=DataConfig(resolution=64, seed=4000, train_count=3000, val_count=600, test_count=900),
-        model=_small_cnn(64, (16, 32, 48, 64)),
-        seed=2, batch_size=64, total_images=12_000, lr=3e-3, warmup_images=1_000,
-        checkpoint_every=6_000, tick_images=3_000,
-    ),
+    "demo": _demo(),
+    "demo-2": _demo("demo-2", data_seed=3000, seed=1),
+    "demo-3": _demo("demo-3", data_seed=4000, seed=2, channels=(16, 32, 48, 64)),
     "auditor": ClassifierTrainConfig(
         name="auditor",
         data=DataConfig(resolution=64, seed=2000, train_count=3000, val_count=600, test_count=900),
