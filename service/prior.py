@@ -1,4 +1,5 @@
-"""Label priors for sampling label sets: the real NIH co-occurrence table, or balanced per finding.
+"""Label priors for sampling label sets: the real NIH co-occurrence table, balanced per finding, or a
+half-and-half mix of the two.
 
 The NIH table (service/data/nih_label_prior.json) is derived by scripts/compute_nih_prior.py from the
 real Data_Entry_2017_v2020 CSV: every distinct label combination with its count.
@@ -15,7 +16,7 @@ import numpy as np
 
 from service.labels import LABELS, NO_FINDING, NUM_LABELS, parse_finding_labels
 
-PRIOR_NAMES = ("nih", "balanced")
+PRIOR_NAMES = ("nih", "balanced", "nih-boosted")
 
 
 @dataclass(frozen=True)
@@ -54,9 +55,21 @@ def balanced_prior() -> LabelPrior:
     return LabelPrior("balanced", combos, np.full(len(combos), 1.0 / len(combos)))
 
 
+@lru_cache(maxsize=1)
+def nih_boosted_prior() -> LabelPrior:
+    """Half NIH co-occurrence, half balanced single findings: the real table's combinations stay, and
+    every finding reaches at least 1/30 of the draws (Hernia: 0.2% -> 3.7%). A generator trained on a few
+    thousand phantoms from the NIH table alone sees a handful of hernias and never learns to draw one."""
+    nih, balanced = nih_prior(), balanced_prior()
+    return LabelPrior("nih-boosted", np.concatenate([nih.combinations, balanced.combinations]),
+                      np.concatenate([nih.probabilities, balanced.probabilities]) / 2)
+
+
 def get_prior(name: str) -> LabelPrior:
     if name == "nih":
         return nih_prior()
     if name == "balanced":
         return balanced_prior()
+    if name == "nih-boosted":
+        return nih_boosted_prior()
     raise ValueError(f"unknown label prior {name!r}; choose one of {', '.join(PRIOR_NAMES)}")

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from service.labels import LABELS, NO_FINDING, parse_finding_labels
-from service.prior import balanced_prior, get_prior, nih_prior
+from service.prior import balanced_prior, get_prior, nih_boosted_prior, nih_prior
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +35,17 @@ def test_balanced_prior_is_uniform_over_findings():
     np.testing.assert_allclose(draws.mean(axis=0), 1 / 15, atol=0.01)
 
 
+def test_boosted_prior_keeps_nih_combinations_and_lifts_every_finding(csv_prevalence):
+    marginals, no_finding = csv_prevalence
+    prevalence = nih_boosted_prior().prevalence()
+    np.testing.assert_allclose([prevalence[label] for label in LABELS], (marginals + 1 / 15) / 2, atol=1e-9)
+    assert prevalence[NO_FINDING] == pytest.approx((no_finding + 1 / 15) / 2, abs=1e-9)
+    assert min(prevalence[label] for label in LABELS) > 1 / 30
+    draws = get_prior("nih-boosted").sample(20_000, np.random.default_rng(3))
+    assert 0.05 < (draws.sum(axis=1) >= 2).mean() < 0.15  # NIH's multi-finding combinations, at half their rate
+    np.testing.assert_allclose(draws.mean(axis=0), (marginals + 1 / 15) / 2, atol=0.01)
+
+
 def test_unknown_prior_names_the_choices():
-    with pytest.raises(ValueError, match="nih, balanced"):
+    with pytest.raises(ValueError, match="nih, balanced, nih-boosted"):
         get_prior("uniform")

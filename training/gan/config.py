@@ -24,6 +24,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
+from service.prior import PRIOR_NAMES
 from training.networks.pggan import channels_for, resolutions_up_to
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -171,8 +172,8 @@ class GanConfig:
             raise ConfigError(f"train.amp must be auto, on or off, got {self.train.amp!r}")
         if self.train.amp_dtype not in ("float16", "bfloat16"):
             raise ConfigError(f"train.amp_dtype must be float16 or bfloat16, got {self.train.amp_dtype!r}")
-        if self.data.phantom_prior not in ("nih", "balanced"):
-            raise ConfigError("data.phantom_prior must be 'nih' or 'balanced'")
+        if self.data.phantom_prior not in PRIOR_NAMES:
+            raise ConfigError(f"data.phantom_prior must be one of {', '.join(PRIOR_NAMES)}")
         if not 0.0 <= self.ema.beta < 1.0:
             raise ConfigError("ema.beta must be in [0, 1)")
 
