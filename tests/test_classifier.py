@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 from pathlib import Path
 
 import numpy as np
@@ -192,7 +193,7 @@ def test_ensemble_averages_centred_logits_over_members_and_shifted_views(tmp_pat
     members = [_untrained(ClassifierSpec(input_size=32, channels=(8, 16)), 0.3),
                _untrained(ClassifierSpec(input_size=32, channels=(4, 8, 16)), 0.6)]
     shifts = ((1, 2), (-2, 0))
-    network = combine(members, shifts)
+    network = combine(members, shifts, vote_clip=0)
     image = torch.randn(3, 1, 32, 32)
     views = [image] + [torch.roll(image, shifts=s, dims=(2, 3)) for s in shifts]
     expected = torch.stack([member.network(view)[0] - torch.logit(torch.tensor(member.thresholds))
@@ -210,6 +211,25 @@ def test_ensemble_averages_centred_logits_over_members_and_shifted_views(tmp_pat
         assert torch.equal(loaded.network(image)[0], logits)
     with pytest.raises(ValueError, match="different input sizes"):
         combine([members[0], _untrained(ClassifierSpec(input_size=64, channels=(8,)), 0.5)])
+
+
+def test_clipped_votes_keep_one_sure_member_from_carrying_the_ensemble():
+    torch.manual_seed(1)
+    members = [_untrained(ClassifierSpec(input_size=32, channels=(8, 16)), 0.5) for _ in range(3)]
+    with torch.no_grad():  # member 0 is certain of every finding, the others lean slightly against
+        members[0].network.head.bias.fill_(40.0)
+        for member in members[1:]:
+            member.network.head.weight.zero_()
+            member.network.head.bias.fill_(-0.5)
+    image = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        plain = combine(members, (), vote_clip=0)(image)[0]
+        clipped = combine(members, ((1, 1),), vote_clip=3)(image)[0]
+    assert (plain > 1.5).all()  # the mean vote passes LCO's default margin on one member's word
+    votes = torch.tensor([3 * math.tanh(40 / 3), 3 * math.tanh(-0.5 / 3), 3 * math.tanh(-0.5 / 3)])
+    assert torch.allclose(clipped, votes.mean().expand_as(clipped), atol=1e-4)  # about 0.68: not past 1.5
+    with pytest.raises(ValueError, match="vote_clip"):
+        combine(members, (), vote_clip=-1)
 
 
 @pytest.mark.slow

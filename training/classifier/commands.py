@@ -45,6 +45,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                           help="whose validation and test splits set the thresholds and measure AUROC")
     ensemble.add_argument("--shift", dest="shifts", type=_shift, action="append", default=None, metavar="ROWS,COLS",
                           help="an extra view of each image, circularly shifted (repeatable; default 2,1 and -1,-2)")
+    ensemble.add_argument("--vote-clip", type=float, default=None, metavar="LOGITS",
+                          help="soft-clip each member's vote to ±LOGITS (default 3; 0 averages unclipped votes)")
     ensemble.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                           help="override a value of the evaluation preset, e.g. bootstrap=200")
     ensemble.set_defaults(handler=run_ensemble)
@@ -97,7 +99,7 @@ def _shift(text: str) -> tuple[int, int]:
 
 def run_ensemble(args: argparse.Namespace) -> int:
     from training.classifier.artifact import TrainedClassifier
-    from training.classifier.ensemble import DEFAULT_SHIFTS, build_ensemble
+    from training.classifier.ensemble import DEFAULT_SHIFTS, DEFAULT_VOTE_CLIP, build_ensemble
 
     try:
         config = get_preset(args.preset).override(args.overrides)
@@ -105,7 +107,8 @@ def run_ensemble(args: argparse.Namespace) -> int:
         for member, path in zip(members, args.members):
             member.extra.setdefault("source", str(path))
         result = build_ensemble(members, config, args.run_dir,
-                                shifts=DEFAULT_SHIFTS if args.shifts is None else tuple(args.shifts))
+                                shifts=DEFAULT_SHIFTS if args.shifts is None else tuple(args.shifts),
+                                vote_clip=DEFAULT_VOTE_CLIP if args.vote_clip is None else args.vote_clip)
     except (FileNotFoundError, ValueError) as error:
         return _fail(str(error))
     member_aurocs = ", ".join(f"{m.mean_auroc:.4f}" for m in members if m.mean_auroc is not None)

@@ -20,15 +20,20 @@ from training.networks.classifier import ClassifierEnsemble, ClassifierSpec
 
 # Two views besides the image itself, a few pixels off in different directions.
 DEFAULT_SHIFTS: tuple[tuple[int, int], ...] = ((2, 1), (-1, -2))
+# A member's vote saturates at ±3 logits: with LCO's 1.5-logit margin, no single member can carry it.
+DEFAULT_VOTE_CLIP = 3.0
 
 
-def combine(members: Sequence[TrainedClassifier], shifts: Sequence[tuple[int, int]] = DEFAULT_SHIFTS) -> ClassifierEnsemble:
+def combine(members: Sequence[TrainedClassifier], shifts: Sequence[tuple[int, int]] = DEFAULT_SHIFTS,
+            vote_clip: float = DEFAULT_VOTE_CLIP) -> ClassifierEnsemble:
     """The ensemble network of ``members`` (their weights copied, thresholds as logit centres)."""
+    if not vote_clip >= 0:
+        raise ValueError(f"vote_clip must be 0 (no clipping) or a positive number of logits, got {vote_clip}")
     sizes = {member.spec.input_size for member in members}
     if len(sizes) != 1:
         raise ValueError(f"ensemble members read different input sizes {sorted(sizes)}; train them at one size")
     spec = ClassifierSpec(arch="ensemble", input_size=sizes.pop(), members=tuple(m.spec for m in members),
-                          shifts=tuple((int(r), int(c)) for r, c in shifts))
+                          shifts=tuple((int(r), int(c)) for r, c in shifts), vote_clip=float(vote_clip))
     network = ClassifierEnsemble(spec)
     with torch.no_grad():
         for target, member in zip(network.members, members):
@@ -40,14 +45,15 @@ def combine(members: Sequence[TrainedClassifier], shifts: Sequence[tuple[int, in
 
 
 def build_ensemble(members: Sequence[TrainedClassifier], config: ClassifierTrainConfig, run_dir: Path,
-                   shifts: Sequence[tuple[int, int]] = DEFAULT_SHIFTS) -> TrainedClassifier:
+                   shifts: Sequence[tuple[int, int]] = DEFAULT_SHIFTS,
+                   vote_clip: float = DEFAULT_VOTE_CLIP) -> TrainedClassifier:
     """Combine ``members``, evaluate on ``config``'s held-out splits; save to ``run_dir``/classifier
     (with ``run_dir``/roc.png), as ``classifier train`` does."""
     from training.classifier.trainer import build_splits, evaluate, save_roc_picture
 
     if not members:
         raise ValueError("an ensemble needs at least one member classifier")
-    network = combine(members, shifts)
+    network = combine(members, shifts, vote_clip)
     if config.data.kind == "phantoms":  # only the validation and test splits are read: draw no training set
         config = config.override(["data.train_count=1"])
     splits = build_splits(config)
@@ -61,5 +67,6 @@ def build_ensemble(members: Sequence[TrainedClassifier], config: ClassifierTrain
     )
     result.save(run_dir / "classifier")
     save_roc_picture(network, splits.test, torch.device("cpu"), metrics, run_dir / "roc.png",
-                     f"ensemble of {len(members)} ({', '.join(m.spec.arch for m in members)}), {len(shifts) + 1} views")
+                     f"ensemble of {len(members)} ({', '.join(m.spec.arch for m in members)}), {len(shifts) + 1} views"
+                     + (f", votes clipped at ±{vote_clip:g}" if vote_clip > 0 else ""))
     return result

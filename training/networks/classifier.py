@@ -48,6 +48,7 @@ class ClassifierSpec:
     dropout: float = 0.0
     members: tuple[ClassifierSpec, ...] = ()  # ensemble only: the members' specs
     shifts: tuple[tuple[int, int], ...] = ()  # ensemble only: extra views, (rows, columns) circular shifts
+    vote_clip: float = 0.0  # ensemble only: each member's vote soft-clipped to ±vote_clip logits (0: not clipped)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -220,13 +221,16 @@ class DenseNet(nn.Module):
 class ClassifierEnsemble(nn.Module):
     """Several trained classifiers read as one, for LCO to steer by.
 
-    Logits are the mean, over members and over views (the image and its ``shifts``), of each member's
-    logits minus its own decision threshold (as a logit), so every member votes on the same scale.
-    Gradient descent on a single classifier finds pixel patterns that this one network reads as a
-    finding and nothing else does; patterns that move several independently trained networks at
-    once, and survive a shift of a few pixels, are much more often the finding itself (measured in
-    docs/lco-quality.md against an auditor that is none of the members). The embedding is the
-    members' embeddings of the image, concatenated.
+    A member's vote is the mean over views (the image and its ``shifts``) of its logits minus its own
+    decision threshold (as a logit), so every member votes on the same scale; with ``vote_clip`` = c
+    the vote is soft-clipped to c·tanh(vote / c). The logits are the mean vote. Gradient descent on a
+    single classifier finds pixel patterns that this one network reads as a finding and nothing else
+    does; patterns that move several independently trained networks at once, and survive a shift of a
+    few pixels, are much more often the finding itself. Clipping keeps one member that is sure from
+    outvoting the others: the mean only passes a margin when most members lean the same way, and the
+    gradient goes to the members not yet convinced (measured in docs/lco-quality.md against an
+    auditor that is none of the members). The embedding is the members' embeddings of the image,
+    concatenated.
     """
 
     def __init__(self, spec: ClassifierSpec):
@@ -240,14 +244,18 @@ class ClassifierEnsemble(nn.Module):
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         views = [image] + [torch.roll(image, shifts=shift, dims=(2, 3)) for shift in self.spec.shifts]
+        clip = self.spec.vote_clip
         total, embeddings = 0.0, []
         for member, centre in zip(self.members, self.centres):
+            vote = 0.0
             for number, view in enumerate(views):
                 logits, embedding = member(view)
-                total = total + (logits - centre)
+                vote = vote + (logits - centre)
                 if number == 0:
                     embeddings.append(embedding)
-        return total / (len(self.members) * len(views)), torch.cat(embeddings, dim=1)
+            vote = vote / len(views)
+            total = total + (clip * torch.tanh(vote / clip) if clip > 0 else vote)
+        return total / len(self.members), torch.cat(embeddings, dim=1)
 
 
 def build_classifier(spec: ClassifierSpec) -> nn.Module:
