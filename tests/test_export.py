@@ -108,7 +108,7 @@ def test_manifest_records_the_training_it_came_from(ci_bundle, ci_models):
                                    zip(LABELS, ci_models.classifier.thresholds)}
     assert set(manifest.files) == set(GRAPH_FILES.values())
     provenance = manifest.provenance
-    assert provenance.dataset == "phantoms" and provenance.images_shown > 0
+    assert provenance.dataset == "phantoms-nih-512-seed0" and provenance.images_shown > 0  # prior, count, seed
     assert provenance.classifier_arch == "small_cnn" and provenance.classifier_dataset.startswith("phantoms")
     assert provenance.classifier_mean_auroc == pytest.approx(ci_models.classifier.mean_auroc)
     assert len(provenance.commit) >= 7

@@ -48,7 +48,7 @@ def run_export(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError, KeyError) as error:
         return _fail(str(error))
     classifier.extra.setdefault("source", str(args.classifier))
-    info = GeneratorInfo(dataset=str(state.get("data", "unknown")), images_shown=int(state.get("images_shown", 0)),
+    info = GeneratorInfo(dataset=_describe_data(state), images_shown=int(state.get("images_shown", 0)),
                          source=str(checkpoint), frechet_distance=args.frechet_distance)
     try:
         bundle = export_bundle(generator, classifier, args.out, generator_info=info, name=args.name,
@@ -64,3 +64,12 @@ def run_export(args: argparse.Namespace) -> int:
 def _fail(message: str) -> int:
     print(f"error: {message}", file=sys.stderr)
     return 2
+
+
+def _describe_data(state: dict) -> str:
+    """The generator's training data as the manifest names it: phantoms with their prior, count and seed."""
+    data = str(state.get("data", "unknown"))
+    phantoms = state.get("config", {}).get("data", {})
+    if data == "phantoms" and phantoms:
+        return f"phantoms-{phantoms['phantom_prior']}-{phantoms['phantom_count']}-seed{phantoms['phantom_seed']}"
+    return data
