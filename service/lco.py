@@ -62,6 +62,8 @@ class LCOOptions:
     steps: cap on Adam steps per sample (0 = candidates only).
     lr: Adam step size on z (z has norm sqrt(latent_dim), so 0.05 moves a few percent per step).
     candidates: latents drawn per sample and scored with one forward pass; the best is optimised.
+        Starting from an image that already leans towards the request leaves LCO less to draw, and
+        what it draws less often fools only its own classifier (docs/lco-quality.md).
     truncation: if set, latents are drawn from a normal truncated at this many standard deviations
         (entries beyond it are redrawn): less diverse, more typical images.
     margin: a sample stops once each constrained label's logit is this far past its threshold's
@@ -72,7 +74,7 @@ class LCOOptions:
 
     steps: int = 200
     lr: float = 0.05
-    candidates: int = 8
+    candidates: int = 32
     truncation: float | None = None
     margin: float = 1.5
 
@@ -339,17 +341,24 @@ class LCOEngine:
         return max(rows, min(size, self.max_batch))
 
     # -- graph calls -------------------------------------------------------------------------
-    def score(self, latents: np.ndarray, chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
-        """Images [N, H, W] and classifier logits [N, 14] of ``latents`` (forward passes only)."""
+    def score(self, latents: np.ndarray, chunk: int = 256, keep_images: bool = True
+              ) -> tuple[np.ndarray | None, np.ndarray]:
+        """Images [N, H, W] (None unless ``keep_images``) and classifier logits [N, 14] of ``latents``
+        (forward passes only). Candidates are scored without keeping their images: at 1024², 32
+        candidates for 64 samples would hold 8 GB of pixels."""
         images, logits = [], []
         for start in range(0, len(latents), chunk):
             z = latents[start : start + chunk]
             image = self.generator.run(["image"], {"z": z})[0]
-            logit = self.classifier.run(["logits"], {"image": image})[0]
-            images.append(image[:, 0])
-            logits.append(logit)
+            logits.append(self.classifier.run(["logits"], {"image": image})[0])
+            if keep_images:
+                images.append(image[:, 0])
         self.stats.add(forward=len(latents))
-        return np.concatenate(images), np.concatenate(logits).astype(np.float32)
+        return (np.concatenate(images) if keep_images else None), np.concatenate(logits).astype(np.float32)
+
+    def render(self, latents: np.ndarray) -> np.ndarray:
+        """Images [N, H, W] of ``latents`` (generator only)."""
+        return self.generator.run(["image"], {"z": latents})[0][:, 0]
 
     def to_device(self, array: np.ndarray) -> ort.OrtValue:
         return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device_type, self.device_id)
@@ -420,7 +429,7 @@ class LCOBatch:
             [draw_latents(s.seed, k, engine.latent_dim, o.truncation) for s, k, o in zip(samples, counts, options)]
         )
         with engine.lock:
-            images, logits = engine.score(latents)
+            _, logits = engine.score(latents, keep_images=False)
         owner = np.repeat(np.arange(len(samples)), counts)
         losses = masked_bce(logits, targets[owner], masks[owner])
         starts = np.cumsum([0, *counts[:-1]])
@@ -430,10 +439,13 @@ class LCOBatch:
         caps = np.array([o.steps for o in options], np.int64)
         done = satisfied(probs, targets, masks, engine.thresholds, margins) | (caps == 0) | (masks.sum(1) == 0)
 
-        finished = [
-            (tags[i], self._result(images[best[i]], probs[i], targets[i], masks[i], 0, samples[i].seed))
-            for i in np.flatnonzero(done)
-        ]
+        finished_rows = np.flatnonzero(done)
+        finished = []
+        if len(finished_rows):
+            with engine.lock:
+                images = engine.render(latents[best[finished_rows]])
+            finished = [(tags[i], self._result(image, probs[i], targets[i], masks[i], 0, samples[i].seed))
+                        for i, image in zip(finished_rows, images)]
         joining = ~done
         if joining.any():
             d = engine.latent_dim
