@@ -58,7 +58,7 @@ def balanced_prior() -> LabelPrior:
 @lru_cache(maxsize=1)
 def nih_boosted_prior() -> LabelPrior:
     """Half NIH co-occurrence, half balanced single findings: the real table's combinations stay, and
-    every finding reaches at least 1/30 of the draws (Hernia: 0.2% -> 3.7%). A generator trained on a few
+    every finding reaches at least 1/30 of the draws (Hernia: 0.2% -> 3.4%). A generator trained on a few
     thousand phantoms from the NIH table alone sees a handful of hernias and never learns to draw one."""
     nih, balanced = nih_prior(), balanced_prior()
     return LabelPrior("nih-boosted", np.concatenate([nih.combinations, balanced.combinations]),

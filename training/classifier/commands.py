@@ -46,7 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ensemble.add_argument("--shift", dest="shifts", type=_shift, action="append", default=None, metavar="ROWS,COLS",
                           help="an extra view of each image, circularly shifted (repeatable; default 2,1 and -1,-2)")
     ensemble.add_argument("--vote-clip", type=float, default=None, metavar="LOGITS",
-                          help="soft-clip each member's vote to ±LOGITS (default 3; 0 averages unclipped votes)")
+                          help="soft-clip each member's vote to ±LOGITS (default 2; 0 averages unclipped votes)")
     ensemble.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                           help="override a value of the evaluation preset, e.g. bootstrap=200")
     ensemble.set_defaults(handler=run_ensemble)

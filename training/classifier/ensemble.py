@@ -1,10 +1,13 @@
 """Combine trained classifiers into one ensemble classifier (``ClassifierEnsemble``) and evaluate it.
 
 The result is an ordinary trained-classifier directory (spec, weights, thresholds, held-out AUROC), so
-the export, the bundle and the service take it like any other classifier. Thresholds are chosen again,
-by Youden's J on the evaluation preset's validation split, and AUROC is measured on its test split;
-neither split may overlap the members' training data (phantom presets draw each split from its own
-seed, so pick members trained on other ``data.seed`` values than the evaluation preset's).
+the export, the bundle and the service take it like any other classifier. Its thresholds are all 0.5
+(a mean vote of 0): every vote is already centred on its member's own Youden threshold, and choosing
+thresholds again would move LCO's target for a label by up to ±1.6 logits, past what clipped votes can
+reach for some labels and barely past the members' thresholds for others. AUROC is measured on the
+evaluation preset's test split, which must not overlap the members' training data (phantom presets
+draw each split from its own seed, so pick members trained on other ``data.seed`` values than the
+evaluation preset's).
 """
 
 from __future__ import annotations
@@ -12,16 +15,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from service.labels import NUM_LABELS
 from training.classifier.artifact import TrainedClassifier
 from training.classifier.config import ClassifierTrainConfig
 from training.networks.classifier import ClassifierEnsemble, ClassifierSpec
 
 # Two views besides the image itself, a few pixels off in different directions.
 DEFAULT_SHIFTS: tuple[tuple[int, int], ...] = ((2, 1), (-1, -2))
-# A member's vote saturates at ±3 logits: with LCO's 1.5-logit margin, no single member can carry it.
-DEFAULT_VOTE_CLIP = 3.0
+# A member's vote saturates at ±2 logits: to pass LCO's 1.5-logit margin, three members must each lean
+# well past their own thresholds; two sure members cannot carry a third that disagrees.
+DEFAULT_VOTE_CLIP = 2.0
 
 
 def combine(members: Sequence[TrainedClassifier], shifts: Sequence[tuple[int, int]] = DEFAULT_SHIFTS,
@@ -49,15 +55,18 @@ def build_ensemble(members: Sequence[TrainedClassifier], config: ClassifierTrain
                    vote_clip: float = DEFAULT_VOTE_CLIP) -> TrainedClassifier:
     """Combine ``members``, evaluate on ``config``'s held-out splits; save to ``run_dir``/classifier
     (with ``run_dir``/roc.png), as ``classifier train`` does."""
-    from training.classifier.trainer import build_splits, evaluate, save_roc_picture
+    from training.classifier.metrics import per_label_auroc
+    from training.classifier.trainer import build_splits, predict, save_roc_picture
 
     if not members:
         raise ValueError("an ensemble needs at least one member classifier")
     network = combine(members, shifts, vote_clip)
-    if config.data.kind == "phantoms":  # only the validation and test splits are read: draw no training set
-        config = config.override(["data.train_count=1"])
+    if config.data.kind == "phantoms":  # only the test split is read: draw no training or validation set
+        config = config.override(["data.train_count=1", "data.val_count=1"])
     splits = build_splits(config)
-    thresholds, metrics = evaluate(network, splits.val, splits.test, torch.device("cpu"), config.bootstrap, config.seed)
+    probabilities, labels, mask = predict(network, splits.test, torch.device("cpu"))
+    metrics = per_label_auroc(probabilities, labels, mask, bootstrap=config.bootstrap, seed=config.seed)
+    thresholds = np.full(NUM_LABELS, 0.5, np.float32)  # a mean vote of 0 (see the module docstring)
     result = TrainedClassifier(
         network=network, spec=network.spec, thresholds=thresholds, metrics=metrics, dataset=splits.description,
         images_shown=sum(member.images_shown for member in members), preset=config.name, seed=config.seed,
