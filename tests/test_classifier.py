@@ -244,6 +244,7 @@ def test_ensemble_command_evaluates_on_held_out_phantoms(ci_models, tmp_path):
     assert ensemble.spec.arch == "ensemble" and ensemble.spec.shifts == ((1, 0),) and len(ensemble.spec.members) == 2
     assert [m["source"] for m in ensemble.extra["members"]] == [str(ci_models.classifier_dir)] * 2
     assert all(m.auroc is not None for m in ensemble.metrics.values())
+    assert np.all(ensemble.thresholds == 0.5)  # a mean vote of 0: the members' own thresholds, not new ones
     # The same member twice, one view shifted by a pixel: about as good as the member alone.
     assert abs(ensemble.mean_auroc - ci_models.classifier.mean_auroc) < 0.05
     assert (tmp_path / "ensemble" / "roc.png").is_file()
