@@ -16,8 +16,6 @@ import numpy as np
 
 from service.labels import LABELS, NO_FINDING, NUM_LABELS, parse_finding_labels
 
-PRIOR_NAMES = ("nih", "balanced", "nih-boosted")
-
 
 @dataclass(frozen=True)
 class LabelPrior:
@@ -65,11 +63,11 @@ def nih_boosted_prior() -> LabelPrior:
                       np.concatenate([nih.probabilities, balanced.probabilities]) / 2)
 
 
+_PRIORS = {"nih": nih_prior, "balanced": balanced_prior, "nih-boosted": nih_boosted_prior}
+PRIOR_NAMES = tuple(_PRIORS)
+
+
 def get_prior(name: str) -> LabelPrior:
-    if name == "nih":
-        return nih_prior()
-    if name == "balanced":
-        return balanced_prior()
-    if name == "nih-boosted":
-        return nih_boosted_prior()
-    raise ValueError(f"unknown label prior {name!r}; choose one of {', '.join(PRIOR_NAMES)}")
+    if name not in _PRIORS:
+        raise ValueError(f"unknown label prior {name!r}; choose one of {', '.join(PRIOR_NAMES)}")
+    return _PRIORS[name]()
