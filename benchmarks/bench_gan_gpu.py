@@ -12,7 +12,10 @@ loader's. Variants run one after another in the same process:
     amp-bf16        autocast bfloat16, no scaler
     amp-fp16-cl     amp-fp16 with channels_last tensors
 
-Takes about 2-4 minutes on an H100. Needs CUDA; on a machine without it, it says so and exits 2.
+Needs CUDA; on a machine without it, it says so and exits 2. The timed seconds are the small part:
+setting up each variant and its warm-up steps (cuDNN autotuning of every convolution, forward,
+backward and the penalty's double backward) dominate; on an H200 the first six rows took 6 minutes,
+so give it 8-10 (or pass fewer --variants).
 """
 
 from __future__ import annotations
