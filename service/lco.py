@@ -178,17 +178,24 @@ def masked_bce(logits: np.ndarray, target: np.ndarray, mask: np.ndarray) -> np.n
     return (per_label * mask).sum(axis=1) / np.maximum(count, 1.0)
 
 
-def satisfied(
+def labels_off_target(
     probs: np.ndarray, target: np.ndarray, mask: np.ndarray, thresholds: np.ndarray, margin: np.ndarray | float
 ) -> np.ndarray:
-    """Rows whose every constrained label lies past its threshold by ``margin`` logits."""
+    """Per row, how many constrained labels are not past their threshold by ``margin`` logits."""
     logits = _logit(probs)
     threshold_logits = _logit(thresholds)[None, :]
     margin = np.asarray(margin, dtype=np.float32).reshape(-1, 1)
     positive_ok = logits >= threshold_logits + margin
     negative_ok = logits < threshold_logits - margin
     ok = np.where(target > 0.5, positive_ok, negative_ok)
-    return np.all(ok | (mask < 0.5), axis=1)
+    return np.sum(~ok & (mask > 0.5), axis=1)
+
+
+def satisfied(
+    probs: np.ndarray, target: np.ndarray, mask: np.ndarray, thresholds: np.ndarray, margin: np.ndarray | float
+) -> np.ndarray:
+    """Rows whose every constrained label lies past its threshold by ``margin`` logits."""
+    return labels_off_target(probs, target, mask, thresholds, margin) == 0
 
 
 def _logit(p: np.ndarray) -> np.ndarray:
@@ -379,15 +386,28 @@ class _Rows:
     margin: np.ndarray  # float32 [N]
     target: np.ndarray  # [N, 14]
     mask: np.ndarray  # [N, 14]
+    # The best point of each trajectory so far, returned if the sample runs out of steps: fewest
+    # constrained labels on the wrong side of their thresholds, then the lowest loss.
+    best_off: np.ndarray  # int64 [N]
+    best_loss: np.ndarray  # float32 [N]
+    best_z: np.ndarray  # [N, d]
+    best_probs: np.ndarray  # [N, 14]
+
+    @classmethod
+    def start(cls, tags: list[Any], seeds: np.ndarray, z: np.ndarray, lr: np.ndarray, cap: np.ndarray,
+              margin: np.ndarray, target: np.ndarray, mask: np.ndarray) -> _Rows:
+        """Rows about to take their first step: zero Adam state, no best point yet."""
+        n, d = z.shape
+        return cls(tags, seeds, z, np.zeros((n, d), np.float32), np.zeros((n, d), np.float32),
+                   np.zeros(n, np.int64), lr, cap, margin, target, mask,
+                   np.full(n, NUM_LABELS + 1, np.int64), np.full(n, np.inf, np.float32), z.copy(),
+                   np.zeros((n, NUM_LABELS), np.float32))
 
     @classmethod
     def empty(cls, latent_dim: int) -> _Rows:
-        def zeros(*shape: int) -> np.ndarray:
-            return np.zeros(shape, np.float32)
-
-        return cls([], np.zeros(0, np.int64), zeros(0, latent_dim), zeros(0, latent_dim), zeros(0, latent_dim),
-                   np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.int64), zeros(0), zeros(0, NUM_LABELS),
-                   zeros(0, NUM_LABELS))
+        labels = np.zeros((0, NUM_LABELS), np.float32)
+        return cls.start([], np.zeros(0, np.int64), np.zeros((0, latent_dim), np.float32), np.zeros(0),
+                         np.zeros(0, np.int64), np.zeros(0, np.float32), labels, labels)
 
     def select(self, keep: np.ndarray) -> _Rows:
         index = np.flatnonzero(keep)
@@ -398,7 +418,8 @@ class _Rows:
                      *(np.concatenate([getattr(self, f), getattr(other, f)]) for f in _ARRAY_FIELDS))
 
 
-_ARRAY_FIELDS = ("seeds", "z", "m", "v", "t", "lr", "cap", "margin", "target", "mask")
+_ARRAY_FIELDS = ("seeds", "z", "m", "v", "t", "lr", "cap", "margin", "target", "mask", "best_off", "best_loss",
+                 "best_z", "best_probs")
 
 
 class LCOBatch:
@@ -448,15 +469,10 @@ class LCOBatch:
                         for i, image in zip(finished_rows, images)]
         joining = ~done
         if joining.any():
-            d = engine.latent_dim
-            n = int(joining.sum())
-            new = _Rows(
+            new = _Rows.start(
                 [tags[i] for i in np.flatnonzero(joining)],
                 np.array([samples[i].seed for i in np.flatnonzero(joining)], np.int64),
                 latents[best[joining]],
-                np.zeros((n, d), np.float32),
-                np.zeros((n, d), np.float32),
-                np.zeros(n, np.int64),
                 np.array([o.lr for o in options], np.float64)[joining],
                 caps[joining],
                 margins[joining],
@@ -491,12 +507,19 @@ class LCOBatch:
             for name in ("loss", "grad_z", "probs", "image"):
                 binding.bind_output(name, engine.device_type, engine.device_id)
             engine.lco_step.run_with_iobinding(binding)
-            _loss, grad, probs_value, image_value = binding.get_outputs()
+            loss_value, grad, probs_value, image_value = binding.get_outputs()
             engine.stats.add(step=count + padding)
             probs = probs_value.numpy()[:count]
 
             done_ok = satisfied(probs, rows.target, rows.mask, engine.thresholds, rows.margin)
             finished_mask = done_ok | (rows.t >= rows.cap)
+            off = labels_off_target(probs, rows.target, rows.mask, engine.thresholds, 0.0)
+            loss = loss_value.numpy()[:count]
+            improved = (off < rows.best_off) | ((off == rows.best_off) & (loss < rows.best_loss))
+            if improved.any():  # z before this step's update is the point just scored
+                z_now = device["z"].numpy()[:count]
+                rows.best_off[improved], rows.best_loss[improved] = off[improved], loss[improved]
+                rows.best_z[improved], rows.best_probs[improved] = z_now[improved], probs[improved]
 
             # Adam + projection for everyone (finished rows are dropped below), on the device.
             t_next = rows.t + 1
@@ -521,7 +544,13 @@ class LCOBatch:
 
         if not finished_mask.any():
             return []
-        images = image_value.numpy()[:count, 0]
+        images = image_value.numpy()[:count, 0].copy()
+        # Out of steps past a better point than the last: return that point, drawn again.
+        earlier = finished_mask & ~done_ok & ~improved
+        if earlier.any():
+            with engine.lock:
+                images[earlier] = engine.render(rows.best_z[earlier])
+            probs = np.where(earlier[:, None], rows.best_probs, probs)
         finished = [
             (rows.tags[i], self._result(images[i], probs[i], rows.target[i], rows.mask[i], int(rows.t[i]),
                                         int(rows.seeds[i])))

@@ -8,6 +8,7 @@ tests/test_service_e2e.py and by benchmarks/.
 
 from __future__ import annotations
 
+import itertools
 import math
 import threading
 from types import SimpleNamespace
@@ -32,6 +33,7 @@ from service.lco import (
     adam_graph_bytes,
     build_adam_sphere_graph,
     draw_latents,
+    labels_off_target,
     masked_bce,
     satisfied,
 )
@@ -254,6 +256,31 @@ def test_step_cap_and_unsatisfiable_targets_are_reported_unsatisfied():
     assert result.steps == 7 and not result.satisfied
     only_candidates = engine.generate([request(positives=[0], seed=5, steps=0, candidates=4)])[0]
     assert only_candidates.steps == 0
+
+
+def test_a_sample_out_of_steps_returns_the_best_point_of_its_trajectory():
+    """All 14 positive at threshold 0.9 cannot be met: Adam trades labels against each other, so a
+    later point can have more labels off target than an earlier one. Whatever the step cap, the
+    result must be the best point so far (fewest labels off, then lowest loss), drawn again."""
+    strict = make_bundle(threshold=0.9)
+    sample = request(positives=list(range(NUM_LABELS)), seed=1)
+    results = [LCOEngine(strict, LCOOptions(steps=cap, candidates=1, margin=0.0, lr=1.0)).generate([sample])[0]
+               for cap in range(25)]
+
+    def rank(result):
+        probs = result.probabilities[None]
+        off = labels_off_target(probs, sample.target[None], sample.mask[None], strict.thresholds, 0.0)[0]
+        logits = np.log(probs) - np.log1p(-probs)
+        return int(off), float(masked_bce(logits, sample.target[None], sample.mask[None])[0])
+
+    ranks = [rank(r) for r in results]
+    assert all(later <= earlier for earlier, later in itertools.pairwise(ranks)), ranks
+    assert [r.steps for r in results] == list(range(25))
+    kept = [cap for cap in range(1, 25) if np.array_equal(results[cap].image, results[cap - 1].image)]
+    assert kept, "every step improved; the test never exercised returning an earlier point"
+    for result in results:  # the image returned is the one whose probabilities are reported
+        logits = strict.sessions["classifier"].run(["logits"], {"image": result.image[None, None]})[0]
+        assert np.allclose(1 / (1 + np.exp(-logits[0])), result.probabilities, atol=1e-5)
 
 
 def test_unconstrained_and_already_satisfied_samples_take_no_steps(bundle):
