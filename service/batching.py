@@ -11,6 +11,11 @@ concurrent requests starts as one batch while a lone request is delayed by that 
 
 With ``enabled=False`` every submission runs in a batch of its own (the request's own samples are
 still batched together): the baseline the throughput benchmark compares against.
+
+Cancelling a sample's future (what asyncio does when a request's task is cancelled, for instance
+because its client went away) takes a queued sample out of the queue; a sample already in the running
+batch leaves it before the next step and its future fails with ``CancelledError``, so an abandoned
+request stops costing steps.
 """
 
 from __future__ import annotations
@@ -19,13 +24,24 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 
 from service.lco import LCOBatch, LCOEngine, SampleRequest, SampleResult
 
 logger = logging.getLogger(__name__)
 
 BatchObserver = Callable[[int], None]
+
+
+class SampleFuture(Future[SampleResult]):
+    """A sample's future that can also be cancelled while its sample runs."""
+
+    abandoned = False
+
+    def cancel(self) -> bool:
+        # Future.cancel() refuses once running; mark it so the worker drops the sample at its next step.
+        self.abandoned = True
+        return super().cancel()
 
 
 class Batcher:
@@ -57,7 +73,7 @@ class Batcher:
 
     def submit(self, samples: Sequence[SampleRequest]) -> list[Future[SampleResult]]:
         """Queue ``samples``; each future resolves as soon as its sample finishes."""
-        futures: list[Future[SampleResult]] = [Future() for _ in samples]
+        futures: list[Future[SampleResult]] = [SampleFuture() for _ in samples]
         if not samples:
             return futures
         if self._closed:
@@ -111,6 +127,7 @@ class Batcher:
             try:
                 if joining:
                     _deliver(batch.add([s for s, _ in joining], [f for _, f in joining]))
+                _drop_abandoned(batch)
                 if len(batch):
                     if self.on_step is not None:
                         self.on_step(len(batch))
@@ -132,6 +149,7 @@ class Batcher:
                 joining, pending = pending[:room], pending[room:]
                 if joining:
                     _deliver(batch.add([s for s, _ in joining], [f for _, f in joining]))
+                _drop_abandoned(batch)
                 if len(batch):
                     if self.on_step is not None:
                         self.on_step(len(batch))
@@ -141,6 +159,14 @@ class Batcher:
             for _, future in items:
                 if not future.done():
                     future.set_exception(error)
+
+
+def _drop_abandoned(batch: LCOBatch) -> None:
+    abandoned = [future.abandoned for future in batch.rows.tags]
+    if any(abandoned):
+        for future in batch.discard(abandoned):
+            if not future.done():
+                future.set_exception(CancelledError("the request for this sample was cancelled"))
 
 
 def _deliver(finished: list[tuple[Future[SampleResult], SampleResult]]) -> None:

@@ -560,6 +560,14 @@ class LCOBatch:
         self.rows = self.rows.select(~finished_mask)
         return finished
 
+    def discard(self, rows: Sequence[bool]) -> list[Any]:
+        """Take the marked samples out of the batch unfinished; returns their tags."""
+        leaving = np.asarray(rows, bool)
+        tags = [tag for tag, gone in zip(self.rows.tags, leaving) if gone]
+        self._sync_to_host()
+        self.rows = self.rows.select(~leaving)
+        return tags
+
     def _sync_to_host(self) -> None:
         """Bring z and the moments back to host rows before the membership changes."""
         if self._device is not None:

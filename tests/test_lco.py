@@ -8,9 +8,11 @@ tests/test_service_e2e.py and by benchmarks/.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import math
 import threading
+from concurrent.futures import CancelledError
 from types import SimpleNamespace
 
 import numpy as np
@@ -19,7 +21,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from service.batching import Batcher
+from service.batching import Batcher, SampleFuture
 from service.labels import NUM_LABELS
 from service.lco import (
     ADAM_BETA1,
@@ -351,6 +353,55 @@ def test_batcher_merges_concurrent_requests_and_matches_the_engine(bundle, enabl
         assert max(sizes) == 18, "the six concurrent requests did not share one batch"
     else:
         assert max(sizes) == 3, "without cross-request batching each request runs alone"
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_batcher_drops_a_running_sample_whose_future_is_cancelled(bundle, enabled):
+    first_step, proceed = threading.Event(), threading.Event()
+    sizes: list[int] = []
+
+    def on_step(size: int) -> None:  # hold the worker after its first step, while the test cancels
+        sizes.append(size)
+        first_step.set()
+        proceed.wait(10)
+
+    engine = LCOEngine(bundle, LCOOptions(steps=1000, margin=4.0, candidates=1))  # margin 4: runs to the cap
+    batcher = Batcher(engine, max_wait_s=0.05, enabled=enabled, on_step=on_step)
+    try:
+        # every label present by 4 logits is out of reach: left alone, `drop` would step 1000 times
+        keep, drop = batcher.submit([request(positives=[1], seed=1, steps=20, margin=4.0),
+                                     request(positives=list(range(NUM_LABELS)), seed=2)])
+        assert first_step.wait(10)
+        assert drop.running()
+        drop.cancel()
+        proceed.set()
+        with pytest.raises(CancelledError):
+            drop.result(timeout=10)
+        kept = keep.result(timeout=10)
+        assert sizes[0] == 2 and sizes[1:] == [1] * (len(sizes) - 1), "the cancelled sample kept stepping"
+        assert len(sizes) == kept.steps + 1  # its Adam steps and the evaluation that finished it
+    finally:
+        proceed.set()
+        batcher.close()
+
+
+def test_cancelling_a_request_task_marks_its_running_samples_abandoned():
+    """The service awaits samples through asyncio.wrap_future; a cancelled request cancels them."""
+    running = SampleFuture()
+    assert running.set_running_or_notify_cancel()
+
+    async def request_task() -> None:
+        await asyncio.wrap_future(running)
+
+    async def cancel_it() -> None:
+        task = asyncio.create_task(request_task())
+        await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(cancel_it())
+    assert running.abandoned and not running.done()
 
 
 def test_batcher_fails_the_samples_of_a_broken_step_and_keeps_serving(bundle):
