@@ -544,10 +544,11 @@ class LCOBatch:
 
         if not finished_mask.any():
             return []
-        images = image_value.numpy()[:count, 0].copy()
+        images = image_value.numpy()[:count, 0]
         # Out of steps past a better point than the last: return that point, drawn again.
         earlier = finished_mask & ~done_ok & ~improved
         if earlier.any():
+            images = images.copy()  # only then: the step's output may be a view of an ORT buffer
             with engine.lock:
                 images[earlier] = engine.render(rows.best_z[earlier])
             probs = np.where(earlier[:, None], rows.best_probs, probs)
