@@ -1,7 +1,7 @@
 """The main job on the embedded default: `python -m service.demo` (what `make demo` runs).
 
 1. Makes sure the demo bundle exists: if ``models/demo`` holds no valid bundle, trains one on
-   procedural phantoms with the training CLI's ``demo`` presets (GAN, three LCO classifiers and
+   procedural phantoms with the training CLI's ``demo`` presets (GAN, seven LCO classifiers and
    their ensemble, export), each step a ``python -m training.cli`` subprocess with its own progress bar.
 2. Starts the service (``bentoml serve``) on localhost:3000 with that bundle.
 3. Asks POST /generate once per finding (and for "No Finding").
@@ -38,17 +38,20 @@ TILE = 160  # pixels per contact-sheet tile (images are upscaled with nearest ne
 # The training CLI steps that make the demo bundle: (title, data-parallel, arguments); {runs} and
 # {bundle} are filled in. The GAN trains one process per core (torchrun, gloo): on CPU one thread per
 # process runs fastest (BENCHMARKS.md).
+# The ensemble's member presets, as in training/classifier/config.py's DEMO_MEMBERS (the service
+# does not import the trainer; a test keeps the two lists equal).
+LCO_MEMBER_PRESETS = ("demo", "demo-2", "demo-3", "demo-4", "demo-5", "demo-6", "demo-7")
+_MEMBER_RUNS = [f"{{runs}}/classifier-{number}" for number in range(1, len(LCO_MEMBER_PRESETS) + 1)]
 TRAINING_STEPS: list[tuple[str, bool, list[str]]] = [
     ("PGGAN generator", True, ["train", "--config", "demo", "--data", "phantoms", "--run-dir", "{runs}/gan"]),
-    ("LCO classifier 1/3", False, ["classifier", "train", "--preset", "demo", "--run-dir", "{runs}/classifier-1"]),
-    ("LCO classifier 2/3", False, ["classifier", "train", "--preset", "demo-2", "--run-dir", "{runs}/classifier-2"]),
-    ("LCO classifier 3/3", False, ["classifier", "train", "--preset", "demo-3", "--run-dir", "{runs}/classifier-3"]),
-    ("LCO classifier ensemble", False, ["classifier", "ensemble", "{runs}/classifier-1", "{runs}/classifier-2",
-                                        "{runs}/classifier-3", "--preset", "demo", "--run-dir", "{runs}/classifier"]),
+    *((f"LCO classifier {number}/{len(LCO_MEMBER_PRESETS)}", False,
+       ["classifier", "train", "--preset", preset, "--run-dir", run])
+      for number, (preset, run) in enumerate(zip(LCO_MEMBER_PRESETS, _MEMBER_RUNS), start=1)),
+    ("LCO classifier ensemble", False, ["classifier", "ensemble", *_MEMBER_RUNS, "--preset", "demo",
+                                        "--run-dir", "{runs}/classifier"]),
     ("bundle export", False, ["export", "--generator", "{runs}/gan", "--classifier", "{runs}/classifier",
                               "--out", "{bundle}", "--name", "cxrsynth-demo", "--overwrite"]),
 ]
-
 
 def bundle_is_valid(bundle: Path) -> bool:
     from service.bundle import BundleError, verify_bundle

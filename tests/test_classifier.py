@@ -115,6 +115,19 @@ def test_presets_give_logits_and_embeddings(preset):
     assert logits.shape == (3, NUM_LABELS) and embedding.shape[0] == 3 and embedding.ndim == 2
 
 
+def test_the_demo_trains_every_ensemble_member_on_its_own_phantom_stream():
+    """The demo job trains the presets the ensemble is defined by, and no two members (nor the
+    auditor) share a phantom split: each preset reads the streams seed, seed + 1 and seed + 2."""
+    from service.demo import LCO_MEMBER_PRESETS
+    from training.classifier.config import DEMO_MEMBERS
+
+    assert LCO_MEMBER_PRESETS == tuple(name for name, *_ in DEMO_MEMBERS)
+    streams = [{get_preset(name).data.seed + k for k in range(3)} for name in (*LCO_MEMBER_PRESETS, "auditor")]
+    for first, second in itertools.combinations(streams, 2):
+        assert not first & second
+    assert len({get_preset(name).seed for name in LCO_MEMBER_PRESETS}) == len(LCO_MEMBER_PRESETS)
+
+
 def test_config_overrides_are_checked():
     config = get_preset("ci").override(["lr=1e-4", "data.train_count=300", "model.channels=4,8"])
     assert config.lr == 1e-4 and config.data.train_count == 300 and config.model.channels == (4, 8)
