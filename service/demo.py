@@ -1,7 +1,7 @@
 """The main job on the embedded default: `python -m service.demo` (what `make demo` runs).
 
 1. Makes sure the demo bundle exists: if ``models/demo`` holds no valid bundle, trains one on
-   procedural phantoms with the training CLI's ``demo`` presets (GAN, seven LCO classifiers and
+   procedural phantoms with the training CLI's ``demo`` presets (GAN, nine LCO classifiers and
    their ensemble, export), each step a ``python -m training.cli`` subprocess with its own progress bar.
 2. Starts the service (``bentoml serve``) on localhost:3000 with that bundle.
 3. Asks POST /generate once per finding (and for "No Finding").
@@ -40,7 +40,7 @@ TILE = 160  # pixels per contact-sheet tile (images are upscaled with nearest ne
 # process runs fastest (BENCHMARKS.md).
 # The ensemble's member presets, as in training/classifier/config.py's DEMO_MEMBERS (the service
 # does not import the trainer; a test keeps the two lists equal).
-LCO_MEMBER_PRESETS = ("demo", "demo-2", "demo-3", "demo-4", "demo-5", "demo-6", "demo-7")
+LCO_MEMBER_PRESETS = ("demo", "demo-2", "demo-3", "demo-4", "demo-5", "demo-6", "demo-7", "demo-8", "demo-9")
 _MEMBER_RUNS = [f"{{runs}}/classifier-{number}" for number in range(1, len(LCO_MEMBER_PRESETS) + 1)]
 TRAINING_STEPS: list[tuple[str, bool, list[str]]] = [
     ("PGGAN generator", True, ["train", "--config", "demo", "--data", "phantoms", "--run-dir", "{runs}/gan"]),
