@@ -35,13 +35,13 @@ DEFAULT_OUTPUT = ROOT / "demo-output"
 DEFAULT_RUNS = ROOT / "runs" / "demo"
 TILE = 160  # pixels per contact-sheet tile (images are upscaled with nearest neighbour)
 
-# The training CLI steps that make the demo bundle: (title, data-parallel, arguments); {runs} and
-# {bundle} are filled in. The GAN trains one process per core (torchrun, gloo): on CPU one thread per
-# process runs fastest (BENCHMARKS.md).
 # The ensemble's member presets, as in training/classifier/config.py's DEMO_MEMBERS (the service
 # does not import the trainer; a test keeps the two lists equal).
 LCO_MEMBER_PRESETS = ("demo", "demo-2", "demo-3", "demo-4", "demo-5", "demo-6", "demo-7", "demo-8", "demo-9")
 _MEMBER_RUNS = [f"{{runs}}/classifier-{number}" for number in range(1, len(LCO_MEMBER_PRESETS) + 1)]
+# The training CLI steps that make the demo bundle: (title, data-parallel, arguments); {runs} and
+# {bundle} are filled in. The GAN trains one process per core (torchrun, gloo): on CPU one thread per
+# process runs fastest (BENCHMARKS.md).
 TRAINING_STEPS: list[tuple[str, bool, list[str]]] = [
     ("PGGAN generator", True, ["train", "--config", "demo", "--data", "phantoms", "--run-dir", "{runs}/gan"]),
     *((f"LCO classifier {number}/{len(LCO_MEMBER_PRESETS)}", False,
@@ -52,6 +52,7 @@ TRAINING_STEPS: list[tuple[str, bool, list[str]]] = [
     ("bundle export", False, ["export", "--generator", "{runs}/gan", "--classifier", "{runs}/classifier",
                               "--out", "{bundle}", "--name", "cxrsynth-demo", "--overwrite"]),
 ]
+
 
 def bundle_is_valid(bundle: Path) -> bool:
     from service.bundle import BundleError, verify_bundle

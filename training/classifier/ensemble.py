@@ -25,8 +25,8 @@ from training.networks.classifier import ClassifierEnsemble, ClassifierSpec
 
 # Two views besides the image itself, a few pixels off in different directions.
 DEFAULT_SHIFTS: tuple[tuple[int, int], ...] = ((2, 1), (-1, -2))
-# A member's vote saturates at ±2 logits: to pass LCO's 1.5-logit margin, the members must nearly all
-# lean well past their own thresholds; the sure ones cannot carry one that disagrees.
+# A member's vote saturates at ±2 logits: to pass LCO's 1.5-logit margin (a mean vote of 1.5 of at most
+# 2), no more than one member in eight may firmly disagree, or one in four sit at its threshold.
 DEFAULT_VOTE_CLIP = 2.0
 
 
