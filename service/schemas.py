@@ -108,6 +108,10 @@ class LCOSettings(BaseModel):
     margin: float | None = Field(
         None, ge=BOUNDS.margin[0], le=BOUNDS.margin[1], description="logits past the threshold before stopping"
     )
+    fallback_margin: float | None = Field(
+        None, ge=BOUNDS.fallback_margin[0], le=BOUNDS.fallback_margin[1],
+        description="out of steps before the margin: return the earliest point this far past the threshold",
+    )
 
     def apply(self, defaults: LCOOptions) -> LCOOptions:
         given = {k: v for k, v in self.model_dump().items() if v is not None}

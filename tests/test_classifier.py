@@ -238,9 +238,9 @@ def test_clipped_votes_keep_one_sure_member_from_carrying_the_ensemble():
     with torch.no_grad():
         plain = combine(members, (), vote_clip=0)(image)[0]
         clipped = combine(members, ((1, 1),), vote_clip=3)(image)[0]
-    assert (plain > 1.5).all()  # the mean vote passes LCO's default margin on one member's word
+    assert (plain > 1.8).all()  # the mean vote passes LCO's default margin on one member's word
     votes = torch.tensor([3 * math.tanh(40 / 3), 3 * math.tanh(-0.5 / 3), 3 * math.tanh(-0.5 / 3)])
-    assert torch.allclose(clipped, votes.mean().expand_as(clipped), atol=1e-4)  # about 0.68: not past 1.5
+    assert torch.allclose(clipped, votes.mean().expand_as(clipped), atol=1e-4)  # about 0.68: not past 1.8
     with pytest.raises(ValueError, match="vote_clip"):
         combine(members, (), vote_clip=-1)
 

@@ -285,6 +285,21 @@ def test_a_sample_out_of_steps_returns_the_best_point_of_its_trajectory():
         assert np.allclose(1 / (1 + np.exp(-logits[0])), result.probabilities, atol=1e-5)
 
 
+def test_a_sample_out_of_steps_past_its_fallback_margin_returns_the_earliest_point_past_it(bundle):
+    """Margin 4 is out of reach in the cap; the first point past the fallback margin is the one that a
+    run stopping at that margin returns, and later, more pushed points must not replace it."""
+    sample = request(positives=[3, 7], negatives=[1], seed=11)
+    first = LCOEngine(bundle, LCOOptions(steps=200, candidates=1, margin=1.0)).generate([sample])[0]
+    assert 0 < first.steps < 150 and first.satisfied
+    settled, pushed = (LCOEngine(bundle, LCOOptions(steps=first.steps + 40, candidates=1, margin=4.0,
+                                                    fallback_margin=fallback)).generate([sample])[0]
+                       for fallback in (1.0, 4.0))
+    assert settled.steps == pushed.steps == first.steps + 40
+    assert np.array_equal(settled.image, first.image)
+    np.testing.assert_array_equal(settled.probabilities, first.probabilities)
+    assert not np.array_equal(pushed.image, first.image)  # without the fallback: the lowest-loss point
+
+
 def test_unconstrained_and_already_satisfied_samples_take_no_steps(bundle):
     engine = LCOEngine(bundle)
     free, easy = engine.generate([request(seed=1), request(negatives=[0], seed=2, margin=0.0, candidates=64)])

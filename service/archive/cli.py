@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--format", dest="image_format", choices=("png8", "png16"), default="png8")
     run.add_argument("--chunk-size", type=int, default=64, help="images per manifest object")
     run.add_argument("--lco", type=_lco_option, action="append", default=[], metavar="NAME=VALUE",
-                     help="LCO option (steps, lr, candidates, truncation, margin); repeatable")
+                     help="LCO option (steps, lr, candidates, truncation, margin, fallback_margin); repeatable")
     run.add_argument("--batch-size", type=int, default=None,
                      help="images per LCO batch, a power of two dividing --chunk-size (default: the largest up to 16); "
                      "part of what fixes the archive's bytes, so the same on every shard")

@@ -25,8 +25,9 @@ from training.networks.classifier import ClassifierEnsemble, ClassifierSpec
 
 # Two views besides the image itself, a few pixels off in different directions.
 DEFAULT_SHIFTS: tuple[tuple[int, int], ...] = ((2, 1), (-1, -2))
-# A member's vote saturates at ±2 logits: to pass LCO's 1.5-logit margin (a mean vote of 1.5 of at most
-# 2), no more than one member in eight may firmly disagree, or one in four sit at its threshold.
+# A member's vote saturates at ±2 logits: to pass LCO's 1.8-logit margin (a mean vote of 1.8 of at most
+# 2), the members may fall short of certainty by 0.2 logits each on average. A member at its threshold
+# uses the slack of ten, so among nine every member has to lean firmly the requested way.
 DEFAULT_VOTE_CLIP = 2.0
 
 
