@@ -128,7 +128,7 @@ def _small_densenet(resolution: int, block_config: tuple[int, ...], growth: int,
 # The demo bundle's LCO ensemble: (preset, phantom seed, seed, widths). Nine members, not three:
 # LCO exploits what one member alone reads as a finding, and each member added dilutes it (the
 # auditor's agreement on Pleural_Thickening and Pneumothorax rose from 28/12% with three to 66/34% with
-# seven and 72/59% with nine: docs/lco-quality.md).
+# seven and 72/59% with nine, at LCO's old 1.5-logit margin; 91/94% at its 1.8: docs/lco-quality.md).
 _NARROW, _WIDE = (8, 16, 32, 64), (16, 32, 48, 64)
 DEMO_MEMBERS: tuple[tuple[str, int, int, tuple[int, ...]], ...] = (
     ("demo", 1000, 0, _NARROW),
