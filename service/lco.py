@@ -282,14 +282,27 @@ def _device_of(session: ort.InferenceSession) -> tuple[str, int]:
     return "cpu", 0
 
 
+# Rows per graph call on CUDA: a GPU runs 16 rows in about the time of one at the demo's size, and a
+# shape it has already tuned its kernels for is free of cuDNN's algorithm search (BENCHMARKS.md).
+CUDA_COMPUTE_BATCH = 16
+
+
 class LCOEngine:
-    """Latent class optimisation over a loaded bundle. Thread-safe: steps are serialised."""
+    """Latent class optimisation over a loaded bundle. Thread-safe: graph calls are serialised.
+
+    Every graph runs on exactly ``compute_batch`` rows per call (the last call of a pass padded with
+    copies of its first row). ONNX Runtime picks kernels by input shape, and LCO's hundreds of
+    gradient steps amplify their last-bit differences into different pixels; at one fixed shape a
+    row's outputs depend on that row alone, whatever the other rows hold and wherever it sits. So an
+    image is a function of (bundle, execution provider, ``compute_batch``, seed, labels, options),
+    whatever else shares its batch, how many images its request asked for, or the server's load.
+    """
 
     def __init__(self, bundle: BundleLike, options: LCOOptions | None = None, max_batch: int = 64,
-                 pad_batches: bool | None = None):
-        """``pad_batches`` rounds the running batch up to a power of two (rows padded with copies):
-        on CUDA every new batch shape costs a cuDNN algorithm search, so a handful of shapes that
-        warm-up has seen beats a new one every step. None: pad on CUDA only."""
+                 compute_batch: int | None = None):
+        """``max_batch``: most samples in one running batch. ``compute_batch``: rows per graph call
+        (None: 1 on the CPU, where batching gains nothing on the demo bundle, ``CUDA_COMPUTE_BATCH``
+        on CUDA). ValueError if either is below 1."""
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         self.bundle = bundle
@@ -303,8 +316,13 @@ class LCOEngine:
         if self.thresholds.shape != (NUM_LABELS,):
             raise ValueError(f"bundle thresholds must have {NUM_LABELS} entries, got {self.thresholds.shape}")
         self.device_type, self.device_id = _device_of(self.lco_step)
-        self.pad_batches = self.device_type == "cuda" if pad_batches is None else pad_batches
+        if compute_batch is None:
+            compute_batch = CUDA_COMPUTE_BATCH if self.device_type == "cuda" else 1
+        if compute_batch < 1:
+            raise ValueError(f"compute_batch must be at least 1, got {compute_batch}")
+        self.compute_batch = compute_batch
         providers = self.lco_step.get_providers()
+        self.execution_provider = providers[0]
         provider_options = [self.lco_step.get_provider_options().get(p, {}) for p in providers]
         self.adam = ort.InferenceSession(
             adam_graph_bytes(),
@@ -331,51 +349,81 @@ class LCOEngine:
         return [r for r in results if r is not None]
 
     def warm_up(self) -> None:
-        """A candidate pass and one LCO step on throwaway samples (allocations, kernel choice), at
-        every padded batch size when batches are padded."""
+        """A candidate pass and one LCO step on throwaway samples (allocations, kernel choice)."""
         target = np.zeros(NUM_LABELS, np.float32)
         mask = np.zeros(NUM_LABELS, np.float32)
         target[0] = mask[0] = 1.0
         # margin at its maximum keeps the samples in the batch so the step graph really runs.
         options = LCOOptions(steps=1, candidates=2, margin=BOUNDS.margin[1])
-        sizes = sorted({self.padded_size(n) for n in range(1, self.max_batch + 1)}) if self.pad_batches else [1]
-        for size in sizes:
-            batch = LCOBatch(self)
-            batch.add([SampleRequest(target, mask, seed, options) for seed in range(size)], list(range(size)))
-            while len(batch):
-                batch.step()
+        batch = LCOBatch(self)
+        batch.add([SampleRequest(target, mask, seed, options) for seed in range(self.compute_batch)],
+                  list(range(self.compute_batch)))
+        while len(batch):
+            batch.step()
 
-    def padded_size(self, rows: int) -> int:
-        """Rows the step graphs run on for ``rows`` samples (a power of two, or max_batch)."""
-        if not self.pad_batches:
-            return rows
-        size = 1
-        while size < rows:
-            size *= 2
-        return max(rows, min(size, self.max_batch))
+    def padded_rows(self, rows: int) -> int:
+        """Rows the graphs compute for ``rows`` samples: a multiple of ``compute_batch``."""
+        return -(-rows // self.compute_batch) * self.compute_batch
+
+    def chunks(self, array: np.ndarray) -> list[np.ndarray]:
+        """``array`` split into ``compute_batch``-row chunks, the last padded with its first row."""
+        size = self.compute_batch
+        pieces = [array[start : start + size] for start in range(0, len(array), size)]
+        if pieces and len(pieces[-1]) < size:
+            last = pieces[-1]
+            pieces[-1] = np.concatenate([last, np.repeat(last[:1], size - len(last), axis=0)])
+        return pieces
 
     # -- graph calls -------------------------------------------------------------------------
-    def score(self, latents: np.ndarray, chunk: int = 256, keep_images: bool = True
-              ) -> tuple[np.ndarray | None, np.ndarray]:
+    def score(self, latents: np.ndarray, keep_images: bool = True) -> tuple[np.ndarray | None, np.ndarray]:
         """Images [N, H, W] (None unless ``keep_images``) and classifier logits [N, 14] of ``latents``
         (forward passes only). Candidates are scored without keeping their images: at 1024², 32
         candidates for 64 samples would hold 8 GB of pixels."""
         images, logits = [], []
-        for start in range(0, len(latents), chunk):
-            z = latents[start : start + chunk]
+        for z in self.chunks(latents):
             image = self.generator.run(["image"], {"z": z})[0]
             logits.append(self.classifier.run(["logits"], {"image": image})[0])
             if keep_images:
                 images.append(image[:, 0])
-        self.stats.add(forward=len(latents))
-        return (np.concatenate(images) if keep_images else None), np.concatenate(logits).astype(np.float32)
+        self.stats.add(forward=self.padded_rows(len(latents)))
+        count = len(latents)
+        kept = np.concatenate(images)[:count] if keep_images else None
+        return kept, np.concatenate(logits)[:count].astype(np.float32)
 
     def render(self, latents: np.ndarray) -> np.ndarray:
         """Images [N, H, W] of ``latents`` (generator only)."""
-        return self.generator.run(["image"], {"z": latents})[0][:, 0]
+        images = [self.generator.run(["image"], {"z": z})[0][:, 0] for z in self.chunks(latents)]
+        return np.concatenate(images)[: len(latents)]
 
     def to_device(self, array: np.ndarray) -> ort.OrtValue:
         return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device_type, self.device_id)
+
+    def run_step_graph(self, chunk: dict[str, ort.OrtValue]) -> tuple[ort.OrtValue, np.ndarray, ort.OrtValue]:
+        """lco_step on one chunk's device tensors: (grad_z on the device, probs [S, 14], image on the device)."""
+        binding = self.lco_step.io_binding()
+        for name in ("z", "target", "mask"):
+            binding.bind_ortvalue_input(name, chunk[name])
+        for name in ("loss", "grad_z", "probs", "image"):
+            binding.bind_output(name, self.device_type, self.device_id)
+        self.lco_step.run_with_iobinding(binding)
+        _, grad, probs, image = binding.get_outputs()
+        self.stats.add(step=self.compute_batch)
+        return grad, probs.numpy(), image
+
+    def run_adam(self, chunk: dict[str, ort.OrtValue], grad: ort.OrtValue, step_size: np.ndarray,
+                 eps_hat: np.ndarray) -> None:
+        """One Adam step and sphere projection of a chunk's z, m and v, in place on the device."""
+        binding = self.adam.io_binding()
+        for name in ("z", "m", "v"):
+            binding.bind_ortvalue_input(name, chunk[name])
+        binding.bind_ortvalue_input("grad", grad)
+        binding.bind_ortvalue_input("step_size", self.to_device(step_size))
+        binding.bind_ortvalue_input("eps_hat", self.to_device(eps_hat))
+        binding.bind_ortvalue_input("radius", self.radius_value)
+        for name in ("z_next", "m_next", "v_next"):
+            binding.bind_output(name, self.device_type, self.device_id)
+        self.adam.run_with_iobinding(binding)
+        chunk["z"], chunk["m"], chunk["v"] = binding.get_outputs()
 
 
 @dataclass
@@ -385,8 +433,8 @@ class _Rows:
     tags: list[Any]
     seeds: np.ndarray  # int64 [N]
     z: np.ndarray  # [N, d]
-    m: np.ndarray
-    v: np.ndarray
+    m: np.ndarray  # [N, d] Adam first moment
+    v: np.ndarray  # [N, d] Adam second moment
     t: np.ndarray  # int64 [N], Adam steps taken
     lr: np.ndarray  # float64 [N]
     cap: np.ndarray  # int64 [N]
@@ -399,37 +447,39 @@ class _Rows:
     # the lowest loss.
     settled: np.ndarray  # bool [N]
     best_off: np.ndarray  # int64 [N]
-    best_loss: np.ndarray  # float32 [N]
+    best_loss: np.ndarray  # float64 [N]
     best_z: np.ndarray  # [N, d]
     best_probs: np.ndarray  # [N, 14]
 
     @classmethod
-    def start(cls, tags: list[Any], seeds: np.ndarray, z: np.ndarray, lr: np.ndarray, cap: np.ndarray,
+    def start(cls, *, tags: list[Any], seeds: np.ndarray, z: np.ndarray, lr: np.ndarray, cap: np.ndarray,
               margin: np.ndarray, fallback_margin: np.ndarray, target: np.ndarray, mask: np.ndarray) -> _Rows:
         """Rows about to take their first step: zero Adam state, no best point yet."""
-        n, d = z.shape
-        return cls(tags, seeds, z, np.zeros((n, d), np.float32), np.zeros((n, d), np.float32),
-                   np.zeros(n, np.int64), lr, cap, margin, fallback_margin, target, mask,
-                   np.zeros(n, bool), np.full(n, NUM_LABELS + 1, np.int64), np.full(n, np.inf, np.float32), z.copy(),
-                   np.zeros((n, NUM_LABELS), np.float32))
+        n = len(z)
+        return cls(tags=tags, seeds=seeds, z=z, m=np.zeros_like(z), v=np.zeros_like(z), t=np.zeros(n, np.int64),
+                   lr=lr, cap=cap, margin=margin, fallback_margin=fallback_margin, target=target, mask=mask,
+                   settled=np.zeros(n, bool), best_off=np.full(n, NUM_LABELS + 1, np.int64),
+                   best_loss=np.full(n, np.inf), best_z=z.copy(), best_probs=np.zeros((n, NUM_LABELS), np.float32))
 
     @classmethod
     def empty(cls, latent_dim: int) -> _Rows:
         labels = np.zeros((0, NUM_LABELS), np.float32)
-        return cls.start([], np.zeros(0, np.int64), np.zeros((0, latent_dim), np.float32), np.zeros(0),
-                         np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.float32), labels, labels)
+        return cls.start(tags=[], seeds=np.zeros(0, np.int64), z=np.zeros((0, latent_dim), np.float32),
+                         lr=np.zeros(0), cap=np.zeros(0, np.int64), margin=np.zeros(0, np.float32),
+                         fallback_margin=np.zeros(0, np.float32), target=labels, mask=labels)
 
     def select(self, keep: np.ndarray) -> _Rows:
         index = np.flatnonzero(keep)
-        return _Rows([self.tags[i] for i in index], *(getattr(self, f)[index] for f in _ARRAY_FIELDS))
+        return _Rows(tags=[self.tags[i] for i in index], **{f: getattr(self, f)[index] for f in _ARRAY_FIELDS})
 
     def extend(self, other: _Rows) -> _Rows:
-        return _Rows(self.tags + other.tags,
-                     *(np.concatenate([getattr(self, f), getattr(other, f)]) for f in _ARRAY_FIELDS))
+        return _Rows(tags=self.tags + other.tags,
+                     **{f: np.concatenate([getattr(self, f), getattr(other, f)]) for f in _ARRAY_FIELDS})
 
 
 _ARRAY_FIELDS = ("seeds", "z", "m", "v", "t", "lr", "cap", "margin", "fallback_margin", "target", "mask",
                  "settled", "best_off", "best_loss", "best_z", "best_probs")
+_DEVICE_FIELDS = ("z", "m", "v", "target", "mask")
 
 
 class LCOBatch:
@@ -442,7 +492,8 @@ class LCOBatch:
     def __init__(self, engine: LCOEngine):
         self.engine = engine
         self.rows = _Rows.empty(engine.latent_dim)
-        self._device: dict[str, ort.OrtValue] | None = None  # z, m, v, target, mask on the device
+        # Per chunk of compute_batch rows: z, m, v, target and mask on the device.
+        self._device: list[dict[str, ort.OrtValue]] | None = None
 
     def __len__(self) -> int:
         return len(self.rows.tags)
@@ -477,103 +528,70 @@ class LCOBatch:
                 images = engine.render(latents[best[finished_rows]])
             finished = [(tags[i], self._result(image, probs[i], targets[i], masks[i], 0, samples[i].seed))
                         for i, image in zip(finished_rows, images)]
-        joining = ~done
-        if joining.any():
+        joining = np.flatnonzero(~done)
+        if len(joining):
             new = _Rows.start(
-                [tags[i] for i in np.flatnonzero(joining)],
-                np.array([samples[i].seed for i in np.flatnonzero(joining)], np.int64),
-                latents[best[joining]],
-                np.array([o.lr for o in options], np.float64)[joining],
-                caps[joining],
-                margins[joining],
-                np.array([o.fallback_margin for o in options], np.float32)[joining],
-                targets[joining],
-                masks[joining],
+                tags=[tags[i] for i in joining],
+                seeds=np.array([samples[i].seed for i in joining], np.int64),
+                z=latents[best[joining]],
+                lr=np.array([options[i].lr for i in joining], np.float64),
+                cap=caps[joining],
+                margin=margins[joining],
+                fallback_margin=np.array([options[i].fallback_margin for i in joining], np.float32),
+                target=targets[joining],
+                mask=masks[joining],
             )
             self._sync_to_host()
             self.rows = self.rows.extend(new)
         return finished
 
     def step(self) -> list[tuple[Any, SampleResult]]:
-        """One LCO step for every sample in the batch; returns the samples that finished."""
+        """One LCO step for every sample in the batch; returns the samples that finished.
+
+        Run the step graph (loss, gradient, probabilities and image at the current z), judge each
+        sample against its margin, record its best point, and move z by Adam on the device.
+        """
         if not len(self):
             return []
-        engine = self.engine
-        rows = self.rows
-        count = len(self)
-        padding = engine.padded_size(count) - count
-        if self._device is None:
-            # padding rows repeat the first sample: valid inputs whose outputs are ignored
-            def padded(array: np.ndarray) -> np.ndarray:
-                return np.concatenate([array, np.repeat(array[:1], padding, axis=0)]) if padding else array
-
-            self._device = {name: engine.to_device(padded(getattr(rows, name)))
-                            for name in ("z", "m", "v", "target", "mask")}
-        device = self._device
+        engine, rows, count = self.engine, self.rows, len(self)
+        device = self._upload()
         with engine.lock:
-            binding = engine.lco_step.io_binding()
-            binding.bind_ortvalue_input("z", device["z"])
-            binding.bind_ortvalue_input("target", device["target"])
-            binding.bind_ortvalue_input("mask", device["mask"])
-            for name in ("loss", "grad_z", "probs", "image"):
-                binding.bind_output(name, engine.device_type, engine.device_id)
-            engine.lco_step.run_with_iobinding(binding)
-            loss_value, grad, probs_value, image_value = binding.get_outputs()
-            engine.stats.add(step=count + padding)
-            probs = probs_value.numpy()[:count]
+            outputs = [engine.run_step_graph(chunk) for chunk in device]
+        probs = np.concatenate([p for _, p, _ in outputs])[:count]
 
-            done_ok = satisfied(probs, rows.target, rows.mask, engine.thresholds, rows.margin)
-            finished_mask = done_ok | (rows.t >= rows.cap)
-            off = labels_off_target(probs, rows.target, rows.mask, engine.thresholds, 0.0)
-            loss = loss_value.numpy()[:count]
-            settles = satisfied(probs, rows.target, rows.mask, engine.thresholds, rows.fallback_margin)
-            improved = ~rows.settled & (
-                settles | (off < rows.best_off) | ((off == rows.best_off) & (loss < rows.best_loss)))
-            if improved.any():  # z before this step's update is the point just scored
-                z_now = device["z"].numpy()[:count]
-                rows.settled[improved] = settles[improved]
-                rows.best_off[improved], rows.best_loss[improved] = off[improved], loss[improved]
-                rows.best_z[improved], rows.best_probs[improved] = z_now[improved], probs[improved]
+        finished_ok = satisfied(probs, rows.target, rows.mask, engine.thresholds, rows.margin)
+        finished = finished_ok | (rows.t >= rows.cap)
+        improved = self._record_best_point(probs, device)
 
-            # Adam + projection for everyone (finished rows are dropped below), on the device.
-            t_next = rows.t + 1
-            correction2 = np.sqrt(1.0 - ADAM_BETA2**t_next)
-            step_size = np.zeros((count + padding, 1), np.float32)
-            eps_hat = np.ones((count + padding, 1), np.float32)
-            step_size[:count, 0] = rows.lr * correction2 / (1.0 - ADAM_BETA1**t_next)
-            eps_hat[:count, 0] = ADAM_EPS * correction2
-            adam = engine.adam.io_binding()
-            adam.bind_ortvalue_input("z", device["z"])
-            adam.bind_ortvalue_input("grad", grad)
-            adam.bind_ortvalue_input("m", device["m"])
-            adam.bind_ortvalue_input("v", device["v"])
-            adam.bind_ortvalue_input("step_size", engine.to_device(step_size))
-            adam.bind_ortvalue_input("eps_hat", engine.to_device(eps_hat))
-            adam.bind_ortvalue_input("radius", engine.radius_value)
-            for name in ("z_next", "m_next", "v_next"):
-                adam.bind_output(name, engine.device_type, engine.device_id)
-            engine.adam.run_with_iobinding(adam)
-            device["z"], device["m"], device["v"] = adam.get_outputs()
-        rows.t = np.where(finished_mask, rows.t, t_next)
+        t_next = rows.t + 1
+        correction2 = np.sqrt(1.0 - ADAM_BETA2**t_next)
+        step_size = np.zeros((engine.padded_rows(count), 1), np.float32)
+        eps_hat = np.ones((engine.padded_rows(count), 1), np.float32)
+        step_size[:count, 0] = rows.lr * correction2 / (1.0 - ADAM_BETA1**t_next)
+        eps_hat[:count, 0] = ADAM_EPS * correction2
+        with engine.lock:
+            for chunk, (grad, _, _), size, eps in zip(device, outputs, engine.chunks(step_size),
+                                                      engine.chunks(eps_hat)):
+                engine.run_adam(chunk, grad, size, eps)
+        rows.t = np.where(finished, rows.t, t_next)
 
-        if not finished_mask.any():
+        if not finished.any():
             return []
-        images = image_value.numpy()[:count, 0]
+        images = np.concatenate([image.numpy()[:, 0] for _, _, image in outputs])[:count]
         # Out of steps past a better point than the last: return that point, drawn again.
-        earlier = finished_mask & ~done_ok & ~improved
+        earlier = finished & ~finished_ok & ~improved
         if earlier.any():
-            images = images.copy()  # only then: the step's output may be a view of an ORT buffer
             with engine.lock:
                 images[earlier] = engine.render(rows.best_z[earlier])
             probs = np.where(earlier[:, None], rows.best_probs, probs)
-        finished = [
+        results = [
             (rows.tags[i], self._result(images[i], probs[i], rows.target[i], rows.mask[i], int(rows.t[i]),
                                         int(rows.seeds[i])))
-            for i in np.flatnonzero(finished_mask)
+            for i in np.flatnonzero(finished)
         ]
         self._sync_to_host()
-        self.rows = self.rows.select(~finished_mask)
-        return finished
+        self.rows = self.rows.select(~finished)
+        return results
 
     def discard(self, rows: Sequence[bool]) -> list[Any]:
         """Take the marked samples out of the batch unfinished; returns their tags."""
@@ -583,13 +601,39 @@ class LCOBatch:
         self.rows = self.rows.select(~leaving)
         return tags
 
+    def _record_best_point(self, probs: np.ndarray, device: list[dict[str, ort.OrtValue]]) -> np.ndarray:
+        """Keep each unsettled sample's best point so far (the z just scored); returns who improved.
+
+        The loss is recomputed here from the probabilities rather than taken from the step graph,
+        whose reduction over labels may round differently at another row of the batch.
+        """
+        rows, engine = self.rows, self.engine
+        off = labels_off_target(probs, rows.target, rows.mask, engine.thresholds, 0.0)
+        loss = masked_bce(_logit(probs), rows.target, rows.mask)
+        settles = satisfied(probs, rows.target, rows.mask, engine.thresholds, rows.fallback_margin)
+        improved = ~rows.settled & (settles | (off < rows.best_off) | ((off == rows.best_off) & (loss < rows.best_loss)))
+        if improved.any():
+            z_now = np.concatenate([chunk["z"].numpy() for chunk in device])[: len(self)]
+            rows.settled[improved] = settles[improved]
+            rows.best_off[improved], rows.best_loss[improved] = off[improved], loss[improved]
+            rows.best_z[improved], rows.best_probs[improved] = z_now[improved], probs[improved]
+        return improved
+
+    def _upload(self) -> list[dict[str, ort.OrtValue]]:
+        """The rows' device tensors, in chunks of compute_batch rows (made when membership changed)."""
+        if self._device is None:
+            engine = self.engine
+            per_field = {name: engine.chunks(getattr(self.rows, name)) for name in _DEVICE_FIELDS}
+            self._device = [{name: engine.to_device(per_field[name][i]) for name in _DEVICE_FIELDS}
+                            for i in range(len(per_field["z"]))]
+        return self._device
+
     def _sync_to_host(self) -> None:
         """Bring z and the moments back to host rows before the membership changes."""
         if self._device is not None:
             count = len(self)
-            self.rows.z = self._device["z"].numpy()[:count]
-            self.rows.m = self._device["m"].numpy()[:count]
-            self.rows.v = self._device["v"].numpy()[:count]
+            for name in ("z", "m", "v"):
+                setattr(self.rows, name, np.concatenate([chunk[name].numpy() for chunk in self._device])[:count])
             self._device = None
 
     def _result(self, image: np.ndarray, probs: np.ndarray, target: np.ndarray, mask: np.ndarray, steps: int,

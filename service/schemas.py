@@ -131,7 +131,13 @@ class GenerateRequest(BaseModel):
     )
     exclusive: bool = Field(False, description="labels not named are absent")
     count: int = Field(1, description="images to make, 1 up to the configured maximum")
-    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="image i gets seed + i; random if left out")
+    seed: int | None = Field(
+        None, ge=0, le=MAX_SEED,
+        description="image i gets seed + i; random if left out. An image is a function of its seed, its labels "
+        "and options and the serving model (GET /model: version, execution_providers, compute_batch) alone: "
+        "the same seed gives the same bytes whatever the count, its place in the request or other requests "
+        "in flight",
+    )
     format: Literal["png8", "png16"] = Field("png8", description="PNG bit depth")
     destination: str | None = Field(None, description="s3://bucket/prefix to upload to; absent: inline base64")
     strict: bool = Field(False, description="retry unsatisfied images with new seeds")
@@ -178,7 +184,8 @@ class ModelRef(BaseModel):
 class GeneratedImage(BaseModel):
     id: str = Field(description="request id and index")
     index: int
-    seed: int = Field(description="reproduces this image with the same labels and options")
+    seed: int = Field(description="reproduces this image, byte for byte, with the same labels and options on "
+                      "the same model (/model)")
     labels: dict[str, bool] = Field(description="every constrained label and its requested value")
     probabilities: dict[str, float] = Field(description="the LCO classifier's probability for each of the 14 labels")
     satisfied: bool

@@ -206,6 +206,7 @@ async def model_view(_: Request) -> JSONResponse:
         "lco_defaults": asdict(service.engine.options),
         "limits": {"max_count": SETTINGS.max_count, "max_retries": SETTINGS.max_retries,
                    "max_body_bytes": SETTINGS.max_body_bytes, "max_batch": SETTINGS.max_batch},
+        "compute_batch": service.engine.compute_batch,
         "cross_request_batching": SETTINGS.batching,
     })
 
@@ -236,7 +237,8 @@ class CXRSynth:
         self.bundle: Bundle = load_bundle(source)
         manifest = self.bundle.manifest
         self.model_ref = ModelRef(name=manifest.name, version=manifest.version)
-        self.engine = LCOEngine(self.bundle, LCOOptions(), max_batch=SETTINGS.max_batch)
+        self.engine = LCOEngine(self.bundle, LCOOptions(), max_batch=SETTINGS.max_batch,
+                                compute_batch=SETTINGS.compute_batch)
         self.metrics: ServiceMetrics = create_metrics()
         self.batcher = Batcher(
             self.engine,
@@ -312,7 +314,7 @@ class CXRSynth:
     async def archive(self, request: ArchiveTaskRequest, /, ctx: bentoml.Context) -> ArchiveTaskResult:
         """Make (or resume) an archive: POST /archive/submit, then GET /archive/status and /archive/get."""
         task_id = task_id_of(ctx)
-        model = ModelInfo.from_bundle(self.bundle)
+        model = ModelInfo.from_engine(self.engine)
         return await asyncio.to_thread(self.archive_jobs.run, task_id, request, self.engine, model)
 
     @bentoml.api(route="/archive/progress")

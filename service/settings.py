@@ -8,6 +8,7 @@
 | `CXRSYNTH_MAX_COUNT` | 16 | most images one request may ask for |
 | `CXRSYNTH_MAX_BODY_BYTES` | 65536 | largest request body accepted |
 | `CXRSYNTH_MAX_BATCH` | 64 | most samples in one LCO batch |
+| `CXRSYNTH_COMPUTE_BATCH` | 0 | rows per ONNX Runtime call, fixed for the process (0: 1 on the CPU, 16 on CUDA); an image depends on it, so replicas that must agree share it |
 | `CXRSYNTH_BATCH_WAIT_MS` | 10 | how long an idle batcher waits for more requests before starting |
 | `CXRSYNTH_BATCHING` | 1 | 0 runs each request's samples on their own (no cross-request batching) |
 | `CXRSYNTH_MAX_RETRIES` | 8 | most retries per image a `strict` request may ask for |
@@ -45,6 +46,7 @@ class Settings:
     max_count: int
     max_body_bytes: int
     max_batch: int
+    compute_batch: int | None  # None: the engine's default for its execution provider
     batch_wait_ms: int
     batching: bool
     max_retries: int
@@ -62,6 +64,7 @@ class Settings:
             max_count=_int("MAX_COUNT", 16, 1, 10_000),
             max_body_bytes=_int("MAX_BODY_BYTES", 65_536, 1_024, 64 * 1024 * 1024),
             max_batch=_int("MAX_BATCH", 64, 1, 4_096),
+            compute_batch=_int("COMPUTE_BATCH", 0, 0, 4_096) or None,
             batch_wait_ms=_int("BATCH_WAIT_MS", 10, 0, 10_000),
             batching=_int("BATCHING", 1, 0, 1) == 1,
             max_retries=_int("MAX_RETRIES", 8, 0, 100),

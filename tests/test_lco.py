@@ -430,18 +430,26 @@ def test_batcher_fails_the_samples_of_a_broken_step_and_keeps_serving(bundle):
     assert good.steps == 5
 
 
-def test_padded_batches_give_the_same_results_on_a_few_shapes(bundle):
+@pytest.mark.parametrize("compute_batch", [1, 4])
+def test_a_fixed_compute_shape_gives_each_seed_the_same_bytes_anywhere_in_any_batch(bundle, compute_batch):
     samples = [request(positives=[i % NUM_LABELS], negatives=[(i + 3) % NUM_LABELS], seed=500 + i, steps=40,
                        margin=1.0) for i in range(13)]
-    plain_engine = LCOEngine(bundle, max_batch=16)
-    plain = plain_engine.generate(samples)
-    padded_engine = LCOEngine(bundle, max_batch=16, pad_batches=True)
-    assert [padded_engine.padded_size(n) for n in (1, 2, 3, 5, 9, 16)] == [1, 2, 4, 8, 16, 16]
-    padded_engine.warm_up()
-    padded_engine.stats.step_samples = 0
-    padded = padded_engine.generate(samples)
-    for got, want in zip(padded, plain):
-        assert got.steps == want.steps and got.satisfied == want.satisfied
-        assert np.allclose(got.image, want.image, atol=1e-6)
-    # padding rows are real work: more sample-steps than without padding, never fewer
-    assert padded_engine.stats.step_samples > plain_engine.stats.step_samples
+    engine = LCOEngine(bundle, max_batch=16, compute_batch=compute_batch)
+    together = engine.generate(samples)
+    reversed_order = engine.generate(samples[::-1])[::-1]
+    trickled = LCOEngine(bundle, max_batch=3, compute_batch=compute_batch).generate(samples)
+    for index, want in enumerate(together):
+        alone = engine.generate([samples[index]])[0]
+        for got in (alone, reversed_order[index], trickled[index]):
+            assert got.steps == want.steps and got.satisfied == want.satisfied
+            assert np.array_equal(got.image, want.image) and np.array_equal(got.probabilities, want.probabilities)
+
+
+def test_graphs_run_on_whole_chunks_of_the_compute_batch(bundle):
+    engine = LCOEngine(bundle, LCOOptions(steps=1, candidates=3, margin=4.0), compute_batch=4)
+    assert [engine.padded_rows(n) for n in (1, 4, 5, 9)] == [4, 4, 8, 12]
+    engine.generate([request(positives=[0], seed=seed) for seed in range(5)])
+    # 15 candidates scored as 16 rows; 5 samples step twice (the step that hits the cap included) as 8 rows
+    assert (engine.stats.forward_samples, engine.stats.step_samples) == (16, 16)
+    with pytest.raises(ValueError, match="compute_batch"):
+        LCOEngine(bundle, compute_batch=0)

@@ -18,6 +18,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from pathlib import Path
 
@@ -190,6 +191,30 @@ def test_generate_inline_is_labelled_and_reproducible(server, thresholds):
     # the same seed gives the same image, alone or with others
     status, again = call(server, "POST", "/generate", {**body, "count": 1, "seed": 2025})
     assert status == 200 and again["images"][0]["data"] == response["images"][1]["data"]
+
+
+def test_a_seed_gives_the_same_bytes_alone_inside_a_request_and_under_concurrent_load(server):
+    """GET /model names what an image depends on besides its request; within it, the count, the
+    image's place in its request and the requests sharing the running batch change nothing."""
+    model = call(server, "GET", "/model")[1]
+    assert model["compute_batch"] >= 1 and model["execution_providers"]
+    body = {"labels": ["Effusion", "Mass", "Nodule", "Hernia"], "exclusive": True}
+    status, alone = call(server, "POST", "/generate", {**body, "count": 1, "seed": 1})
+    assert status == 200, alone
+    assert alone["images"][0]["steps"] > 10, "a request that takes many steps, or this tests nothing"
+    wanted = alone["images"][0]["data"]
+    status, eight = call(server, "POST", "/generate", {**body, "count": 8, "seed": 0})
+    assert status == 200 and eight["images"][1]["seed"] == 1 and eight["images"][1]["data"] == wanted
+    # Concurrent requests of other sizes and labels share the running batch with seed 1.
+    requests = [{**body, "count": 1, "seed": 1}, {**body, "count": 3, "seed": 0},
+                {"labels": ["Cardiomegaly"], "count": 5, "seed": 40}, {**body, "count": 2, "seed": 1}]
+    with ThreadPoolExecutor(len(requests)) as pool:
+        answers = list(pool.map(lambda request: call(server, "POST", "/generate", request), requests))
+    assert all(status == 200 for status, _ in answers)
+    assert answers[0][1]["images"][0]["data"] == wanted
+    assert answers[1][1]["images"][1]["data"] == wanted
+    assert answers[3][1]["images"][0]["data"] == wanted
+    assert answers[3][1]["images"][1]["data"] == eight["images"][2]["data"]
 
 
 def test_generate_png16_exclusive_and_no_finding(server, thresholds):

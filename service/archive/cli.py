@@ -93,8 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--lco", type=_lco_option, action="append", default=[], metavar="NAME=VALUE",
                      help="LCO option (steps, lr, candidates, truncation, margin, fallback_margin); repeatable")
     run.add_argument("--batch-size", type=int, default=None,
-                     help="images per LCO batch, a power of two dividing --chunk-size (default: the largest up to 16); "
-                     "part of what fixes the archive's bytes, so the same on every shard")
+                     help="images handed to the LCO engine at once, a divisor of --chunk-size (default: the largest "
+                     "up to 16); the same on every shard, and it does not change the images")
     run.add_argument("--upload-workers", type=int, default=4, help="0 uploads inline (no overlap)")
     run.add_argument("--max-pending", type=int, default=64, help="generated images waiting for upload, at most")
     run.add_argument("--verify-existing", action="store_true", help="re-hash committed images before skipping")
@@ -175,7 +175,8 @@ def load_engine(bundle_source: str, max_batch: int = 16):
     from service.lco import LCOEngine
 
     bundle = load_bundle(bundle_source)
-    return LCOEngine(bundle, max_batch=max_batch), ModelInfo.from_bundle(bundle)
+    engine = LCOEngine(bundle, max_batch=max_batch)
+    return engine, ModelInfo.from_engine(engine)
 
 
 def main(argv: list[str] | None = None) -> int:

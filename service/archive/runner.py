@@ -59,11 +59,13 @@ class ModelInfo:
     name: str
     version: str
     resolution: int
+    compute_batch: int  # the engine's rows per graph call: images depend on it (service/lco.py)
 
     @classmethod
-    def from_bundle(cls, bundle: Any) -> ModelInfo:
-        manifest = bundle.manifest
-        return cls(name=manifest.name, version=manifest.version, resolution=int(manifest.resolution))
+    def from_engine(cls, engine: Any) -> ModelInfo:
+        manifest = engine.bundle.manifest
+        return cls(name=manifest.name, version=manifest.version, resolution=int(manifest.resolution),
+                   compute_batch=int(engine.compute_batch))
 
 
 @dataclass
@@ -106,6 +108,7 @@ def ensure_job(sink: Sink, spec: ArchiveSpec, model: ModelInfo) -> dict[str, Any
     """Write job.json, or check that the one there describes this very job."""
     wanted = job_document(spec.identity(), model.name, model.version)
     wanted["model"]["resolution"] = model.resolution
+    wanted["model"]["compute_batch"] = model.compute_batch
     # The options in force, defaults included: new defaults would make different images.
     wanted["lco"] = asdict(lco_options(spec.lco))
     try:

@@ -5,11 +5,10 @@ and chunk) is a pure function of the spec and ``index``. That is what makes a jo
 shardable: any pod, any rerun, computes the same plan for the same index and so writes the same bytes
 under the same key.
 
-The LCO batch is part of the plan because floating point is: ONNX Runtime picks kernels by batch shape,
-and LCO's many gradient steps amplify their last-bit differences into different pixels. So images are
-optimised in fixed batches of ``batch_size`` consecutive indices, and shard and chunk boundaries fall on
-batch boundaries: however the job is split, resumed or rerun, each image is made beside the same
-neighbours and comes out with the same bytes.
+The LCO engine makes each image from its seed, labels and options alone, at one fixed compute shape
+(service/lco.py), so however the job is split, resumed or rerun, each image comes out with the same
+bytes. ``batch_size`` is how many consecutive indices are handed to the engine at once; shard and chunk
+boundaries fall on batch boundaries.
 """
 
 from __future__ import annotations
@@ -89,8 +88,8 @@ class ArchiveSpec(BaseModel):
     chunk_size: int = Field(64, ge=1, le=10_000, description="images per manifest object")
     batch_size: int | None = Field(
         None, ge=1, le=MAX_BATCH_SIZE,
-        description="images optimised together by LCO, a power of two dividing chunk_size "
-        f"(default: the largest such up to {DEFAULT_BATCH_SIZE})",
+        description="images handed to the LCO engine at once, a divisor of chunk_size "
+        f"(default: the largest such up to {DEFAULT_BATCH_SIZE}); it does not change the images",
     )
 
     @field_validator("destination")
@@ -122,10 +121,6 @@ class ArchiveSpec(BaseModel):
             raise ValueError(f"count is required with the {self.distribution!r} distribution")
         if self.batch_size is None:
             self.batch_size = math.gcd(self.chunk_size, DEFAULT_BATCH_SIZE)
-        # A power of two: GPU engines pad a batch to the next one, so the padded shape is the same
-        # whatever the engine's own maximum batch.
-        if self.batch_size & (self.batch_size - 1):
-            raise ValueError(f"batch_size {self.batch_size} must be a power of two (1, 2, 4, ... {MAX_BATCH_SIZE})")
         if self.chunk_size % self.batch_size:
             raise ValueError(f"chunk_size {self.chunk_size} must be a multiple of batch_size {self.batch_size}")
         if self.shard_index >= self.shard_count:
