@@ -1,0 +1,221 @@
+"""Start-up validation: a configuration that cannot run is refused before any work, naming its key.
+
+GAN configurations (training/gan/config.py) are checked against the world size torchrun will use,
+the minibatch-stddev grouping rule and the data, with exit status 2 from the commands.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from training.cli import main
+from training.gan.config import CONFIG_DIR, ConfigError, GanConfig, load_config
+from training.gan.training_loop import PGGANTrainer
+from training.networks.pggan import minibatch_stddev
+from training.runtime import checkpoint_path, init_distributed, list_checkpoints, save_checkpoint
+
+REPO = Path(__file__).resolve().parent.parent
+GAN_PRESETS = sorted(path.stem for path in CONFIG_DIR.glob("*.toml"))
+
+
+@pytest.fixture(autouse=True)
+def _alone(monkeypatch):
+    """Every test decides its own world size; none inherits a torchrun environment."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+
+
+# ------------------------------------------------------------------------------------ GAN
+
+
+def test_the_reported_case_exits_2_before_training_anything(tmp_path):
+    """`train --config ci --data phantoms --set schedule.batch_size.8=6` used to train all of 4² first."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("WORLD_SIZE", None)
+    completed = subprocess.run(
+        [sys.executable, "-m", "training.cli", "train", "--config", "ci", "--data", "phantoms",
+         "--set", "schedule.batch_size.8=6"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert completed.returncode == 2, completed.stderr[-2000:]
+    assert "schedule.batch_size.8=6" in completed.stderr
+    assert "minibatch-stddev group size 4" in completed.stderr and "use a multiple of 4" in completed.stderr
+    assert "Traceback" not in completed.stderr
+    assert not (tmp_path / "runs").exists()  # no run directory, so no checkpoint, grid or stats either
+
+
+@pytest.mark.parametrize("preset", GAN_PRESETS)
+@pytest.mark.parametrize("world_size", [1, 2, 4, 8])
+def test_every_shipped_preset_validates_clean(preset, world_size):
+    config = load_config(preset, world_size=world_size)
+    assert GanConfig.from_dict(config.to_dict(), world_size=world_size) == config
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("schedule.batch_size.8=6", "schedule.batch_size.8=6"),
+        ("schedule.batch_size.default=10", "schedule.batch_size.default=10"),
+        ("schedule.batch_size.default=0", "schedule.batch_size.default=0"),
+        ("schedule.batch_size.12=8", "schedule.batch_size.12"),
+        ("schedule.batch_size.64=8", "schedule.batch_size.64"),  # ci stops at 32²: it would change nothing
+        ("schedule.fade_images.4=100", "schedule.fade_images.4"),  # the start resolution does not fade in
+        ("schedule.stable_images.32=0", "schedule.stable_images.32=0"),
+        ("schedule.stable_images.default=-1", "schedule.stable_images.default=-1"),
+        ("schedule.start_resolution=64", "schedule.start_resolution=64"),
+        ("schedule.start_resolution=12", "schedule.start_resolution=12"),
+        ("network.resolution=48", "network.resolution=48"),
+        ("network.resolution=2", "network.resolution=2"),
+        ("network.latent_dim=0", "network.latent_dim=0"),
+        ("network.channel_base=0", "network.channel_base=0"),
+        ("network.channel_max=-8", "network.channel_max=-8"),
+        ("network.mbstd_group_size=0", "network.mbstd_group_size=0"),
+        ("network.channels.8=0", "network.channels.8=0"),
+        ("network.channels.64=16", "network.channels.64"),
+        ("network.channels.default=16", "network.channels.default"),
+        ("loss.gp_weight=0", "loss.gp_weight=0"),
+        ("loss.gp_weight=nan", "loss.gp_weight=nan"),
+        ("loss.gp_target=-1", "loss.gp_target=-1"),
+        ("loss.drift_weight=-0.001", "loss.drift_weight=-0.001"),
+        ("optim.lr=0", "optim.lr=0"),
+        ("optim.lr=-1e-3", "optim.lr=-0.001"),
+        ("optim.lr=inf", "optim.lr=inf"),
+        ("optim.betas=[0.0, 1.0]", "optim.betas[1]=1.0"),
+        ("optim.betas=[0.9]", "optim.betas="),
+        ("optim.eps=0", "optim.eps=0"),
+        ("ema.beta=1.0", "ema.beta=1.0"),
+        ("ema.beta=-0.5", "ema.beta=-0.5"),
+        ("data.phantom_count=0", "data.phantom_count=0"),
+        ("data.phantom_prior='uniform'", "data.phantom_prior='uniform'"),
+        ("data.phantom_seed=-1", "data.phantom_seed=-1"),
+        ("data.num_workers=-1", "data.num_workers=-1"),
+        ("train.seed=-1", "train.seed=-1"),
+        ("train.tick_images=0", "train.tick_images=0"),
+        ("train.checkpoint_images=0", "train.checkpoint_images=0"),
+        ("train.keep_checkpoints=0", "train.keep_checkpoints=0"),
+        ("train.grid_size=0", "train.grid_size=0"),
+        ("train.max_nonfinite_steps=0", "train.max_nonfinite_steps=0"),
+        ("train.amp=maybe", "train.amp='maybe'"),
+        ("train.amp_dtype=float8", "train.amp_dtype='float8'"),
+        ("train.device=gpu", "train.device='gpu'"),
+        ("train.cpu_threads=-1", "train.cpu_threads=-1"),
+    ],
+)
+def test_a_value_that_cannot_run_is_refused_by_its_key(override, key):
+    with pytest.raises(ConfigError) as raised:
+        load_config("ci", [override], world_size=1)
+    assert len(raised.value.problems) == 1, raised.value.problems
+    assert raised.value.problems[0].startswith(key), raised.value.problems
+
+
+@pytest.mark.parametrize(
+    "overrides, world_size, key",
+    [
+        (["schedule.batch_size.default=16"], 3, "schedule.batch_size.default=16 is not divisible by world size 3"),
+        (["schedule.batch_size.8=2"], 4, "schedule.batch_size.8=2 is not divisible by world size 4"),
+        # Divisible by the world, but 6 per rank is not a multiple of the group of 4.
+        (["schedule.batch_size.8=24"], 4, "schedule.batch_size.8=24 gives per-rank batches of 6 (world size 4)"),
+        (["network.mbstd_group_size=5"], 1, "schedule.batch_size.default=16 gives per-rank batches of 16"),
+    ],
+)
+def test_batches_are_checked_against_the_world_size(overrides, world_size, key):
+    with pytest.raises(ConfigError) as raised:
+        load_config("ci", overrides, world_size=world_size)
+    assert [p for p in raised.value.problems if p.startswith(key)], raised.value.problems
+    load_config("ci", overrides)  # without a world size, only the launch-independent checks run
+
+
+@pytest.mark.parametrize("group_size", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("batch", range(1, 13))
+def test_the_batch_rule_is_the_minibatch_stddev_layers_own(batch, group_size):
+    """Validation accepts a per-rank batch exactly when the discriminator's layer can group it."""
+    try:
+        minibatch_stddev(torch.zeros(batch, 2, 4, 4), group_size)
+        layer_runs = True
+    except ValueError:
+        layer_runs = False
+    overrides = [
+        f"schedule.batch_size.8={batch}",
+        f"network.mbstd_group_size={group_size}",
+        f"schedule.batch_size.default={group_size}",  # every other resolution: one group per rank
+    ]
+    try:
+        load_config("ci", overrides, world_size=1)
+        accepted = True
+    except ConfigError as error:
+        assert all(p.startswith("schedule.batch_size.8=") for p in error.problems), error.problems
+        accepted = False
+    assert accepted == layer_runs
+
+
+def test_every_problem_is_reported_at_once():
+    overrides = ["schedule.batch_size.8=6", "optim.lr=0", "ema.beta=2.0", "train.tick_images=0"]
+    with pytest.raises(ConfigError) as raised:
+        load_config("ci", overrides, world_size=1)
+    message = str(raised.value)
+    assert message.startswith("4 problems in the configuration:")
+    for key in ("schedule.batch_size.8=6", "optim.lr=0", "ema.beta=2.0", "train.tick_images=0"):
+        assert f"  - {key}" in message
+
+
+def test_a_preset_can_shrink_but_an_override_that_changes_nothing_is_refused():
+    # ci's stable_images.32 is left over when the network stops at 16²: it is the preset's, not a mistake.
+    assert load_config("ci", ["network.resolution=16"], world_size=1).network.resolution == 16
+    with pytest.raises(ConfigError, match=r"schedule\.stable_images\.32 \(--set\)"):
+        load_config("ci", ["network.resolution=16", "schedule.stable_images.32=100"], world_size=1)
+
+
+def test_the_trainer_refuses_a_configuration_its_world_cannot_run(tmp_path):
+    config = load_config("ci", ["schedule.batch_size.8=6"])  # no world size: loads
+    with pytest.raises(ConfigError, match=r"schedule\.batch_size\.8=6"):
+        PGGANTrainer(config, [], tmp_path / "run", init_distributed("cpu"), progress=False, tensorboard=False)
+    assert not (tmp_path / "run").exists()
+
+
+def _fake_gan_run(run_dir: Path, overrides: list[str] = ()) -> Path:
+    """A run directory whose checkpoint holds only the state `resume` reads before any work."""
+    config = load_config("ci", overrides)
+    state = {"kind": "pggan", "config": config.to_dict(), "data": "phantoms", "images_shown": 16, "world_size": 1}
+    return save_checkpoint(checkpoint_path(run_dir, 16), objects={}, state=state)
+
+
+@pytest.mark.parametrize(
+    "extra, environment, key",
+    [
+        (["--set", "schedule.batch_size.8=6"], {}, "schedule.batch_size.8=6"),
+        ([], {"WORLD_SIZE": "3"}, "schedule.batch_size.default=16 is not divisible by world size 3"),
+        ([], {"WORLD_SIZE": "two"}, "WORLD_SIZE='two'"),
+        (["--set", "network.latent_dim=64"], {}, "network.latent_dim=64 differs from the checkpoint's 32"),
+        (["--set", "network.channel_max=16"], {}, "network.channels.4=16"),
+        (["--data", "nih:/no/such/folder"], {}, "--data nih:/no/such/folder"),
+        (["--stop-at", "0"], {}, "--stop-at=0"),
+    ],
+)
+def test_resume_checks_before_any_work(tmp_path, monkeypatch, capsys, extra, environment, key):
+    checkpoint = _fake_gan_run(tmp_path / "run")
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    assert main(["resume", str(tmp_path / "run"), "--no-progress", *extra]) == 2
+    stderr = capsys.readouterr().err
+    assert key in stderr, stderr
+    assert list_checkpoints(tmp_path / "run") == [checkpoint]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoints"]
+
+
+@pytest.mark.parametrize(
+    "arguments, key",
+    [
+        (["--data", "cheese"], "--data 'cheese'"),
+        (["--data", "folder:/no/such/folder"], "--data folder:/no/such/folder"),
+        (["--data", "phantoms", "--set", "network.resolution=16"], "network.resolution=16 with --data phantoms"),
+    ],
+)
+def test_train_checks_the_data_before_any_work(tmp_path, capsys, arguments, key):
+    assert main(["train", "--config", "ci", "--runs", str(tmp_path / "runs"), "--no-progress", *arguments]) == 2
+    assert key in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
