@@ -1,11 +1,13 @@
 """Start-up validation: a configuration that cannot run is refused before any work, naming its key.
 
-GAN configurations (training/gan/config.py) are checked against the world size torchrun will use,
-the minibatch-stddev grouping rule and the data, with exit status 2 from the commands.
+GAN (training/gan/config.py) and classifier (training/classifier/config.py) configurations are
+checked against the world size torchrun will use, the networks' real constraints (the minibatch-stddev
+grouping rule, the classifiers' pooling) and the data, with exit status 2 from the commands.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -14,9 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from training.classifier import get_preset
+from training.classifier.config import PRESETS
+from training.classifier.config import problems as classifier_problems
 from training.cli import main
 from training.gan.config import CONFIG_DIR, ConfigError, GanConfig, load_config
 from training.gan.training_loop import PGGANTrainer
+from training.networks.classifier import ClassifierSpec, build_classifier, feature_size
 from training.networks.pggan import minibatch_stddev
 from training.runtime import checkpoint_path, init_distributed, list_checkpoints, save_checkpoint
 
@@ -219,3 +225,122 @@ def test_train_checks_the_data_before_any_work(tmp_path, capsys, arguments, key)
     assert main(["train", "--config", "ci", "--runs", str(tmp_path / "runs"), "--no-progress", *arguments]) == 2
     assert key in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+# ------------------------------------------------------------------------------------ classifier
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+def test_every_classifier_preset_validates_clean(preset, world_size, tmp_path):
+    config = get_preset(preset)
+    if config.data.kind != "phantoms":
+        config = config.override([f"data.root={tmp_path}"])  # real data sets are named on the command line
+    assert classifier_problems(config, world_size) == []
+
+
+@pytest.mark.parametrize(
+    "preset, override, key",
+    [
+        ("ci", "batch_size=0", "batch_size=0"),
+        ("ci", "total_images=0", "total_images=0"),
+        ("ci", "lr=0", "lr=0.0"),
+        ("ci", "lr=-1e-3", "lr=-0.001"),
+        ("ci", "lr=nan", "lr=nan"),
+        ("ci", "weight_decay=-1", "weight_decay=-1.0"),
+        ("ci", "warmup_images=-1", "warmup_images=-1"),
+        ("ci", "pos_weight_max=0.5", "pos_weight_max=0.5"),
+        ("ci", "checkpoint_every=0", "checkpoint_every=0"),
+        ("ci", "tick_images=0", "tick_images=0"),
+        ("ci", "bootstrap=-1", "bootstrap=-1"),
+        ("ci", "workers=-1", "workers=-1"),
+        ("ci", "seed=-1", "seed=-1"),
+        ("ci", "device=gpu", "device='gpu'"),
+        ("ci", "data.kind=folder", "data.kind='folder' has no labels"),
+        ("ci", "data.kind=mnist", "data.kind='mnist'"),
+        ("ci", "data.kind=nih", "data.root=''"),
+        ("ci", "data.resolution=48", "data.resolution=48 must be a power of two"),
+        ("ci", "data.resolution=16", "data.resolution=16"),
+        ("ci", "data.prior=uniform", "data.prior='uniform'"),
+        ("ci", "data.seed=-1", "data.seed=-1"),
+        ("ci", "data.train_count=0", "data.train_count=0"),
+        ("ci", "data.val_count=0", "data.val_count=0"),
+        ("ci", "data.test_count=0", "data.test_count=0"),
+        ("ci", "data.uncertain=maybe", "data.uncertain='maybe'"),
+        ("ci", "model.arch=ensemble", "model.arch='ensemble'"),
+        ("ci", "model.arch=resnet", "model.arch='resnet'"),
+        ("ci", "model.num_labels=13", "model.num_labels=13"),
+        ("ci", "model.input_size=4", "model.input_size=4 is too small for this small_cnn"),
+        ("ci", "model.channels=", "model.channels="),
+        ("ci", "model.channels=0,8", "model.channels=0,8"),
+        ("ci", "model.dropout=1.0", "model.dropout=1.0"),
+        ("auditor-ci", "model.stem=tiny", "model.stem='tiny'"),
+        ("auditor-ci", "model.growth_rate=0", "model.growth_rate=0"),
+        ("auditor-ci", "model.block_config=", "model.block_config="),
+        ("auditor-ci", "model.input_size=8", "model.input_size=8 is too small for this densenet"),
+    ],
+)
+def test_a_classifier_value_that_cannot_train_is_refused_by_its_key(preset, override, key):
+    found = classifier_problems(get_preset(preset).override([override]), 1)
+    assert len(found) == 1 and found[0].startswith(key), found
+
+
+def test_classifier_batch_is_checked_against_the_world_size(tmp_path):
+    config = get_preset("ci")
+    assert classifier_problems(config, 3) == [
+        "batch_size=64 is not divisible by world size 3 (WORLD_SIZE, one process per rank); use a multiple of 3"
+    ]
+    missing = config.override(["data.kind=nih", "data.root=/no/such/folder"])
+    assert classifier_problems(missing, 1) == ["data.root='/no/such/folder' is not a directory"]
+    assert classifier_problems(missing, None) == []  # reading a checkpoint's config elsewhere
+
+
+def test_a_densenet_with_one_image_per_rank_and_a_1x1_map_is_refused():
+    """BatchNorm cannot train on one value per channel: the check matches what torch does."""
+    config = get_preset("auditor-ci").override(["model.input_size=16", "batch_size=2"])
+    assert feature_size(config.model) == 1
+    network = build_classifier(config.model).train()
+    network(torch.zeros(2, 1, 16, 16))
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        network(torch.zeros(1, 1, 16, 16))
+    assert classifier_problems(config, 1) == []
+    (found,) = classifier_problems(config, 2)
+    assert found.startswith("batch_size=2 leaves one image per rank (world size 2)")
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        ClassifierSpec(arch="small_cnn", channels=(4, 8, 8)),
+        ClassifierSpec(arch="densenet", block_config=(1, 1, 1), growth_rate=4, init_features=8, bn_size=1),
+        ClassifierSpec(arch="densenet", block_config=(1, 1), growth_rate=4, init_features=8, bn_size=1,
+                       stem="compact"),
+    ],
+)  # fmt: skip
+def test_feature_size_follows_the_real_networks(spec):
+    for size in range(1, 26):
+        sized = dataclasses.replace(spec, input_size=size)
+        network = build_classifier(sized).eval()
+        expected = feature_size(sized)
+        if expected == 0:
+            with pytest.raises(RuntimeError):
+                network.features(torch.zeros(1, 1, size, size))
+        else:
+            assert network.features(torch.zeros(1, 1, size, size)).shape[-1] == expected, size
+
+
+def test_classifier_commands_refuse_before_any_work(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    code = main(["classifier", "train", "--preset", "ci", "--set", "lr=0", "--set", "batch_size=0",
+                 "--run-dir", str(run_dir), "--no-progress"])  # fmt: skip
+    assert code == 2
+    stderr = capsys.readouterr().err
+    assert "2 problems" in stderr and "  - lr=0.0" in stderr and "  - batch_size=0" in stderr
+    assert not run_dir.exists()
+    # resume reads the configuration from the checkpoint and checks it the same way
+    bad = get_preset("ci").override(["tick_images=0"]).to_dict()
+    checkpoint = save_checkpoint(checkpoint_path(run_dir, 64), objects={}, state={"images_shown": 64, "config": bad})
+    assert main(["classifier", "resume", str(run_dir), "--no-progress"]) == 2
+    assert "tick_images=0" in capsys.readouterr().err
+    assert list_checkpoints(run_dir) == [checkpoint]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints"]
