@@ -176,6 +176,13 @@ def test_a_preset_can_shrink_but_an_override_that_changes_nothing_is_refused():
         load_config("ci", ["network.resolution=16", "schedule.stable_images.32=100"], world_size=1)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_cuda_device_must_exist_only_when_a_run_starts():
+    with pytest.raises(ConfigError, match=r"train\.device='cuda' but torch sees no CUDA device"):
+        load_config("ci", ["train.device=cuda"], world_size=1)
+    assert load_config("ci", ["train.device=cuda"]).train.device == "cuda"  # e.g. read for export
+
+
 def test_the_trainer_refuses_a_configuration_its_world_cannot_run(tmp_path):
     config = load_config("ci", ["schedule.batch_size.8=6"])  # no world size: loads
     with pytest.raises(ConfigError, match=r"schedule\.batch_size\.8=6"):
