@@ -252,7 +252,7 @@ def test_cli_rejects_bad_configuration_with_a_clear_message(tmp_path):
     preset = _cli("train", "--config", "nonexistent", "--run-dir", str(tmp_path))
     assert preset.returncode == 2 and "presets: ['ci', 'demo', 'nih-256', 'paper-1024']" in preset.stderr
     data = _cli("train", "--config", "ci", "--data", "cheese", "--run-dir", str(tmp_path / "x"))
-    assert data.returncode != 0 and "phantoms" in data.stderr
+    assert data.returncode == 2 and "phantoms" in data.stderr
 
 
 def test_paper_schedule_matches_segal_et_al():

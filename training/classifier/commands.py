@@ -6,6 +6,9 @@
     python -m training.cli classifier ensemble RUN_A RUN_B RUN_C --run-dir DIR [--preset demo]
     python -m training.cli classifier evaluate CLASSIFIER_DIR [--preset auditor] [--bootstrap 1000]
 
+``train`` and ``resume`` check the configuration against WORLD_SIZE before reading data: every value
+that cannot train is reported by its key, and the command exits with status 2.
+
 Under torchrun the same commands train data-parallel: ``torchrun --nproc_per_node=2 -m training.cli
 classifier train --preset demo``.
 """
@@ -17,7 +20,7 @@ import sys
 from pathlib import Path
 
 from training.classifier.config import PRESETS, get_preset
-from training.runtime import NonFiniteError, shutdown_distributed
+from training.runtime import ConfigError, NonFiniteError, shutdown_distributed
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -68,7 +71,7 @@ def _train(config, run_dir: Path | None, runs: Path, resume: bool, progress: boo
 
     try:
         result = train_classifier(config, run_dir, runs_root=runs, resume=resume, progress=progress)
-    except NonFiniteError as error:
+    except (ConfigError, NonFiniteError) as error:
         return _fail(str(error))
     finally:
         shutdown_distributed()

@@ -19,12 +19,18 @@ Presets (``PRESETS``), all overridable field by field (``--set lr=3e-4``):
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
-from training.networks.classifier import ClassifierSpec
+from service.labels import NUM_LABELS
+from service.prior import PRIOR_NAMES
+from training.networks.classifier import ClassifierSpec, feature_size
+from training.runtime.validation import Checks, ConfigError, show
 
-DATASETS = ("phantoms", "nih", "chexpert", "folder")
+DATASETS = ("phantoms", "nih", "chexpert")  # labelled; an image folder has nothing to learn from
+TRAINABLE_ARCHITECTURES = ("small_cnn", "densenet")  # ensembles are built from trained members
+DENSENET_STEMS = ("imagenet", "compact")
 
 
 @dataclass(frozen=True)
@@ -96,6 +102,105 @@ class ClassifierTrainConfig:
                 raise ValueError(f"unknown config field {key!r}; fields here: {sorted(node)}")
             node[leaf] = _parse_like(node[leaf], text, key)
         return ClassifierTrainConfig.from_dict(document)
+
+
+def validate(config: ClassifierTrainConfig, world_size: int | None = None) -> None:
+    """Raise ConfigError listing every problem of ``config`` (see ``problems``); return if there is none."""
+    found = problems(config, world_size)
+    if found:
+        raise ConfigError(found)
+
+
+def problems(config: ClassifierTrainConfig, world_size: int | None = None) -> list[str]:
+    """Every value of ``config`` that cannot train, one message each, starting with its dotted key.
+
+    world_size: the number of processes about to train (WORLD_SIZE). With it the batch must split
+    evenly over the ranks, and the data root and a CUDA device must exist on this machine; None
+    skips those checks.
+    """
+    checks = Checks()
+    _check_data(config.data, world_size, checks)
+    final_size = _check_model(config.model, checks)
+    checks.integer("seed", config.seed, 0, 2**32 - 1)  # numpy's seed range
+    per_rank = None
+    if checks.integer("batch_size", config.batch_size, 1) and world_size is not None:
+        per_rank = checks.world_batch("batch_size", config.batch_size, world_size)
+    # SmallCNN normalises before its last pool (≥ 2×2 values); DenseNet's last BatchNorm after it.
+    if per_rank == 1 and config.model.arch == "densenet" and final_size == 1:
+        checks.add(
+            f"batch_size={config.batch_size} leaves one image per rank (world size {world_size}) and the "
+            "DenseNet's last feature map is 1×1, so its BatchNorm sees one value per channel and cannot "
+            "train; use at least 2 images per rank or a larger model.input_size"
+        )
+    checks.integer("total_images", config.total_images, 1)
+    checks.number("lr", config.lr, 0.0, above=True)
+    checks.number("weight_decay", config.weight_decay, 0.0)
+    checks.integer("warmup_images", config.warmup_images, 0)
+    checks.number("pos_weight_max", config.pos_weight_max, 1.0)  # weights are clipped to [1/max, max]
+    checks.integer("checkpoint_every", config.checkpoint_every, 1)
+    checks.integer("tick_images", config.tick_images, 1)
+    checks.integer("bootstrap", config.bootstrap, 0)
+    checks.integer("workers", config.workers, 0)
+    checks.device("device", config.device, on_this_machine=world_size is not None)
+    return checks.problems
+
+
+def _check_data(data: DataConfig, world_size: int | None, checks: Checks) -> None:
+    from training.data.chexpert import UNCERTAIN_POLICIES
+    from training.phantoms.render import MAX_SIZE, MIN_SIZE
+
+    if data.kind == "folder":
+        checks.add("data.kind='folder' has no labels to learn from; use phantoms, nih or chexpert")
+    else:
+        checks.choice("data.kind", data.kind, DATASETS)
+    if data.kind == "phantoms":
+        if checks.integer("data.resolution", data.resolution, MIN_SIZE, MAX_SIZE) and (
+            data.resolution & (data.resolution - 1)
+        ):
+            checks.add(f"data.resolution={data.resolution} must be a power of two (phantoms: 32², 64², …)")
+    elif data.kind in DATASETS:
+        checks.integer("data.resolution", data.resolution, 1)
+        if not data.root:
+            checks.add(f"data.root='' must name the directory of the {data.kind} data set")
+        elif world_size is not None and not Path(data.root).is_dir():
+            checks.add(f"data.root={data.root!r} is not a directory")
+    checks.choice("data.prior", data.prior, PRIOR_NAMES)
+    checks.integer("data.seed", data.seed, 0)
+    for name in ("train_count", "val_count", "test_count"):
+        checks.integer(f"data.{name}", getattr(data, name), 1)
+    checks.choice("data.uncertain", data.uncertain, UNCERTAIN_POLICIES)
+
+
+def _check_model(model: ClassifierSpec, checks: Checks) -> int | None:
+    """Checks the model section; returns the side of its last feature map when that can be known."""
+    if model.arch == "ensemble":
+        checks.add("model.arch='ensemble' is built from trained members by `classifier ensemble`, not trained")
+        return None
+    if not checks.choice("model.arch", model.arch, TRAINABLE_ARCHITECTURES):
+        return None
+    if model.num_labels != NUM_LABELS:
+        checks.add(f"model.num_labels={show(model.num_labels)} must be {NUM_LABELS}, one logit per finding")
+    sized = checks.integer("model.input_size", model.input_size, 1)
+    layers = "channels" if model.arch == "small_cnn" else "block_config"
+    values = getattr(model, layers)
+    if not values or not all(isinstance(v, int) and v >= 1 for v in values):
+        checks.add(f"model.{layers}={','.join(map(str, values))} must list one or more positive integers")
+        sized = False
+    if model.arch == "densenet":
+        for name in ("growth_rate", "init_features", "bn_size"):
+            checks.integer(f"model.{name}", getattr(model, name), 1)
+        sized = checks.choice("model.stem", model.stem, DENSENET_STEMS) and sized
+    checks.number("model.dropout", model.dropout, 0.0, below=1.0)
+    if not sized:
+        return None
+    final = feature_size(model)
+    if final < 1:
+        smallest = next(size for size in range(1, 2**16) if feature_size(replace(model, input_size=size)))
+        checks.add(
+            f"model.input_size={model.input_size} is too small for this {model.arch}: its pooling leaves "
+            f"no pixels; use at least {smallest}"
+        )
+    return final
 
 
 def _parse_like(current: Any, text: str, key: str) -> Any:

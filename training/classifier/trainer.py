@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from service.labels import LABELS
 from training.classifier.artifact import TrainedClassifier
-from training.classifier.config import ClassifierTrainConfig
+from training.classifier.config import ClassifierTrainConfig, validate
 from training.classifier.metrics import LabelAUROC, mean_auroc, per_label_auroc, youden_thresholds
 from training.networks.classifier import build_classifier
 from training.runtime import (
@@ -48,6 +48,7 @@ from training.runtime import (
     load_checkpoint,
     read_checkpoint,
     save_checkpoint,
+    world_size_from_env,
     write_json_atomic,
 )
 
@@ -236,6 +237,8 @@ def train_classifier(
       with the configuration stored in it (``config`` may then be None).
     stop_after_images: stop (with a checkpoint) once this many images are shown, as an interruption
       would; used to test exact resumption.
+    Raises ConfigError, listing every problem, for a configuration that cannot train with WORLD_SIZE
+    processes (``training.classifier.config.problems``), before reading data or joining a process group.
     """
     if resume:
         if run_dir is None:
@@ -244,6 +247,8 @@ def train_classifier(
         if found is None:
             raise FileNotFoundError(f"no checkpoint to resume in {run_dir}/checkpoints")
         config = ClassifierTrainConfig.from_dict(read_checkpoint(found).state["config"])
+    # Before any data or process group: a value that cannot train is refused now, not mid-run.
+    validate(config, world_size_from_env())
     context = init_distributed(config.device)
     run_dir = Path(run_dir) if run_dir is not None else None
     if run_dir is None:

@@ -3,20 +3,25 @@
 python -m training.cli train --config demo --data phantoms [--run-dir DIR] [--set key=value ...]
 python -m training.cli resume RUN_DIR_OR_CHECKPOINT [--set train.tick_images=5000]
 python -m training.cli sample CHECKPOINT --grid out.png [--count N --out DIR] [--seed S]
+
+`train` and `resume` check the configuration, --data and WORLD_SIZE before reading data or joining a
+process group: every problem is reported by its key, and the command exits with status 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
-from training.gan.config import ConfigError, GanConfig, apply_overrides, load_config
-from training.gan.data import build_dataset
+from training.gan.config import ConfigError, GanConfig, build_config, read_preset
+from training.gan.data import build_dataset, data_problems
 from training.gan.training_loop import PGGANTrainer, load_generator
 from training.runtime import (
     NonFiniteError,
@@ -26,7 +31,9 @@ from training.runtime import (
     read_checkpoint,
     save_image_grid,
     shutdown_distributed,
+    world_size_from_env,
 )
+from training.runtime.validation import format_problems
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -122,11 +129,38 @@ def _train(
         shutdown_distributed()
 
 
+def _checked(
+    base: Mapping[str, Any], args: argparse.Namespace, data_spec: str, resume: bool
+) -> tuple[GanConfig | None, list[str]]:
+    """The run's configuration and every problem that would stop it, found before any work is done.
+
+    The world size comes from torchrun's WORLD_SIZE, so a batch the ranks cannot share or the
+    minibatch-stddev layer cannot group is refused here, not at the first step that uses it.
+    """
+    found: list[str] = []
+    try:
+        world_size: int | None = world_size_from_env()
+    except ConfigError as error:
+        world_size, found = None, error.problems
+    config = None
+    try:
+        config = build_config(base, args.overrides, world_size, resume=resume)
+    except ConfigError as error:
+        found += error.problems
+    found += data_problems(data_spec, config)
+    if args.stop_at is not None and args.stop_at < 1:
+        found.append(f"--stop-at={args.stop_at} must be at least 1 (images shown in all)")
+    return config, found
+
+
 def run_train(args: argparse.Namespace) -> int:
     try:
-        config = load_config(args.config, args.overrides)
+        base = read_preset(args.config)
     except ConfigError as error:
         return _fail(str(error))
+    config, found = _checked(base, args, args.data, resume=False)
+    if found:
+        return _fail(format_problems(found))
     if args.run_dir is not None and args.run_dir.exists() and any(args.run_dir.glob("checkpoints/*.pt")):
         return _fail(f"{args.run_dir} already holds checkpoints; continue it with `resume {args.run_dir}`")
     return _train(config, args.data, args.run_dir, args.runs, None, args)
@@ -141,11 +175,11 @@ def run_resume(args: argparse.Namespace) -> int:
     state = read_checkpoint(checkpoint).state
     if state.get("kind") != "pggan":
         return _fail(f"{checkpoint} is not a PGGAN checkpoint")
-    try:
-        config = GanConfig.from_dict(apply_overrides(state["config"], args.overrides))
-    except ConfigError as error:
-        return _fail(str(error))
-    return _train(config, args.data or state["data"], run_dir, None, checkpoint, args)
+    data_spec = args.data or state["data"]
+    config, found = _checked(state["config"], args, data_spec, resume=True)
+    if found:
+        return _fail(format_problems(found))
+    return _train(config, data_spec, run_dir, None, checkpoint, args)
 
 
 @torch.no_grad()

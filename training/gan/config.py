@@ -7,6 +7,11 @@ tables (`channels`, `fade_images`, `stable_images`, `batch_size`) map a resoluti
 
 The progressive schedule is a pure function of the number of images shown, so a checkpoint only needs
 that number to know the resolution, phase and alpha it was taken at.
+
+`load_config` and `build_config` refuse a configuration that cannot run (`problems`), listing every
+bad value by its dotted key; given the world size they also check each batch against the ranks and
+the discriminator's minibatch-stddev group, so such a run fails at start-up rather than at the first
+step of the resolution concerned.
 """
 
 from __future__ import annotations
@@ -25,24 +30,13 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 from service.prior import PRIOR_NAMES
-from training.networks.pggan import channels_for, resolutions_up_to
+from training.networks.pggan import channels_for, mbstd_group, resolutions_up_to
+from training.runtime.validation import Checks, ConfigError, is_int, show
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-
-
-class ConfigError(ValueError):
-    """A configuration file or override that cannot be used; the message says what to change."""
-
-
-def _per_resolution(table: Mapping[str, Any], name: str) -> dict[str, int]:
-    result = {}
-    for key, value in table.items():
-        if key != "default" and not (key.isdigit() and int(key) >= 4 and int(key) & (int(key) - 1) == 0):
-            raise ConfigError(f"{name}: key {key!r} is neither 'default' nor a power-of-two resolution ≥ 4")
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise ConfigError(f"{name}.{key} must be a non-negative integer, got {value!r}")
-        result[key] = value
-    return result
+SCHEDULE_TABLES = ("fade_images", "stable_images", "batch_size")
+AMP_MODES = ("auto", "on", "off")
+AMP_DTYPES = ("float16", "bfloat16")
 
 
 def lookup(table: Mapping[str, int], resolution: int, name: str) -> int:
@@ -146,36 +140,12 @@ class GanConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, raw: Mapping[str, Any]) -> GanConfig:
-        config = _build(cls, raw, "")
-        config.validate()
-        return config
+    def from_dict(cls, raw: Mapping[str, Any], world_size: int | None = None) -> GanConfig:
+        """A checked configuration from its table (a checkpoint's `config`, `to_dict()`'s output).
 
-    def validate(self) -> None:
-        net, sched = self.network, self.schedule
-        resolutions_up_to(net.resolution)
-        if sched.start_resolution not in resolutions_up_to(net.resolution):
-            raise ConfigError(
-                f"schedule.start_resolution {sched.start_resolution} not in 4..{net.resolution}"
-            )
-        for name in ("fade_images", "stable_images", "batch_size"):
-            setattr(sched, name, _per_resolution(getattr(sched, name), f"schedule.{name}"))
-        net.channels = _per_resolution(net.channels, "network.channels")
-        for r in resolutions_up_to(net.resolution):
-            if r >= sched.start_resolution and lookup(sched.batch_size, r, "schedule.batch_size") < 1:
-                raise ConfigError(f"schedule.batch_size for {r} must be at least 1")
-        if lookup(sched.stable_images, net.resolution, "schedule.stable_images") < 1:
-            raise ConfigError("schedule.stable_images at the final resolution must be positive")
-        if len(self.optim.betas) != 2:
-            raise ConfigError("optim.betas must hold two numbers")
-        if self.train.amp not in ("auto", "on", "off"):
-            raise ConfigError(f"train.amp must be auto, on or off, got {self.train.amp!r}")
-        if self.train.amp_dtype not in ("float16", "bfloat16"):
-            raise ConfigError(f"train.amp_dtype must be float16 or bfloat16, got {self.train.amp_dtype!r}")
-        if self.data.phantom_prior not in PRIOR_NAMES:
-            raise ConfigError(f"data.phantom_prior must be one of {', '.join(PRIOR_NAMES)}")
-        if not 0.0 <= self.ema.beta < 1.0:
-            raise ConfigError("ema.beta must be in [0, 1)")
+        Raises ConfigError listing every problem (see `problems`).
+        """
+        return build_config(raw, world_size=world_size)
 
 
 def _build(cls: type, raw: Mapping[str, Any], prefix: str) -> Any:
@@ -257,14 +227,243 @@ def preset_path(name_or_path: str) -> Path:
     raise ConfigError(f"no preset or TOML file {name_or_path!r}; presets: {available}")
 
 
-def load_config(name_or_path: str, overrides: Iterable[str] = ()) -> GanConfig:
+def read_preset(name_or_path: str) -> dict[str, Any]:
+    """The table of a preset or TOML file (see `preset_path`), named after the file unless it says."""
     path = preset_path(name_or_path)
     try:
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path}: {error}") from error
     raw.setdefault("name", path.stem)
-    return GanConfig.from_dict(apply_overrides(raw, overrides))
+    return raw
+
+
+def load_config(name_or_path: str, overrides: Iterable[str] = (), world_size: int | None = None) -> GanConfig:
+    """A preset or TOML file with `--set` overrides, checked; raises ConfigError listing every problem."""
+    return build_config(read_preset(name_or_path), overrides, world_size)
+
+
+def build_config(
+    base: Mapping[str, Any],
+    overrides: Iterable[str] = (),
+    world_size: int | None = None,
+    resume: bool = False,
+) -> GanConfig:
+    """`base` (a preset's or a checkpoint's table) with `--set` overrides applied, checked.
+
+    Beyond `problems`, an override of a per-resolution entry this run never uses is refused (it would
+    change nothing), and with `resume` (base is a checkpoint's configuration) so is an override that
+    changes the networks' shapes, which the checkpoint's weights fix. Entries that `base` itself holds
+    for resolutions outside the run are ignored, so `--set network.resolution=16` can shrink a preset.
+    Raises ConfigError listing every problem, each with its dotted key.
+    """
+    overrides = list(overrides)
+    config = _build(GanConfig, apply_overrides(base, overrides), "")
+    found = problems(config, world_size) + _unused_override_problems(overrides, config)
+    if resume:
+        found += _resume_problems(_build(GanConfig, base, ""), config)
+    if found:
+        raise ConfigError(found)
+    return config
+
+
+def validate(config: GanConfig, world_size: int | None = None) -> None:
+    """Raise ConfigError listing every problem of `config` (see `problems`); return if there is none."""
+    found = problems(config, world_size)
+    if found:
+        raise ConfigError(found)
+
+
+def problems(config: GanConfig, world_size: int | None = None) -> list[str]:
+    """Every value of `config` that cannot run, one message each, starting with its dotted key.
+
+    world_size: the number of processes about to train (WORLD_SIZE). With it, each resolution's batch
+    must split evenly over the ranks into per-rank batches the minibatch-stddev layer can group, and a
+    CUDA device must be present. None skips those checks, as when a checkpoint's configuration is read
+    to sample or export.
+    """
+    checks = Checks()
+    resolutions = _check_network(config.network, checks)
+    trained = _check_schedule(config, resolutions, checks)
+    if world_size is not None:
+        _check_batches(config, trained, world_size, checks)
+    loss, optim = config.loss, config.optim
+    checks.number("loss.gp_weight", loss.gp_weight, 0.0, above=True)  # the critic's only Lipschitz bound
+    checks.number("loss.gp_target", loss.gp_target, 0.0)
+    checks.number("loss.drift_weight", loss.drift_weight, 0.0)
+    checks.number("optim.lr", optim.lr, 0.0, above=True)
+    if len(optim.betas) != 2:
+        checks.add(f"optim.betas={optim.betas} must hold two numbers (Adam's beta1, beta2)")
+    for index, beta in enumerate(optim.betas[:2]):
+        checks.number(f"optim.betas[{index}]", beta, 0.0, below=1.0)
+    checks.number("optim.eps", optim.eps, 0.0, above=True)
+    checks.number("ema.beta", config.ema.beta, 0.0, below=1.0)
+    data, train = config.data, config.train
+    checks.integer("data.phantom_count", data.phantom_count, 1)
+    checks.choice("data.phantom_prior", data.phantom_prior, PRIOR_NAMES)
+    checks.integer("data.phantom_seed", data.phantom_seed, 0)
+    checks.integer("data.num_workers", data.num_workers, 0)
+    checks.integer("train.seed", train.seed, 0, 2**32 - 1)  # numpy's seed range
+    checks.integer("train.tick_images", train.tick_images, 1)
+    checks.integer("train.checkpoint_images", train.checkpoint_images, 1)
+    checks.integer("train.keep_checkpoints", train.keep_checkpoints, 1)
+    checks.integer("train.grid_size", train.grid_size, 1)
+    checks.integer("train.max_nonfinite_steps", train.max_nonfinite_steps, 1)
+    checks.choice("train.amp", train.amp, AMP_MODES)
+    checks.choice("train.amp_dtype", train.amp_dtype, AMP_DTYPES)
+    checks.device("train.device", train.device, on_this_machine=world_size is not None)
+    checks.integer("train.cpu_threads", train.cpu_threads, 0)
+    return checks.problems
+
+
+def _is_resolution(value: Any) -> bool:
+    """A power of two ≥ 4, the resolutions the networks grow through."""
+    return is_int(value) and value >= 4 and not value & (value - 1)
+
+
+def _is_resolution_key(key: str) -> bool:
+    return key.isdigit() and _is_resolution(int(key))
+
+
+def _check_network(net: NetworkConfig, checks: Checks) -> list[int]:
+    """Checks the network section; returns its resolutions ([] when network.resolution is unusable)."""
+    resolutions = []
+    if _is_resolution(net.resolution):
+        resolutions = resolutions_up_to(net.resolution)
+    else:
+        checks.add(f"network.resolution={show(net.resolution)} must be a power of two ≥ 4, as 64 or 1024")
+    checks.integer("network.latent_dim", net.latent_dim, 1)
+    checks.integer("network.channel_base", net.channel_base, 1)
+    checks.integer("network.channel_max", net.channel_max, 1)
+    checks.integer("network.mbstd_group_size", net.mbstd_group_size, 1)
+    for key, value in net.channels.items():
+        if key == "default":
+            checks.add(
+                "network.channels.default is not used: resolutions not listed get "
+                "min(network.channel_max, network.channel_base / resolution); set those instead"
+            )
+        elif not _is_resolution_key(key):
+            checks.add(f"network.channels.{key}: {key!r} is not a power-of-two resolution ≥ 4")
+        checks.integer(f"network.channels.{key}", value, 1)
+    return resolutions
+
+
+def _check_schedule(config: GanConfig, resolutions: list[int], checks: Checks) -> list[int]:
+    """Checks the schedule section; returns the resolutions the run trains (start..final)."""
+    sched = config.schedule
+    trained = [r for r in resolutions if r >= sched.start_resolution]
+    if resolutions and sched.start_resolution not in resolutions:
+        checks.add(
+            f"schedule.start_resolution={show(sched.start_resolution)} must be one of the network's "
+            f"resolutions {', '.join(map(str, resolutions))}"
+        )
+        trained = []
+    for name in SCHEDULE_TABLES:
+        table = getattr(sched, name)
+        for key, value in table.items():
+            if key != "default" and not _is_resolution_key(key):
+                checks.add(
+                    f"schedule.{name}.{key}: {key!r} is neither 'default' nor a power-of-two resolution ≥ 4"
+                )
+            checks.integer(f"schedule.{name}.{key}", value, 1 if name == "batch_size" else 0)
+        needed = trained[1:] if name == "fade_images" else trained  # the start resolution does not fade in
+        for r in needed:
+            if str(r) not in table and "default" not in table:
+                checks.add(f"schedule.{name} has no entry for {r}² and no default; set schedule.{name}.{r}")
+    if trained:
+        final = trained[-1]
+        key = _source(sched.stable_images, final)
+        if key is not None and sched.stable_images[key] == 0:
+            checks.add(
+                f"schedule.stable_images.{key}=0 leaves no training at the final resolution {final}²; "
+                "set at least 1"
+            )
+    return trained
+
+
+def _check_batches(config: GanConfig, trained: list[int], world_size: int, checks: Checks) -> None:
+    """Each batch-size entry the run uses splits over `world_size` ranks into groupable per-rank batches."""
+    group_size = config.network.mbstd_group_size
+    keys = dict.fromkeys(key for r in trained if (key := _source(config.schedule.batch_size, r)) is not None)
+    for key in keys:
+        name, batch = f"schedule.batch_size.{key}", config.schedule.batch_size[key]
+        if not is_int(batch) or batch < 1:
+            continue  # already reported
+        per_rank = checks.world_batch(name, batch, world_size)
+        if per_rank is None or not is_int(group_size) or group_size < 1:
+            continue
+        try:
+            mbstd_group(per_rank, group_size)
+        except ValueError:
+            checks.add(
+                f"{name}={batch} gives per-rank batches of {per_rank} (world size {world_size}), which "
+                f"minibatch-stddev group size {group_size} (network.mbstd_group_size) does not divide; use "
+                f"a multiple of {group_size * world_size} (or fewer than {group_size} per rank)"
+            )
+
+
+def _source(table: Mapping[str, Any], resolution: int) -> str | None:
+    """The key of a per-resolution table that gives `resolution`'s value (None when none does)."""
+    if str(resolution) in table:
+        return str(resolution)
+    return "default" if "default" in table else None
+
+
+def _unused_override_problems(overrides: Iterable[str], config: GanConfig) -> list[str]:
+    """`--set` entries of per-resolution tables for resolutions the run never uses."""
+    net, sched = config.network, config.schedule
+    if not _is_resolution(net.resolution):
+        return []  # the resolution itself is reported
+    resolutions = resolutions_up_to(net.resolution)
+    trained = [r for r in resolutions if r >= sched.start_resolution]
+    used = {  # table -> (the resolutions it applies to, what the run does at them)
+        ("network", "channels"): (resolutions, "builds"),
+        ("schedule", "batch_size"): (trained, "trains"),
+        ("schedule", "stable_images"): (trained, "trains"),
+        ("schedule", "fade_images"): (trained[1:], "fades in"),  # the start resolution does not fade
+    }
+    found = []
+    for text in overrides:
+        keys, value = parse_override(text)
+        table = tuple(keys[:2])
+        if table not in used or not trained:
+            continue
+        if len(keys) == 3:
+            entries = [keys[2]]
+        elif len(keys) == 2 and isinstance(value, Mapping):
+            entries = [str(k) for k in value]
+        else:
+            continue
+        applies, verb = used[table]
+        for entry in entries:
+            if _is_resolution_key(entry) and int(entry) not in applies:
+                span = f"{applies[0]}²..{applies[-1]}²" if applies else "none"
+                found.append(
+                    f"{'.'.join(table)}.{entry} (--set) names {entry}², which this run never {verb} "
+                    f"({span}), so it would change nothing"
+                )
+    return found
+
+
+def _resume_problems(saved: GanConfig, config: GanConfig) -> list[str]:
+    """Overrides that change the shapes of the networks a checkpoint holds."""
+    found = []
+    for name in ("resolution", "latent_dim"):
+        old, new = getattr(saved.network, name), getattr(config.network, name)
+        if old != new:
+            found.append(
+                f"network.{name}={show(new)} differs from the checkpoint's {show(old)}; its weights have "
+                "that shape, so a resumed run keeps it"
+            )
+    if not found and _is_resolution(config.network.resolution):
+        old_table, new_table = saved.network.channel_table(), config.network.channel_table()
+        for r, channels in new_table.items():
+            if old_table.get(r) != channels:
+                found.append(
+                    f"network.channels.{r}={channels} (from network.channels, channel_base, channel_max) "
+                    f"differs from the checkpoint's {old_table.get(r)}; a resumed run keeps the saved shapes"
+                )
+    return found
 
 
 # ------------------------------------------------------------------------------------ schedule

@@ -10,6 +10,8 @@ keeps that shape so the same data sets serve the classifier trainer.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
@@ -44,10 +46,37 @@ class InMemoryImages(Dataset):
         return f"InMemoryImages({self.source_repr})"
 
 
+def data_problems(spec: str, config: GanConfig | None) -> list[str]:
+    """Why `--data spec` cannot feed a run of `config` ([] when it can), found before any image is read.
+
+    Refused: a spec that is none of the kinds above, a path that is not a directory, and phantoms at
+    a resolution they are not drawn at. `config` None (it did not load) checks the spec alone.
+    """
+    from training.phantoms.render import MAX_SIZE, MIN_SIZE
+
+    kind, _, path = spec.partition(":")
+    if kind == "phantoms" and not path:
+        resolution = None if config is None else config.network.resolution
+        if resolution is not None and not MIN_SIZE <= resolution <= MAX_SIZE:
+            return [
+                (
+                    f"network.resolution={resolution} with --data phantoms: phantoms are drawn at "
+                    f"{MIN_SIZE}² to {MAX_SIZE}²; choose a resolution in that range or other --data"
+                )
+            ]
+        return []
+    if kind in ("nih", "folder") and path:
+        return [] if Path(path).is_dir() else [f"--data {spec}: {path} is not a directory"]
+    return [f"--data {spec!r}: expected 'phantoms', 'nih:PATH' or 'folder:PATH'"]
+
+
 def build_dataset(spec: str, config: GanConfig, progress: bool = True) -> Dataset:
-    """The data set named by `spec` at the network's final resolution."""
+    """The data set named by `spec` at the network's final resolution; ConfigError if `data_problems`."""
     from training.data import ImageFolder, NIHChestXray14, PhantomDataset
 
+    found = data_problems(spec, config)
+    if found:
+        raise ConfigError(found)
     size = config.network.resolution
     cache_dir = config.data.cache_dir or None
     kind, _, path = spec.partition(":")
@@ -60,8 +89,6 @@ def build_dataset(spec: str, config: GanConfig, progress: bool = True) -> Datase
                 dataset, description=f"rendering {len(dataset)} phantoms", progress=progress
             )
         return dataset
-    if kind == "nih" and path:
+    if kind == "nih":
         return NIHChestXray14(path, split="train", size=size, cache_dir=cache_dir)
-    if kind == "folder" and path:
-        return ImageFolder(path, size=size, cache_dir=cache_dir)
-    raise ConfigError(f"--data {spec!r}: expected 'phantoms', 'nih:PATH' or 'folder:PATH'")
+    return ImageFolder(path, size=size, cache_dir=cache_dir)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from training.data import make_loader
-from training.gan.config import GanConfig, Phase, ProgressiveSchedule
+from training.gan.config import GanConfig, Phase, ProgressiveSchedule, validate
 from training.gan.loss import discriminator_loss, generator_loss
 from training.networks.pggan import Discriminator, Generator, downsample2x, upsample2x
 from training.runtime import (
@@ -92,7 +92,11 @@ def load_generator(path: str | Path, ema: bool = True, map_location: str | torch
 
 
 class PGGANTrainer:
-    """Owns the networks, optimisers, data stream and counters of one training run (one rank)."""
+    """Owns the networks, optimisers, data stream and counters of one training run (one rank).
+
+    Raises ConfigError (listing every problem) for a configuration that cannot run at
+    `context.world_size`, before anything is built.
+    """
 
     def __init__(
         self,
@@ -104,6 +108,9 @@ class PGGANTrainer:
         progress: bool = True,
         tensorboard: bool = True,
     ) -> None:
+        # Refused here too (commands check earlier): a batch the ranks or minibatch stddev cannot
+        # split would otherwise fail only when its resolution is reached.
+        validate(config, context.world_size)
         self.config = config
         self.dataset = dataset
         self.run_dir = Path(run_dir)
@@ -297,12 +304,8 @@ class PGGANTrainer:
         phase, alpha = self.schedule.at(self.images_shown)
         if phase.index != self.phase_index:
             self._begin_phase(phase)
-        resolution, world = phase.resolution, self.context.world_size
-        if phase.batch_size % world:
-            raise ValueError(
-                f"batch size {phase.batch_size} at {resolution}² is not divisible by {world} ranks"
-            )
-        per_rank = phase.batch_size // world
+        resolution = phase.resolution
+        per_rank = phase.batch_size // self.context.world_size  # divisible: checked by `validate`
         reals = real_images_at(self._next_reals(per_rank), resolution, alpha)
         latent_dim = self.config.network.latent_dim
         loss_cfg = self.config.loss

@@ -258,6 +258,27 @@ class ClassifierEnsemble(nn.Module):
         return total / len(self.members), torch.cat(embeddings, dim=1)
 
 
+def feature_size(spec: ClassifierSpec) -> int:
+    """Side of the last feature map of a small_cnn or densenet for an ``input_size``² image.
+
+    Follows the layers: one 2× max pool per SmallCNN stage; DenseNet's stem (4× down for
+    ``imagenet``, 2× for ``compact``) and one 2× average pool per transition. 0 means some pooling
+    step had less than 2×2 to pool, so the network cannot run at that size. Raises ValueError for
+    other architectures.
+    """
+    size = spec.input_size
+    if spec.arch == "small_cnn":
+        return size // 2 ** len(spec.channels)
+    if spec.arch == "densenet":
+        if spec.stem == "imagenet":
+            size = (size - 1) // 2 + 1  # 7×7 convolution, stride 2, padding 3
+            size = (size - 1) // 2 + 1  # 3×3 max pool, stride 2, padding 1
+        else:
+            size //= 2
+        return size // 2 ** max(0, len(spec.block_config) - 1)  # transitions sit between blocks
+    raise ValueError(f"feature_size covers small_cnn and densenet, not {spec.arch!r}")
+
+
 def build_classifier(spec: ClassifierSpec) -> nn.Module:
     """The network ``spec`` describes, freshly initialised."""
     if spec.arch == "small_cnn":

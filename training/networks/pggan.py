@@ -60,15 +60,29 @@ def pixel_norm(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     return x * torch.rsqrt(x.square().mean(dim=1, keepdim=True) + eps)
 
 
+def mbstd_group(batch: int, group_size: int) -> int:
+    """The group `minibatch_stddev` forms for `batch` samples: G = min(group_size, batch).
+
+    A batch smaller than `group_size` is one group; a larger one must be a multiple of `group_size`
+    (ValueError otherwise, and for a group size below 1). Training configurations are checked with
+    this same rule before a run starts.
+    """
+    if group_size < 1:
+        raise ValueError(f"the minibatch-stddev group size must be at least 1, got {group_size}")
+    group = min(group_size, batch)
+    if batch % group:
+        raise ValueError(f"batch size {batch} must be a multiple of the minibatch-stddev group {group}")
+    return group
+
+
 def minibatch_stddev(x: torch.Tensor, group_size: int = 4, eps: float = 1e-8) -> torch.Tensor:
     """Append one feature map: the mean over features and pixels of the std over each sample's group.
 
     Samples i, i + N/G, i + 2N/G, ... form a group of G = min(group_size, N) (the official layout).
+    x: [N, C, H, W] -> [N, C + 1, H, W]; ValueError when G does not divide N (see `mbstd_group`).
     """
     batch, channels, height, width = x.shape
-    group = min(group_size, batch)
-    if batch % group:
-        raise ValueError(f"batch size {batch} must be a multiple of the minibatch-stddev group {group}")
+    group = mbstd_group(batch, group_size)
     y = x.reshape(group, -1, channels, height, width).float()
     y = y - y.mean(dim=0)
     y = torch.sqrt(y.square().mean(dim=0) + eps)  # [N/G, C, H, W]

@@ -7,6 +7,7 @@
   gradient averaging in one collective.
 - `monitor`: run-directory creation, tqdm progress bar, TensorBoard scalars, JSONL stats, PNG grids.
 - `faults`: SIGINT/SIGTERM -> "checkpoint and exit" request; non-finite loss/gradient guard.
+- `validation`: start-up configuration checks that report every bad value by its dotted key.
 - `sampler`: a resumable, seeded, rank-sharded batch sampler whose position is a single integer.
 """
 
@@ -29,13 +30,17 @@ from training.runtime.distributed import (
     broadcast_module_,
     init_distributed,
     shutdown_distributed,
+    world_size_from_env,
 )
 from training.runtime.faults import NonFiniteError, NonFiniteGuard, StopRequest, all_finite
 from training.runtime.monitor import TrainingMonitor, create_run_dir, save_image_grid, write_json_atomic
 from training.runtime.sampler import ResumableBatchSampler
+from training.runtime.validation import Checks, ConfigError
 
 __all__ = [
     "Checkpoint",
+    "Checks",
+    "ConfigError",
     "DistributedContext",
     "NonFiniteError",
     "NonFiniteGuard",
@@ -59,5 +64,6 @@ __all__ = [
     "save_checkpoint",
     "save_image_grid",
     "shutdown_distributed",
+    "world_size_from_env",
     "write_json_atomic",
 ]

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from training.runtime.validation import ConfigError
+
 
 @dataclass(frozen=True)
 class DistributedContext:
@@ -55,9 +57,27 @@ def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
     return torch.device(device)
 
 
+def world_size_from_env() -> int:
+    """The number of processes in this job: torchrun's WORLD_SIZE, 1 when it is unset.
+
+    Known before any process group exists, so configurations can be checked against it first.
+    Raises ConfigError (a ValueError) when WORLD_SIZE is not a positive integer.
+    """
+    text = os.environ.get("WORLD_SIZE", "1")
+    try:
+        world_size = int(text)
+    except ValueError:
+        world_size = 0
+    if world_size < 1:
+        raise ConfigError(
+            f"WORLD_SIZE={text!r} must be a positive integer (torchrun sets it; unset it to run alone)"
+        )
+    return world_size
+
+
 def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistributedContext:
     """Join the torchrun job described by the environment (or run alone if there is none)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = world_size_from_env()
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     resolved = resolve_device(device, local_rank)
