@@ -13,6 +13,10 @@
 
     python -m benchmarks.bench_lco --bundle models/demo                       # CPU
     python -m benchmarks.bench_lco --bundle models/demo --device cuda --scale 4   # one CUDA GPU
+    python -m benchmarks.bench_lco --sections throughput --json figures.json    # one section, figures as JSON
+
+Only the engine API that every recent revision shares is used here, so that
+``benchmarks.compare_revisions`` can run this file against an older checkout's engine.
 
 ``--device cuda`` needs onnxruntime-gpu; the engine then keeps z, its Adam moments and the gradient
 on the GPU between steps (IOBinding). ``--scale`` multiplies the sample counts of the cost
@@ -23,10 +27,12 @@ run whatever the scale, since its requests are one image each and a run's length
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
@@ -148,15 +154,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="alternating runs per throughput mode")
     parser.add_argument("--intra-op-threads", type=int, help="ONNX Runtime threads per graph (default: all CPUs); "
                         "1 on a machine shared with other jobs, where a parallel step waits on descheduled threads")
+    parser.add_argument("--sections", default="cost,throughput", help="comma-separated: cost, throughput")
+    parser.add_argument("--json", help="also write every figure to this JSON file ({name: value})")
     args = parser.parse_args(argv)
+    sections = {name.strip() for name in args.sections.split(",")}
+    unknown = sections - {"cost", "throughput"}
+    if unknown:
+        parser.error(f"unknown section(s) {', '.join(sorted(unknown))}; choose from cost, throughput")
+    figures: dict[str, float] = {}
 
     providers = ("CUDAExecutionProvider", "CPUExecutionProvider") if args.device == "cuda" else ("CPUExecutionProvider",)
     bundle = load_bundle(args.bundle, SessionTuning(providers=providers, intra_op_threads=args.intra_op_threads))
     engine = LCOEngine(bundle, max_batch=int(64 * max(1.0, args.scale)))
     engine.warm_up()
-
-    def n(count: int) -> int:
-        return max(1, round(count * args.scale))
 
     threads = bundle.sessions["lco_step"].get_session_options().intra_op_num_threads
     print(f"bundle {bundle.manifest.name} {bundle.manifest.version}, {bundle.manifest.resolution}², "
@@ -164,12 +174,30 @@ def main(argv: list[str] | None = None) -> int:
           f"{threads} intra-op threads, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f})")
 
     ratio = step_cost_ratio(engine)
+    figures["lco_step_forward_passes"] = ratio
     print(f"one lco_step evaluation costs {ratio:.2f} forward passes (generator + classifier), measured\n")
+    if "cost" in sections:
+        cost_section(engine, ratio, args.scale, args.steps, args.candidates, figures)
+    if "throughput" in sections:
+        throughput_section(engine, args.repeats, figures)
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=1))
+    return 0
 
+
+def common_and_rarest() -> tuple[str, str]:
     prevalence = nih_prior().prevalence()
     findings = {name: p for name, p in prevalence.items() if name in LABEL_INDEX}
-    common = max(findings, key=findings.get)
-    rarest = min(findings, key=findings.get)
+    return max(findings, key=findings.get), min(findings, key=findings.get)
+
+
+def cost_section(engine: LCOEngine, ratio: float, scale: float, steps: int, candidates: int,
+                 figures: dict[str, float]) -> None:
+    def n(count: int) -> int:
+        return max(1, round(count * scale))
+
+
+    common, rarest = common_and_rarest()
     requests = {f"{common} (most common)": {common: True}, f"{rarest} (rarest)": {rarest: True},
                 "Effusion+Atelectasis -Pneumothorax": COMBINATION}
 
@@ -179,8 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     for title, constraints in requests.items():
         target, mask = vectors(constraints)
         rows = [rejection(engine, target, mask, want_hits=n(16), budget=n(20_000)),
-                lco(engine, target, mask, n(32), 1, ratio, args.steps),
-                lco(engine, target, mask, n(32), args.candidates, ratio, args.steps)]
+                lco(engine, target, mask, n(32), 1, ratio, steps),
+                lco(engine, target, mask, n(32), candidates, ratio, steps)]
         base = rows[0]
         # No hit in the whole budget: rejection costs at least the budget per hit (a lower bound).
         base_fpe = base.fpe_per_hit if base.hits else base.fpe
@@ -194,24 +222,29 @@ def main(argv: list[str] | None = None) -> int:
                 fpe, secs, gains = f">{row.fpe:.0f}", f">{row.seconds:.3g}", "- | -"
             if row is base:
                 gains = "1.0x | 1.0x"
+            figures[f"cost {title} {row.method} FPE/satisfied"] = row.fpe_per_hit if row.hits else float("inf")
+            figures[f"cost {title} {row.method} s/satisfied"] = row.seconds_per_hit if row.hits else float("inf")
             print(f"| {title} | {row.method} | {row.images} | {row.hits} | {fpe} | {secs} | {gains} |")
     print("\n('x' columns: how many times cheaper than rejection sampling; '>': rejection found no hit in its"
           " whole budget, so its cost per hit is at least the budget and the ratios are lower bounds)\n")
 
+
+def throughput_section(engine: LCOEngine, repeats: int, figures: dict[str, float]) -> None:
     print("## Throughput of the service batcher (one image per request)\n")
-    print(f"(median of {args.repeats} alternating runs of each mode)\n")
+    print(f"(median of {repeats} alternating runs of each mode)\n")
     print("| clients | without cross-request batching (img/s) | with (img/s) | speed-up |")
     print("| ---: | ---: | ---: | ---: |")
-    target, mask = vectors({common: True})
+    target, mask = vectors({common_and_rarest()[0]: True})
     for clients in (1, 4, 16):
         per_client = max(2, 48 // clients)
         runs: dict[bool, list[float]] = {False: [], True: []}
-        for _ in range(args.repeats):  # alternate the modes so drifting machine load hits both alike
+        for _ in range(repeats):  # alternate the modes so drifting machine load hits both alike
             for batching in (False, True):
                 runs[batching].append(throughput(engine, clients, batching, per_client, target, mask))
         alone, merged = float(np.median(runs[False])), float(np.median(runs[True]))
         print(f"| {clients} | {alone:.2f} | {merged:.2f} | {merged / alone:.2f}x |")
-    return 0
+        figures[f"throughput {clients} clients without batching img/s"] = alone
+        figures[f"throughput {clients} clients with batching img/s"] = merged
 
 
 if __name__ == "__main__":
