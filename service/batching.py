@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 
-from service.lco import LCOBatch, LCOEngine, SampleRequest, SampleResult
+from service.lco import LCOEngine, SampleRequest, SampleResult
 
 logger = logging.getLogger(__name__)
 
@@ -118,58 +118,38 @@ class Batcher:
             return joining
 
     def _run(self) -> None:
-        batch = LCOBatch(self.engine)
-        while True:
-            joining = self._take_joining(len(batch))
-            if joining is None:
-                return
-            joining = [(s, f) for s, f in joining if f.set_running_or_notify_cancel()]
-            try:
-                if joining:
-                    _deliver(batch.add([s for s, _ in joining], [f for _, f in joining]))
-                _drop_abandoned(batch)
-                if len(batch):
-                    if self.on_step is not None:
-                        self.on_step(len(batch))
-                    _deliver(batch.step())
-            except Exception as error:  # a failing step fails its samples, not the worker
-                logger.exception("LCO batch failed; failing %d samples", len(batch) + len(joining))
-                for future in [*batch.rows.tags, *(f for _, f in joining)]:
-                    if not future.done():
-                        future.set_exception(error)
-                batch = LCOBatch(self.engine)
+        def take(running: int) -> list[tuple[SampleRequest, Future[SampleResult]]] | None:
+            joining = self._take_joining(running)
+            return None if joining is None else [(s, f) for s, f in joining if f.set_running_or_notify_cancel()]
+
+        self.engine.drive(take, _deliver, fail=_fail, abandoned=_abandoned, on_step=self.on_step)
 
     def _run_alone(self, items: list[tuple[SampleRequest, Future[SampleResult]]]) -> None:
-        items = [(s, f) for s, f in items if f.set_running_or_notify_cancel()]
-        batch = LCOBatch(self.engine)
-        try:
-            pending = items
-            while pending or len(batch):
-                room = self.max_batch - len(batch)
-                joining, pending = pending[:room], pending[room:]
-                if joining:
-                    _deliver(batch.add([s for s, _ in joining], [f for _, f in joining]))
-                _drop_abandoned(batch)
-                if len(batch):
-                    if self.on_step is not None:
-                        self.on_step(len(batch))
-                    _deliver(batch.step())
-        except Exception as error:
-            logger.exception("LCO batch failed; failing its %d samples", len(items))
-            for _, future in items:
-                if not future.done():
-                    future.set_exception(error)
+        pending = [(s, f) for s, f in items if f.set_running_or_notify_cancel()]
+
+        def take(running: int) -> list[tuple[SampleRequest, Future[SampleResult]]] | None:
+            nonlocal pending
+            if not pending and not running:
+                return None
+            room = self.max_batch - running
+            joining, pending = pending[:room], pending[room:]
+            return joining
+
+        self.engine.drive(take, _deliver, fail=_fail, abandoned=_abandoned, on_step=self.on_step)
 
 
-def _drop_abandoned(batch: LCOBatch) -> None:
-    abandoned = [future.abandoned for future in batch.rows.tags]
-    if any(abandoned):
-        for future in batch.discard(abandoned):
-            if not future.done():
-                future.set_exception(CancelledError("the request for this sample was cancelled"))
+def _abandoned(future: Future[SampleResult]) -> bool:
+    return getattr(future, "abandoned", False)
 
 
-def _deliver(finished: list[tuple[Future[SampleResult], SampleResult]]) -> None:
-    for future, result in finished:
+def _fail(futures: list[Future[SampleResult]], error: BaseException) -> None:
+    if not isinstance(error, CancelledError):
+        logger.error("LCO batch failed; failing %d samples", len(futures), exc_info=error)
+    for future in futures:
         if not future.done():
-            future.set_result(result)
+            future.set_exception(error)
+
+
+def _deliver(future: Future[SampleResult], result: SampleResult) -> None:
+    if not future.done():
+        future.set_result(result)

@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import CancelledError
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeAlias
 
 import numpy as np
 import onnxruntime as ort
@@ -210,64 +211,7 @@ def _logit(p: np.ndarray) -> np.ndarray:
     return np.log(p) - np.log1p(-p)
 
 
-ADAM_GRAPH = "data/adam_sphere_step.onnx"
-
-
-def build_adam_sphere_graph() -> Any:
-    """One Adam step on z followed by projection onto the sphere of radius ``radius``.
-
-    Inputs z, grad, m, v [B, d]; step_size and eps_hat [B, 1] carry each sample's bias-corrected
-    learning rate (lr * sqrt(1 - b2^t) / (1 - b1^t)) and epsilon (eps * sqrt(1 - b2^t)); radius [1].
-    The service ships this graph as service/data/adam_sphere_step.onnx (it needs onnxruntime only);
-    this builder needs the ``onnx`` package and is what wrote that file (see tests/test_lco.py).
-    """
-    import onnx
-    from onnx import TensorProto, helper
-
-    def tensor(name: str, *shape: Any) -> Any:
-        return helper.make_tensor_value_info(name, TensorProto.FLOAT, list(shape))
-
-    def scalar(name: str, value: float) -> Any:
-        return helper.make_tensor(name, TensorProto.FLOAT, [], [value])
-
-    nodes = [
-        helper.make_node("Mul", ["m", "beta1"], ["m_decay"]),
-        helper.make_node("Mul", ["grad", "one_minus_beta1"], ["m_new_part"]),
-        helper.make_node("Add", ["m_decay", "m_new_part"], ["m_next"]),
-        helper.make_node("Mul", ["v", "beta2"], ["v_decay"]),
-        helper.make_node("Mul", ["grad", "grad"], ["grad_sq"]),
-        helper.make_node("Mul", ["grad_sq", "one_minus_beta2"], ["v_new_part"]),
-        helper.make_node("Add", ["v_decay", "v_new_part"], ["v_next"]),
-        helper.make_node("Sqrt", ["v_next"], ["v_root"]),
-        helper.make_node("Add", ["v_root", "eps_hat"], ["denominator"]),
-        helper.make_node("Div", ["m_next", "denominator"], ["direction"]),
-        helper.make_node("Mul", ["direction", "step_size"], ["update"]),
-        helper.make_node("Sub", ["z", "update"], ["z_moved"]),
-        helper.make_node("ReduceSumSquare", ["z_moved"], ["norm_sq"], axes=[1], keepdims=1),
-        helper.make_node("Sqrt", ["norm_sq"], ["norm"]),
-        helper.make_node("Max", ["norm", "tiny"], ["norm_safe"]),
-        helper.make_node("Div", ["radius", "norm_safe"], ["scale"]),
-        helper.make_node("Mul", ["z_moved", "scale"], ["z_next"]),
-    ]
-    batch, latent = "batch", "latent"
-    graph = helper.make_graph(
-        nodes,
-        "adam_sphere_step",
-        [tensor("z", batch, latent), tensor("grad", batch, latent), tensor("m", batch, latent),
-         tensor("v", batch, latent), tensor("step_size", batch, 1), tensor("eps_hat", batch, 1), tensor("radius", 1)],
-        [tensor("z_next", batch, latent), tensor("m_next", batch, latent), tensor("v_next", batch, latent)],
-        initializer=[
-            scalar("beta1", ADAM_BETA1),
-            scalar("one_minus_beta1", 1 - ADAM_BETA1),
-            scalar("beta2", ADAM_BETA2),
-            scalar("one_minus_beta2", 1 - ADAM_BETA2),
-            scalar("tiny", 1e-12),
-        ],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="cxrsynth")
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model
+ADAM_GRAPH = "data/adam_sphere_step.onnx"  # written by training.export.onnx_graphs.build_adam_sphere_graph
 
 
 def adam_graph_bytes() -> bytes:
@@ -285,6 +229,10 @@ def _device_of(session: ort.InferenceSession) -> tuple[str, int]:
 # Rows per graph call on CUDA: a GPU runs 16 rows in about the time of one at the demo's size, and a
 # shape it has already tuned its kernels for is free of cuDNN's algorithm search (BENCHMARKS.md).
 CUDA_COMPUTE_BATCH = 16
+
+
+Take: TypeAlias = Callable[[int], "list[tuple[SampleRequest, Any]] | None"]
+Fail: TypeAlias = Callable[[list[Any], BaseException], None]
 
 
 class LCOEngine:
@@ -336,17 +284,52 @@ class LCOEngine:
     def generate(self, samples: Sequence[SampleRequest]) -> list[SampleResult]:
         """Make one image per request, in order, in running batches of at most ``max_batch``."""
         results: list[SampleResult | None] = [None] * len(samples)
-        batch = LCOBatch(self)
         pending = list(enumerate(samples))
-        while pending or len(batch):
-            room = self.max_batch - len(batch)
-            if room > 0 and pending:
-                joining, pending = pending[:room], pending[room:]
-                for tag, result in batch.add([s for _, s in joining], [i for i, _ in joining]):
-                    results[tag] = result
-            for tag, result in batch.step():
-                results[tag] = result
+
+        def take(running: int) -> list[tuple[SampleRequest, Any]] | None:
+            nonlocal pending
+            if not pending and not running:
+                return None
+            joining, pending = pending[: self.max_batch - running], pending[self.max_batch - running :]
+            return [(sample, index) for index, sample in joining]
+
+        def deliver(index: int, result: SampleResult) -> None:
+            results[index] = result
+
+        self.drive(take, deliver)
         return [r for r in results if r is not None]
+
+    def drive(self, take: Take, deliver: Callable[[Any, SampleResult], None], fail: Fail | None = None,
+              abandoned: Callable[[Any], bool] | None = None, on_step: Callable[[int], None] | None = None) -> None:
+        """The one LCO loop, behind ``generate`` and the service's batcher.
+
+        Before every step ``take(running)`` gives the (sample, tag) pairs that join the running batch
+        (None: stop once the batch is empty); finished samples go to ``deliver(tag, result)`` as soon as
+        they finish. Samples whose ``abandoned(tag)`` turns true leave before the next step and go to
+        ``fail`` with a CancelledError. If a step raises, ``fail(tags, error)`` gets every sample in flight
+        and the loop goes on with a fresh batch; without ``fail`` the error propagates.
+        ``on_step(size)`` is called before each step with the batch's size (metrics).
+        """
+        batch = LCOBatch(self)
+        while (joining := take(len(batch))) is not None:
+            try:
+                if joining:
+                    for tag, result in batch.add([s for s, _ in joining], [t for _, t in joining]):
+                        deliver(tag, result)
+                if abandoned is not None and fail is not None:
+                    leaving = [abandoned(tag) for tag in batch.rows.tags]
+                    if any(leaving):
+                        fail(batch.discard(leaving), CancelledError("the request for this sample was cancelled"))
+                if len(batch):
+                    if on_step is not None:
+                        on_step(len(batch))
+                    for tag, result in batch.step():
+                        deliver(tag, result)
+            except Exception as error:  # a failing step fails its samples, not the loop
+                if fail is None:
+                    raise
+                fail(list(dict.fromkeys([*batch.rows.tags, *(t for _, t in joining)])), error)
+                batch = LCOBatch(self)
 
     def warm_up(self) -> None:
         """A candidate pass and one LCO step on throwaway samples (allocations, kernel choice)."""

@@ -33,12 +33,12 @@ from service.lco import (
     LCOOptions,
     SampleRequest,
     adam_graph_bytes,
-    build_adam_sphere_graph,
     draw_latents,
     labels_off_target,
     masked_bce,
     satisfied,
 )
+from training.export.onnx_graphs import build_adam_sphere_graph
 
 LATENT = 24
 SIDE = 8

@@ -1,4 +1,5 @@
-"""ONNX export of the three bundle graphs, each with a dynamic batch dimension.
+"""ONNX export of the three bundle graphs, each with a dynamic batch dimension, and the builder of the
+engine's Adam graph that the service ships.
 
 Input and output names are the contract in docs/ARCHITECTURE.md (``service.bundle.GRAPH_IO``).
 """
@@ -10,10 +11,14 @@ import io
 import logging
 import warnings
 from pathlib import Path
+from typing import Any
 
+import onnx
 import torch
+from onnx import TensorProto, helper
 from torch import nn
 
+from service.lco import ADAM_BETA1, ADAM_BETA2
 from training.export.lco import ClassifierGraph, GeneratorGraph, LCOObjective, trace_lco_step
 
 OPSET = 18
@@ -62,3 +67,57 @@ def export_lco_step(generator: nn.Module, classifier: nn.Module, path: Path, ops
         torch.ones(_EXAMPLE_BATCH, num_labels),
     )
     _export(step, example, ["z", "target", "mask"], ["loss", "grad_z", "probs", "image"], path, opset)
+
+
+def build_adam_sphere_graph() -> onnx.ModelProto:
+    """One Adam step on z followed by projection onto the sphere of radius ``radius``.
+
+    Inputs z, grad, m, v [B, d]; step_size and eps_hat [B, 1] carry each sample's bias-corrected
+    learning rate (lr * sqrt(1 - b2^t) / (1 - b1^t)) and epsilon (eps * sqrt(1 - b2^t)); radius [1].
+    The service ships this graph as service/data/adam_sphere_step.onnx (it needs onnxruntime only);
+    this builder needs the ``onnx`` package and is what wrote that file (see tests/test_lco.py).
+    """
+    def tensor(name: str, *shape: Any) -> Any:
+        return helper.make_tensor_value_info(name, TensorProto.FLOAT, list(shape))
+
+    def scalar(name: str, value: float) -> Any:
+        return helper.make_tensor(name, TensorProto.FLOAT, [], [value])
+
+    nodes = [
+        helper.make_node("Mul", ["m", "beta1"], ["m_decay"]),
+        helper.make_node("Mul", ["grad", "one_minus_beta1"], ["m_new_part"]),
+        helper.make_node("Add", ["m_decay", "m_new_part"], ["m_next"]),
+        helper.make_node("Mul", ["v", "beta2"], ["v_decay"]),
+        helper.make_node("Mul", ["grad", "grad"], ["grad_sq"]),
+        helper.make_node("Mul", ["grad_sq", "one_minus_beta2"], ["v_new_part"]),
+        helper.make_node("Add", ["v_decay", "v_new_part"], ["v_next"]),
+        helper.make_node("Sqrt", ["v_next"], ["v_root"]),
+        helper.make_node("Add", ["v_root", "eps_hat"], ["denominator"]),
+        helper.make_node("Div", ["m_next", "denominator"], ["direction"]),
+        helper.make_node("Mul", ["direction", "step_size"], ["update"]),
+        helper.make_node("Sub", ["z", "update"], ["z_moved"]),
+        helper.make_node("ReduceSumSquare", ["z_moved"], ["norm_sq"], axes=[1], keepdims=1),
+        helper.make_node("Sqrt", ["norm_sq"], ["norm"]),
+        helper.make_node("Max", ["norm", "tiny"], ["norm_safe"]),
+        helper.make_node("Div", ["radius", "norm_safe"], ["scale"]),
+        helper.make_node("Mul", ["z_moved", "scale"], ["z_next"]),
+    ]
+    batch, latent = "batch", "latent"
+    graph = helper.make_graph(
+        nodes,
+        "adam_sphere_step",
+        [tensor("z", batch, latent), tensor("grad", batch, latent), tensor("m", batch, latent),
+         tensor("v", batch, latent), tensor("step_size", batch, 1), tensor("eps_hat", batch, 1), tensor("radius", 1)],
+        [tensor("z_next", batch, latent), tensor("m_next", batch, latent), tensor("v_next", batch, latent)],
+        initializer=[
+            scalar("beta1", ADAM_BETA1),
+            scalar("one_minus_beta1", 1 - ADAM_BETA1),
+            scalar("beta2", ADAM_BETA2),
+            scalar("one_minus_beta2", 1 - ADAM_BETA2),
+            scalar("tiny", 1e-12),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="cxrsynth")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
