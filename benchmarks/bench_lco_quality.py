@@ -21,7 +21,6 @@ import argparse
 import os
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -69,8 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(max(1, os.cpu_count() or 1))
 
     bundle = load_bundle(args.bundle)
-    defaults = LCOOptions()
-    engine = LCOEngine(bundle, defaults if args.margin is None else replace(defaults, margin=args.margin))
+    engine = LCOEngine(bundle, LCOOptions() if args.margin is None else LCOOptions(margin=args.margin))
     auditor = TrainedClassifier.load(args.auditor)
 
     def audit(images: np.ndarray) -> np.ndarray:

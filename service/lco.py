@@ -32,6 +32,7 @@ from typing import Any, Protocol, TypeAlias
 
 import numpy as np
 import onnxruntime as ort
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from service.labels import NUM_LABELS
 
@@ -42,63 +43,46 @@ ADAM_EPS = 1e-8
 _PROB_EPS = 1e-7
 
 
-@dataclass(frozen=True)
-class OptionBounds:
-    """Safe ranges of the per-request knobs (also used by the HTTP schema)."""
-
-    steps: tuple[int, int] = (0, 1000)
-    lr: tuple[float, float] = (1e-4, 1.0)
-    candidates: tuple[int, int] = (1, 64)
-    truncation: tuple[float, float] = (0.5, 4.0)
-    margin: tuple[float, float] = (0.0, 4.0)
-    fallback_margin: tuple[float, float] = (0.0, 4.0)
+MAX_MARGIN = 4.0  # logits; a sample asked for this margin keeps stepping (warm-up, tests)
 
 
-BOUNDS = OptionBounds()
+class LCOOptions(BaseModel):
+    """Knobs of one LCO run, with their bounds: the one model behind the engine, the HTTP request's
+    ``lco`` field and the archive spec's ``lco``. ValidationError (a ValueError) names a field out of
+    its bounds or unknown. Why each default: docs/lco-quality.md."""
 
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, allow_inf_nan=False, title="LCO options")
 
-@dataclass(frozen=True)
-class LCOOptions:
-    """Knobs of one LCO run.
+    steps: int = Field(200, ge=0, le=1000, description="cap on Adam steps per sample (0: candidates only)")
+    lr: float = Field(0.05, ge=1e-4, le=1.0, description="Adam step size on z, whose norm is sqrt(latent_dim)")
+    candidates: int = Field(
+        32, ge=1, le=64,
+        description="latents drawn per sample and scored with one forward pass; the best is optimised "
+        "(one that already leans towards the request leaves LCO less to draw)",
+    )
+    truncation: float | None = Field(
+        None, ge=0.5, le=4.0,
+        description="if set, latents come from a normal truncated at this many standard deviations "
+        "(entries beyond it are redrawn): less diverse, more typical images",
+    )
+    margin: float = Field(
+        1.8, ge=0.0, le=MAX_MARGIN,
+        description="a sample stops once each constrained label's logit is this far past its threshold's "
+        "logit (0: at the threshold); 'satisfied' is always judged at the threshold",
+    )
+    fallback_margin: float = Field(
+        1.5, ge=0.0, le=MAX_MARGIN,
+        description="a sample out of steps before reaching margin returns the earliest point of its "
+        "trajectory this far past the threshold (else its best point)",
+    )
 
-    steps: cap on Adam steps per sample (0 = candidates only).
-    lr: Adam step size on z (z has norm sqrt(latent_dim), so 0.05 moves a few percent per step).
-    candidates: latents drawn per sample and scored with one forward pass; the best is optimised.
-        Starting from an image that already leans towards the request leaves LCO less to draw, and
-        what it draws less often fools only its own classifier (docs/lco-quality.md).
-    truncation: if set, latents are drawn from a normal truncated at this many standard deviations
-        (entries beyond it are redrawn): less diverse, more typical images.
-    margin: a sample stops once each constrained label's logit is this far past its threshold's
-        logit; 0 stops exactly at the threshold. "satisfied" is always judged at the threshold.
-        A sample that only just crosses its threshold is more often one the classifier alone
-        believes; 1.8 logits raised the auditor's agreement on the demo bundle (docs/lco-quality.md).
-    fallback_margin: a sample that runs out of steps before reaching ``margin`` returns the earliest
-        point of its trajectory past this margin (else its best point). Pushing on for a classifier
-        that will not be convinced is how LCO finds patterns only the classifier reads: Nodule's
-        auditor agreement fell from 94% at the point past 1.5 to 66% at the 200th step.
-    """
-
-    steps: int = 200
-    lr: float = 0.05
-    candidates: int = 32
-    truncation: float | None = None
-    margin: float = 1.8
-    fallback_margin: float = 1.5
-
-    def __post_init__(self) -> None:
-        _check_range("steps", self.steps, BOUNDS.steps)
-        _check_range("lr", self.lr, BOUNDS.lr)
-        _check_range("candidates", self.candidates, BOUNDS.candidates)
-        if self.truncation is not None:
-            _check_range("truncation", self.truncation, BOUNDS.truncation)
-        _check_range("margin", self.margin, BOUNDS.margin)
-        _check_range("fallback_margin", self.fallback_margin, BOUNDS.fallback_margin)
-
-
-def _check_range(name: str, value: float, bounds: tuple[float, float]) -> None:
-    low, high = bounds
-    if not (low <= value <= high) or (isinstance(value, float) and math.isnan(value)):
-        raise ValueError(f"LCO option {name}={value!r} is out of range; use a value in [{low}, {high}]")
+    @model_validator(mode="before")
+    @classmethod
+    def _known_names(cls, values: Any) -> Any:
+        unknown = sorted(set(values) - set(cls.model_fields)) if isinstance(values, dict) else []
+        if unknown:
+            raise ValueError(f"unknown LCO option(s) {', '.join(unknown)}; valid: {', '.join(cls.model_fields)}")
+        return values
 
 
 @dataclass(frozen=True)
@@ -337,7 +321,7 @@ class LCOEngine:
         mask = np.zeros(NUM_LABELS, np.float32)
         target[0] = mask[0] = 1.0
         # margin at its maximum keeps the samples in the batch so the step graph really runs.
-        options = LCOOptions(steps=1, candidates=2, margin=BOUNDS.margin[1])
+        options = LCOOptions(steps=1, candidates=2, margin=MAX_MARGIN)
         batch = LCOBatch(self)
         batch.add([SampleRequest(target, mask, seed, options) for seed in range(self.compute_batch)],
                   list(range(self.compute_batch)))

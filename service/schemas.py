@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Literal
@@ -11,7 +10,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from service.labels import LABEL_INDEX, LABELS, NO_FINDING, NUM_LABELS, UnknownLabelError, parse_label
-from service.lco import BOUNDS, LCOOptions
+from service.lco import LCOOptions
 from service.settings import Settings
 from service.sinks import parse_s3_uri
 
@@ -92,32 +91,6 @@ def resolve_labels(labels: dict[str, bool] | list[str], exclusive: bool) -> Labe
     return LabelSpec(target, mask)
 
 
-class LCOSettings(BaseModel):
-    """Per-request LCO knobs; fields left out take the service's defaults."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    steps: int | None = Field(None, ge=BOUNDS.steps[0], le=BOUNDS.steps[1], description="cap on Adam steps")
-    lr: float | None = Field(None, ge=BOUNDS.lr[0], le=BOUNDS.lr[1], description="Adam step size on z")
-    candidates: int | None = Field(
-        None, ge=BOUNDS.candidates[0], le=BOUNDS.candidates[1], description="latents scored per image"
-    )
-    truncation: float | None = Field(
-        None, ge=BOUNDS.truncation[0], le=BOUNDS.truncation[1], description="truncated-normal bound on z (sd)"
-    )
-    margin: float | None = Field(
-        None, ge=BOUNDS.margin[0], le=BOUNDS.margin[1], description="logits past the threshold before stopping"
-    )
-    fallback_margin: float | None = Field(
-        None, ge=BOUNDS.fallback_margin[0], le=BOUNDS.fallback_margin[1],
-        description="out of steps before the margin: return the earliest point this far past the threshold",
-    )
-
-    def apply(self, defaults: LCOOptions) -> LCOOptions:
-        given = {k: v for k, v in self.model_dump().items() if v is not None}
-        return dataclasses.replace(defaults, **given)
-
-
 class GenerateRequest(BaseModel):
     """POST /generate body."""
 
@@ -142,7 +115,7 @@ class GenerateRequest(BaseModel):
     destination: str | None = Field(None, description="s3://bucket/prefix to upload to; absent: inline base64")
     strict: bool = Field(False, description="retry unsatisfied images with new seeds")
     retries: int = Field(3, ge=0, description="retries per image when strict")
-    lco: LCOSettings = Field(default_factory=LCOSettings)
+    lco: LCOOptions = Field(default_factory=LCOOptions, description="LCO options; those left out take their defaults")
 
     @field_validator("count")
     @classmethod

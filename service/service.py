@@ -29,7 +29,6 @@ import logging
 import secrets
 import threading
 import time
-from dataclasses import asdict
 from typing import Any
 
 import bentoml
@@ -203,7 +202,7 @@ async def model_view(_: Request) -> JSONResponse:
             "frechet_distance": provenance.frechet_distance,
         },
         "execution_providers": service.bundle.providers,
-        "lco_defaults": asdict(service.engine.options),
+        "lco_defaults": service.engine.options.model_dump(),
         "limits": {"max_count": SETTINGS.max_count, "max_retries": SETTINGS.max_retries,
                    "max_body_bytes": SETTINGS.max_body_bytes, "max_batch": SETTINGS.max_batch},
         "compute_batch": service.engine.compute_batch,
@@ -279,7 +278,7 @@ class CXRSynth:
         if not self.ready.is_set():
             return error_response(503, "the model is loading; retry in a few seconds", headers={"Retry-After": "5"})
         spec = request.label_spec()
-        options = request.lco.apply(self.engine.options)
+        options = request.lco
         request_id = secrets.token_hex(8)
         base_seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1)
         sink: S3Sink | None = None
@@ -414,7 +413,7 @@ class _GenerateJob:
             "steps": image.steps,
             "attempts": attempts,
             "format": self.request.format,
-            "lco": asdict(self.options),
+            "lco": self.options.model_dump(),
             "model": self.service.model_ref.model_dump(),
             "image": f"{stem}.png",
         }

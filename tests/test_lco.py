@@ -27,7 +27,6 @@ from service.lco import (
     ADAM_BETA1,
     ADAM_BETA2,
     ADAM_EPS,
-    BOUNDS,
     LCOBatch,
     LCOEngine,
     LCOOptions,
@@ -194,14 +193,18 @@ def test_latents_come_from_the_seed_alone_and_lie_on_the_sphere():
 
 
 def test_options_out_of_range_say_what_to_fix():
-    with pytest.raises(ValueError, match=r"steps=-1 is out of range; use a value in \[0, 1000\]"):
+    with pytest.raises(ValueError, match=r"steps\n  Input should be greater than or equal to 0"):
         LCOOptions(steps=-1)
-    with pytest.raises(ValueError, match="candidates"):
-        LCOOptions(candidates=BOUNDS.candidates[1] + 1)
-    with pytest.raises(ValueError, match="lr"):
+    with pytest.raises(ValueError, match=r"candidates\n  Input should be less than or equal to 64"):
+        LCOOptions(candidates=65)
+    with pytest.raises(ValueError, match=r"lr\n  Input should be a finite number"):
         LCOOptions(lr=float("nan"))
     with pytest.raises(ValueError, match="truncation"):
         LCOOptions(truncation=0.1)
+    with pytest.raises(ValueError, match="steps\n  Input should be a valid integer"):
+        LCOOptions(steps="50")
+    with pytest.raises(ValueError, match="unknown LCO option.*stepz; valid: steps, lr"):
+        LCOOptions(stepz=3)
 
 
 def test_satisfied_respects_sides_margin_and_free_labels():

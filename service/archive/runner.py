@@ -37,7 +37,7 @@ from service.archive.manifest import (
     make_record,
     sha256_hex,
 )
-from service.archive.spec import ArchivePlan, ArchiveSpec, PlannedImage, image_key, labels_of, lco_options
+from service.archive.spec import ArchivePlan, ArchiveSpec, PlannedImage, image_key, labels_of
 from service.png import encode_png
 from service.sinks import S3Sink, Sink, SinkError, SinkKeyNotFound, sink_from_uri
 
@@ -110,7 +110,7 @@ def ensure_job(sink: Sink, spec: ArchiveSpec, model: ModelInfo) -> dict[str, Any
     wanted["model"]["resolution"] = model.resolution
     wanted["model"]["compute_batch"] = model.compute_batch
     # The options in force, defaults included: new defaults would make different images.
-    wanted["lco"] = asdict(lco_options(spec.lco))
+    wanted["lco"] = spec.lco.model_dump()
     try:
         existing = json.loads(sink.get(JOB_KEY))
     except SinkKeyNotFound:
@@ -181,7 +181,7 @@ class ShardRunner:
         self.options = options or RunOptions()
         self.cancel = cancel or threading.Event()
         self.on_progress = on_progress
-        self.lco = lco_options(spec.lco)
+        self.lco = spec.lco
 
     # -- resume ------------------------------------------------------------------------------
     def _stored_image_sizes(self) -> dict[str, int]:

@@ -22,6 +22,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from service.labels import LABELS, NUM_LABELS
+from service.lco import LCOOptions
 from service.prior import get_prior
 from service.schemas import resolve_labels
 from service.sinks import parse_s3_uri, sink_from_uri
@@ -84,7 +85,7 @@ class ArchiveSpec(BaseModel):
     shard_index: int = Field(0, ge=0)
     shard_count: int = Field(1, ge=1, le=100_000)
     image_format: Literal["png8", "png16"] = "png8"
-    lco: dict[str, float | int | None] = Field(default_factory=dict, description="LCOOptions fields")
+    lco: LCOOptions = Field(default_factory=LCOOptions, description="LCO options (defaults for those left out)")
     chunk_size: int = Field(64, ge=1, le=10_000, description="images per manifest object")
     batch_size: int | None = Field(
         None, ge=1, le=MAX_BATCH_SIZE,
@@ -99,12 +100,6 @@ class ArchiveSpec(BaseModel):
             parse_s3_uri(value)
         else:
             sink_from_uri(value)
-        return value
-
-    @field_validator("lco")
-    @classmethod
-    def _check_lco(cls, value: dict[str, Any]) -> dict[str, Any]:
-        lco_options(value)
         return value
 
     @model_validator(mode="after")
@@ -132,21 +127,9 @@ class ArchiveSpec(BaseModel):
         return self
 
     def identity(self) -> dict[str, Any]:
-        """The fields that determine the archive's content (shared by all shards, any destination)."""
-        return self.model_dump(mode="json", exclude={"shard_index", "destination"})
-
-
-def lco_options(values: dict[str, Any]):
-    """LCOOptions from a plain dict; ValueError listing the valid fields on a typo."""
-    from dataclasses import fields
-
-    from service.lco import LCOOptions
-
-    names = {f.name for f in fields(LCOOptions)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ValueError(f"unknown LCO option(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}")
-    return LCOOptions(**values)
+        """The fields that determine the archive's content (shared by all shards, any destination), less the
+        LCO options, which job.json records in a section of their own."""
+        return self.model_dump(mode="json", exclude={"shard_index", "destination", "lco"})
 
 
 def image_id(index: int) -> str:
