@@ -349,10 +349,6 @@ class Bundle:
     def thresholds(self) -> np.ndarray:
         return self.manifest.threshold_array
 
-    @property
-    def on_cuda(self) -> bool:
-        return bool(self.providers) and self.providers[0] == "CUDAExecutionProvider"
-
     def generate(self, z: np.ndarray) -> np.ndarray:
         """z [B, latent] → images [B, 1, H, W] in [-1, 1]."""
         return self.generator.run(["image"], {"z": self._latents(z)})[0]

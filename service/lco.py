@@ -254,7 +254,6 @@ class LCOEngine:
             raise ValueError(f"compute_batch must be at least 1, got {compute_batch}")
         self.compute_batch = compute_batch
         providers = self.lco_step.get_providers()
-        self.execution_provider = providers[0]
         provider_options = [self.lco_step.get_provider_options().get(p, {}) for p in providers]
         self.adam = ort.InferenceSession(
             adam_graph_bytes(),

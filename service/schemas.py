@@ -190,7 +190,3 @@ class LabelsResponse(BaseModel):
     labels: list[LabelInfo]
     aliases_accepted: bool = True
 
-
-class ErrorResponse(BaseModel):
-    error: str
-    detail: object | None = None

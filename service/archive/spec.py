@@ -141,14 +141,6 @@ def image_key(index: int) -> str:
     return f"images/{image_id(index)}.png"
 
 
-def index_of_image_key(key: str) -> int | None:
-    """Inverse of :func:`image_key`; None for keys that are not archive images."""
-    stem = key.removeprefix("images/").removesuffix(".png")
-    if len(stem) != 12 or not stem.endswith("_000") or not stem[:8].isdigit() or key == stem:
-        return None
-    return int(stem[:8]) - 1
-
-
 @dataclass(frozen=True)
 class PlannedImage:
     index: int
