@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Literal
 
 import numpy as np
@@ -11,16 +10,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from service.labels import LABEL_INDEX, LABELS, NO_FINDING, NUM_LABELS, UnknownLabelError, parse_label
 from service.lco import LCOOptions
-from service.settings import Settings
+from service.settings import settings
 from service.sinks import parse_s3_uri
 
 # Seeds stay below 2**53 so every JSON client (JavaScript included) round-trips them exactly.
 MAX_SEED = 2**53 - 1
-
-
-@lru_cache(maxsize=1)
-def settings() -> Settings:
-    return Settings.from_env()
 
 
 @dataclass(frozen=True)

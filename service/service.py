@@ -62,8 +62,8 @@ from service.schemas import (
     LabelSpec,
     LabelsResponse,
     ModelRef,
-    settings,
 )
+from service.settings import settings
 from service.sinks import S3Sink, SinkError, SinkKeyNotFound, parse_s3_uri
 
 logger = logging.getLogger("bentoml.service.cxrsynth")
@@ -228,16 +228,16 @@ def _resources() -> dict[str, Any]:
 class CXRSynth:
     """Latent class optimisation on a PGGAN chest x-ray generator, one running batch per process."""
 
-    if SETTINGS.bundle_dir is None:
+    if SETTINGS.bundle is None:
         bundle_model = bentoml.models.BentoModel(SETTINGS.model_tag)
 
     def __init__(self) -> None:
-        source = SETTINGS.bundle_dir if SETTINGS.bundle_dir is not None else self.bundle_model
+        source = SETTINGS.bundle if SETTINGS.bundle is not None else self.bundle_model
         self.bundle: Bundle = load_bundle(source)
         manifest = self.bundle.manifest
         self.model_ref = ModelRef(name=manifest.name, version=manifest.version)
         self.engine = LCOEngine(self.bundle, LCOOptions(), max_batch=SETTINGS.max_batch,
-                                compute_batch=SETTINGS.compute_batch)
+                                compute_batch=SETTINGS.compute_batch or None)
         self.metrics: ServiceMetrics = create_metrics()
         self.batcher = Batcher(
             self.engine,

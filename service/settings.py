@@ -1,73 +1,87 @@
-"""Service settings, read once from environment variables (all optional).
+"""Service settings: one pydantic-settings model, read once from ``CXRSYNTH_*`` environment variables
+(all optional). Each field's description is its documentation; ``python -m service.settings`` prints
+them as a table with the values in force.
 
-| variable | default | meaning |
-| --- | --- | --- |
-| `CXRSYNTH_BUNDLE` | unset | model bundle directory (the embedded default); unset: the BentoML model `CXRSYNTH_MODEL_TAG` |
-| `CXRSYNTH_MODEL_TAG` | `cxrsynth:latest` | bundle in the BentoML model store, packaged by `bentoml build` |
-| `CXRSYNTH_API_TOKEN` | unset | bearer token required on the API; unset: the API is open |
-| `CXRSYNTH_MAX_COUNT` | 16 | most images one request may ask for |
-| `CXRSYNTH_MAX_BODY_BYTES` | 65536 | largest request body accepted |
-| `CXRSYNTH_MAX_BATCH` | 64 | most samples in one LCO batch |
-| `CXRSYNTH_COMPUTE_BATCH` | 0 | rows per ONNX Runtime call, fixed for the process (0: 1 on the CPU, 16 on CUDA); an image depends on it, so replicas that must agree share it |
-| `CXRSYNTH_BATCH_WAIT_MS` | 10 | how long an idle batcher waits for more requests before starting |
-| `CXRSYNTH_BATCHING` | 1 | 0 runs each request's samples on their own (no cross-request batching) |
-| `CXRSYNTH_MAX_RETRIES` | 8 | most retries per image a `strict` request may ask for |
-| `CXRSYNTH_S3_CONCURRENCY` | 4 | uploads in flight per request |
-| `CXRSYNTH_GPUS` | 0 | GPUs the service declares in its BentoML resources (onnxruntime-gpu uses the first) |
+A value that does not parse or is out of its bounds stops the service at start-up with
+:class:`SettingsError`, naming the variable and what it accepts.
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "CXRSYNTH_"
 
 
-def _int(name: str, default: int, low: int, high: int) -> int:
-    raw = os.environ.get(ENV_PREFIX + name)
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(f"{ENV_PREFIX}{name}={raw!r} is not an integer") from None
-    if not low <= value <= high:
-        raise ValueError(f"{ENV_PREFIX}{name}={value} is out of range; use {low}..{high}")
-    return value
+class SettingsError(ValueError):
+    """A ``CXRSYNTH_*`` variable that cannot be used; the message names each one and what it takes."""
 
 
-@dataclass(frozen=True)
-class Settings:
-    bundle_dir: Path | None
-    model_tag: str
-    api_token: str | None
-    max_count: int
-    max_body_bytes: int
-    max_batch: int
-    compute_batch: int | None  # None: the engine's default for its execution provider
-    batch_wait_ms: int
-    batching: bool
-    max_retries: int
-    s3_concurrency: int
-    gpus: int
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_ignore_empty=True, frozen=True, extra="ignore")
+
+    bundle: Path | None = Field(
+        None, description="model bundle directory (the embedded default); unset: the BentoML model MODEL_TAG")
+    model_tag: str = Field("cxrsynth:latest", description="bundle in the BentoML model store, packaged by `bentoml build`")
+    api_token: str | None = Field(None, description="bearer token required on the API; unset: the API is open")
+    max_count: int = Field(16, ge=1, le=10_000, description="most images one request may ask for")
+    max_body_bytes: int = Field(65_536, ge=1_024, le=64 * 1024 * 1024, description="largest request body accepted")
+    max_batch: int = Field(64, ge=1, le=4_096, description="most samples in one running LCO batch")
+    compute_batch: int = Field(
+        0, ge=0, le=4_096,
+        description="rows per ONNX Runtime call, fixed for the process (0: 1 on the CPU, 16 on CUDA); an image "
+        "depends on it, so replicas that must agree share it")
+    batch_wait_ms: int = Field(10, ge=0, le=10_000,
+                               description="how long an idle batcher waits for more requests before starting")
+    batching: bool = Field(True, description="false runs each request's samples on their own (no cross-request batching)")
+    max_retries: int = Field(8, ge=0, le=100, description="most retries per image a `strict` request may ask for")
+    s3_concurrency: int = Field(4, ge=1, le=64, description="uploads in flight per request")
+    gpus: int = Field(0, ge=0, le=16,
+                      description="GPUs the service declares in its BentoML resources (onnxruntime-gpu uses the first)")
+    archive_local_root: Path | None = Field(
+        None, description="the one local directory tree archive tasks may write under; unset: s3:// only")
+
+    @field_validator("bundle", "archive_local_root")
+    @classmethod
+    def _absolute(cls, path: Path | None) -> Path | None:
+        return path.expanduser().resolve() if path is not None else None
+
+    @field_validator("api_token")
+    @classmethod
+    def _stripped(cls, token: str | None) -> str | None:
+        return token.strip() or None if token is not None else None
 
     @classmethod
     def from_env(cls) -> Settings:
-        bundle = os.environ.get(ENV_PREFIX + "BUNDLE", "").strip()
-        token = os.environ.get(ENV_PREFIX + "API_TOKEN", "").strip()
-        return cls(
-            bundle_dir=Path(bundle).expanduser().resolve() if bundle else None,
-            model_tag=os.environ.get(ENV_PREFIX + "MODEL_TAG", "cxrsynth:latest").strip(),
-            api_token=token or None,
-            max_count=_int("MAX_COUNT", 16, 1, 10_000),
-            max_body_bytes=_int("MAX_BODY_BYTES", 65_536, 1_024, 64 * 1024 * 1024),
-            max_batch=_int("MAX_BATCH", 64, 1, 4_096),
-            compute_batch=_int("COMPUTE_BATCH", 0, 0, 4_096) or None,
-            batch_wait_ms=_int("BATCH_WAIT_MS", 10, 0, 10_000),
-            batching=_int("BATCHING", 1, 0, 1) == 1,
-            max_retries=_int("MAX_RETRIES", 8, 0, 100),
-            s3_concurrency=_int("S3_CONCURRENCY", 4, 1, 64),
-            gpus=_int("GPUS", 0, 0, 16),
-        )
+        """The settings in force; SettingsError names every bad variable."""
+        try:
+            return cls()
+        except ValidationError as error:
+            problems = [f"{ENV_PREFIX}{str(e['loc'][0]).upper()}: {e['msg']} (got {e.get('input')!r})"
+                        for e in error.errors()]
+            raise SettingsError("bad service settings; fix or unset: " + "; ".join(problems)) from None
+
+
+@lru_cache(maxsize=1)
+def settings() -> Settings:
+    """The process's settings, read once."""
+    return Settings.from_env()
+
+
+def describe() -> str:
+    """The variables as a Markdown table: name, value in force, meaning."""
+    current = settings()
+    rows = ["| variable | value | meaning |", "| --- | --- | --- |"]
+    for name, field in Settings.model_fields.items():
+        value = getattr(current, name)
+        shown = "(set)" if name == "api_token" and value else value
+        rows.append(f"| `{ENV_PREFIX}{name.upper()}` | {shown} | {field.description} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(describe())

@@ -17,7 +17,6 @@ its ``timeout_s`` the same way.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -95,10 +94,14 @@ class ArchiveJobs:
 
     def __init__(self, keep_s: float = 86_400.0, local_root: str | None = None):
         """``local_root``: the one local directory tree archives may be written under (default
-        ``$CXRSYNTH_ARCHIVE_LOCAL_ROOT``); unset, the service writes archives to s3:// only, so an API
+        ``CXRSYNTH_ARCHIVE_LOCAL_ROOT``, service/settings.py); unset, the service writes archives to s3:// only, so an API
         caller cannot make the server write into its own file system."""
-        root = local_root if local_root is not None else os.environ.get("CXRSYNTH_ARCHIVE_LOCAL_ROOT", "")
-        self._local_root = Path(root).resolve() if root else None
+        if local_root is None:
+            from service.settings import settings
+
+            self._local_root = settings().archive_local_root
+        else:
+            self._local_root = Path(local_root).resolve() if local_root else None
         self._jobs: dict[str, _Job] = {}
         self._lock = threading.Lock()
         self._one_at_a_time = threading.Lock()
