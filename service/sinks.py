@@ -7,7 +7,8 @@ with all its bytes or not at all.
 
 Keys are relative, slash-separated paths ("images/00000001_000.png"). Errors from either backend are
 raised as :class:`SinkError`, which carries S3's own error code and message (``NoSuchBucket``,
-``AccessDenied``, ...) or ``ConnectionError`` when the endpoint cannot be reached.
+``AccessDenied``, ...), ``ConnectionError`` when the endpoint cannot be reached, or
+``InvalidConfiguration`` when the AWS environment or config file cannot make a client.
 """
 
 from __future__ import annotations
