@@ -182,3 +182,55 @@ def test_resize_cache_reuses_and_invalidates(tmp_path: Path) -> None:
     entry.write_bytes(b"damaged")
     assert torch.allclose(cached[0][0], -first, atol=2 / 255)
     assert np.load(entry).shape == (48, 48)
+
+
+def test_folder_linking_back_into_itself_lists_its_one_image_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    Image.fromarray(gradient()).save(tmp_path / "only.png")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "up").symlink_to("..")
+    with caplog.at_level(logging.WARNING, logger="training.data"):
+        dataset = ImageFolder(tmp_path, size=32)
+    assert list(dataset.paths) == ["only.png"]
+    assert dataset.links_skipped == {"repeated_folders": 1, "duplicate_files": 0, "broken_links": 0}
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "listed 1 file(s), skipped 1 folder link(s) leading back" in warnings[0]
+
+
+def test_every_real_file_is_listed_once_whatever_links_lead_to_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    real, other = tmp_path / "real", tmp_path / "zother"
+    real.mkdir()
+    other.mkdir()
+    Image.fromarray(gradient()).save(real / "x.png")
+    Image.fromarray(255 - gradient()).save(real / "y.png")
+    Image.fromarray(gradient(48)).save(other / "w.png")
+    (tmp_path / "alias").symlink_to("real")  # a second way into real/
+    (real / "to_other").symlink_to("../zother")  # real/ and zother/ link to each other: a loop
+    (other / "to_real").symlink_to("../real")
+    (tmp_path / "z.png").symlink_to("real/x.png")  # a second name for one file
+    os.link(real / "y.png", tmp_path / "hard.png")  # and a hard link
+    (tmp_path / "gone.png").symlink_to("nowhere.png")  # links to nothing
+    (tmp_path / "self.png").symlink_to("self.png")
+    with caplog.at_level(logging.WARNING, logger="training.data"):
+        dataset = ImageFolder(tmp_path, size=32)
+    # The first path met is kept: names sorted, a folder's own files and subfolders before anything deeper.
+    assert list(dataset.paths) == ["hard.png", "z.png", "zother/w.png"]
+    assert dataset.links_skipped == {"repeated_folders": 3, "duplicate_files": 2, "broken_links": 2}
+    assert dataset.skipped == {"missing": 2, "unreadable": 0, "too_small": 0}
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    for part in ("listed 3 file(s)", "3 folder link(s)", "2 further name(s)", "2 link(s) to nothing"):
+        assert part in warnings[0], warnings[0]
+    images = [dataset[i][0] for i in range(len(dataset))]
+    assert len({tuple(image.flatten().tolist()) for image in images}) == 3  # three different pictures
+
+
+def test_a_tree_without_links_is_listed_without_a_warning(tmp_path: Path, caplog) -> None:
+    write_mixed_folder(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="training.data"):
+        dataset = ImageFolder(tmp_path, size=32)
+    assert len(dataset) == 8 and not caplog.records
+    assert dataset.links_skipped == {"repeated_folders": 0, "duplicate_files": 0, "broken_links": 0}
