@@ -90,7 +90,8 @@ def third_party_imports(path: Path) -> set[str]:
             names.update(alias.name.split(".")[0] for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             names.add(node.module.split(".")[0])
-    return {name for name in names if name not in sys.stdlib_module_names and name not in ("service", "training")}
+    ours = ("service", "training")
+    return {name for name in names if name not in sys.stdlib_module_names and name not in ours}
 
 
 def install_floors(pins: list[str], cache_root: Path) -> Path:
@@ -108,8 +109,8 @@ def install_floors(pins: list[str], cache_root: Path) -> Path:
     )
     if result.returncode != 0:
         shutil.rmtree(partial, ignore_errors=True)
-        pytest.fail(f"pip could not install the declared floors {pins} (exit {result.returncode}); it needs the "
-                    f"package index:\n{result.stderr[-3000:]}")
+        pytest.fail(f"pip could not install the declared floors {pins} (exit {result.returncode}); "
+                    f"it needs the package index:\n{result.stderr[-3000:]}")
     (partial / ".complete").write_text(key)
     shutil.rmtree(target, ignore_errors=True)  # an incomplete leftover from an interrupted run
     try:

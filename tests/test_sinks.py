@@ -216,8 +216,9 @@ def test_checksums_by_default_are_whatever_boto3_sends(s3_env, aws_config, tmp_p
 
 def resolved(sink: S3Sink) -> tuple[str, int, float, str]:
     """(retry mode, attempts in all, connect timeout s, region) of the sink's client as built."""
-    config = sink.client.meta.config
-    return config.retries["mode"], config.retries["total_max_attempts"], config.connect_timeout, sink.client.meta.region_name
+    meta = sink.client.meta
+    retries = meta.config.retries
+    return retries["mode"], retries["total_max_attempts"], meta.config.connect_timeout, meta.region_name
 
 
 @pytest.mark.parametrize(
@@ -225,7 +226,12 @@ def resolved(sink: S3Sink) -> tuple[str, int, float, str]:
     [
         ({}, "", {}, ("standard", 5, 10.0, "eu-west-1")),
         ({"AWS_RETRY_MODE": "adaptive", "AWS_MAX_ATTEMPTS": "3"}, "", {}, ("adaptive", 3, 10.0, "eu-west-1")),
-        ({}, "retry_mode = legacy\nmax_attempts = 7\nregion = ap-south-1", {}, ("legacy", 7, 10.0, "ap-south-1")),
+        (
+            {},
+            "retry_mode = legacy\nmax_attempts = 7\nregion = ap-south-1",
+            {},
+            ("legacy", 7, 10.0, "ap-south-1"),
+        ),
         ({"AWS_MAX_ATTEMPTS": "4"}, "max_attempts = 7", {}, ("standard", 4, 10.0, "eu-west-1")),
         ({"AWS_REGION": "us-west-2"}, "region = ap-south-1", {}, ("standard", 5, 10.0, "us-west-2")),
         ({"AWS_DEFAULTS_MODE": "in-region"}, "", {}, ("standard", 5, 1.1, "eu-west-1")),
@@ -239,7 +245,9 @@ def resolved(sink: S3Sink) -> tuple[str, int, float, str]:
     ids=["defaults", "environment", "profile", "environment-over-profile", "aws-region", "defaults-mode",
          "arguments-over-all"],
 )
-def test_client_settings_follow_the_aws_chain(environment, profile, arguments, expected, aws_config, monkeypatch):
+def test_client_settings_follow_the_aws_chain(
+    environment, profile, arguments, expected, aws_config, monkeypatch
+):
     monkeypatch.delenv("AWS_REGION", raising=False)
     monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
@@ -252,8 +260,10 @@ def test_client_settings_follow_the_aws_chain(environment, profile, arguments, e
     assert resolved(S3Sink("bucket", **arguments)) == expected
 
 
-@pytest.mark.parametrize(("environment", "arguments", "attempts"), [({"AWS_MAX_ATTEMPTS": "3"}, {}, 3),
-                                                                    ({"AWS_MAX_ATTEMPTS": "3"}, {"max_attempts": 2}, 2)])
+@pytest.mark.parametrize(
+    ("environment", "arguments", "attempts"),
+    [({"AWS_MAX_ATTEMPTS": "3"}, {}, 3), ({"AWS_MAX_ATTEMPTS": "3"}, {"max_attempts": 2}, 2)],
+)
 def test_attempts_counted_on_the_wire(environment, arguments, attempts, aws_config, monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")

@@ -3,10 +3,9 @@
 Folder links are followed (data sets are often assembled from links to several disks), so a link back
 to a folder above it (``a/up -> ..``) would make a plain walk go round until the system refuses a path
 that deep (one file listed 41 times), and a second link to the same folder or file would list its
-images twice. Folders and files are told apart by
-identity (device and inode), not by path: the first path met is kept (names sorted, a folder's own
-files and subfolders before anything deeper), every other way to the same folder or file is skipped
-and counted, and a single warning gives the counts.
+images twice. Folders and files are told apart by identity (device and inode), not by path: the first
+path met is kept (names sorted, a folder's own files and subfolders before anything deeper), every other
+way to the same folder or file is skipped and counted, and a single warning gives the counts.
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ log = logging.getLogger("training.data")
 
 @dataclass
 class TreeListing:
-    """What :func:`walk_files` found under ``root``.
+    """What :func:`walk_files` found under its ``root``.
 
     ``files`` are paths relative to ``root`` (``os.sep``-separated, sorted), one per real file.
     The counts are of what was passed over: folder links that lead to a folder already walked (a loop
@@ -30,7 +29,6 @@ class TreeListing:
     links whose target does not exist or cannot be reached.
     """
 
-    root: Path
     files: list[str] = field(default_factory=list)
     repeated_folders: int = 0
     duplicate_files: int = 0
@@ -50,7 +48,10 @@ class TreeListing:
 
     def summary(self) -> str:
         parts = [
-            (self.repeated_folders, "folder link(s) leading back to a folder already walked (a loop or a second link)"),
+            (
+                self.repeated_folders,
+                "folder link(s) leading back to a folder already walked (a loop or a second link)",
+            ),
             (self.duplicate_files, "further name(s) of a file already listed"),
             (self.broken_links, "link(s) to nothing"),
         ]
@@ -67,10 +68,10 @@ def walk_files(root: str | Path, suffixes: tuple[str, ...], *, what: str = "fold
     Hidden files and folders (name starting with ".") are left out. Links are followed; anything
     skipped because it repeats a folder or file, or leads nowhere, is counted in the result and
     warned about once as "``what`` ``root``: ...". Unreadable subfolders are passed over, as
-    :func:`os.walk` does. Raises ``OSError`` if ``root`` itself cannot be read.
+    :func:`os.walk` does. Raises ``OSError`` if ``root`` does not exist.
     """
     root = Path(root)
-    listing = TreeListing(root)
+    listing = TreeListing()
     seen_folders = {_identity(os.stat(root))}
     seen_files: set[tuple[int, int]] = set()
     for directory, subdirectories, names in os.walk(root, followlinks=True):
