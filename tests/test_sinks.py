@@ -206,6 +206,14 @@ def test_checksum_opt_out_is_honoured_on_every_upload(where, s3_env, aws_config,
     for _, headers in sink_sent:
         assert not [name for name in headers if name.startswith(FLEXIBLE_CHECKSUM)], headers
         assert checksum_headers(headers) == checksum_headers(plain_sent[0][1])
+    # A file over the transfer threshold (8 MiB) goes up in parts: none of those requests carries them.
+    sink = S3Sink(s3_env.bucket, "checksums")
+    multipart_sent = record_sends(sink.client)
+    (tmp_path / "big.bin").write_bytes(os.urandom(9 << 20))
+    sink.put_file("big.bin", tmp_path / "big.bin")
+    assert {operation for operation, _ in multipart_sent} >= {"CreateMultipartUpload", "UploadPart"}
+    for _, headers in multipart_sent:
+        assert not [name for name in headers if name.startswith(FLEXIBLE_CHECKSUM)], headers
 
 
 def test_checksums_by_default_are_whatever_boto3_sends(s3_env, aws_config, tmp_path):
