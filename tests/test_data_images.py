@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from pathlib import Path
 
 import numpy as np
+import PIL
 import pytest
 import torch
 from PIL import Image
 
 from training.data import ImageFolder, ImageSkipped, ResizeCache, decode_image, make_loader, to_tensor
+from training.data import cache as cache_module
 
 
 def gradient(size: int = 64) -> np.ndarray:
@@ -281,12 +284,6 @@ def test_jpeg_and_tiff_orientation_turn_the_top_half_to_the_right(tmp_path: Path
 
 
 def test_folder_items_are_upright_and_old_cache_entries_are_not_served(tmp_path: Path, monkeypatch) -> None:
-    import hashlib
-
-    import PIL
-
-    from training.data import cache as cache_module
-
     images, cache_dir = tmp_path / "images", tmp_path / "cache"
     images.mkdir()
     save_oriented(images / "o.jpg", top_half_white(), 6, quality=95)
