@@ -7,7 +7,8 @@ with all its bytes or not at all.
 
 Keys are relative, slash-separated paths ("images/00000001_000.png"). Errors from either backend are
 raised as :class:`SinkError`, which carries S3's own error code and message (``NoSuchBucket``,
-``AccessDenied``, ...) or ``ConnectionError`` when the endpoint cannot be reached.
+``AccessDenied``, ...), ``ConnectionError`` when the endpoint cannot be reached, or
+``InvalidConfiguration`` when the AWS environment or config file cannot make a client.
 """
 
 from __future__ import annotations
@@ -248,30 +249,58 @@ class _suppress_os_error:
         return exc_type is not None and issubclass(exc_type, self.kind)
 
 
-def _client_config(connect_timeout: float, read_timeout: float, max_attempts: int | None) -> Any:
-    from botocore.config import Config
+# The sinks' defaults, installed as the lowest rung of botocore's own configuration chain
+# (botocore.session.Session(session_vars=...)): an AWS_* environment variable, a setting of the active
+# profile in the AWS config file, or AWS_DEFAULTS_MODE still wins, exactly as for any other boto3 client.
+# Everything else (checksums, addressing style, CA bundle, ...) is left to botocore entirely.
+_DEFAULT_RETRY_MODE = "standard"  # botocore 1.34, the declared floor, defaults to "legacy"
+_DEFAULT_MAX_ATTEMPTS = 5  # attempts in all, the first included (AWS_MAX_ATTEMPTS's meaning)
+_DEFAULT_CONNECT_TIMEOUT_S = 10.0  # botocore's own is 60 s: an unreachable endpoint should fail sooner
 
-    # AWS_RETRY_MODE / AWS_MAX_ATTEMPTS from the environment win over these defaults, as in the CLI.
-    retries = {
-        "mode": os.environ.get("AWS_RETRY_MODE", "standard"),
-        "max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS", max_attempts or 5)),
-    }
-    return Config(
-        retries=retries,
-        connect_timeout=connect_timeout,
-        read_timeout=read_timeout,
-        # Checksums are computed and sent on every PutObject; S3 rejects a body that arrives damaged.
-        request_checksum_calculation="when_supported",
+
+def _botocore_session() -> Any:
+    """A botocore session whose built-in defaults are the sinks' (see above); nothing is forced."""
+    import botocore.session
+
+    builtin = botocore.session.Session.SESSION_VARIABLES
+    retry_name, retry_env, _, retry_cast = builtin["retry_mode"]
+    attempts_name, attempts_env, _, attempts_cast = builtin["max_attempts"]
+    region_name, region_env, region_default, region_cast = builtin["region"]
+    region_envs = [region_env] if isinstance(region_env, str) else list(region_env)
+    return botocore.session.Session(
+        session_vars={
+            "retry_mode": (retry_name, retry_env, _DEFAULT_RETRY_MODE, retry_cast),
+            "max_attempts": (attempts_name, attempts_env, _DEFAULT_MAX_ATTEMPTS, attempts_cast),
+            # botocore reads only AWS_DEFAULT_REGION; AWS_REGION, which the other AWS SDKs and most
+            # container platforms set, ranks above it, both still above the profile's region.
+            "region": (region_name, ["AWS_REGION", *region_envs], region_default, region_cast),
+            # Not read from the environment or a profile by botocore; AWS_DEFAULTS_MODE may set it.
+            "connect_timeout": (None, None, _DEFAULT_CONNECT_TIMEOUT_S, None),
+        }
     )
 
 
 class S3Sink(Sink):
     """A bucket and key prefix on S3 or an S3-compatible store (MinIO, Ceph, moto).
 
-    Credentials, region and endpoint come from the standard AWS chain (environment, shared config,
-    instance or workload identity); ``endpoint_url`` and ``region`` override it, and
-    ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` are honoured by botocore itself. Throttling and
-    transient failures are retried with exponential backoff (botocore's ``standard`` retry mode).
+    The client is configured the way any boto3 client is: credentials, region, endpoint
+    (``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``), checksums (``AWS_REQUEST_CHECKSUM_CALCULATION``,
+    ``AWS_RESPONSE_CHECKSUM_VALIDATION``), retries and every other setting come from botocore's chain
+    of ``AWS_*`` environment variables, the active profile of the AWS config file, and instance or
+    workload identity. The sinks change only botocore's built-in defaults, which that chain overrides:
+    ``standard`` retry mode, 5 attempts in all, a 10 s connect timeout, and ``AWS_REGION`` read before
+    ``AWS_DEFAULT_REGION``. Arguments given here win over all of these.
+
+    Args:
+        endpoint_url, region: the S3 endpoint and region.
+        client: a ready boto3 S3 client to use instead of building one.
+        connect_timeout, read_timeout: seconds.
+        max_attempts: attempts per request in all, the first included (as ``AWS_MAX_ATTEMPTS``).
+
+    Raises:
+        ValueError: a bucket name S3 does not accept, or a prefix with '.', '..' or empty segments.
+        SinkError: code ``InvalidConfiguration`` when botocore cannot build a client from the
+            environment and config file (an unknown profile, a malformed ``AWS_*`` value).
     """
 
     def __init__(
@@ -282,25 +311,54 @@ class S3Sink(Sink):
         region: str | None = None,
         client: Any | None = None,
         *,
-        connect_timeout: float = 10.0,
-        read_timeout: float = 60.0,
+        connect_timeout: float | None = None,
+        read_timeout: float | None = None,
         max_attempts: int | None = None,
     ):
         if not bucket or not _BUCKET_NAME.match(bucket):
             raise ValueError(f"{bucket!r} is not a valid S3 bucket name")
         self.bucket = bucket
         self.prefix = validate_prefix(prefix)
-        if client is None:
-            import boto3
+        self.client = client if client is not None else self._make_client(
+            endpoint_url, region, connect_timeout, read_timeout, max_attempts
+        )
 
-            session = boto3.session.Session()
-            client = session.client(
-                "s3",
-                endpoint_url=endpoint_url,
-                region_name=region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"),
-                config=_client_config(connect_timeout, read_timeout, max_attempts),
+    def _make_client(
+        self,
+        endpoint_url: str | None,
+        region: str | None,
+        connect_timeout: float | None,
+        read_timeout: float | None,
+        max_attempts: int | None,
+    ) -> Any:
+        import boto3
+        from botocore.config import Config
+        from botocore.exceptions import BotoCoreError
+
+        # Only what the caller asked for goes into Config: a key set there overrides the AWS_*
+        # variables and the profile for that setting, which is the caller's choice to make, not ours.
+        # connect_timeout is the exception that is always passed: Config's own default (60 s) would
+        # hide the session's, while None tells botocore to look it up (10 s, or AWS_DEFAULTS_MODE's).
+        explicit: dict[str, Any] = {"connect_timeout": connect_timeout}
+        if read_timeout is not None:
+            explicit["read_timeout"] = read_timeout
+        if max_attempts is not None:
+            if max_attempts < 1:
+                raise ValueError(f"max_attempts must be at least 1 (the first attempt), got {max_attempts}")
+            # "total_max_attempts", not "max_attempts": Config's max_attempts counts retries only.
+            explicit["retries"] = {"total_max_attempts": int(max_attempts)}
+        try:
+            return boto3.session.Session(botocore_session=_botocore_session()).client(
+                "s3", endpoint_url=endpoint_url, region_name=region, config=Config(**explicit)
             )
-        self.client = client
+        except (BotoCoreError, ValueError) as error:  # ValueError: botocore's int() of AWS_MAX_ATTEMPTS etc.
+            raise SinkError(
+                "configure",
+                self.uri(),
+                "InvalidConfiguration",
+                f"{type(error).__name__}: {error}; check the AWS_* environment variables and the active "
+                "profile in the AWS config file (AWS_CONFIG_FILE, default ~/.aws/config)",
+            ) from error
 
     def _key(self, key: str) -> str:
         validate_key(key)

@@ -165,3 +165,15 @@ def test_open_dataset_spec(tmp_path: Path) -> None:
     assert np.array_equal(dataset.label_mask, CheXpert(root, uncertain="ones").label_mask)
     with pytest.raises(DataFormatError, match="valid.csv does not exist"):
         open_dataset(f"chexpert:{root}", 32, split="val")
+
+
+def test_images_are_read_as_a_viewer_shows_them(tmp_path: Path) -> None:
+    root = write_chexpert(tmp_path)
+    # The first frontal film, stored with its top half white and EXIF Orientation 6 (turn 90° clockwise).
+    pixels = np.zeros((64, 64), np.uint8)
+    pixels[:32] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(pixels).save(root / "train" / ROWS[0][0], exif=exif, quality=95)
+    image = CheXpert(root, size=64)[0][0][0]
+    assert image[:, :30].mean() < -0.9 and image[:, 34:].mean() > 0.9

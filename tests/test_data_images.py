@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from pathlib import Path
 
 import numpy as np
+import PIL
 import pytest
 import torch
 from PIL import Image
 
 from training.data import ImageFolder, ImageSkipped, ResizeCache, decode_image, make_loader, to_tensor
+from training.data import cache as cache_module
 
 
 def gradient(size: int = 64) -> np.ndarray:
@@ -182,3 +185,124 @@ def test_resize_cache_reuses_and_invalidates(tmp_path: Path) -> None:
     entry.write_bytes(b"damaged")
     assert torch.allclose(cached[0][0], -first, atol=2 / 255)
     assert np.load(entry).shape == (48, 48)
+
+
+def test_folder_linking_back_into_itself_lists_its_one_image_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    Image.fromarray(gradient()).save(tmp_path / "only.png")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "up").symlink_to("..")
+    with caplog.at_level(logging.WARNING, logger="training.data"):
+        dataset = ImageFolder(tmp_path, size=32)
+    assert list(dataset.paths) == ["only.png"]
+    assert dataset.links_skipped == {"repeated_folders": 1, "duplicate_files": 0, "broken_links": 0}
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "listed 1 file(s), skipped 1 folder link(s) leading back" in warnings[0]
+
+
+def test_every_real_file_is_listed_once_whatever_links_lead_to_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    real, other = tmp_path / "real", tmp_path / "zother"
+    real.mkdir()
+    other.mkdir()
+    Image.fromarray(gradient()).save(real / "x.png")
+    Image.fromarray(255 - gradient()).save(real / "y.png")
+    Image.fromarray(gradient(48)).save(other / "w.png")
+    (tmp_path / "alias").symlink_to("real")  # a second way into real/
+    (real / "to_other").symlink_to("../zother")  # real/ and zother/ link to each other: a loop
+    (other / "to_real").symlink_to("../real")
+    (tmp_path / "z.png").symlink_to("real/x.png")  # a second name for one file
+    os.link(real / "y.png", tmp_path / "hard.png")  # and a hard link
+    (tmp_path / "gone.png").symlink_to("nowhere.png")  # links to nothing
+    (tmp_path / "self.png").symlink_to("self.png")
+    with caplog.at_level(logging.WARNING, logger="training.data"):
+        dataset = ImageFolder(tmp_path, size=32)
+    # The first path met is kept: names sorted, a folder's own files and subfolders before anything deeper.
+    assert list(dataset.paths) == ["hard.png", "z.png", "zother/w.png"]
+    assert dataset.links_skipped == {"repeated_folders": 3, "duplicate_files": 2, "broken_links": 2}
+    assert dataset.skipped == {"missing": 2, "unreadable": 0, "too_small": 0}
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    for part in ("listed 3 file(s)", "3 folder link(s)", "2 further name(s)", "2 link(s) to nothing"):
+        assert part in warnings[0], warnings[0]
+    images = [dataset[i][0] for i in range(len(dataset))]
+    assert len({tuple(image.flatten().tolist()) for image in images}) == 3  # three different pictures
+
+
+def test_a_tree_without_links_is_listed_without_a_warning(tmp_path: Path, caplog) -> None:
+    write_mixed_folder(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="training.data"):
+        dataset = ImageFolder(tmp_path, size=32)
+    assert len(dataset) == 8 and not caplog.records
+    assert dataset.links_skipped == {"repeated_folders": 0, "duplicate_files": 0, "broken_links": 0}
+
+
+# What a viewer shows for each EXIF/TIFF Orientation value, from the stored rows and columns (the
+# tag names where the stored first row and column belong: 6 = "right, top", turn 90° clockwise).
+DISPLAYED = {
+    1: lambda a: a,
+    2: np.fliplr,
+    3: lambda a: np.rot90(a, 2),
+    4: np.flipud,
+    5: lambda a: a.T,
+    6: lambda a: np.rot90(a, -1),
+    7: lambda a: np.rot90(a, 2).T,
+    8: lambda a: np.rot90(a, 1),
+}
+
+
+def save_oriented(path: Path, pixels: np.ndarray, orientation: int, **options) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = orientation  # Orientation
+    Image.fromarray(pixels).save(path, exif=exif, **options)
+
+
+def top_half_white(size: int = 64) -> np.ndarray:
+    pixels = np.zeros((size, size), np.uint8)
+    pixels[: size // 2] = 255
+    return pixels
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_orientation_tag_is_applied_as_a_viewer_does(tmp_path: Path, orientation: int) -> None:
+    stored = gradient()  # no symmetry: each of the eight orientations gives a different picture
+    save_oriented(tmp_path / "o.png", stored, orientation)
+    assert np.array_equal(decode_image(tmp_path / "o.png", 64), DISPLAYED[orientation](stored))
+
+
+@pytest.mark.parametrize("suffix", [".jpg", ".tif"])
+def test_jpeg_and_tiff_orientation_turn_the_top_half_to_the_right(tmp_path: Path, suffix: str) -> None:
+    path = tmp_path / f"o{suffix}"
+    if suffix == ".tif":
+        Image.fromarray(top_half_white()).save(path, tiffinfo={274: 6})  # TIFF's own Orientation tag
+    else:
+        save_oriented(path, top_half_white(), 6, quality=95)
+    shown = decode_image(path, 64).astype(float)
+    assert shown[:, :30].mean() < 10 and shown[:, 34:].mean() > 245
+
+
+def test_folder_items_are_upright_and_old_cache_entries_are_not_served(tmp_path: Path, monkeypatch) -> None:
+    images, cache_dir = tmp_path / "images", tmp_path / "cache"
+    images.mkdir()
+    save_oriented(images / "o.jpg", top_half_white(), 6, quality=95)
+    # An entry as the decoder before orientation tags wrote it: its key, the stored layout's pixels.
+    absolute = os.path.abspath(images / "o.jpg")
+    status = os.stat(absolute)
+    old_key = f"{absolute}\0{status.st_size}\0{status.st_mtime_ns}\0{64}\0{1}"
+    digest = hashlib.blake2b(old_key.encode(), digest_size=16).hexdigest()
+    old_entry = cache_dir / "64" / digest[:2] / f"{digest}.npy"
+    ResizeCache(cache_dir).store(old_entry, top_half_white())
+
+    image = ImageFolder(images, size=64, cache_dir=cache_dir)[0][0][0]
+    assert image[:, :30].mean() < -0.9 and image[:, 34:].mean() > 0.9  # displayed: right half white
+    new_entry = ResizeCache(cache_dir).entry(images / "o.jpg", 64)
+    assert new_entry != old_entry and new_entry.is_file()
+    assert sorted(cache_dir.rglob("*.npy")) == sorted([old_entry, new_entry])
+    # The key follows the decoding rule's version and Pillow's, whatever either becomes.
+    monkeypatch.setattr(cache_module, "DECODE_VERSION", cache_module.DECODE_VERSION + 1)
+    assert ResizeCache(cache_dir).entry(images / "o.jpg", 64) != new_entry
+    monkeypatch.undo()
+    monkeypatch.setattr(PIL, "__version__", "0.0.0")
+    assert ResizeCache(cache_dir).entry(images / "o.jpg", 64) != new_entry

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -133,3 +134,165 @@ def test_parse_s3_uri_normalises_prefix():
     assert parse_s3_uri("s3://my-bucket") == ("my-bucket", "")
     assert parse_s3_uri("s3://my-bucket/a/b/") == ("my-bucket", "a/b")
     assert isinstance(sink_from_uri("file:///tmp/somewhere"), LocalSink)
+
+
+# botocore settings the sinks must leave to boto3's own chain; cleared so the machine's shell or
+# ~/.aws/config cannot decide a test.
+AWS_SETTINGS = (
+    "AWS_PROFILE",
+    "AWS_DEFAULT_PROFILE",
+    "AWS_REQUEST_CHECKSUM_CALCULATION",
+    "AWS_RESPONSE_CHECKSUM_VALIDATION",
+    "AWS_RETRY_MODE",
+    "AWS_MAX_ATTEMPTS",
+    "AWS_DEFAULTS_MODE",
+)
+# Flexible-checksum headers: what several S3-compatible stores reject.
+FLEXIBLE_CHECKSUM = ("x-amz-checksum-", "x-amz-sdk-checksum-algorithm", "x-amz-trailer")
+
+
+@pytest.fixture
+def aws_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An AWS config file of the test's own (empty until written); no AWS_* setting in the environment."""
+    for name in AWS_SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+    config = tmp_path / "aws-config"
+    config.write_text("")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    return config
+
+
+def record_sends(client) -> list[tuple[str, dict[str, str]]]:
+    """(operation, lower-cased headers) of every HTTP request ``client`` sends from now on, as sent."""
+    sent: list[tuple[str, dict[str, str]]] = []
+
+    def before_send(request, event_name: str, **_) -> None:
+        headers = {name.lower(): value for name, value in request.headers.items()}
+        sent.append((event_name.rsplit(".", 1)[-1], headers))
+
+    client.meta.events.register("before-send.s3", before_send)
+    return sent
+
+
+def checksum_headers(headers: dict[str, str]) -> set[str]:
+    return {name for name in headers if name.startswith((*FLEXIBLE_CHECKSUM, "content-md5"))}
+
+
+def put_through_sink_and_plain_client(s3_env, tmp_path: Path) -> tuple[list, list]:
+    """One put and one put_file through an S3Sink, one PutObject through a plain boto3 client."""
+    import boto3
+
+    sink = S3Sink(s3_env.bucket, "checksums")
+    sink_sent = record_sends(sink.client)
+    sink.put("a.png", b"png bytes", "image/png")
+    (tmp_path / "b.json").write_bytes(b"{}")
+    sink.put_file("b.json", tmp_path / "b.json", "application/json")
+    assert sink.get("a.png") == b"png bytes" and sink.get("b.json") == b"{}"  # the server took them
+    plain = boto3.session.Session().client("s3")  # a new session: boto3's default one caches old config
+    plain_sent = record_sends(plain)
+    plain.put_object(Bucket=s3_env.bucket, Key="plain", Body=b"png bytes")
+    assert [operation for operation, _ in sink_sent[:2]] == ["PutObject", "PutObject"]
+    return sink_sent[:2], plain_sent
+
+
+@pytest.mark.parametrize("where", ["environment", "profile"])
+def test_checksum_opt_out_is_honoured_on_every_upload(where, s3_env, aws_config, tmp_path, monkeypatch):
+    if where == "environment":
+        monkeypatch.setenv("AWS_REQUEST_CHECKSUM_CALCULATION", "when_required")
+    else:
+        aws_config.write_text("[default]\nrequest_checksum_calculation = when_required\n")
+    sink_sent, plain_sent = put_through_sink_and_plain_client(s3_env, tmp_path)
+    for _, headers in sink_sent:
+        assert not [name for name in headers if name.startswith(FLEXIBLE_CHECKSUM)], headers
+        assert checksum_headers(headers) == checksum_headers(plain_sent[0][1])
+    # A file over the transfer threshold (8 MiB) goes up in parts: none of those requests carries them.
+    sink = S3Sink(s3_env.bucket, "checksums")
+    multipart_sent = record_sends(sink.client)
+    (tmp_path / "big.bin").write_bytes(os.urandom(9 << 20))
+    sink.put_file("big.bin", tmp_path / "big.bin")
+    assert {operation for operation, _ in multipart_sent} >= {"CreateMultipartUpload", "UploadPart"}
+    for _, headers in multipart_sent:
+        assert not [name for name in headers if name.startswith(FLEXIBLE_CHECKSUM)], headers
+
+
+def test_checksums_by_default_are_whatever_boto3_sends(s3_env, aws_config, tmp_path):
+    sink_sent, plain_sent = put_through_sink_and_plain_client(s3_env, tmp_path)
+    for _, headers in sink_sent:
+        assert checksum_headers(headers) == checksum_headers(plain_sent[0][1])
+
+
+def resolved(sink: S3Sink) -> tuple[str, int, float, str]:
+    """(retry mode, attempts in all, connect timeout s, region) of the sink's client as built."""
+    meta = sink.client.meta
+    retries = meta.config.retries
+    return retries["mode"], retries["total_max_attempts"], meta.config.connect_timeout, meta.region_name
+
+
+@pytest.mark.parametrize(
+    ("environment", "profile", "arguments", "expected"),
+    [
+        ({}, "", {}, ("standard", 5, 10.0, "eu-west-1")),
+        ({"AWS_RETRY_MODE": "adaptive", "AWS_MAX_ATTEMPTS": "3"}, "", {}, ("adaptive", 3, 10.0, "eu-west-1")),
+        (
+            {},
+            "retry_mode = legacy\nmax_attempts = 7\nregion = ap-south-1",
+            {},
+            ("legacy", 7, 10.0, "ap-south-1"),
+        ),
+        ({"AWS_MAX_ATTEMPTS": "4"}, "max_attempts = 7", {}, ("standard", 4, 10.0, "eu-west-1")),
+        ({"AWS_REGION": "us-west-2"}, "region = ap-south-1", {}, ("standard", 5, 10.0, "us-west-2")),
+        ({"AWS_DEFAULTS_MODE": "in-region"}, "", {}, ("standard", 5, 1.1, "eu-west-1")),
+        (
+            {"AWS_MAX_ATTEMPTS": "9", "AWS_DEFAULTS_MODE": "in-region", "AWS_REGION": "us-west-2"},
+            "",
+            {"max_attempts": 2, "connect_timeout": 4.0, "region": "eu-north-1"},
+            ("standard", 2, 4.0, "eu-north-1"),
+        ),
+    ],
+    ids=["defaults", "environment", "profile", "environment-over-profile", "aws-region", "defaults-mode",
+         "arguments-over-all"],
+)
+def test_client_settings_follow_the_aws_chain(
+    environment, profile, arguments, expected, aws_config, monkeypatch
+):
+    monkeypatch.delenv("AWS_REGION", raising=False)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    aws_config.write_text(f"[default]\n{profile}\n")
+    if "region = " in profile:
+        monkeypatch.delenv("AWS_DEFAULT_REGION")  # else the environment outranks the profile
+    assert resolved(S3Sink("bucket", **arguments)) == expected
+
+
+@pytest.mark.parametrize(
+    ("environment", "arguments", "attempts"),
+    [({"AWS_MAX_ATTEMPTS": "3"}, {}, 3), ({"AWS_MAX_ATTEMPTS": "3"}, {"max_attempts": 2}, 2)],
+)
+def test_attempts_counted_on_the_wire(environment, arguments, attempts, aws_config, monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    # Port 9 on loopback refuses at once; every attempt is one send.
+    sink = S3Sink("bucket", endpoint_url="http://127.0.0.1:9", region="us-east-1", **arguments)
+    sent = record_sends(sink.client)
+    with pytest.raises(SinkError, match="ConnectionError"):
+        sink.put("k", b"v")
+    assert len(sent) == attempts
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [("AWS_MAX_ATTEMPTS", "lots", "lots"), ("AWS_PROFILE", "no-such-profile", "no-such-profile"),
+     ("AWS_RETRY_MODE", "eventually", "eventually")],
+)
+def test_a_bad_aws_setting_is_named(name, value, message, aws_config, monkeypatch):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(SinkError) as raised:
+        S3Sink("bucket", region="us-east-1")
+    assert raised.value.code == "InvalidConfiguration"
+    assert message in str(raised.value) and "AWS_CONFIG_FILE" in str(raised.value)

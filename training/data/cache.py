@@ -2,10 +2,12 @@
 
 One ``.npy`` file per (source file, size): the stored integer array (``uint8`` or ``uint16``) exactly
 as :func:`training.data.images.decode_image` returns it. The key hashes the source's absolute path,
-byte size and modification time together with the target size and the resize policy version, so an
-edited or replaced source file is decoded afresh. Files are written under a temporary name and renamed,
-so concurrent workers and ranks sharing a cache directory never read half a file. The cache is shared
-across data sets and splits; deleting the directory is always safe.
+byte size and modification time together with the target size, the decoding rule's version
+(:data:`training.data.images.DECODE_VERSION`) and Pillow's version (its decoders and filters change
+between releases), so an edited or replaced source file, or a change in how files become pixels, is
+decoded afresh instead of served from an older entry. Files are written under a temporary name and
+renamed, so concurrent workers and ranks sharing a cache directory never read half a file. The cache is
+shared across data sets and splits; deleting the directory is always safe.
 """
 
 from __future__ import annotations
@@ -16,9 +18,9 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import PIL
 
-# Bump when decode_image's output changes (filter, crop policy), so old entries stop matching.
-RESIZE_POLICY_VERSION = 1
+from training.data.images import DECODE_VERSION
 
 
 class ResizeCache:
@@ -31,7 +33,7 @@ class ResizeCache:
         """Cache path for ``source`` at ``size``; stats the source (raises FileNotFoundError if absent)."""
         absolute = os.path.abspath(source)
         stat = os.stat(absolute)
-        key = f"{absolute}\0{stat.st_size}\0{stat.st_mtime_ns}\0{size}\0{RESIZE_POLICY_VERSION}"
+        key = f"{absolute}\0{stat.st_size}\0{stat.st_mtime_ns}\0{size}\0{DECODE_VERSION}\0{PIL.__version__}"
         digest = hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
         return self.root / str(size) / digest[:2] / f"{digest}.npy"
 

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
 from training.data.base import DataFormatError, ImageDataset, empty_targets
 from training.data.images import DEFAULT_MIN_SIZE, IMAGE_EXTENSIONS
+from training.data.walk import walk_files
 
 
 class ImageFolder(ImageDataset):
-    """Every PNG/JPEG/TIFF/BMP file under ``root``, in sorted path order; labels unknown (mask all 0)."""
+    """Every PNG/JPEG/TIFF/BMP file under ``root``, in sorted path order; labels unknown (mask all 0).
+
+    Links are followed and each real file is listed once (:func:`training.data.walk.walk_files`);
+    ``links_skipped`` counts the repeats passed over, and links to nothing count in ``skipped["missing"]``.
+    """
 
     def __init__(
         self,
@@ -25,19 +29,15 @@ class ImageFolder(ImageDataset):
         self.root = Path(root)
         if not self.root.is_dir():
             raise DataFormatError(f"image folder {self.root} does not exist or is not a folder")
-        found = []
-        for directory, subdirectories, files in os.walk(self.root, followlinks=True):
-            subdirectories[:] = [name for name in subdirectories if not name.startswith(".")]
-            found.extend(
-                os.path.relpath(os.path.join(directory, name), self.root)
-                for name in files
-                if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
-            )
-        if not found:
+        # Each real file once: link loops and second links to a folder or file are skipped, counted and
+        # warned about; links to nothing count as missing images.
+        listing = walk_files(self.root, IMAGE_EXTENSIONS, what="image folder")
+        if not listing.files:
             raise DataFormatError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {self.root}")
-        self.paths = np.array(sorted(found))
-        self.labels, self.label_mask = empty_targets(len(found))
-        self._init_images(size, cache_dir, min_size)
+        self.paths = np.array(listing.files)
+        self.links_skipped = listing.counts()
+        self.labels, self.label_mask = empty_targets(len(self.paths))
+        self._init_images(size, cache_dir, min_size, {"missing": listing.broken_links})
 
     def image_path(self, index: int) -> Path:
         return self.root / str(self.paths[index])

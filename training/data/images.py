@@ -1,8 +1,9 @@
 """Image decoding shared by every reader: any common PNG/JPEG/TIFF flavour -> one resized grey channel.
 
-A radiograph arrives as 8-bit or 16-bit greyscale, RGB(A), palette or JPEG. Each is reduced to one
-channel with its own bit depth kept (8-bit sources stay ``uint8``, 16-bit sources stay ``uint16``),
-centre-cropped to a square and resized once to the training resolution. The stored form (integer
+A radiograph arrives as 8-bit or 16-bit greyscale, RGB(A), palette or JPEG. Each is turned upright as
+its orientation tag says (as a viewer shows it), reduced to one channel with its own bit depth kept
+(8-bit sources stay ``uint8``, 16-bit sources stay ``uint16``), centre-cropped to a square and resized
+once to the training resolution. This is the one place files become pixels. The stored form (integer
 array) is what the resize cache holds; :func:`to_tensor` turns it into the project's float [-1, 1]
 convention.
 
@@ -16,9 +17,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+# Version of the rule by which decode_image turns a file into pixels; part of every resize-cache key.
+# Bump it whenever that output changes (orientation, channel mixing, crop, filter), so pixels cached
+# under an older rule are never served. 2: orientation tags applied.
+DECODE_VERSION = 2
 # Smallest side accepted; anything smaller is a thumbnail or a broken export, not a radiograph.
 DEFAULT_MIN_SIZE = 32
 # LANCZOS after PIL's integer pre-reduction (reducing_gap): area-like quality at a fraction of the cost.
@@ -89,6 +94,9 @@ def decode_image(path: str | Path, size: int, min_size: int = DEFAULT_MIN_SIZE) 
                 # both sides: 2-3× faster on full-resolution CheXpert JPEGs, visually the same.
                 image.draft("L", (size, size))
             image.load()
+            # An orientation tag (EXIF in JPEG, PNG or WebP; TIFF's own) says how a viewer turns the
+            # stored pixels; the networks are shown what a person is shown.
+            ImageOps.exif_transpose(image, in_place=True)
             array, max_value = _grey_array(image)
     except FileNotFoundError as error:
         raise ImageSkipped(path, "missing", "file not found") from error
