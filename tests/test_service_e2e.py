@@ -11,7 +11,6 @@ import base64
 import io
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -26,6 +25,7 @@ import pytest
 from PIL import Image
 
 from service.labels import LABELS
+from service.processes import spawn, stop_group
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,8 @@ def _free_port() -> int:
 
 
 class BentoServer:
-    """`bentoml serve service.service:CXRSynth` in its own process group on a free loopback port."""
+    """`bentoml serve service.service:CXRSynth` on a free loopback port, in a session of its own that
+    ends with the test run (service/processes.py)."""
 
     def __init__(self, env: dict[str, str], log_path: Path):
         self.port = _free_port()
@@ -54,8 +55,7 @@ class BentoServer:
         command = [sys.executable, "-m", "bentoml", "serve", "service.service:CXRSynth",
                    "--host", "127.0.0.1", "--port", str(self.port), "--working-dir", str(ROOT)]
         with open(log_path, "wb") as log:  # the server keeps its own copy of the descriptor
-            self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                            cwd=ROOT, start_new_session=True)
+            self.process = spawn(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
 
     def wait_ready(self, timeout: float = 180.0) -> BentoServer:
         deadline = time.monotonic() + timeout
@@ -75,13 +75,7 @@ class BentoServer:
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=10)
+        stop_group(self.process)
 
 
 def call(server: BentoServer, method: str, path: str, body: object = None, raw: bytes | None = None,
