@@ -8,6 +8,7 @@ half-written set.
 from __future__ import annotations
 
 import base64
+import http.client
 import io
 import json
 import os
@@ -289,6 +290,86 @@ def test_metrics_show_project_and_bentoml_series(server, s3_server):
         assert series in text, series
     ratio = next(float(line.split()[-1]) for line in text.splitlines() if line.startswith("cxrsynth_satisfied_ratio"))
     assert 0.0 <= ratio <= 1.0
+
+
+# -- media types -----------------------------------------------------------------------------------
+JSON_BODY = json.dumps({"labels": ["Effusion"], "seed": 1, "lco": {"steps": 2, "candidates": 2}}).encode()
+MULTIPART_BODY = b'--x\r\nContent-Disposition: form-data; name="count"\r\n\r\n1\r\n--x--\r\n'
+
+
+def send(server: BentoServer, method: str, path: str, body: bytes | None,
+         content_types: list[str]) -> tuple[int, dict | str, str | None]:
+    """One request with exactly these Content-Type headers (none, one or several), as curl may send.
+    Returns the status, the body (parsed if JSON) and the response's Accept header."""
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
+    try:
+        connection.putrequest(method, path)
+        for value in content_types:
+            connection.putheader("Content-Type", value)
+        if body is not None:
+            connection.putheader("Content-Length", str(len(body)))
+        connection.endheaders(body)
+        response = connection.getresponse()
+        status, accept = response.status, response.getheader("Accept")
+        payload = response.read().decode(errors="replace")
+    finally:
+        connection.close()
+    try:
+        return status, json.loads(payload), accept
+    except json.JSONDecodeError:
+        return status, payload, accept
+
+
+@pytest.mark.parametrize(
+    ("content_types", "body", "fragment"),
+    [
+        ([], JSON_BODY, "no Content-Type header"),
+        (["application/x-www-form-urlencoded"], JSON_BODY, "curl --json"),  # what curl -d sends
+        (["multipart/form-data"], b'{"count": 1, "labels": {"Effusion": true}}', "not accepted"),
+        (["multipart/form-data; boundary=x"], MULTIPART_BODY, "not accepted"),
+        (["text/plain"], JSON_BODY, "not accepted"),
+        (["application/xml"], b"<labels/>", "not accepted"),
+        (["application/json; charset"], JSON_BODY, "not a valid media type"),
+        (["application"], JSON_BODY, "not a valid media type"),
+        ([""], JSON_BODY, "not a valid media type"),
+        (["application/json; charset=latin-1"], JSON_BODY, "JSON is UTF-8"),
+        (["application/json", "text/plain"], JSON_BODY, "2 Content-Type headers"),
+    ],
+)
+def test_a_body_not_declared_as_json_is_a_415_that_says_what_to_send(server, content_types, body, fragment):
+    status, response, accept = send(server, "POST", "/generate", body, content_types)
+    assert status == 415, response
+    assert fragment in response["error"] and "Content-Type: application/json" in response["error"], response
+    assert accept == "application/json"
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    ["application/json; charset=utf-8", 'Application/JSON;Charset="UTF-8"', "application/vnd.api+json"],
+)
+def test_json_media_types_with_parameters_and_suffixes_are_served(server, content_type):
+    status, response, _ = send(server, "POST", "/generate", JSON_BODY, [content_type])
+    assert status == 200, response
+    assert response["images"][0]["labels"] == {"Effusion": True} and response["images"][0]["seed"] == 1
+
+
+def test_a_request_without_a_body_needs_no_content_type(server):
+    status, response, _ = send(server, "POST", "/generate", None, [])
+    assert status == 200, response
+    # the defaults: one image, unconditional
+    assert len(response["images"]) == 1 and response["images"][0]["labels"] == {}
+
+
+def test_every_endpoint_that_takes_a_body_refuses_form_data_with_a_415(server):
+    status, document = call(server, "GET", "/docs.json")
+    assert status == 200
+    routes = [(method.upper(), path) for path, item in document["paths"].items() for method in item
+              if method in ("post", "put", "patch")]
+    assert {("POST", "/generate"), ("POST", "/archive/submit"), ("POST", "/archive/stop")} <= set(routes)
+    for method, path in routes:
+        status, response, _ = send(server, method, path, b"task_id=x", ["application/x-www-form-urlencoded"])
+        assert status == 415, (method, path, response)
+        assert "Content-Type: application/json" in response["error"], (method, path, response)
 
 
 # -- the server with auth, on an S3 that enforces IAM ----------------------------------------------
