@@ -12,6 +12,7 @@ import http.client
 import io
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -23,10 +24,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from openapi_schema_validator import OAS30Validator
 from PIL import Image
 
 from service.labels import LABELS
+from service.lco import BOUNDS
 from service.processes import spawn, stop_group
+from service.schemas import MAX_SEED, S3_URI_PATTERN
+from tests.openapi_requests import inline_refs, invalid_instance, valid_instance
 
 
 @pytest.fixture(scope="module")
@@ -255,6 +260,7 @@ def test_unknown_bucket_is_a_clear_404(server):
         ({"destination": "bucket/prefix"}, 400, "is not an S3 URI"),
         ({"destination": "s3://bucket/a/../../etc"}, 400, "'..' segment"),
         ({"destination": "s3://bucket/a\u0007b"}, 400, "control characters"),
+        ({"destination": "s3://bucket\n"}, 400, "ends in a newline"),
         ({"lco": {"steps": 100000}}, 400, "less than or equal to 1000"),
         ({"lco": {"lr": -1}}, 400, "greater than or equal to"),
         ({"lco": {"candidates": 1000}}, 400, "less than or equal to 64"),
@@ -370,6 +376,52 @@ def test_every_endpoint_that_takes_a_body_refuses_form_data_with_a_415(server):
         status, response, _ = send(server, method, path, b"task_id=x", ["application/x-www-form-urlencoded"])
         assert status == 415, (method, path, response)
         assert "Content-Type: application/json" in response["error"], (method, path, response)
+
+
+# -- the OpenAPI document ----------------------------------------------------------------------------
+def generate_request_schema(server: BentoServer) -> dict:
+    status, document = call(server, "GET", "/docs.json")
+    assert status == 200
+    schema = document["paths"]["/generate"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    return inline_refs(schema, document)
+
+
+def test_the_openapi_document_states_what_generate_accepts(server):
+    properties = generate_request_schema(server)["properties"]
+    objects, lists = properties["labels"]["oneOf"][:2], properties["labels"]["oneOf"][2:]
+    assert set(objects[0]["properties"]) == set(LABELS) and objects[0]["additionalProperties"] is False
+    assert objects[1]["required"] == ["No Finding"] and lists[0]["items"]["enum"] == list(LABELS)
+    assert (properties["count"]["minimum"], properties["count"]["maximum"]) == (1, 8)  # CXRSYNTH_MAX_COUNT
+    assert (properties["seed"]["minimum"], properties["seed"]["maximum"]) == (0, MAX_SEED)
+    assert properties["destination"]["pattern"] == S3_URI_PATTERN
+    lco = properties["lco"]["properties"]
+    assert (lco["steps"]["minimum"], lco["steps"]["maximum"]) == BOUNDS.steps
+    assert (lco["candidates"]["minimum"], lco["candidates"]["maximum"]) == BOUNDS.candidates
+
+
+def test_requests_drawn_from_the_openapi_document(server, s3_server):
+    """What a client generated from /docs.json sends: valid requests are served (200), requests that
+    break one stated rule are a 400, and nothing is a 5xx."""
+    schema = generate_request_schema(server)
+    validator = OAS30Validator(schema)
+    bucket = s3_server.new_bucket()
+    rng = random.Random(5)
+    caps = {"count": 2, "retries": 1, "steps": 3, "candidates": 4}  # cheap requests on shared cores
+    for _ in range(16):
+        body = valid_instance(schema, rng, caps)
+        lco = body.get("lco") or {}
+        # the service's default LCO runs 200 steps over 32 candidates: keep every request cheap
+        body["lco"] = {**lco, "steps": lco.get("steps") or 0, "candidates": lco.get("candidates") or 1}
+        if rng.random() < 0.25:
+            body["destination"] = f"s3://{bucket}/drawn/{rng.randrange(1000)}"
+        assert validator.is_valid(body), body
+        status, response = call(server, "POST", "/generate", body)
+        assert status == 200, (body, response)
+        assert len(response["images"]) == (body.get("count") or 1)
+        broken, where = invalid_instance(schema, rng, caps)
+        assert not validator.is_valid(broken), (where, broken)
+        status, response = call(server, "POST", "/generate", broken)
+        assert status == 400 and response["error"], (where, broken, response)
 
 
 # -- the server with auth, on an S3 that enforces IAM ----------------------------------------------
