@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# One plain command, which make runs without a shell: make's SIGTERM reaches the demo itself.
 demo: $(STAMP)
 	$(BIN)/python -m service.demo
 

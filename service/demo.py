@@ -3,10 +3,15 @@
 1. Makes sure the demo bundle exists: if ``models/demo`` holds no valid bundle, trains one on
    procedural phantoms with the training CLI's ``demo`` presets (GAN, nine LCO classifiers and
    their ensemble, export), each step a ``python -m training.cli`` subprocess with its own progress bar.
-2. Starts the service (``bentoml serve``) on localhost:3000 with that bundle.
+2. Starts the service (``bentoml serve``) on localhost:3000 (``--port`` or ``CXRSYNTH_PORT``) with that
+   bundle, after checking that the port is free (if not, it says which process holds it).
 3. Asks POST /generate once per finding (and for "No Finding").
 4. Writes the PNGs, their JSON descriptions and a captioned contact sheet to ``demo-output/``.
 5. Prints where they are and a curl line, then keeps serving until Ctrl+C (``--exit`` stops).
+
+Every process it starts (training steps, the server) runs in a session of its own and ends with it:
+SIGINT, SIGTERM and SIGHUP stop the children before the demo exits, and on Linux a child also gets
+SIGTERM if the demo is killed outright (service/processes.py).
 """
 
 from __future__ import annotations
@@ -16,7 +21,6 @@ import base64
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -28,11 +32,22 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from service.labels import LABELS, NO_FINDING
+from service.processes import (
+    PortInUse,
+    Stopped,
+    check_port_free,
+    exit_on_signals,
+    run_step,
+    spawn,
+    stop_group,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_BUNDLE = ROOT / "models" / "demo"
 DEFAULT_OUTPUT = ROOT / "demo-output"
 DEFAULT_RUNS = ROOT / "runs" / "demo"
+DEFAULT_PORT = 3000
+PORT_HINT = "stop it, or pick another port with --port N (or CXRSYNTH_PORT=N)"
 TILE = 160  # pixels per contact-sheet tile (images are upscaled with nearest neighbour)
 
 # The ensemble's member presets, as in training/classifier/config.py's DEMO_MEMBERS (the service
@@ -80,9 +95,9 @@ def train_bundle(bundle: Path, runs: Path) -> None:
         command = [sys.executable, *launcher(data_parallel), "-m", "training.cli",
                    *(a.format(runs=runs, bundle=bundle) for a in arguments)]
         print(f"[{number}/{len(TRAINING_STEPS)}] {title}: {' '.join(command[1:])}", flush=True)
-        result = subprocess.run(command, cwd=ROOT, check=False)
-        if result.returncode != 0:
-            raise SystemExit(f"training step '{title}' failed with exit code {result.returncode}")
+        returncode = run_step(command, cwd=ROOT)
+        if returncode != 0:
+            raise SystemExit(f"training step '{title}' failed with exit code {returncode}")
     if not bundle_is_valid(bundle):
         raise SystemExit(f"training finished but {bundle} holds no valid bundle")
 
@@ -102,13 +117,14 @@ def request_json(url: str, body: object | None = None, timeout: float = 600.0) -
 
 
 def start_server(bundle: Path, host: str, port: int, log_path: Path) -> subprocess.Popen[bytes]:
+    """Start ``bentoml serve`` on ``bundle`` (see :func:`service.processes.spawn`); stop it with
+    :func:`service.processes.stop_group`. Its output goes to ``log_path``."""
     env = {**os.environ, "CXRSYNTH_BUNDLE": str(bundle)}
     log_path.parent.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "bentoml", "serve", "service.service:CXRSynth",
                "--host", host, "--port", str(port), "--working-dir", str(ROOT)]
     with open(log_path, "wb") as log:  # the server keeps its own copy of the descriptor
-        return subprocess.Popen(command, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        return spawn(command, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
 
 
 def wait_ready(process: subprocess.Popen[bytes], base_url: str, log_path: Path, timeout: float = 300.0) -> None:
@@ -127,22 +143,6 @@ def wait_ready(process: subprocess.Popen[bytes], base_url: str, log_path: Path, 
             bar.update()
             time.sleep(0.5)
     raise SystemExit(f"the service was not ready within {timeout:.0f} s; see {log_path}")
-
-
-def stop_server(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-
-
-def port_in_use(host: str, port: int) -> bool:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        return sock.connect_ex((host, port)) == 0
 
 
 def contact_sheet(rows: list[tuple[str, list[tuple[Image.Image, str]]]], path: Path) -> None:
@@ -168,11 +168,11 @@ def contact_sheet(rows: list[tuple[str, list[tuple[Image.Image, str]]]], path: P
 
 def run_demo(args: argparse.Namespace) -> int:
     bundle = args.bundle.resolve()
+    check_port_free(args.host, args.port, PORT_HINT)  # before training: an hour's work must not end here
     if not bundle_is_valid(bundle):
         print(f"no demo bundle at {bundle}: training one on procedural phantoms (CPU, a while)")
         train_bundle(bundle, args.runs.resolve())
-    if port_in_use(args.host, args.port):
-        raise SystemExit(f"port {args.port} on {args.host} is taken; stop what uses it or pass --port")
+        check_port_free(args.host, args.port, PORT_HINT)
     base_url = f"http://{args.host}:{args.port}"
     output = args.output.resolve()
     output.mkdir(parents=True, exist_ok=True)
@@ -216,14 +216,23 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f"  curl -s {base_url}/labels    # vocabulary, thresholds, prevalence;  API docs: {base_url}/")
         if args.exit:
             return 0
-        print("Serving until Ctrl+C ...")
+        print("Serving until Ctrl+C ...", flush=True)
         try:
-            process.wait()
-        except KeyboardInterrupt:
-            pass
-        return 0
+            returncode = process.wait()
+        except Stopped:
+            return 0  # the way a serving demo is meant to end
+        print(f"the service exited by itself with code {returncode}; see {log_path}", file=sys.stderr)
+        return 1
     finally:
-        stop_server(process)
+        stop_group(process)
+
+
+def port_number(text: str) -> int:
+    """argparse type: a TCP port 1-65535 (argparse turns the ValueError into a usage message)."""
+    port = int(text)
+    if not 1 <= port <= 65535:
+        raise ValueError(text)
+    return port
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -233,11 +242,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=Path, default=DEFAULT_RUNS, help="where the training runs go")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="where PNGs and the contact sheet go")
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=3000)
+    parser.add_argument("--port", type=port_number, default=os.environ.get("CXRSYNTH_PORT") or DEFAULT_PORT,
+                        help=f"port to serve on (default: CXRSYNTH_PORT, else {DEFAULT_PORT})")
     parser.add_argument("--count", type=int, default=4, help="images per finding")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--exit", action="store_true", help="stop the service after the demo instead of serving on")
-    return run_demo(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    with exit_on_signals():
+        try:
+            return run_demo(args)
+        except PortInUse as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+        except Stopped as stop:
+            # run_demo's clean-up has run: the server and any training step are stopped
+            print(f"{stop}; everything the demo started is stopped", file=sys.stderr)
+            return stop.exit_code
 
 
 if __name__ == "__main__":

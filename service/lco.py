@@ -35,6 +35,7 @@ import onnxruntime as ort
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from service.labels import NUM_LABELS
+from service.openapi import openapi_30_nullable
 
 ADAM_BETA1 = 0.9
 ADAM_BETA2 = 0.999
@@ -51,7 +52,8 @@ class LCOOptions(BaseModel):
     ``lco`` field and the archive spec's ``lco``. ValidationError (a ValueError) names a field out of
     its bounds or unknown. Why each default: docs/lco-quality.md."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, allow_inf_nan=False, title="LCO options")
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, allow_inf_nan=False, title="LCO options",
+                              json_schema_extra=openapi_30_nullable)
 
     steps: int = Field(200, ge=0, le=1000, description="cap on Adam steps per sample (0: candidates only)")
     lr: float = Field(0.05, ge=1e-4, le=1.0, description="Adam step size on z, whose norm is sqrt(latent_dim)")

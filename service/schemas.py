@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -10,11 +11,57 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from service.labels import LABEL_INDEX, LABELS, NO_FINDING, NUM_LABELS, UnknownLabelError, parse_label
 from service.lco import LCOOptions
+from service.openapi import openapi_30_nullable
 from service.settings import settings
 from service.sinks import parse_s3_uri
 
 # Seeds stay below 2**53 so every JSON client (JavaScript included) round-trips them exactly.
 MAX_SEED = 2**53 - 1
+
+# -- the OpenAPI document ---------------------------------------------------------------------------
+# BentoML 1.4 publishes these models' JSON schemas as an OpenAPI 3.0 document (/docs.json), keeping
+# only the first branch of a top-level anyOf. So every constraint the validators below enforce is
+# also stated in 3.0 terms: a schema-valid request is a valid request, and clients generated from
+# the document (or fuzzers driven by it) send what the service accepts.
+_SEGMENT = r"(?!\.\.?(?:/|$))[^\x00-\x1f\x7f/\\]+"  # not "." or "..", no control characters
+# The pattern is searched, as JSON Schema does; "$(?!\n)" is the end of the string both to ECMA-262 and
+# to Python, whose "$" also matches before a final newline.
+S3_URI_PATTERN = (
+    r"^s3://[a-z0-9](?:[a-z0-9-]|\.(?!\.)){1,61}[a-z0-9]"  # bucket: 3-63 characters, no ".."
+    rf"(?:/+(?:{_SEGMENT}(?:/{_SEGMENT})*)?/*)?$(?!\n)"  # prefix: no empty, "." or ".." segments
+)
+
+
+def _labels_schema(schema: dict) -> None:
+    """The label vocabulary and the "No Finding" rules (OpenAPI 3.0 has no propertyNames).
+
+    Canonical names only: the aliases and case-insensitive spellings the service also accepts are
+    for people typing requests, not for generated clients.
+    """
+    schema.pop("anyOf")
+    findings = {name: {"type": "boolean"} for name in LABELS}
+    schema["oneOf"] = [
+        {"type": "object", "properties": findings, "additionalProperties": False},
+        {"type": "object", "required": [NO_FINDING], "additionalProperties": False,
+         "properties": {NO_FINDING: {"type": "boolean", "enum": [True]},
+                        **{name: {"type": "boolean", "enum": [False]} for name in LABELS}}},
+        {"type": "array", "items": {"type": "string", "enum": list(LABELS)}},
+        {"type": "array", "items": {"type": "string", "enum": [NO_FINDING]}, "minItems": 1},
+    ]
+
+
+def _count_bounds(schema: dict) -> None:
+    schema.update(minimum=1, maximum=settings().max_count)
+
+
+def _retries_bound(schema: dict) -> None:
+    schema["maximum"] = settings().max_retries
+
+
+def _destination_pattern(schema: dict) -> None:
+    for branch in schema.get("anyOf", [schema]):
+        if branch.get("type") == "string":
+            branch["pattern"] = S3_URI_PATTERN
 
 
 @dataclass(frozen=True)
@@ -89,15 +136,20 @@ class GenerateRequest(BaseModel):
     """POST /generate body."""
 
     # the title names the body in validation errors ("1 validation error for POST /generate body")
-    model_config = ConfigDict(extra="forbid", strict=True, title="POST /generate body")
+    model_config = ConfigDict(extra="forbid", strict=True, title="POST /generate body",
+                              json_schema_extra=openapi_30_nullable)
 
     labels: dict[str, bool] | list[str] = Field(
         default_factory=dict,
-        description='{"Effusion": true, "Mass": false} or a list of present findings ["Effusion"]',
+        description='{"Effusion": true, "Mass": false} or a list of present findings ["Effusion"]. Names as '
+        'GET /labels lists them (any case and common aliases such as "pleural effusion" are accepted '
+        'too); "No Finding" means every finding absent and stands alone or beside absent findings.',
         examples=[{"Effusion": True, "Pneumothorax": False}],
+        json_schema_extra=_labels_schema,
     )
     exclusive: bool = Field(False, description="labels not named are absent")
-    count: int = Field(1, description="images to make, 1 up to the configured maximum")
+    count: int = Field(1, description="images to make, 1 up to the configured maximum",
+                       json_schema_extra=_count_bounds)
     seed: int | None = Field(
         None, ge=0, le=MAX_SEED,
         description="image i gets seed + i; random if left out. An image is a function of its seed, its labels "
@@ -106,9 +158,14 @@ class GenerateRequest(BaseModel):
         "in flight",
     )
     format: Literal["png8", "png16"] = Field("png8", description="PNG bit depth")
-    destination: str | None = Field(None, description="s3://bucket/prefix to upload to; absent: inline base64")
+    destination: str | None = Field(
+        None, description="s3://bucket/prefix to upload to (bucket: 3-63 lowercase letters, digits, dots or "
+        "hyphens; prefix: '/'-separated, no '.' or '..' segments); absent: inline base64",
+        json_schema_extra=_destination_pattern,
+    )
     strict: bool = Field(False, description="retry unsatisfied images with new seeds")
-    retries: int = Field(3, ge=0, description="retries per image when strict")
+    retries: int = Field(3, ge=0, description="retries per image when strict, up to the configured maximum",
+                         json_schema_extra=_retries_bound)
     lco: LCOOptions = Field(default_factory=LCOOptions, description="LCO options; those left out take their defaults")
 
     @field_validator("count")
@@ -132,6 +189,9 @@ class GenerateRequest(BaseModel):
     def _destination_is_s3(cls, destination: str | None) -> str | None:
         if destination is not None:
             parse_s3_uri(destination)
+            # all the pattern adds: the bucket check lets a final newline through ("$" matches before it)
+            if not re.search(S3_URI_PATTERN, destination):
+                raise ValueError(f"S3 URI {destination!r}: the bucket name ends in a newline; remove it")
         return destination
 
     @model_validator(mode="after")

@@ -14,8 +14,9 @@ when that is unset, from the BentoML model ``CXRSYNTH_MODEL_TAG``, declared on t
 
 Errors are JSON ``{"error": message, "detail": ...}``. Bad input is a 4xx that says what to fix:
 BentoML answers pydantic validation errors (including malformed JSON) with 400; this module adds
-413 for oversized bodies, 401 for a missing or wrong bearer token, and maps S3's answers for the
-destination bucket to 404 (no such bucket) or 403 (access denied), carrying S3's own message.
+415 for a request body not declared as JSON, 413 for oversized bodies, 401 for a missing or wrong
+bearer token, and maps S3's answers for the destination bucket to 404 (no such bucket) or 403
+(access denied), carrying S3's own message.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import functools
 import hmac
 import json
 import logging
+import re
 import secrets
 import threading
 import time
@@ -88,6 +90,78 @@ def error_response(status: int, message: str, detail: Any = None, headers: dict[
 
 
 # -- ASGI middlewares ----------------------------------------------------------------------------
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+JSON_MEDIA_TYPES = ("application/json", "application/*+json")
+_TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_QUOTED = r'"(?:[^"\\]|\\.)*"'
+# RFC 9110 media-type: type "/" subtype *( OWS ";" OWS [ name "=" ( token / quoted-string ) ] )
+_PARAMETER = re.compile(rf"({_TOKEN})=({_TOKEN}|{_QUOTED})")
+_MEDIA_TYPE = re.compile(rf"({_TOKEN})/({_TOKEN})((?:[ \t]*;[ \t]*(?:{_PARAMETER.pattern})?)*)[ \t]*")
+JSON_HEADER = "Content-Type: application/json"
+SEND_JSON = f"send the JSON body with the header {JSON_HEADER!r}"
+
+
+def json_media_type_problem(content_types: list[str], has_body: bool) -> str | None:
+    """Why a request's Content-Type headers do not declare a JSON body, or None if they do.
+
+    ``content_types`` are the values of every Content-Type header. Accepted: ``application/json``
+    and ``application/<anything>+json`` (RFC 6839: JSON by another name), in any case, with any
+    parameters, provided ``charset`` (if given) is UTF-8, the only encoding JSON has (RFC 8259).
+    A request with no body needs no Content-Type: the endpoint's defaults apply.
+    """
+    if not content_types:
+        if not has_body:
+            return None
+        return f"the request has a body but no Content-Type header; {SEND_JSON}"
+    if len(content_types) > 1:
+        return f"the request has {len(content_types)} Content-Type headers; send one, {JSON_HEADER!r}"
+    value = content_types[0].strip()
+    match = _MEDIA_TYPE.fullmatch(value)
+    if match is None:
+        return f"Content-Type {value!r} is not a valid media type; {SEND_JSON}"
+    kind, subtype = match.group(1).lower(), match.group(2).lower()
+    if kind != "application" or not (subtype == "json" or subtype.endswith("+json")):
+        hint = ""
+        if (kind, subtype) in (("application", "x-www-form-urlencoded"), ("multipart", "form-data")):
+            hint = f" (curl -d and -F send form data: add -H {JSON_HEADER!r}, or use curl --json)"
+        return f"Content-Type {kind}/{subtype} is not accepted: request bodies are JSON; {SEND_JSON}{hint}"
+    for name, raw in _PARAMETER.findall(match.group(3)):
+        charset = raw[1:-1] if raw.startswith('"') else raw
+        if name.lower() == "charset" and charset.lower() not in ("utf-8", "utf8"):
+            return f"charset {charset!r} is not accepted: JSON is UTF-8; send {JSON_HEADER!r} (charset=utf-8 or none)"
+    return None
+
+
+class JSONContentTypeMiddleware:
+    """415 for a request body that is not declared as JSON, before anything reads the body.
+
+    BentoML picks its parser by Content-Type: form data would be parsed as form fields (curl -d's
+    default makes the whole JSON document one field name) and multipart without a boundary fails
+    with a 500. Every endpoint of this service takes JSON, so anything else is refused here.
+    """
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope.get("method") not in BODY_METHODS:
+            return await self.app(scope, receive, send)
+        headers = scope.get("headers") or []
+        content_types = [value.decode("latin-1") for name, value in headers if name == b"content-type"]
+        framing = {name: value for name, value in headers
+                   if name in (b"content-length", b"transfer-encoding")}
+        has_body = b"transfer-encoding" in framing or framing.get(b"content-length", b"0").strip() != b"0"
+        problem = json_media_type_problem(content_types, has_body)
+        if problem is not None:
+            response = error_response(
+                415, problem, {"content_type": content_types[0] if content_types else None,
+                               "accepted": list(JSON_MEDIA_TYPES)},
+                headers={"Accept": "application/json"},
+            )
+            return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
 class BodyLimitMiddleware:
     """413 for bodies over ``max_bytes`` (declared or streamed), before anything parses them."""
 
@@ -462,8 +536,9 @@ class _GenerateJob:
                 logger.warning("could not remove %s after a failed request: %s", key, error)
 
 
-# The first middleware added is the outermost: unauthenticated callers are turned away before
-# their body is read.
+# The first middleware added is the outermost: unauthenticated callers, then bodies that are not
+# JSON, are turned away before the body is read.
 if SETTINGS.api_token is not None:
     CXRSynth.add_asgi_middleware(BearerTokenMiddleware, token=SETTINGS.api_token)
+CXRSynth.add_asgi_middleware(JSONContentTypeMiddleware)
 CXRSynth.add_asgi_middleware(BodyLimitMiddleware, max_bytes=SETTINGS.max_body_bytes)

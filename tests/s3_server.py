@@ -25,6 +25,8 @@ from contextlib import closing
 
 import pytest
 
+from service.processes import spawn
+
 FAKE_CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "testing",
     "AWS_SECRET_ACCESS_KEY": "testing",
@@ -50,7 +52,7 @@ class MotoS3Server:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 30.0) -> MotoS3Server:
-        self.process = subprocess.Popen(
+        self.process = spawn(  # ends with the test run, however that ends
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

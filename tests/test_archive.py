@@ -39,6 +39,7 @@ from service.labels import LABELS, NO_FINDING, parse_finding_labels
 from service.nih_format import DATA_ENTRY_COLUMNS
 from service.png import decode_png
 from service.prior import get_prior
+from service.processes import spawn
 from service.sinks import LocalSink, S3Sink, sink_from_uri
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -182,7 +183,8 @@ def test_three_shards_and_merge_equal_one_run(s3, engine_and_model):
 
 
 def _cli(*args: str, env: dict[str, str], **popen) -> subprocess.Popen:
-    return subprocess.Popen(
+    """An archive worker that ends with the test run, should the test not get to stop it."""
+    return spawn(
         [sys.executable, "-m", "service.archive", *args],
         cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen,
     )

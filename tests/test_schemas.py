@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import random
+import re
+
 import numpy as np
 import pytest
+from openapi_schema_validator import OAS30Validator
 from pydantic import ValidationError
 
-from service.labels import LABEL_INDEX, LABELS, NUM_LABELS
+from service.labels import LABEL_INDEX, LABELS, NO_FINDING, NUM_LABELS
 from service.lco import LCOOptions
-from service.schemas import MAX_SEED, GenerateRequest, resolve_labels
+from service.schemas import MAX_SEED, S3_URI_PATTERN, GenerateRequest, resolve_labels, settings
+from tests.openapi_requests import inline_refs, invalid_instance, valid_instance
 
 
 def refused(body: dict, fragment: str) -> None:
@@ -63,6 +69,7 @@ def test_label_vectors_follow_the_vocabulary_order():
         ({"destination": "s3://Bad_Bucket/x"}, "not a valid bucket name"),
         ({"destination": "s3://bucket/a/../b"}, "'..' segment"),
         ({"destination": "s3://bucket/a\nb"}, "control characters"),
+        ({"destination": "s3://bucket\n/a"}, "the bucket name ends in a newline"),
         ({"lco": {"steps": 5000}}, "less than or equal to 1000"),
         ({"lco": {"lr": 0}}, "greater than or equal to 0.0001"),
         ({"lco": {"candidates": 0}}, "greater than or equal to 1"),
@@ -89,3 +96,64 @@ def test_valid_request_and_lco_overrides():
     options = request.lco
     assert (options.steps, options.candidates, options.lr) == (50, 4, LCOOptions().lr)
     assert request.label_spec().constraints == {"Effusion": True}
+
+
+# -- the schema the OpenAPI document publishes ------------------------------------------------------
+def request_schema() -> dict:
+    schema = GenerateRequest.model_json_schema()
+    return inline_refs({key: value for key, value in schema.items() if key != "$defs"}, schema)
+
+
+def test_the_destination_pattern_accepts_exactly_what_the_service_accepts():
+    """Random strings near the S3 URI grammar: the published pattern (searched, as JSON Schema does)
+    matches a string exactly when the request validator takes it."""
+    rng = random.Random(7)
+    pieces = ["s3://", "bucket", "my.bucket", "a", "-", ".", "..", "/", "//", "x", "Bad", "\\", "\n", "\x7f",
+              "é", " ", "runs", "2025"]
+    seen = {True: 0, False: 0}
+    for _ in range(4000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 8)))
+        if rng.random() < 0.8:
+            text = "s3://" + text
+        try:
+            GenerateRequest(destination=text)
+            accepted = True
+        except ValidationError:
+            accepted = False
+        assert bool(re.search(S3_URI_PATTERN, text)) == accepted, repr(text)
+        seen[accepted] += 1
+    assert min(seen.values()) > 200, seen  # both sides of the boundary were really tried
+
+
+def test_the_published_schema_states_the_vocabulary_and_the_bounds():
+    schema = request_schema()
+    properties = schema["properties"]
+    label_forms = properties["labels"]["oneOf"]
+    assert set(label_forms[0]["properties"]) == set(LABELS)
+    assert label_forms[0]["additionalProperties"] is False
+    assert label_forms[1]["properties"][NO_FINDING] == {"type": "boolean", "enum": [True]}
+    assert label_forms[2]["items"]["enum"] == list(LABELS)
+    assert (properties["count"]["minimum"], properties["count"]["maximum"]) == (1, settings().max_count)
+    assert properties["retries"]["maximum"] == settings().max_retries
+    assert (properties["seed"]["maximum"], properties["seed"]["nullable"]) == (MAX_SEED, True)
+    assert properties["destination"]["pattern"] == S3_URI_PATTERN
+    lco = properties["lco"]["properties"]
+    assert (lco["steps"]["minimum"], lco["steps"]["maximum"], lco["steps"]["default"]) == (0, 1000, 200)
+    assert (lco["truncation"]["minimum"], lco["truncation"]["nullable"]) == (0.5, True)
+    assert schema["additionalProperties"] is False
+
+
+def test_requests_drawn_from_the_schema_are_accepted_and_broken_ones_refused():
+    """Schema-valid ⇒ accepted, one rule broken ⇒ a validation error: the schema says what the
+    validators do. The OpenAPI 3.0 validator checks the drawn requests are what they claim to be."""
+    schema = request_schema()
+    validator = OAS30Validator(schema)
+    rng = random.Random(11)
+    for _ in range(300):
+        body = valid_instance(schema, rng)
+        assert validator.is_valid(body), body
+        GenerateRequest.model_validate_json(json.dumps(body))
+        broken, where = invalid_instance(schema, rng)
+        assert not validator.is_valid(broken), (where, broken)
+        with pytest.raises(ValidationError):
+            GenerateRequest.model_validate_json(json.dumps(broken))

@@ -8,10 +8,11 @@ half-written set.
 from __future__ import annotations
 
 import base64
+import http.client
 import io
 import json
 import os
-import signal
+import random
 import socket
 import subprocess
 import sys
@@ -24,9 +25,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from openapi_schema_validator import OAS30Validator
 from PIL import Image
 
 from service.labels import LABELS
+from service.processes import spawn, stop_group
+from service.schemas import MAX_SEED, S3_URI_PATTERN
+from tests.openapi_requests import inline_refs, invalid_instance, valid_instance
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +51,8 @@ def _free_port() -> int:
 
 
 class BentoServer:
-    """`bentoml serve service.service:CXRSynth` in its own process group on a free loopback port."""
+    """`bentoml serve service.service:CXRSynth` on a free loopback port, in a session of its own that
+    ends with the test run (service/processes.py)."""
 
     def __init__(self, env: dict[str, str], log_path: Path):
         self.port = _free_port()
@@ -55,8 +61,7 @@ class BentoServer:
         command = [sys.executable, "-m", "bentoml", "serve", "service.service:CXRSynth",
                    "--host", "127.0.0.1", "--port", str(self.port), "--working-dir", str(ROOT)]
         with open(log_path, "wb") as log:  # the server keeps its own copy of the descriptor
-            self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                            cwd=ROOT, start_new_session=True)
+            self.process = spawn(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
 
     def wait_ready(self, timeout: float = 180.0) -> BentoServer:
         deadline = time.monotonic() + timeout
@@ -76,13 +81,7 @@ class BentoServer:
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=10)
+        stop_group(self.process)
 
 
 def call(server: BentoServer, method: str, path: str, body: object = None, raw: bytes | None = None,
@@ -285,6 +284,7 @@ def test_unknown_bucket_is_a_clear_404(server):
         ({"destination": "bucket/prefix"}, 400, "is not an S3 URI"),
         ({"destination": "s3://bucket/a/../../etc"}, 400, "'..' segment"),
         ({"destination": "s3://bucket/a\u0007b"}, 400, "control characters"),
+        ({"destination": "s3://bucket\n"}, 400, "ends in a newline"),
         ({"lco": {"steps": 100000}}, 400, "less than or equal to 1000"),
         ({"lco": {"lr": -1}}, 400, "greater than or equal to"),
         ({"lco": {"candidates": 1000}}, 400, "less than or equal to 64"),
@@ -320,6 +320,132 @@ def test_metrics_show_project_and_bentoml_series(server, s3_server):
         assert series in text, series
     ratio = next(float(line.split()[-1]) for line in text.splitlines() if line.startswith("cxrsynth_satisfied_ratio"))
     assert 0.0 <= ratio <= 1.0
+
+
+# -- media types -----------------------------------------------------------------------------------
+JSON_BODY = json.dumps({"labels": ["Effusion"], "seed": 1, "lco": {"steps": 2, "candidates": 2}}).encode()
+MULTIPART_BODY = b'--x\r\nContent-Disposition: form-data; name="count"\r\n\r\n1\r\n--x--\r\n'
+
+
+def send(server: BentoServer, method: str, path: str, body: bytes | None,
+         content_types: list[str]) -> tuple[int, dict | str, str | None]:
+    """One request with exactly these Content-Type headers (none, one or several), as curl may send.
+    Returns the status, the body (parsed if JSON) and the response's Accept header."""
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
+    try:
+        connection.putrequest(method, path)
+        for value in content_types:
+            connection.putheader("Content-Type", value)
+        if body is not None:
+            connection.putheader("Content-Length", str(len(body)))
+        connection.endheaders(body)
+        response = connection.getresponse()
+        status, accept = response.status, response.getheader("Accept")
+        payload = response.read().decode(errors="replace")
+    finally:
+        connection.close()
+    try:
+        return status, json.loads(payload), accept
+    except json.JSONDecodeError:
+        return status, payload, accept
+
+
+@pytest.mark.parametrize(
+    ("content_types", "body", "fragment"),
+    [
+        ([], JSON_BODY, "no Content-Type header"),
+        (["application/x-www-form-urlencoded"], JSON_BODY, "curl --json"),  # what curl -d sends
+        (["multipart/form-data"], b'{"count": 1, "labels": {"Effusion": true}}', "not accepted"),
+        (["multipart/form-data; boundary=x"], MULTIPART_BODY, "not accepted"),
+        (["text/plain"], JSON_BODY, "not accepted"),
+        (["application/xml"], b"<labels/>", "not accepted"),
+        (["application/json; charset"], JSON_BODY, "not a valid media type"),
+        (["application"], JSON_BODY, "not a valid media type"),
+        ([""], JSON_BODY, "not a valid media type"),
+        (["application/json; charset=latin-1"], JSON_BODY, "JSON is UTF-8"),
+        (["application/json", "text/plain"], JSON_BODY, "2 Content-Type headers"),
+    ],
+)
+def test_a_body_not_declared_as_json_is_a_415_that_says_what_to_send(server, content_types, body, fragment):
+    status, response, accept = send(server, "POST", "/generate", body, content_types)
+    assert status == 415, response
+    assert fragment in response["error"] and "Content-Type: application/json" in response["error"], response
+    assert accept == "application/json"
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    ["application/json; charset=utf-8", 'Application/JSON;Charset="UTF-8"', "application/vnd.api+json"],
+)
+def test_json_media_types_with_parameters_and_suffixes_are_served(server, content_type):
+    status, response, _ = send(server, "POST", "/generate", JSON_BODY, [content_type])
+    assert status == 200, response
+    assert response["images"][0]["labels"] == {"Effusion": True} and response["images"][0]["seed"] == 1
+
+
+def test_a_request_without_a_body_needs_no_content_type(server):
+    status, response, _ = send(server, "POST", "/generate", None, [])
+    assert status == 200, response
+    # the defaults: one image, unconditional
+    assert len(response["images"]) == 1 and response["images"][0]["labels"] == {}
+
+
+def test_every_endpoint_that_takes_a_body_refuses_form_data_with_a_415(server):
+    status, document = call(server, "GET", "/docs.json")
+    assert status == 200
+    routes = [(method.upper(), path) for path, item in document["paths"].items() for method in item
+              if method in ("post", "put", "patch")]
+    assert {("POST", "/generate"), ("POST", "/archive/submit"), ("POST", "/archive/stop")} <= set(routes)
+    for method, path in routes:
+        status, response, _ = send(server, method, path, b"task_id=x", ["application/x-www-form-urlencoded"])
+        assert status == 415, (method, path, response)
+        assert "Content-Type: application/json" in response["error"], (method, path, response)
+
+
+# -- the OpenAPI document ----------------------------------------------------------------------------
+def generate_request_schema(server: BentoServer) -> dict:
+    status, document = call(server, "GET", "/docs.json")
+    assert status == 200
+    schema = document["paths"]["/generate"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    return inline_refs(schema, document)
+
+
+def test_the_openapi_document_states_what_generate_accepts(server):
+    properties = generate_request_schema(server)["properties"]
+    objects, lists = properties["labels"]["oneOf"][:2], properties["labels"]["oneOf"][2:]
+    assert set(objects[0]["properties"]) == set(LABELS) and objects[0]["additionalProperties"] is False
+    assert objects[1]["required"] == ["No Finding"] and lists[0]["items"]["enum"] == list(LABELS)
+    assert (properties["count"]["minimum"], properties["count"]["maximum"]) == (1, 8)  # CXRSYNTH_MAX_COUNT
+    assert (properties["seed"]["minimum"], properties["seed"]["maximum"]) == (0, MAX_SEED)
+    assert properties["destination"]["pattern"] == S3_URI_PATTERN
+    lco = properties["lco"]["properties"]
+    assert (lco["steps"]["minimum"], lco["steps"]["maximum"]) == (0, 1000)
+    assert (lco["candidates"]["minimum"], lco["candidates"]["maximum"]) == (1, 64)
+
+
+def test_requests_drawn_from_the_openapi_document(server, s3_server):
+    """What a client generated from /docs.json sends: valid requests are served (200), requests that
+    break one stated rule are a 400, and nothing is a 5xx."""
+    schema = generate_request_schema(server)
+    validator = OAS30Validator(schema)
+    bucket = s3_server.new_bucket()
+    rng = random.Random(5)
+    caps = {"count": 2, "retries": 1, "steps": 3, "candidates": 4}  # cheap requests on shared cores
+    for _ in range(16):
+        body = valid_instance(schema, rng, caps)
+        lco = body.get("lco") or {}
+        # the service's default LCO runs 200 steps over 32 candidates: keep every request cheap
+        body["lco"] = {**lco, "steps": lco.get("steps") or 0, "candidates": lco.get("candidates") or 1}
+        if rng.random() < 0.25:
+            body["destination"] = f"s3://{bucket}/drawn/{rng.randrange(1000)}"
+        assert validator.is_valid(body), body
+        status, response = call(server, "POST", "/generate", body)
+        assert status == 200, (body, response)
+        assert len(response["images"]) == (body.get("count") or 1)
+        broken, where = invalid_instance(schema, rng, caps)
+        assert not validator.is_valid(broken), (where, broken)
+        status, response = call(server, "POST", "/generate", broken)
+        assert status == 400 and response["error"], (where, broken, response)
 
 
 # -- the server with auth, on an S3 that enforces IAM ----------------------------------------------
