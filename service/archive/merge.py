@@ -15,7 +15,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 from service.archive.manifest import (
     CSV_KEY,
@@ -115,90 +115,113 @@ def merge_archive(
     With ``wait_seconds`` the merge first waits that long for missing chunks to appear (the
     Kubernetes merge Job starts beside the shard pods and waits for them).
     """
-    from tqdm import tqdm
-
     try:
         job, plan = read_job(sink)
-        deadline = time.monotonic() + wait_seconds
-        while True:
-            status = archive_status(sink)
-            if not status.shards_incomplete:
-                break
-            if time.monotonic() >= deadline:
-                shards = ", ".join(str(s) for s in status.shards_incomplete[:20])
-                raise ArchiveIncomplete(
-                    f"{status.chunks_total - status.chunks_present} of {status.chunks_total} chunk manifests are "
-                    f"missing at {sink.uri()}; finish shard(s) {shards} of {plan.spec.shard_count} "
-                    "(rerun them with the same spec), then merge again"
-                )
-            time.sleep(min(poll_seconds, max(0.0, deadline - time.monotonic())) or 0.01)
-
-        resolution = int(job["model"]["resolution"])
-        counter = LabelCounter()
-        manifests: dict[str, str] = {}
-        problems: list[str] = []
-        orphans: list[str] = []
-        images = _ImageListing(sink.list_sizes("images/"))
-        bar = tqdm(total=plan.count, unit="img", desc="merge", disable=not progress, dynamic_ncols=True)
-        csv_hash = hashlib.sha256()
+        _wait_for_shards(sink, plan, wait_seconds, poll_seconds)
+        merged = _MergedRecords(sink, plan, int(job["model"]["resolution"]), verify_images)
         with tempfile.NamedTemporaryFile("wb", suffix=".csv", delete=False) as csv_file:
             csv_path = csv_file.name
-            try:
-                header = csv_header()
-                csv_file.write(header)
-                csv_hash.update(header)
-                for shard in range(plan.spec.shard_count):
-                    for number, chunk in enumerate(plan.chunks(shard)):
-                        key = plan.chunk_key(shard, number)
-                        data = sink.get(key)
-                        manifests[key] = sha256_hex(data)
-                        try:
-                            records = decode_records(data, sink.uri(key))
-                        except ArchiveError as error:
-                            problems.append(str(error))
-                            continue
-                        if [record["index"] for record in records] != list(chunk):
-                            problems.append(f"{key} does not list exactly images {chunk.start}..{chunk.stop - 1}")
-                            continue
-                        for record in records:
-                            size = images.take(record["image"], orphans)
-                            if size is None:
-                                problems.append(f"{record['image']} is missing")
-                            elif size != record["bytes"]:
-                                problems.append(f"{record['image']} has {size} bytes, its record says {record['bytes']}")
-                            elif verify_images and sha256_hex(sink.get(record["image"])) != record["sha256"]:
-                                problems.append(f"{record['image']} does not match its sha256")
-                            counter.add(record)
-                            row = csv_row(record, resolution)
-                            csv_file.write(row)
-                            csv_hash.update(row)
-                        bar.update(len(records))
-                csv_file.close()
-                bar.close()
-                orphans += images.rest()
-                if problems:
-                    raise ArchiveIncomplete(
-                        f"{len(problems)} problem(s) at {sink.uri()}: {'; '.join(problems[:_EXAMPLES])}. "
-                        "Rerun the shards concerned (they repair what is missing), then merge again"
-                    )
-                if orphans:
-                    raise ArchiveError(
-                        f"{len(orphans)} object(s) under {sink.uri('images')} have no manifest record "
-                        f"(e.g. {', '.join(orphans[:_EXAMPLES])}); they do not belong to this job: remove them"
-                    )
-                sink.put_file(CSV_KEY, csv_path, "text/csv")
-            finally:
-                bar.close()
-                os.unlink(csv_path)
+        try:
+            with open(csv_path, "wb") as csv_file:
+                merged.write_csv(csv_file, progress)
+            merged.raise_on_problems()
+            sink.put_file(CSV_KEY, csv_path, "text/csv")
+        finally:
+            os.unlink(csv_path)
         marker = marker_document(
             job=job,
-            counter=counter,
+            counter=merged.counter,
             shard_count=plan.spec.shard_count,
-            manifests=manifests,
-            csv_sha256=csv_hash.hexdigest(),
-            image_bytes=images.total_bytes,
+            manifests=merged.manifests,
+            csv_sha256=merged.csv_hash.hexdigest(),
+            image_bytes=merged.images.total_bytes,
         )
         sink.put(MARKER_KEY, canonical_json(marker), "application/json")
         return marker
     except SinkError as error:
         raise ArchiveError(f"storage failed during merge: {error}; run the merge again") from error
+
+
+def _wait_for_shards(sink: Sink, plan: ArchivePlan, wait_seconds: float, poll_seconds: float) -> None:
+    """Return once every chunk manifest exists; ArchiveIncomplete naming the shards to finish after
+    ``wait_seconds``."""
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        status = archive_status(sink)
+        if not status.shards_incomplete:
+            return
+        if time.monotonic() >= deadline:
+            shards = ", ".join(str(s) for s in status.shards_incomplete[:20])
+            raise ArchiveIncomplete(
+                f"{status.chunks_total - status.chunks_present} of {status.chunks_total} chunk manifests are "
+                f"missing at {sink.uri()}; finish shard(s) {shards} of {plan.spec.shard_count} "
+                "(rerun them with the same spec), then merge again"
+            )
+        time.sleep(min(poll_seconds, max(0.0, deadline - time.monotonic())) or 0.01)
+
+
+class _MergedRecords:
+    """Every chunk's records read in index order, checked against the stored images, into the CSV."""
+
+    def __init__(self, sink: Sink, plan: ArchivePlan, resolution: int, verify_images: bool):
+        self.sink, self.plan, self.resolution, self.verify_images = sink, plan, resolution, verify_images
+        self.counter = LabelCounter()
+        self.manifests: dict[str, str] = {}  # chunk key -> sha256
+        self.problems: list[str] = []
+        self.orphans: list[str] = []
+        self.images = _ImageListing(sink.list_sizes("images/"))
+        self.csv_hash = hashlib.sha256()
+
+    def write_csv(self, csv_file: BinaryIO, progress: bool) -> None:
+        from tqdm import tqdm
+
+        self._write(csv_file, csv_header())
+        with tqdm(total=self.plan.count, unit="img", desc="merge", disable=not progress, dynamic_ncols=True) as bar:
+            for shard in range(self.plan.spec.shard_count):
+                for number, chunk in enumerate(self.plan.chunks(shard)):
+                    records = self._chunk_records(self.plan.chunk_key(shard, number), chunk)
+                    for record in records:
+                        self._check_image(record)
+                        self.counter.add(record)
+                        self._write(csv_file, csv_row(record, self.resolution))
+                    bar.update(len(records))
+        self.orphans += self.images.rest()
+
+    def raise_on_problems(self) -> None:
+        if self.problems:
+            raise ArchiveIncomplete(
+                f"{len(self.problems)} problem(s) at {self.sink.uri()}: {'; '.join(self.problems[:_EXAMPLES])}. "
+                "Rerun the shards concerned (they repair what is missing), then merge again"
+            )
+        if self.orphans:
+            raise ArchiveError(
+                f"{len(self.orphans)} object(s) under {self.sink.uri('images')} have no manifest record "
+                f"(e.g. {', '.join(self.orphans[:_EXAMPLES])}); they do not belong to this job: remove them"
+            )
+
+    def _write(self, csv_file: BinaryIO, data: bytes) -> None:
+        csv_file.write(data)
+        self.csv_hash.update(data)
+
+    def _chunk_records(self, key: str, chunk: range) -> list[dict[str, Any]]:
+        """The chunk's records, or none (with the problem noted) when its manifest is unusable."""
+        data = self.sink.get(key)
+        self.manifests[key] = sha256_hex(data)
+        try:
+            records = decode_records(data, self.sink.uri(key))
+        except ArchiveError as error:
+            self.problems.append(str(error))
+            return []
+        if [record["index"] for record in records] != list(chunk):
+            self.problems.append(f"{key} does not list exactly images {chunk.start}..{chunk.stop - 1}")
+            return []
+        return records
+
+    def _check_image(self, record: dict[str, Any]) -> None:
+        size = self.images.take(record["image"], self.orphans)
+        if size is None:
+            self.problems.append(f"{record['image']} is missing")
+        elif size != record["bytes"]:
+            self.problems.append(f"{record['image']} has {size} bytes, its record says {record['bytes']}")
+        elif self.verify_images and sha256_hex(self.sink.get(record["image"])) != record["sha256"]:
+            self.problems.append(f"{record['image']} does not match its sha256")
