@@ -8,12 +8,15 @@ tests/test_service_e2e.py.
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
 
 from service.bundle import load_bundle
 from service.labels import LABEL_INDEX, NUM_LABELS
 from service.lco import LCOEngine, LCOOptions, SampleRequest
+from service.png import encode_png
 
 # Four findings present and the rest absent: hard enough that every sample takes many steps.
 HARD = ("Effusion", "Mass", "Nodule", "Hernia")
@@ -45,3 +48,30 @@ def test_a_seed_gives_back_its_image_alone_in_a_pair_in_eight_and_trickled(bundl
         assert np.array_equal(other.image, alone.image)
         assert np.array_equal(other.probabilities, alone.probabilities)
 
+
+
+# sha256 of 16-bit PNGs made on the `ci` bundle by the engine as it stood before the service's
+# restructuring (commit d0ce384), pinned so that a refactoring provably changes no byte. The `ci`
+# bundle's training is deterministic (two trainings gave graphs with identical outputs); a change
+# that means to alter images or training re-pins these, saying so.
+PINNED = [
+    ({"Effusion": True, "Mass": True, "Nodule": True, "Hernia": True}, True, 1, 200,
+     "37ec2c49a3744d0d08d44c5a23e65056a6584d12eb2841f805093ffb9dc899aa"),
+    ({"Cardiomegaly": True}, False, 7, 200, "27c75d3b84495fd644f3fc9de5ad552b30539c54473224bd755ba4e97762ead5"),
+    ({"Pneumothorax": False, "Atelectasis": True}, False, 42, 200,
+     "fd30d59e7c896c810ac4a077e70d53feb7a16184078bb01849053a81a0d9842d"),
+    ({}, True, 3, 71, "c2842580d503b6fbbac642625a3c8052aa6c16d07336eb3ce4a224797afd024d"),
+]
+
+
+def test_pinned_images_are_byte_for_byte_what_they_were(bundle):
+    samples = []
+    for labels, exclusive, seed, _, _ in PINNED:
+        target = np.zeros(NUM_LABELS, np.float32)
+        mask = np.full(NUM_LABELS, 1.0 if exclusive else 0.0, np.float32)
+        for name, present in labels.items():
+            target[LABEL_INDEX[name]], mask[LABEL_INDEX[name]] = float(present), 1.0
+        samples.append(SampleRequest(target, mask, seed))
+    results = LCOEngine(bundle).generate(samples)
+    got = [(r.steps, hashlib.sha256(encode_png(r.image, "png16")).hexdigest()) for r in results]
+    assert got == [(steps, digest) for *_, steps, digest in PINNED]
