@@ -1,0 +1,198 @@
+"""One POST /generate request: its samples through the batcher, strict retries, PNG encoding, uploads
+to S3 as each image is done, and the clean-up of a half-written set when anything fails."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import functools
+import json
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from starlette.responses import JSONResponse
+
+from service.http import error_response
+from service.labels import LABELS
+from service.lco import LCOOptions, SampleRequest, SampleResult
+from service.png import encode_png
+from service.schemas import MAX_SEED, GeneratedImage, GenerateRequest, GenerateResponse, LabelSpec
+from service.settings import settings
+from service.sinks import S3Sink, SinkError, SinkKeyNotFound
+
+if TYPE_CHECKING:
+    from service.service import CXRSynth
+
+logger = logging.getLogger("bentoml.service.cxrsynth")
+# S3 error codes that mean "your bucket or your credentials", i.e. the caller's to fix.
+S3_STATUS = {
+    "NoSuchBucket": 404,
+    "AccessDenied": 403,
+    "AllAccessDisabled": 403,
+    "InvalidAccessKeyId": 403,
+    "SignatureDoesNotMatch": 403,
+    "ExpiredToken": 403,
+    "InvalidToken": 403,
+    "NoCredentials": 403,
+    "403": 403,
+}
+
+
+def s3_error_response(error: SinkError, bucket: str) -> JSONResponse:
+    """The caller's answer for an S3 failure: 404/403 for bucket or credentials, else 502."""
+    code = s3_error_code(error)
+    status = S3_STATUS.get(code, 502)
+    if code == "NoSuchBucket":
+        message = f"S3 bucket {bucket!r} does not exist; create it or fix the destination"
+    elif status == 403:
+        message = f"S3 refused access to bucket {bucket!r} with the service's credentials; grant access"
+    else:
+        message = f"S3 failed while writing to bucket {bucket!r}; no images were kept"
+    return error_response(status, message, {"s3_code": code, "s3_message": error.message, "operation": error.operation})
+
+
+def s3_error_code(error: SinkError) -> str:
+    return "NoSuchBucket" if isinstance(error, SinkKeyNotFound) else error.code
+
+
+def retry_seed(seed: int, attempt: int) -> int:
+    """A fresh seed for a strict retry, derived from the image's seed and the attempt number."""
+    state = np.random.SeedSequence([seed, attempt]).generate_state(2, np.uint64)
+    return int((int(state[0]) << 11 ^ int(state[1])) % (MAX_SEED + 1))
+
+
+class GenerateJob:
+    """One /generate request: its samples, strict retries, uploads, and clean-up on failure."""
+
+    def __init__(self, service: CXRSynth, request: GenerateRequest, spec: LabelSpec, options: LCOOptions,
+                 request_id: str, base_seed: int, sink: S3Sink | None):
+        self.service = service
+        self.request = request
+        self.spec = spec
+        self.options = options
+        self.request_id = request_id
+        self.base_seed = base_seed
+        self.sink = sink
+        self.uploaded: list[str] = []
+        self.in_flight: set[asyncio.Future[str]] = set()
+        self.upload_slots = asyncio.Semaphore(settings().s3_concurrency)
+
+    async def run(self) -> GenerateResponse | JSONResponse:
+        count = self.request.count
+        seeds = [(self.base_seed + index) % (MAX_SEED + 1) for index in range(count)]
+        futures = self.service.batcher.submit([self._sample(seed) for seed in seeds])
+        tasks = [asyncio.create_task(self._image(index, seed, future)) for index, (seed, future)
+                 in enumerate(zip(seeds, futures))]
+        try:
+            images = await asyncio.gather(*tasks)
+        except SinkError as error:
+            await self._abandon(tasks)
+            assert self.sink is not None
+            return s3_error_response(error, self.sink.bucket)
+        except BaseException:
+            await self._abandon(tasks)
+            raise
+        return GenerateResponse(
+            request_id=self.request_id,
+            model=self.service.model_ref,
+            format=self.request.format,
+            exclusive=self.request.exclusive,
+            satisfied=sum(image.satisfied for image in images),
+            destination=self.sink.uri() if self.sink else None,
+            images=list(images),
+        )
+
+    async def _abandon(self, tasks: list[asyncio.Task[GeneratedImage]]) -> None:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._remove_uploaded()
+
+    def _sample(self, seed: int) -> SampleRequest:
+        return SampleRequest(self.spec.target, self.spec.mask, seed, self.options)
+
+    async def _image(self, index: int, seed: int, future: Any) -> GeneratedImage:
+        result: SampleResult = await asyncio.wrap_future(future)
+        attempts = 1
+        while self.request.strict and not result.satisfied and attempts <= self.request.retries:
+            retry = self.service.batcher.submit([self._sample(retry_seed(seed, attempts))])[0]
+            result = await asyncio.wrap_future(retry)
+            attempts += 1
+        self.service.metrics.record_image(self.spec.positives, bool(self.spec.mask.any()), result.satisfied,
+                                          result.steps)
+        png = await asyncio.to_thread(encode_png, result.image, self.request.format)
+        image = GeneratedImage(
+            id=f"{self.request_id}-{index:04d}",
+            index=index,
+            seed=result.seed,
+            labels=self.spec.constraints,
+            probabilities={name: round(float(p), 6) for name, p in zip(LABELS, result.probabilities)},
+            satisfied=result.satisfied,
+            steps=result.steps,
+            attempts=attempts,
+        )
+        if self.sink is None:
+            image.data = base64.b64encode(png).decode("ascii")
+            return image
+        stem = f"{self.request_id}/{index:04d}"
+        sidecar = {
+            "id": image.id,
+            "request_id": self.request_id,
+            "index": index,
+            "seed": image.seed,
+            "labels": image.labels,
+            "exclusive": self.request.exclusive,
+            "probabilities": image.probabilities,
+            "satisfied": image.satisfied,
+            "steps": image.steps,
+            "attempts": attempts,
+            "format": self.request.format,
+            "lco": self.options.model_dump(),
+            "model": self.service.model_ref.model_dump(),
+            "image": f"{stem}.png",
+        }
+        metadata = {
+            "request-id": self.request_id,
+            "seed": str(image.seed),
+            "labels": ";".join(f"{'' if v else '-'}{k}" for k, v in image.labels.items()) or "unconditional",
+            "satisfied": str(image.satisfied).lower(),
+            "model-version": f"{self.service.model_ref.name}:{self.service.model_ref.version}",
+        }
+        image.uri = await self._put(f"{stem}.png", png, "image/png", metadata)
+        image.sidecar_uri = await self._put(
+            f"{stem}.json", json.dumps(sidecar, indent=2).encode(), "application/json", metadata
+        )
+        return image
+
+    async def _put(self, key: str, data: bytes, content_type: str, metadata: dict[str, str]) -> str:
+        assert self.sink is not None
+        async with self.upload_slots:
+            started = time.perf_counter()
+            self.uploaded.append(key)  # recorded first: a put that fails late may still have landed
+            upload = asyncio.get_running_loop().run_in_executor(
+                None, functools.partial(self.sink.put, key, data, content_type, metadata)
+            )
+            self.in_flight.add(upload)
+            try:
+                # shielded: cancelling this request must not orphan a put that is still running
+                uri = await asyncio.shield(upload)
+            except SinkError as error:
+                self.service.metrics.s3_upload_errors.labels(code=error.code).inc()
+                raise
+            finally:
+                self.in_flight.discard(upload)
+            self.service.metrics.s3_upload_seconds.observe(time.perf_counter() - started)
+            return uri
+
+    async def _remove_uploaded(self) -> None:
+        """Delete whatever this request uploaded, so a failed request leaves no partial set."""
+        if self.sink is None:
+            return
+        await asyncio.gather(*self.in_flight, return_exceptions=True)  # let running puts land first
+        for key in self.uploaded:
+            try:
+                await asyncio.to_thread(self.sink.delete, key)
+            except SinkError as error:
+                logger.warning("could not remove %s after a failed request: %s", key, error)
