@@ -1,8 +1,8 @@
 """The main job on the embedded default: `python -m service.demo` (what `make demo` runs).
 
 1. Makes sure the demo bundle exists: if ``models/demo`` holds no valid bundle, trains one on
-   procedural phantoms with the training CLI's ``demo`` presets (GAN, nine LCO classifiers and
-   their ensemble, export), each step a ``python -m training.cli`` subprocess with its own progress bar.
+   procedural phantoms with ``python -m training.demo_bundle`` (GAN, the LCO classifier ensemble,
+   export; each step a training CLI subprocess with its own progress bar).
 2. Starts the service (``bentoml serve``) on localhost:3000 (``--port`` or ``CXRSYNTH_PORT``) with that
    bundle, after checking that the port is free (if not, it says which process holds it).
 3. Asks POST /generate once per finding (and for "No Finding").
@@ -50,25 +50,6 @@ DEFAULT_PORT = 3000
 PORT_HINT = "stop it, or pick another port with --port N (or CXRSYNTH_PORT=N)"
 TILE = 160  # pixels per contact-sheet tile (images are upscaled with nearest neighbour)
 
-# The ensemble's member presets, as in training/classifier/config.py's DEMO_MEMBERS (the service
-# does not import the trainer; a test keeps the two lists equal).
-LCO_MEMBER_PRESETS = ("demo", "demo-2", "demo-3", "demo-4", "demo-5", "demo-6", "demo-7", "demo-8", "demo-9")
-_MEMBER_RUNS = [f"{{runs}}/classifier-{number}" for number in range(1, len(LCO_MEMBER_PRESETS) + 1)]
-# The training CLI steps that make the demo bundle: (title, data-parallel, arguments); {runs} and
-# {bundle} are filled in. The GAN trains one process per core (torchrun, gloo): on CPU one thread per
-# process runs fastest (BENCHMARKS.md).
-TRAINING_STEPS: list[tuple[str, bool, list[str]]] = [
-    ("PGGAN generator", True, ["train", "--config", "demo", "--data", "phantoms", "--run-dir", "{runs}/gan"]),
-    *((f"LCO classifier {number}/{len(LCO_MEMBER_PRESETS)}", False,
-       ["classifier", "train", "--preset", preset, "--run-dir", run])
-      for number, (preset, run) in enumerate(zip(LCO_MEMBER_PRESETS, _MEMBER_RUNS), start=1)),
-    ("LCO classifier ensemble", False, ["classifier", "ensemble", *_MEMBER_RUNS, "--preset", "demo",
-                                        "--run-dir", "{runs}/classifier"]),
-    ("bundle export", False, ["export", "--generator", "{runs}/gan", "--classifier", "{runs}/classifier",
-                              "--out", "{bundle}", "--name", "cxrsynth-demo", "--overwrite"]),
-]
-
-
 def bundle_is_valid(bundle: Path) -> bool:
     from service.bundle import BundleError, verify_bundle
 
@@ -82,22 +63,12 @@ def bundle_is_valid(bundle: Path) -> bool:
     return True
 
 
-def launcher(data_parallel: bool) -> list[str]:
-    processes = min(2, os.cpu_count() or 1)
-    if not data_parallel or processes < 2:
-        return []
-    return ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
-
-
 def train_bundle(bundle: Path, runs: Path) -> None:
-    """Run the training CLI steps; each shows its own progress bar."""
-    for number, (title, data_parallel, arguments) in enumerate(TRAINING_STEPS, start=1):
-        command = [sys.executable, *launcher(data_parallel), "-m", "training.cli",
-                   *(a.format(runs=runs, bundle=bundle) for a in arguments)]
-        print(f"[{number}/{len(TRAINING_STEPS)}] {title}: {' '.join(command[1:])}", flush=True)
-        returncode = run_step(command, cwd=ROOT)
-        if returncode != 0:
-            raise SystemExit(f"training step '{title}' failed with exit code {returncode}")
+    """Train the demo bundle with ``python -m training.demo_bundle`` (the training package's job)."""
+    command = [sys.executable, "-m", "training.demo_bundle", "--bundle", str(bundle), "--runs", str(runs)]
+    returncode = run_step(command, cwd=ROOT)
+    if returncode != 0:
+        raise SystemExit(f"training the demo bundle failed with exit code {returncode}")
     if not bundle_is_valid(bundle):
         raise SystemExit(f"training finished but {bundle} holds no valid bundle")
 

@@ -118,14 +118,20 @@ def test_presets_give_logits_and_embeddings(preset):
 def test_the_demo_trains_every_ensemble_member_on_its_own_phantom_stream():
     """The demo job trains the presets the ensemble is defined by, and no two members (nor the
     auditor) share a phantom split: each preset reads the streams seed, seed + 1 and seed + 2."""
-    from service.demo import LCO_MEMBER_PRESETS
-    from training.classifier.config import DEMO_MEMBERS
+    from pathlib import Path
 
-    assert LCO_MEMBER_PRESETS == tuple(name for name, *_ in DEMO_MEMBERS)
-    streams = [{get_preset(name).data.seed + k for k in range(3)} for name in (*LCO_MEMBER_PRESETS, "auditor")]
+    from training.demo_bundle import training_steps
+
+    steps = training_steps(Path("bundle"), Path("runs"))
+    members = [arguments[arguments.index("--preset") + 1] for _, _, arguments in steps
+               if arguments[:2] == ["classifier", "train"]]
+    ensemble = next(arguments for _, _, arguments in steps if arguments[:2] == ["classifier", "ensemble"])
+    assert len(members) >= 3 and ensemble[2 : 2 + len(members)] == [f"runs/classifier-{n}"
+                                                                   for n in range(1, len(members) + 1)]
+    streams = [{get_preset(name).data.seed + k for k in range(3)} for name in (*members, "auditor")]
     for first, second in itertools.combinations(streams, 2):
         assert not first & second
-    assert len({get_preset(name).seed for name in LCO_MEMBER_PRESETS}) == len(LCO_MEMBER_PRESETS)
+    assert len({get_preset(name).seed for name in members}) == len(members)
 
 
 def test_config_overrides_are_checked():
