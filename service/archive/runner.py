@@ -364,15 +364,7 @@ class ShardRunner:
             )
 
 
-def run_shard(
-    spec: ArchiveSpec,
-    engine: Engine,
-    model: ModelInfo,
-    *,
-    sink: Sink | None = None,
-    options: RunOptions | None = None,
-    cancel: threading.Event | None = None,
-    on_progress: ProgressCallback | None = None,
-) -> ShardReport:
-    """Make (or finish) shard ``spec.shard_index`` of the archive at ``spec.destination``."""
-    return ShardRunner(spec, engine, model, sink=sink, options=options, cancel=cancel, on_progress=on_progress).run()
+def run_shard(spec: ArchiveSpec, engine: Engine, model: ModelInfo, **how: Any) -> ShardReport:
+    """Make (or finish) shard ``spec.shard_index`` of the archive at ``spec.destination``; ``how`` takes
+    :class:`ShardRunner`'s keyword arguments (sink, options, cancel, on_progress)."""
+    return ShardRunner(spec, engine, model, **how).run()
