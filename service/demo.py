@@ -41,12 +41,12 @@ from service.processes import (
     spawn,
     stop_group,
 )
+from service.settings import Settings, SettingsError, settings
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_BUNDLE = ROOT / "models" / "demo"
 DEFAULT_OUTPUT = ROOT / "demo-output"
 DEFAULT_RUNS = ROOT / "runs" / "demo"
-DEFAULT_PORT = 3000
 PORT_HINT = "stop it, or pick another port with --port N (or CXRSYNTH_PORT=N)"
 TILE = 160  # pixels per contact-sheet tile (images are upscaled with nearest neighbour)
 
@@ -77,7 +77,7 @@ def request_json(url: str, body: object | None = None, timeout: float = 600.0) -
     data = json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(url, data=data, method="POST" if data else "GET",
                                      headers={"Content-Type": "application/json"} if data else {})
-    token = os.environ.get("CXRSYNTH_API_TOKEN")
+    token = settings().api_token
     if token:
         request.add_header("Authorization", f"Bearer {token}")
     try:
@@ -208,13 +208,17 @@ def port_number(text: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m service.demo", description=__doc__.split("\n")[0])
-    parser.add_argument("--bundle", type=Path, default=Path(os.environ.get("CXRSYNTH_DEMO_BUNDLE", DEFAULT_BUNDLE)),
+    try:
+        config = settings()
+    except SettingsError as error:
+        parser.error(str(error))
+    parser.add_argument("--bundle", type=Path, default=config.demo_bundle or DEFAULT_BUNDLE,
                         help="bundle directory; trained here on phantoms if missing")
     parser.add_argument("--runs", type=Path, default=DEFAULT_RUNS, help="where the training runs go")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="where PNGs and the contact sheet go")
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=port_number, default=os.environ.get("CXRSYNTH_PORT") or DEFAULT_PORT,
-                        help=f"port to serve on (default: CXRSYNTH_PORT, else {DEFAULT_PORT})")
+    parser.add_argument("--port", type=port_number, default=config.port,
+                        help=f"port to serve on (default: CXRSYNTH_PORT, else {Settings.model_fields['port'].default})")
     parser.add_argument("--count", type=int, default=4, help="images per finding")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--exit", action="store_true", help="stop the service after the demo instead of serving on")

@@ -42,10 +42,12 @@ class Settings(BaseSettings):
     s3_concurrency: int = Field(4, ge=1, le=64, description="uploads in flight per request")
     gpus: int = Field(0, ge=0, le=16,
                       description="GPUs the service declares in its BentoML resources (onnxruntime-gpu uses the first)")
+    port: int = Field(3000, ge=1, le=65_535, description="port `python -m service.demo` serves on (its --port wins)")
+    demo_bundle: Path | None = Field(None, description="bundle `python -m service.demo` serves (default models/demo)")
     archive_local_root: Path | None = Field(
         None, description="the one local directory tree archive tasks may write under; unset: s3:// only")
 
-    @field_validator("bundle", "archive_local_root")
+    @field_validator("bundle", "demo_bundle", "archive_local_root")
     @classmethod
     def _absolute(cls, path: Path | None) -> Path | None:
         return path.expanduser().resolve() if path is not None else None
