@@ -19,8 +19,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from training.classifier.config import PRESETS, get_preset
+from training.classifier.config import get_preset, preset_names
 from training.runtime import ConfigError, NonFiniteError, shutdown_distributed
+
+_PRESET_HELP = f"a preset ({', '.join(preset_names())}) or a TOML file"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -28,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     commands = parser.add_subparsers(dest="classifier_command", metavar="ACTION", required=True)
 
     train = commands.add_parser("train", help="train a classifier from a preset")
-    train.add_argument("--preset", default="demo", choices=sorted(PRESETS))
+    train.add_argument("--preset", default="demo", help=_PRESET_HELP)
     train.add_argument("--run-dir", type=Path, help="directory for this run (default: a new one under --runs)")
     train.add_argument("--runs", type=Path, default=Path("runs"), help="parent of numbered run directories")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -44,8 +46,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ensemble = commands.add_parser("ensemble", help="combine trained classifiers into one (LCO steers by all of them)")
     ensemble.add_argument("members", type=Path, nargs="+", help="trained classifier directories (or their runs)")
     ensemble.add_argument("--run-dir", type=Path, required=True, help="directory to write <run>/classifier to")
-    ensemble.add_argument("--preset", default="demo", choices=sorted(PRESETS),
-                          help="whose validation and test splits set the thresholds and measure AUROC")
+    ensemble.add_argument("--preset", default="demo",
+                          help=f"{_PRESET_HELP}, whose test split measures the ensemble's AUROC")
     ensemble.add_argument("--shift", dest="shifts", type=_shift, action="append", default=None, metavar="ROWS,COLS",
                           help="an extra view of each image, circularly shifted (repeatable; default 2,1 and -1,-2)")
     ensemble.add_argument("--vote-clip", type=float, default=None, metavar="LOGITS",
