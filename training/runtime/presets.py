@@ -216,7 +216,7 @@ def _target(schema: type, keys: list[str], text: str) -> Any:
         if dataclasses.is_dataclass(hint):
             fields = _fields(hint)
             if key not in fields:
-                close = difflib.get_close_matches(key, fields, n=1)
+                close = difflib.get_close_matches(key, fields, n=1, cutoff=0.5)
                 guess = f"; did you mean {'.'.join([*keys[:depth], close[0]])!r}?" if close else ""
                 known = ", ".join(sorted(fields))
                 raise ConfigError(
