@@ -8,10 +8,13 @@ One loop serves every data set and both roles (the LCO classifier and the indepe
 - schedule: AdamW, linear warm-up then cosine decay, all a function of images shown, so a resumed
   run follows the identical schedule;
 - operation: the runtime's atomic checkpoints with RNG states and the resumable sampler position
-  (exact resume, mid-epoch included), torchrun DDP with one gradient all-reduce per step, the
-  non-finite guard, SIGINT/SIGTERM → checkpoint and exit, tqdm + TensorBoard + stats.jsonl;
+  (exact resume, mid-epoch included), and its loop skeleton (``training.runtime.loop``): torchrun DDP
+  with one gradient all-reduce per step, the non-finite guard, SIGINT/SIGTERM → checkpoint and exit,
+  tqdm + TensorBoard + stats.jsonl;
 - result: thresholds by Youden's J on the validation split, per-label AUROC with bootstrap 95% CIs
-  on the held-out test split, a ROC picture, and the classifier saved as ``<run>/classifier/``.
+  on the held-out test split (the ``classifier_auroc`` metric, recorded in
+  ``<run>/metric-classifier_auroc.jsonl``), a ROC picture, and the classifier saved as
+  ``<run>/classifier/``.
 """
 
 from __future__ import annotations
