@@ -21,6 +21,7 @@ from training.classifier import (
 )
 from training.classifier.ensemble import combine
 from training.classifier.trainer import Splits, masked_weighted_bce, positive_weights
+from training.metrics import latest_result, read_results
 from training.networks.classifier import ClassifierSpec, build_classifier, densenet121_spec
 
 
@@ -139,9 +140,9 @@ def test_config_overrides_are_checked():
     assert config.lr == 1e-4 and config.data.train_count == 300 and config.model.channels == (4, 8)
     with pytest.raises(ValueError, match="unknown config field 'lrate'"):
         get_preset("ci").override(["lrate=1"])
-    with pytest.raises(ValueError, match="expected a value like"):
+    with pytest.raises(ValueError, match="total_images takes an integer"):
         get_preset("ci").override(["total_images=many"])
-    with pytest.raises(ValueError, match="unknown classifier preset"):
+    with pytest.raises(ValueError, match="no preset or TOML file 'nope'"):
         get_preset("nope")
 
 
@@ -173,6 +174,10 @@ def test_interrupted_and_resumed_training_equals_one_straight_run(tmp_path):
     for name, tensor in _weights(straight).items():
         torch.testing.assert_close(_weights(resumed)[name], tensor, rtol=0, atol=1e-6, msg=name)
     np.testing.assert_allclose(resumed.thresholds, straight.thresholds, atol=1e-6)
+    recorded = latest_result(tmp_path / "straight", "classifier_auroc")  # through the metric registry
+    assert recorded["images_shown"] == 512 and recorded["snapshot"] == "classifier"
+    assert recorded["value"] == straight.mean_auroc and recorded["protocol"]["bootstrap"] == 0
+    assert [r["images_shown"] for r in read_results(tmp_path / "paused", "classifier_auroc")] == [512]
 
     reloaded = TrainedClassifier.load(tmp_path / "straight")
     assert reloaded.spec == straight.spec and reloaded.images_shown == 512

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from training.classifier import get_preset
-from training.classifier.config import PRESETS
+from training.classifier.config import preset_names
 from training.classifier.config import problems as classifier_problems
 from training.cli import main
 from training.gan.config import CONFIG_DIR, ConfigError, GanConfig, load_config
@@ -237,7 +237,7 @@ def test_train_checks_the_data_before_any_work(tmp_path, capsys, arguments, key)
 # ------------------------------------------------------------------------------------ classifier
 
 
-@pytest.mark.parametrize("preset", sorted(PRESETS))
+@pytest.mark.parametrize("preset", preset_names())
 @pytest.mark.parametrize("world_size", [1, 2, 4])
 def test_every_classifier_preset_validates_clean(preset, world_size, tmp_path):
     config = get_preset(preset)

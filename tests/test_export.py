@@ -111,6 +111,7 @@ def test_manifest_records_the_training_it_came_from(ci_bundle, ci_models):
     assert provenance.dataset == "phantoms-nih-512-seed0" and provenance.images_shown > 0  # prior, count, seed
     assert provenance.classifier_arch == "small_cnn" and provenance.classifier_dataset.startswith("phantoms")
     assert provenance.classifier_mean_auroc == pytest.approx(ci_models.classifier.mean_auroc)
+    assert provenance.frechet_distance is None and provenance.extra == {}  # the ci GAN was never measured
     assert len(provenance.commit) >= 7
     for label, metric in provenance.classifier_auroc.items():
         assert metric.ci_low <= metric.auroc <= metric.ci_high, label
@@ -186,3 +187,28 @@ def test_export_refuses_to_overwrite_and_leaves_no_partial_bundle(ci_bundle, ci_
         export_bundle(ci_models.generator, ci_models.classifier, ci_bundle, generator_info=GeneratorInfo("x", 0))
     leftovers = [p.name for p in ci_bundle.parent.iterdir() if p.name.startswith(".")]
     assert leftovers == []
+
+
+def test_the_export_records_the_generators_measured_frechet_distance(ci_models, tmp_path):
+    """Provenance comes from the GAN run's metric record (training/metrics), not from the command line."""
+    import shutil
+
+    from tests.bundle_fixtures import run_command
+    from training.metrics import MetricResult, report_metric
+    from training.metrics.builtin import FRECHET_DISTANCE
+    from training.runtime import read_checkpoint
+
+    run = tmp_path / "gan"
+    (run / "checkpoints").mkdir(parents=True)
+    checkpoint = shutil.copy(ci_models.gan_checkpoint, run / "checkpoints")
+    images_shown = read_checkpoint(checkpoint).state["images_shown"]
+    protocol = {"features": "pixel statistics", "fakes": 256}
+    report_metric(MetricResult(FRECHET_DISTANCE, 0.75, protocol=protocol), run, images_shown=images_shown,
+                  snapshot=checkpoint)
+    out = tmp_path / "bundle"
+    assert run_command("training.export.commands", ["export", "--generator", str(run), "--classifier",
+                                                    str(ci_models.classifier_dir), "--out", str(out)]) == 0
+    provenance = verify_bundle(out).provenance
+    assert provenance.frechet_distance == 0.75
+    assert provenance.extra["frechet_distance_protocol"] == protocol
+    assert provenance.images_shown == images_shown

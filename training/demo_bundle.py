@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def training_steps(bundle: Path, runs: Path) -> list[tuple[str, bool, list[str]]]:
     """(title, data-parallel, training.cli arguments) of each step."""
-    members = [name for name, *_ in DEMO_MEMBERS]
+    members = list(DEMO_MEMBERS)
     member_runs = [str(runs / f"classifier-{number}") for number in range(1, len(members) + 1)]
     return [
         ("PGGAN generator", True, ["train", "--config", "demo", "--data", "phantoms", "--run-dir", str(runs / "gan")]),

@@ -6,12 +6,18 @@ used only to judge label fidelity and never inside LCO.
 """
 
 from training.classifier.artifact import TrainedClassifier
-from training.classifier.config import PRESETS, ClassifierTrainConfig, DataConfig, get_preset
+from training.classifier.config import (
+    DEMO_MEMBERS,
+    ClassifierTrainConfig,
+    DataConfig,
+    get_preset,
+    preset_names,
+)
 from training.classifier.metrics import LabelAUROC, auroc, mean_auroc, per_label_auroc, youden_thresholds
 from training.classifier.trainer import build_splits, evaluate, predict, train_classifier
 
 __all__ = [
-    "PRESETS",
+    "DEMO_MEMBERS",
     "ClassifierTrainConfig",
     "DataConfig",
     "LabelAUROC",
@@ -23,6 +29,7 @@ __all__ = [
     "mean_auroc",
     "per_label_auroc",
     "predict",
+    "preset_names",
     "train_classifier",
     "youden_thresholds",
 ]

@@ -1,24 +1,19 @@
-"""Classifier training configuration and presets.
+"""Classifier training configuration, its presets and its start-up checks.
 
-Presets (``PRESETS``), all overridable field by field (``--set lr=3e-4``):
+Presets are TOML files in training/configs/classifier/ (each says what it is for), read, inherited
+(``extends``) and overridden field by field (``--set lr=3e-4``) by the grammar every trainer shares
+(training/runtime/presets.py):
 
-- ``ci``: 32² phantoms, a tiny CNN; seconds. Pairs with the GAN's ``ci`` preset in tests.
-- ``demo``: 64² phantoms, a small CNN; about a minute of CPU time (mean AUROC ≈ 0.97 on the
-  phantom hold-out). The demo presets draw phantoms from the ``nih-boosted`` prior, like the demo
-  generator: NIH's co-occurring findings, with every finding common enough to learn from 3,000 images.
-- ``demo-2`` … ``demo-9``: the same on other phantom seeds, some wider (``DEMO_MEMBERS``). The demo
-  bundle's LCO classifier is the ensemble of the nine (``classifier ensemble``, evaluated on ``demo``'s
-  hold-out, which none of them trained on).
-- ``auditor-ci`` / ``auditor``: the independent auditors for ``ci`` and ``demo``: another
-  architecture (a small DenseNet) and another seed, trained on a disjoint phantom seed. Used only to
-  judge label fidelity in evaluation and tests, never inside LCO.
-- ``chexnet``: DenseNet-121 at 224² on NIH ChestX-ray14 (Rajpurkar et al. 2017): Adam 1e-3, batch 16
-  in the paper; here 32 per GPU.
+- ``ci``, ``auditor-ci``: 32² phantoms, seconds; the test suite's classifier and its auditor.
+- ``demo``, ``demo-2`` … ``demo-9`` (``DEMO_MEMBERS``): the demo bundle's LCO ensemble, 64² phantoms.
+- ``auditor``: the independent auditor for ``demo``, never used inside LCO.
+- ``chexnet``: DenseNet-121 at 224² on NIH ChestX-ray14.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -26,8 +21,10 @@ from typing import Any
 from service.labels import NUM_LABELS
 from service.prior import PRIOR_NAMES
 from training.networks.classifier import ClassifierSpec, feature_size
+from training.runtime import presets
 from training.runtime.validation import Checks, ConfigError, show
 
+PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "classifier"
 DATASETS = ("phantoms", "nih", "chexpert")  # labelled; an image folder has nothing to learn from
 TRAINABLE_ARCHITECTURES = ("small_cnn", "densenet")  # ensembles are built from trained members
 DENSENET_STEMS = ("imagenet", "compact")
@@ -76,32 +73,16 @@ class ClassifierTrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ClassifierTrainConfig:
-        data = dict(data)
-        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown classifier config fields: {sorted(unknown)}")
-        data["data"] = DataConfig(**data.get("data", {}))
-        data["model"] = ClassifierSpec.from_dict(data.get("model", {}))
-        return cls(**data)
+    def from_dict(cls, data: Mapping[str, Any]) -> ClassifierTrainConfig:
+        """A configuration from its table (a preset's, a checkpoint's, `to_dict()`'s); missing keys keep
+        their defaults. Raises ConfigError naming an unknown or mistyped key."""
+        return presets.build(cls, data)
 
-    def override(self, assignments: list[str]) -> ClassifierTrainConfig:
-        """Apply ``key=value`` overrides; nested fields as ``data.train_count=2000``, ``model.channels=8,16``."""
-        document = self.to_dict()
-        for assignment in assignments:
-            if "=" not in assignment:
-                raise ValueError(f"override {assignment!r} must look like key=value")
-            key, text = assignment.split("=", 1)
-            *parents, leaf = key.strip().split(".")
-            node = document
-            for parent in parents:
-                if parent not in node or not isinstance(node[parent], dict):
-                    raise ValueError(f"unknown config section {parent!r} in {assignment!r}")
-                node = node[parent]
-            if leaf not in node:
-                raise ValueError(f"unknown config field {key!r}; fields here: {sorted(node)}")
-            node[leaf] = _parse_like(node[leaf], text, key)
-        return ClassifierTrainConfig.from_dict(document)
+    def override(self, assignments: Iterable[str]) -> ClassifierTrainConfig:
+        """This configuration with `KEY=VALUE` overrides (training/runtime/presets.py), e.g.
+        ``data.train_count=2000``, ``model.channels=8,16``. Raises ConfigError naming a bad key or value."""
+        table = presets.apply_overrides(self.to_dict(), assignments, ClassifierTrainConfig)
+        return ClassifierTrainConfig.from_dict(table)
 
 
 def validate(config: ClassifierTrainConfig, world_size: int | None = None) -> None:
@@ -203,99 +184,19 @@ def _check_model(model: ClassifierSpec, checks: Checks) -> int | None:
     return final
 
 
-def _parse_like(current: Any, text: str, key: str) -> Any:
-    try:
-        if isinstance(current, bool):
-            if text.lower() not in ("true", "false", "1", "0"):
-                raise ValueError
-            return text.lower() in ("true", "1")
-        if isinstance(current, int):
-            return int(float(text)) if "e" in text.lower() else int(text)
-        if isinstance(current, float):
-            return float(text)
-        if isinstance(current, (tuple, list)):
-            return tuple(int(v) for v in text.split(",") if v.strip())
-        return text
-    except ValueError:
-        raise ValueError(f"{key}={text!r}: expected a value like {current!r}") from None
+# The demo bundle's LCO ensemble: `demo` and the presets that extend it, each on its own phantom stream
+# and seed, the two widths alternating (why nine: docs/lco-quality.md). service/demo.py trains these.
+DEMO_MEMBERS: tuple[str, ...] = ("demo", *(f"demo-{number}" for number in range(2, 10)))
 
 
-def _small_cnn(resolution: int, channels: tuple[int, ...]) -> ClassifierSpec:
-    return ClassifierSpec(arch="small_cnn", input_size=resolution, channels=channels)
+def preset_names() -> list[str]:
+    """The shipped classifier presets: the TOML files of training/configs/classifier/."""
+    return presets.preset_names(PRESET_DIR)
 
 
-def _small_densenet(resolution: int, block_config: tuple[int, ...], growth: int, init: int) -> ClassifierSpec:
-    """DenseNet-BC with the DenseNet-121 stem, fewer and thinner layers."""
-    return ClassifierSpec(arch="densenet", input_size=resolution, block_config=block_config, growth_rate=growth,
-                          init_features=init, bn_size=2, stem="imagenet")
+def get_preset(name_or_path: str) -> ClassifierTrainConfig:
+    """A classifier preset by name, or a TOML file by path, resolved (`extends`) and typed.
 
-
-# The demo bundle's LCO ensemble: (preset, phantom seed, seed, widths). Nine members, not three:
-# LCO exploits what one member alone reads as a finding, and each member added dilutes it (the
-# auditor's agreement on Pleural_Thickening and Pneumothorax rose from 28/12% with three to 66/34% with
-# seven and 72/59% with nine, at LCO's old 1.5-logit margin; 91/94% at its 1.8: docs/lco-quality.md).
-_NARROW, _WIDE = (8, 16, 32, 64), (16, 32, 48, 64)
-DEMO_MEMBERS: tuple[tuple[str, int, int, tuple[int, ...]], ...] = (
-    ("demo", 1000, 0, _NARROW),
-    ("demo-2", 3000, 1, _NARROW),
-    ("demo-3", 4000, 2, _WIDE),
-    ("demo-4", 5000, 3, _NARROW),
-    ("demo-5", 6000, 4, _WIDE),
-    ("demo-6", 7000, 5, _NARROW),
-    ("demo-7", 8000, 6, _WIDE),
-    ("demo-8", 9000, 7, _NARROW),
-    ("demo-9", 10000, 8, _WIDE),
-)
-
-
-def _demo(name: str, data_seed: int, seed: int, channels: tuple[int, ...]) -> ClassifierTrainConfig:
-    """The demo CNN; its ensemble siblings differ in phantom stream, seed and width only."""
-    return ClassifierTrainConfig(
-        name=name,
-        data=DataConfig(resolution=64, prior="nih-boosted", seed=data_seed, train_count=3000, val_count=600,
-                        test_count=900),
-        model=_small_cnn(64, channels),
-        seed=seed, batch_size=64, total_images=12_000, lr=3e-3, warmup_images=1_000,
-        checkpoint_every=6_000, tick_images=3_000,
-    )
-
-
-PRESETS: dict[str, ClassifierTrainConfig] = {
-    "ci": ClassifierTrainConfig(
-        name="ci",
-        data=DataConfig(resolution=32, seed=1000, train_count=2000, val_count=400, test_count=600),
-        model=_small_cnn(32, (8, 16, 32)),
-        seed=0, batch_size=64, total_images=12_000, lr=3e-3, warmup_images=1_000,
-        checkpoint_every=6_000, tick_images=2_000, bootstrap=200,
-    ),
-    "auditor-ci": ClassifierTrainConfig(
-        name="auditor-ci",
-        data=DataConfig(resolution=32, seed=2000, train_count=2000, val_count=400, test_count=600),
-        model=_small_densenet(32, (2, 2, 2), growth=8, init=16),
-        seed=1, batch_size=64, total_images=12_000, lr=3e-3, warmup_images=1_000,
-        checkpoint_every=6_000, tick_images=2_000, bootstrap=200,
-    ),
-    **{name: _demo(name, data_seed, seed, channels) for name, data_seed, seed, channels in DEMO_MEMBERS},
-    "auditor": ClassifierTrainConfig(
-        name="auditor",
-        data=DataConfig(resolution=64, prior="nih-boosted", seed=2000, train_count=6000, val_count=600,
-                        test_count=900),
-        model=_small_densenet(64, (3, 3, 3), growth=12, init=24),
-        seed=1, batch_size=64, total_images=40_000, lr=3e-3, warmup_images=1_000,
-        checkpoint_every=20_000, tick_images=5_000,
-    ),
-    "chexnet": ClassifierTrainConfig(
-        name="chexnet",
-        data=DataConfig(kind="nih", resolution=256, prior="nih", cache_in_memory=False),
-        model=ClassifierSpec(arch="densenet", input_size=224, block_config=(6, 12, 24, 16), growth_rate=32,
-                             init_features=64, bn_size=4),
-        seed=0, batch_size=32, total_images=1_000_000, lr=1e-3, weight_decay=1e-5, warmup_images=20_000,
-        checkpoint_every=50_000, tick_images=10_000, workers=8,
-    ),
-}
-
-
-def get_preset(name: str) -> ClassifierTrainConfig:
-    if name not in PRESETS:
-        raise ValueError(f"unknown classifier preset {name!r}; choose one of {sorted(PRESETS)}")
-    return PRESETS[name]
+    Raises ConfigError (a ValueError) for an unknown preset or a file with unknown or mistyped keys.
+    """
+    return ClassifierTrainConfig.from_dict(presets.read_preset(PRESET_DIR, name_or_path))

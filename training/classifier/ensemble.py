@@ -55,9 +55,11 @@ def build_ensemble(members: Sequence[TrainedClassifier], config: ClassifierTrain
                    shifts: Sequence[tuple[int, int]] = DEFAULT_SHIFTS,
                    vote_clip: float = DEFAULT_VOTE_CLIP) -> TrainedClassifier:
     """Combine ``members``, evaluate on ``config``'s held-out splits; save to ``run_dir``/classifier
-    (with ``run_dir``/roc.png), as ``classifier train`` does."""
-    from training.classifier.metrics import per_label_auroc
+    (with ``run_dir``/roc.png and the AUROC in ``run_dir``/metric-classifier_auroc.jsonl), as
+    ``classifier train`` does."""
     from training.classifier.trainer import build_splits, predict, save_roc_picture
+    from training.metrics import compute_metric, report_metric
+    from training.metrics.builtin import CLASSIFIER_AUROC, label_aurocs
 
     if not members:
         raise ValueError("an ensemble needs at least one member classifier")
@@ -66,16 +68,20 @@ def build_ensemble(members: Sequence[TrainedClassifier], config: ClassifierTrain
         config = config.override(["data.train_count=1", "data.val_count=1"])
     splits = build_splits(config)
     probabilities, labels, mask = predict(network, splits.test, torch.device("cpu"))
-    metrics = per_label_auroc(probabilities, labels, mask, bootstrap=config.bootstrap, seed=config.seed)
+    metric = compute_metric(CLASSIFIER_AUROC, probabilities=probabilities, labels=labels, mask=mask,
+                            bootstrap=config.bootstrap, seed=config.seed, split="test", dataset=splits.description)
+    metrics = label_aurocs(metric)
     thresholds = np.full(NUM_LABELS, 0.5, np.float32)  # a mean vote of 0 (see the module docstring)
+    images_shown = sum(member.images_shown for member in members)
     result = TrainedClassifier(
         network=network, spec=network.spec, thresholds=thresholds, metrics=metrics, dataset=splits.description,
-        images_shown=sum(member.images_shown for member in members), preset=config.name, seed=config.seed,
+        images_shown=images_shown, preset=config.name, seed=config.seed,
         extra={"source": str(run_dir / "classifier"), "members": [
             {"source": str(m.extra.get("source", "")), "arch": m.spec.arch, "preset": m.preset, "seed": m.seed,
              "dataset": m.dataset, "mean_auroc": m.mean_auroc} for m in members]},
     )
     result.save(run_dir / "classifier")
+    report_metric(metric, run_dir, images_shown=images_shown, snapshot=run_dir / "classifier")
     save_roc_picture(network, splits.test, torch.device("cpu"), metrics, run_dir / "roc.png",
                      f"ensemble of {len(members)} ({', '.join(m.spec.arch for m in members)}), {len(shifts) + 1} views"
                      + (f", votes clipped at ±{vote_clip:g}" if vote_clip > 0 else ""))

@@ -8,16 +8,20 @@ One loop serves every data set and both roles (the LCO classifier and the indepe
 - schedule: AdamW, linear warm-up then cosine decay, all a function of images shown, so a resumed
   run follows the identical schedule;
 - operation: the runtime's atomic checkpoints with RNG states and the resumable sampler position
-  (exact resume, mid-epoch included), torchrun DDP with one gradient all-reduce per step, the
-  non-finite guard, SIGINT/SIGTERM → checkpoint and exit, tqdm + TensorBoard + stats.jsonl;
+  (exact resume, mid-epoch included), and its loop skeleton (``training.runtime.loop``): torchrun DDP
+  with one gradient all-reduce per step, the non-finite guard, SIGINT/SIGTERM → checkpoint and exit,
+  tqdm + TensorBoard + stats.jsonl;
 - result: thresholds by Youden's J on the validation split, per-label AUROC with bootstrap 95% CIs
-  on the held-out test split, a ROC picture, and the classifier saved as ``<run>/classifier/``.
+  on the held-out test split (the ``classifier_auroc`` metric, recorded in
+  ``<run>/metric-classifier_auroc.jsonl``), a ROC picture, and the classifier saved as
+  ``<run>/classifier/``.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,27 +34,25 @@ from tqdm.auto import tqdm
 from service.labels import LABELS
 from training.classifier.artifact import TrainedClassifier
 from training.classifier.config import ClassifierTrainConfig, validate
-from training.classifier.metrics import LabelAUROC, mean_auroc, per_label_auroc, youden_thresholds
+from training.classifier.metrics import LabelAUROC, mean_auroc, youden_thresholds
+from training.metrics import MetricResult, compute_metric, report_metric
+from training.metrics.builtin import CLASSIFIER_AUROC, label_aurocs
 from training.networks.classifier import build_classifier
 from training.runtime import (
+    DistributedContext,
     NonFiniteGuard,
     ResumableBatchSampler,
     StopRequest,
     TrainingMonitor,
-    all_finite,
-    average_gradients_,
     broadcast_module_,
-    checkpoint_path,
-    create_run_dir,
-    gather_rng_states,
     init_distributed,
     latest_checkpoint,
     load_checkpoint,
     read_checkpoint,
-    save_checkpoint,
     world_size_from_env,
     write_json_atomic,
 )
+from training.runtime.loop import optimizer_step, run_steps, save_run_checkpoint, shared_run_dir
 
 
 class InMemoryDataset(Dataset):
@@ -171,13 +173,15 @@ def predict(network: torch.nn.Module, dataset: Dataset, device: torch.device, ba
 
 
 def evaluate(network: torch.nn.Module, val: Dataset, test: Dataset, device: torch.device,
-             bootstrap: int, seed: int) -> tuple[np.ndarray, dict[str, LabelAUROC]]:
-    """Youden-J thresholds on ``val``; per-label AUROC with bootstrap CIs on ``test``."""
+             bootstrap: int, seed: int, description: str = "") -> tuple[np.ndarray, MetricResult]:
+    """Youden-J thresholds [14] on ``val``; the ``classifier_auroc`` metric (per-label AUROC with
+    bootstrap CIs, and their mean) on ``test``, whose data ``description`` names in its protocol."""
     val_probs, val_labels, val_mask = predict(network, val, device)
     thresholds = youden_thresholds(val_probs, val_labels, val_mask)
     test_probs, test_labels, test_mask = predict(network, test, device)
-    metrics = per_label_auroc(test_probs, test_labels, test_mask, bootstrap=bootstrap, seed=seed)
-    return thresholds, metrics
+    result = compute_metric(CLASSIFIER_AUROC, probabilities=test_probs, labels=test_labels, mask=test_mask,
+                            bootstrap=bootstrap, seed=seed, split="test", dataset=description)
+    return thresholds, result
 
 
 def save_roc_picture(network: torch.nn.Module, test: Dataset, device: torch.device,
@@ -219,6 +223,17 @@ def save_roc_picture(network: torch.nn.Module, test: Dataset, device: torch.devi
     tmp.replace(path)
 
 
+def resumed_config(run_dir: str | Path) -> ClassifierTrainConfig:
+    """The configuration stored in the latest checkpoint of `run_dir`.
+
+    Raises FileNotFoundError when there is none, ConfigError when it holds an unusable table.
+    """
+    found = latest_checkpoint(run_dir)
+    if found is None:
+        raise FileNotFoundError(f"no checkpoint to resume in {run_dir}/checkpoints")
+    return ClassifierTrainConfig.from_dict(read_checkpoint(found).state["config"])
+
+
 def train_classifier(
     config: ClassifierTrainConfig | None,
     run_dir: str | Path | None = None,
@@ -232,8 +247,8 @@ def train_classifier(
 ) -> TrainedClassifier | None:
     """Train (or resume) a classifier; returns it on rank 0 once training finished, else None.
 
-    run_dir: where checkpoints, stats and the result go; a new numbered directory under
-      ``runs_root`` when None. With ``resume`` the latest checkpoint in ``run_dir`` is continued,
+    run_dir: where checkpoints, stats, metric records and the result go; a new numbered directory
+      under ``runs_root`` when None. With ``resume`` the latest checkpoint in ``run_dir`` is continued,
       with the configuration stored in it (``config`` may then be None).
     stop_after_images: stop (with a checkpoint) once this many images are shown, as an interruption
       would; used to test exact resumption.
@@ -243,129 +258,158 @@ def train_classifier(
     if resume:
         if run_dir is None:
             raise ValueError("resume needs the run directory to continue")
-        found = latest_checkpoint(run_dir)
-        if found is None:
-            raise FileNotFoundError(f"no checkpoint to resume in {run_dir}/checkpoints")
-        config = ClassifierTrainConfig.from_dict(read_checkpoint(found).state["config"])
+        config = resumed_config(run_dir)
     # Before any data or process group: a value that cannot train is refused now, not mid-run.
     validate(config, world_size_from_env())
     context = init_distributed(config.device)
-    run_dir = Path(run_dir) if run_dir is not None else None
-    if run_dir is None:
-        run_dir = create_run_dir(runs_root, f"classifier-{config.name}") if context.is_main else None
-        if context.is_distributed:
-            holder = [str(run_dir) if run_dir else None]
-            torch.distributed.broadcast_object_list(holder, src=0)
-            run_dir = Path(holder[0])
+    run_dir = shared_run_dir(run_dir, runs_root, f"classifier-{config.name}", context)
     run_dir.mkdir(parents=True, exist_ok=True)
     if context.is_main:
         write_json_atomic(run_dir / "config.json", config.to_dict())
+    run = ClassifierRun(config, run_dir, context, splits, resume=resume, progress=progress,
+                        tensorboard=tensorboard)
+    try:
+        if not run.train(stop_after_images):
+            return None
+        return run.finish()
+    finally:
+        run.monitor.close()
 
-    torch.manual_seed(config.seed)
-    np.random.seed(config.seed)
-    device = context.device
-    network = build_classifier(config.model).to(device)
-    broadcast_module_(network)  # every rank starts from rank 0's initialisation
-    optimizer = torch.optim.AdamW(network.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    use_amp = device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    guard = NonFiniteGuard(name=f"classifier {config.name}")
 
-    splits = splits or build_splits(config, materialize_workers=config.workers)
-    positives, known = label_statistics(splits.train)
-    pos_weight = positive_weights(positives, known, config.pos_weight_max).to(device)
+class ClassifierRun:
+    """One rank's classifier training: network, optimiser, data, counters and the run directory.
 
-    images_shown = 0
-    objects = {"network": network, "optimizer": optimizer, "scaler": scaler, "guard": guard}
-    if resume:
-        checkpoint = load_checkpoint(latest_checkpoint(run_dir), objects=objects, map_location=device,
-                                     rank=context.rank)
-        images_shown = int(checkpoint.state["images_shown"])
+    Building it seeds the RNGs and builds everything in a fixed order (network, data, then the
+    checkpoint's RNG states when resuming), which exact resumption depends on.
+    """
 
-    sampler = ResumableBatchSampler(len(splits.train), config.batch_size, seed=config.seed,
-                                    start_position=images_shown, rank=context.rank,
-                                    world_size=context.world_size)
-    in_memory = isinstance(splits.train, InMemoryDataset)
-    loader = DataLoader(splits.train, batch_sampler=sampler, num_workers=0 if in_memory else config.workers,
-                        persistent_workers=not in_memory and config.workers > 0,
-                        pin_memory=device.type == "cuda")
-    monitor = TrainingMonitor(run_dir, total=config.total_images, initial=images_shown, enabled=context.is_main,
-                              tensorboard=tensorboard, progress=progress)
-    if resume:
-        monitor.message(f"resumed from {images_shown} images shown")
+    def __init__(self, config: ClassifierTrainConfig, run_dir: Path, context: DistributedContext,
+                 splits: Splits | None = None, *, resume: bool = False, progress: bool = True,
+                 tensorboard: bool = True) -> None:
+        self.config, self.run_dir, self.context = config, run_dir, context
+        torch.manual_seed(config.seed)
+        np.random.seed(config.seed)
+        self.device = context.device
+        self.network = build_classifier(config.model).to(self.device)
+        broadcast_module_(self.network)  # every rank starts from rank 0's initialisation
+        self.optimizer = torch.optim.AdamW(self.network.parameters(), lr=config.lr,
+                                           weight_decay=config.weight_decay)
+        self.use_amp = self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        self.guard = NonFiniteGuard(name=f"classifier {config.name}")
+        self.splits = splits or build_splits(config, materialize_workers=config.workers)
+        positives, known = label_statistics(self.splits.train)
+        self.pos_weight = positive_weights(positives, known, config.pos_weight_max).to(self.device)
+        self.images_shown = 0
+        self.objects = {"network": self.network, "optimizer": self.optimizer, "scaler": self.scaler,
+                        "guard": self.guard}
+        if resume:
+            checkpoint = load_checkpoint(latest_checkpoint(run_dir), objects=self.objects,
+                                         map_location=self.device, rank=context.rank)
+            self.images_shown = int(checkpoint.state["images_shown"])
+        self.loader = self._loader()
+        self._batches: Iterator | None = None
+        self._tick_losses: list[float] = []  # this tick's losses (this rank's)
+        self._tick_start = (time.perf_counter(), self.images_shown)  # when it began, at how many images
+        self.monitor = TrainingMonitor(run_dir, total=config.total_images, initial=self.images_shown,
+                                       enabled=context.is_main, tensorboard=tensorboard, progress=progress)
+        if resume:
+            self.monitor.message(f"resumed from {self.images_shown} images shown")
 
-    def write_checkpoint() -> None:
-        rng = gather_rng_states()
-        if context.is_main:
-            save_checkpoint(checkpoint_path(run_dir, images_shown), objects=objects,
-                            state={"images_shown": images_shown, "config": config.to_dict(),
-                                   "pos_weight": pos_weight.tolist()},
-                            rng=rng, keep_last=3)
+    def _loader(self) -> DataLoader:
+        config, train = self.config, self.splits.train
+        sampler = ResumableBatchSampler(len(train), config.batch_size, seed=config.seed,
+                                        start_position=self.images_shown, rank=self.context.rank,
+                                        world_size=self.context.world_size)
+        in_memory = isinstance(train, InMemoryDataset)
+        return DataLoader(train, batch_sampler=sampler, num_workers=0 if in_memory else config.workers,
+                          persistent_workers=not in_memory and config.workers > 0,
+                          pin_memory=self.device.type == "cuda")
 
-    tick_start, tick_images, tick_losses = time.perf_counter(), 0, []
-    next_checkpoint = (images_shown // config.checkpoint_every + 1) * config.checkpoint_every
-    limit = config.total_images if stop_after_images is None else min(config.total_images, stop_after_images)
-    interrupted = False
-    with StopRequest() as stop:
-        network.train()
-        for images, labels, mask in loader:
-            if images_shown >= limit:
-                break
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(config, images_shown)
-            images, labels, mask = (t.to(device, non_blocking=True) for t in (images, labels, mask))
-            with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-                logits, _ = network(images.float())
-            loss = masked_weighted_bce(logits, labels, mask, pos_weight)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            average_gradients_(network.parameters())
-            scaler.unscale_(optimizer)
-            grads = [p.grad for p in network.parameters() if p.grad is not None]
-            if guard.check(all_finite([loss.detach(), *grads]), where=f"at {images_shown} images"):
-                scaler.step(optimizer)
-            scaler.update()
-            images_shown += config.batch_size
-            tick_images += config.batch_size
-            tick_losses.append(float(loss.detach()))
-            monitor.advance(images_shown, {"loss": f"{tick_losses[-1]:.4f}"})
-            if tick_images >= config.tick_images:
-                elapsed = time.perf_counter() - tick_start
-                monitor.log({"images_shown": images_shown, "loss": float(np.mean(tick_losses)),
-                             "lr": optimizer.param_groups[0]["lr"], "img_per_s": tick_images / elapsed,
-                             "skipped_steps": guard.total_skipped}, step=images_shown)
-                tick_start, tick_images, tick_losses = time.perf_counter(), 0, []
-            if images_shown >= next_checkpoint and images_shown < config.total_images:
-                write_checkpoint()
-                next_checkpoint += config.checkpoint_every
-            if stop.requested:
-                monitor.message(f"{stop.signal_name}: writing a checkpoint at {images_shown} images and exiting")
-                interrupted = True
-                break
-    write_checkpoint()
-    if interrupted or images_shown < config.total_images:
-        monitor.close()
-        return None
+    def save(self) -> Path | None:
+        """Checkpoint at the images shown so far (collective; rank 0 writes)."""
+        state = {"images_shown": self.images_shown, "config": self.config.to_dict(),
+                 "pos_weight": self.pos_weight.tolist()}
+        return save_run_checkpoint(self.context, self.run_dir, self.images_shown, self.objects, state,
+                                   keep_last=3)
 
-    # Parameters agree on every rank (same start, averaged gradients); BatchNorm running statistics
-    # come from each rank's own batches, so keep rank 0's.
-    for buffer in network.buffers():
-        if context.is_distributed:
-            torch.distributed.broadcast(buffer.data, src=0)
-    result = None
-    if context.is_main:
-        thresholds, metrics = evaluate(network, splits.val, splits.test, device, config.bootstrap, config.seed)
-        network = network.cpu().eval()
+    def step(self, images: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> float:
+        """One optimiser step on one batch (skipped when non-finite); returns this rank's loss."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(self.config, self.images_shown)
+        images, labels, mask = (t.to(self.device, non_blocking=True) for t in (images, labels, mask))
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.use_amp):
+            logits, _ = self.network(images.float())
+        loss = masked_weighted_bce(logits, labels, mask, self.pos_weight)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        optimizer_step(self.optimizer, self.scaler, self.network.parameters(), self.guard,
+                       checked=[loss.detach()], where=f"at {self.images_shown} images")
+        self.images_shown += self.config.batch_size
+        return float(loss.detach())
+
+    def train(self, stop_after_images: int | None = None) -> bool:
+        """Train until ``total_images`` (or ``stop_after_images``) or a signal, with a checkpoint at the end.
+
+        Returns whether training is complete.
+        """
+        config = self.config
+        limit = config.total_images
+        if stop_after_images is not None:
+            limit = min(limit, stop_after_images)
+        self._tick_losses, self._tick_start = [], (time.perf_counter(), self.images_shown)
+        self.network.train()
+        outcome = run_steps(self._train_step, lambda: self.images_shown, limit,
+                            tick_every=config.tick_images, checkpoint_every=config.checkpoint_every,
+                            tick=self._end_tick, checkpoint=self.save, monitor=self.monitor)
+        return not outcome.stopped and self.images_shown >= config.total_images
+
+    def _train_step(self, stop: StopRequest) -> bool:
+        """One step on the next batch; returns whether this process was asked to stop."""
+        if self._batches is None:  # started under the stop handler, as data workers inherit it
+            self._batches = iter(self.loader)
+        self._tick_losses.append(self.step(*next(self._batches)))
+        self.monitor.advance(self.images_shown, {"loss": f"{self._tick_losses[-1]:.4f}"})
+        return stop.requested
+
+    def _end_tick(self) -> None:
+        start_time, start_images = self._tick_start
+        rate = (self.images_shown - start_images) / (time.perf_counter() - start_time)
+        self.monitor.log({"images_shown": self.images_shown, "loss": float(np.mean(self._tick_losses)),
+                          "lr": self.optimizer.param_groups[0]["lr"], "img_per_s": rate,
+                          "skipped_steps": self.guard.total_skipped}, step=self.images_shown)
+        self._tick_losses, self._tick_start = [], (time.perf_counter(), self.images_shown)
+
+    def finish(self) -> TrainedClassifier | None:
+        """Evaluate, record the AUROC (``metric-classifier_auroc.jsonl``) and save ``<run>/classifier``;
+        returns the classifier on rank 0, None elsewhere."""
+        # Parameters agree on every rank (same start, averaged gradients); BatchNorm running statistics
+        # come from each rank's own batches, so keep rank 0's.
+        for buffer in self.network.buffers():
+            if self.context.is_distributed:
+                torch.distributed.broadcast(buffer.data, src=0)
+        result = None
+        if self.context.is_main:
+            result = self._evaluate_and_save()
+        self.context.barrier()
+        return result
+
+    def _evaluate_and_save(self) -> TrainedClassifier:
+        config, run_dir, splits = self.config, self.run_dir, self.splits
+        thresholds, metric = evaluate(self.network, splits.val, splits.test, self.device, config.bootstrap,
+                                      config.seed, description=splits.description)
+        artifact = run_dir / "classifier"
+        report_metric(metric, run_dir, images_shown=self.images_shown, snapshot=artifact)
+        metrics = label_aurocs(metric)
+        network = self.network.cpu().eval()
         result = TrainedClassifier(network=network, spec=config.model, thresholds=thresholds, metrics=metrics,
-                                   dataset=splits.description, images_shown=images_shown, preset=config.name,
-                                   seed=config.seed, extra={"source": str(run_dir / "classifier")})
-        result.save(run_dir / "classifier")
-        summary = {"mean_auroc": result.mean_auroc, "images_shown": images_shown,
+                                   dataset=splits.description, images_shown=self.images_shown,
+                                   preset=config.name, seed=config.seed, extra={"source": str(artifact)})
+        result.save(artifact)
+        summary = {"mean_auroc": result.mean_auroc, "images_shown": self.images_shown,
                    **{f"auroc/{k}": v.auroc for k, v in metrics.items() if v.auroc is not None}}
-        monitor.log(summary, step=images_shown)
+        self.monitor.log(summary, step=self.images_shown)
         save_roc_picture(network, splits.test, torch.device("cpu"), metrics, run_dir / "roc.png",
-                         f"{config.name}: {config.model.arch}, {images_shown} images")
-        monitor.message(f"mean AUROC {result.mean_auroc:.4f} on the held-out split; saved {run_dir / 'classifier'}")
-    context.barrier()
-    monitor.close()
-    return result
+                         f"{config.name}: {config.model.arch}, {self.images_shown} images")
+        self.monitor.message(f"mean AUROC {result.mean_auroc:.4f} on the held-out split; saved {artifact}")
+        return result

@@ -1,7 +1,12 @@
 """CLI command ``export`` (registered by training.cli):
 
     python -m training.cli export --generator RUN_DIR_OR_CHECKPOINT --classifier CLASSIFIER_DIR \
-        --out bundles/demo [--name cxrsynth-demo] [--version V] [--model-store] [--frechet-distance F]
+        --out bundles/demo [--name cxrsynth-demo] [--version V] [--model-store]
+
+Provenance comes from the runs, not the command line: the classifier's held-out AUROC from the trained
+classifier, the generator's Fréchet distance from the GAN run's metric record
+(`<run>/metric-frechet_distance.jsonl`, the latest evaluation of the exported checkpoint; none when
+that checkpoint was never measured), with the protocol it was measured under.
 """
 
 from __future__ import annotations
@@ -14,6 +19,9 @@ from service.bundle import BundleError
 from training.classifier.artifact import TrainedClassifier
 from training.export.bundle import ExportCheckError, GeneratorInfo, export_bundle
 from training.export.model_store import save_to_model_store
+from training.metrics import latest_result
+from training.metrics.builtin import FRECHET_DISTANCE
+from training.runtime import run_dir_of
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -28,7 +36,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing bundle directory")
     parser.add_argument("--model-store", action="store_true",
                         help="also save the bundle into the local BentoML model store ($BENTOML_HOME)")
-    parser.add_argument("--frechet-distance", type=float, help="the generator's Fréchet distance, for provenance")
     parser.set_defaults(handler=run_export)
 
 
@@ -43,13 +50,11 @@ def run_export(args: argparse.Namespace) -> int:
             return _fail(f"{args.generator} holds no checkpoints")
     try:
         generator = load_generator(checkpoint)
-        state = read_checkpoint(checkpoint).state
+        info = generator_info(checkpoint, read_checkpoint(checkpoint).state)
         classifier = TrainedClassifier.load(args.classifier)
     except (FileNotFoundError, ValueError, KeyError) as error:
         return _fail(str(error))
     classifier.extra.setdefault("source", str(args.classifier))
-    info = GeneratorInfo(dataset=_describe_data(state), images_shown=int(state.get("images_shown", 0)),
-                         source=str(checkpoint), frechet_distance=args.frechet_distance)
     try:
         bundle = export_bundle(generator, classifier, args.out, generator_info=info, name=args.name,
                                version=args.version, overwrite=args.overwrite)
@@ -64,6 +69,23 @@ def run_export(args: argparse.Namespace) -> int:
 def _fail(message: str) -> int:
     print(f"error: {message}", file=sys.stderr)
     return 2
+
+
+def generator_info(checkpoint: Path, state: dict) -> GeneratorInfo:
+    """The manifest's record of the generator in `checkpoint` (whose JSON state is `state`).
+
+    The Fréchet distance is the latest `frechet_distance` result for this checkpoint's images shown in
+    its run directory, with its protocol in `extra`; None when there is none. Raises ValueError for a
+    metric record that cannot be read.
+    """
+    images_shown = int(state.get("images_shown", 0))
+    run_dir = run_dir_of(checkpoint)
+    measured = latest_result(run_dir, FRECHET_DISTANCE, images_shown=images_shown) if run_dir else None
+    return GeneratorInfo(
+        dataset=_describe_data(state), images_shown=images_shown, source=str(checkpoint),
+        frechet_distance=measured["value"] if measured else None,
+        extra={"frechet_distance_protocol": measured["protocol"]} if measured else {},
+    )
 
 
 def _describe_data(state: dict) -> str:

@@ -5,12 +5,15 @@ python -m training.cli resume RUN_DIR_OR_CHECKPOINT [--set train.tick_images=500
 python -m training.cli sample CHECKPOINT --grid out.png [--count N --out DIR] [--seed S]
 
 `train` and `resume` check the configuration, --data and WORLD_SIZE before reading data or joining a
-process group: every problem is reported by its key, and the command exits with status 2.
+process group: every problem is reported by its key, and the command exits with status 2. With
+`--dry-run` they print the resolved configuration as JSON (what the run directory's config.json will
+hold) and exit 0 without creating anything.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,17 +25,18 @@ from PIL import Image
 
 from training.gan.config import ConfigError, GanConfig, build_config, read_preset
 from training.gan.data import build_dataset, data_problems
-from training.gan.training_loop import PGGANTrainer, load_generator
+from training.gan.training_loop import PGGANTrainer, load_generator, run_config
 from training.runtime import (
     NonFiniteError,
-    create_run_dir,
     init_distributed,
     latest_checkpoint,
     read_checkpoint,
+    run_dir_of,
     save_image_grid,
     shutdown_distributed,
     world_size_from_env,
 )
+from training.runtime.loop import shared_run_dir
 from training.runtime.validation import format_problems
 
 
@@ -77,6 +81,9 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--stop-at", type=int, help="stop (with a checkpoint) after this many images in all")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs still written)")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="check and print the resolved configuration as JSON, then exit"
+    )
 
 
 def _fail(message: str) -> int:
@@ -97,15 +104,7 @@ def _train(
         torch.set_num_threads(config.train.cpu_threads)
     try:
         torch.backends.cudnn.benchmark = True
-        if run_dir is None:
-            created = (
-                [str(create_run_dir(runs_root, f"{config.name}-{data_spec.split(':')[0]}"))]
-                if context.is_main
-                else [""]
-            )
-            if context.is_distributed:
-                torch.distributed.broadcast_object_list(created, src=0)
-            run_dir = Path(created[0])
+        run_dir = shared_run_dir(run_dir, runs_root, f"{config.name}-{data_spec.split(':')[0]}", context)
         dataset = build_dataset(data_spec, config, progress=context.is_main and not args.no_progress)
         trainer = PGGANTrainer(
             config, dataset, run_dir, context, data_spec=data_spec, progress=not args.no_progress
@@ -163,6 +162,8 @@ def run_train(args: argparse.Namespace) -> int:
         return _fail(format_problems(found))
     if args.run_dir is not None and args.run_dir.exists() and any(args.run_dir.glob("checkpoints/*.pt")):
         return _fail(f"{args.run_dir} already holds checkpoints; continue it with `resume {args.run_dir}`")
+    if args.dry_run:
+        return _print_config(config, args.data)
     return _train(config, args.data, args.run_dir, args.runs, None, args)
 
 
@@ -171,7 +172,7 @@ def run_resume(args: argparse.Namespace) -> int:
     checkpoint = target if target.is_file() else latest_checkpoint(target)
     if checkpoint is None:
         return _fail(f"no checkpoint in {target}/checkpoints; start the run with `train`")
-    run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else target
+    run_dir = run_dir_of(checkpoint) or target
     state = read_checkpoint(checkpoint).state
     if state.get("kind") != "pggan":
         return _fail(f"{checkpoint} is not a PGGAN checkpoint")
@@ -179,7 +180,15 @@ def run_resume(args: argparse.Namespace) -> int:
     config, found = _checked(state["config"], args, data_spec, resume=True)
     if found:
         return _fail(format_problems(found))
+    if args.dry_run:
+        return _print_config(config, data_spec)
     return _train(config, data_spec, run_dir, None, checkpoint, args)
+
+
+def _print_config(config: GanConfig, data_spec: str) -> int:
+    """--dry-run: the document `PGGANTrainer.train` writes to config.json, on stdout."""
+    print(json.dumps(run_config(config, data_spec), indent=2, sort_keys=True))
+    return 0
 
 
 @torch.no_grad()

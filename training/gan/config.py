@@ -1,7 +1,8 @@
 """PGGAN training configuration: TOML presets in training/configs/, command-line overrides, schedule.
 
-A preset is a TOML file (see training/configs/demo.toml for every key with comments). Overrides use
-dotted paths and TOML values: `--set schedule.batch_size.64=32 --set optim.lr=2e-3`. Per-resolution
+A preset is a TOML file (see training/configs/demo.toml for every key with comments), read, inherited
+(`extends`) and overridden by the grammar every trainer shares (training/runtime/presets.py):
+`--set schedule.batch_size.64=32 --set optim.lr=2e-3`. Per-resolution
 tables (`channels`, `fade_images`, `stable_images`, `batch_size`) map a resolution to a value with
 `default` for every resolution not listed.
 
@@ -16,21 +17,15 @@ step of the resolution concerned.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
-
 from service.prior import PRIOR_NAMES
 from training.networks.pggan import channels_for, mbstd_group, resolutions_up_to
+from training.runtime import presets
 from training.runtime.validation import Checks, ConfigError, is_int, show
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -148,94 +143,14 @@ class GanConfig:
         return build_config(raw, world_size=world_size)
 
 
-def _build(cls: type, raw: Mapping[str, Any], prefix: str) -> Any:
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a table")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        raise ConfigError(
-            f"unknown key(s) {[prefix + k for k in unknown]}; known: {sorted(prefix + k for k in fields)}"
-        )
-    values = {}
-    for name, value in raw.items():
-        default = getattr(cls(), name)
-        if dataclasses.is_dataclass(default):
-            values[name] = _build(type(default), value, f"{prefix}{name}.")
-        elif isinstance(default, dict):
-            if not isinstance(value, Mapping):
-                raise ConfigError(f"{prefix}{name} must be a table")
-            values[name] = {str(k): v for k, v in value.items()}
-        else:
-            values[name] = _coerce(value, default, prefix + name)
-    return cls(**values)
-
-
-def _coerce(value: Any, default: Any, name: str) -> Any:
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise ConfigError(f"{name} must be true or false, got {value!r}")
-        return value
-    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(default, list):
-        if not isinstance(value, list):
-            raise ConfigError(f"{name} must be a list, got {value!r}")
-        return [float(v) for v in value]
-    if type(value) is not type(default):
-        raise ConfigError(f"{name} must be {type(default).__name__}, got {value!r}")
-    return value
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """'schedule.batch_size.64=32' -> (['schedule', 'batch_size', '64'], 32); values are TOML."""
-    if "=" not in text:
-        raise ConfigError(f"override {text!r} must look like section.key=value")
-    path, raw_value = text.split("=", 1)
-    keys = [k.strip() for k in path.strip().split(".")]
-    if not all(keys):
-        raise ConfigError(f"override {text!r} has an empty key")
-    try:
-        value = tomllib.loads(f"value = {raw_value.strip()}")["value"]
-    except tomllib.TOMLDecodeError:
-        value = raw_value.strip()  # bare words are strings: train.device=cpu
-    return keys, value
-
-
-def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
-    raw = copy.deepcopy(raw)
-    for text in overrides:
-        keys, value = parse_override(text)
-        node = raw
-        for key in keys[:-1]:
-            node = node.setdefault(key, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {text!r}: {key} is not a table")
-        node[keys[-1]] = value
-    return raw
-
-
 def preset_path(name_or_path: str) -> Path:
     """A preset name (ci, demo, nih-256, paper-1024) or a path to a TOML file."""
-    candidate = Path(name_or_path)
-    if candidate.suffix == ".toml" and candidate.is_file():
-        return candidate
-    preset = CONFIG_DIR / f"{name_or_path}.toml"
-    if preset.is_file():
-        return preset
-    available = sorted(p.stem for p in CONFIG_DIR.glob("*.toml"))
-    raise ConfigError(f"no preset or TOML file {name_or_path!r}; presets: {available}")
+    return presets.preset_path(CONFIG_DIR, name_or_path)
 
 
 def read_preset(name_or_path: str) -> dict[str, Any]:
     """The table of a preset or TOML file (see `preset_path`), named after the file unless it says."""
-    path = preset_path(name_or_path)
-    try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as error:
-        raise ConfigError(f"{path}: {error}") from error
-    raw.setdefault("name", path.stem)
-    return raw
+    return presets.read_preset(CONFIG_DIR, name_or_path)
 
 
 def load_config(name_or_path: str, overrides: Iterable[str] = (), world_size: int | None = None) -> GanConfig:
@@ -258,10 +173,10 @@ def build_config(
     Raises ConfigError listing every problem, each with its dotted key.
     """
     overrides = list(overrides)
-    config = _build(GanConfig, apply_overrides(base, overrides), "")
+    config = presets.build(GanConfig, presets.apply_overrides(base, overrides, GanConfig))
     found = problems(config, world_size) + _unused_override_problems(overrides, config)
     if resume:
-        found += _resume_problems(_build(GanConfig, base, ""), config)
+        found += _resume_problems(presets.build(GanConfig, base), config)
     if found:
         raise ConfigError(found)
     return config
@@ -424,7 +339,7 @@ def _unused_override_problems(overrides: Iterable[str], config: GanConfig) -> li
     }
     found = []
     for text in overrides:
-        keys, value = parse_override(text)
+        keys, value = presets.parse_override(text, GanConfig)
         table = tuple(keys[:2])
         if table not in used or not trained:
             continue

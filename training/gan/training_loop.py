@@ -39,20 +39,15 @@ from training.runtime import (
     ResumableBatchSampler,
     StopRequest,
     TrainingMonitor,
-    all_finite,
-    average_gradients_,
     broadcast_module_,
-    checkpoint_path,
-    gather_rng_states,
     load_checkpoint,
     read_checkpoint,
-    save_checkpoint,
     save_image_grid,
     write_json_atomic,
 )
+from training.runtime.loop import optimizer_step, run_steps, save_run_checkpoint
 
 GRID_SEED_OFFSET = 7919  # fixed latents for grids come from their own generator, not the global RNG
-_D_STATS = ("loss_d", "score_real", "score_fake", "gradient_penalty", "drift", "stop")
 
 
 @dataclass
@@ -61,6 +56,16 @@ class TrainResult:
     finished: bool  # reached the end of the schedule
     stopped_by_signal: bool
     checkpoint: Path | None
+
+
+def _summed(sums: dict[str, torch.Tensor], stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`sums` plus `stats`, name by name (`stats` itself when nothing is summed yet)."""
+    return {name: sums[name] + value for name, value in stats.items()} if sums else stats
+
+
+def run_config(config: GanConfig, data_spec: str) -> dict[str, Any]:
+    """What a run directory's config.json holds: the resolved configuration and the data it reads."""
+    return {"config": config.to_dict(), "data": data_spec}
 
 
 def build_networks(config: GanConfig) -> tuple[Generator, Discriminator]:
@@ -166,6 +171,9 @@ class PGGANTrainer:
         ).to(self.device)
         self._batches = None
         self._tick_postfix: dict[str, str] = {}  # last tick's losses, shown on the progress bar
+        self._tick_sums: dict[str, torch.Tensor] = {}  # this tick's step statistics, summed by name
+        self._tick_steps = 0
+        self._tick_start = (time.perf_counter(), 0)  # when the tick began, and at how many images
 
     # ------------------------------------------------------------------------------ state
 
@@ -206,18 +214,14 @@ class PGGANTrainer:
 
     def save(self) -> Path | None:
         """Checkpoint (collective: every rank contributes its RNG state; rank 0 writes)."""
-        rng = gather_rng_states()
-        path = None
-        if self.context.is_main:
-            path = save_checkpoint(
-                checkpoint_path(self.run_dir, self.images_shown),
-                objects=self._stateful(),
-                state=self.state(),
-                rng=rng,
-                keep_last=self.config.train.keep_checkpoints,
-            )
-        self.context.barrier()
-        return path
+        return save_run_checkpoint(
+            self.context,
+            self.run_dir,
+            self.images_shown,
+            self._stateful(),
+            self.state(),
+            keep_last=self.config.train.keep_checkpoints,
+        )
 
     def resume(self, path: str | Path) -> None:
         """Restore everything from a checkpoint written by `save` (same world size: bit-exact)."""
@@ -276,19 +280,25 @@ class PGGANTrainer:
         optimizer: torch.optim.Optimizer,
         scaler: torch.amp.GradScaler,
         module: torch.nn.Module,
-        extra: torch.Tensor,
+        stats: dict[str, torch.Tensor],
         where: str,
-    ) -> torch.Tensor:
-        """All-reduce gradients (+ extra), check finiteness, step or skip. Returns the averaged extra."""
-        extra = average_gradients_(module.parameters(), extra=extra)
-        scaler.unscale_(optimizer)
-        grads = [p.grad for p in module.parameters() if p.grad is not None]
+    ) -> dict[str, torch.Tensor]:
+        """All-reduce gradients and the scalar `stats` in one collective, step or skip when non-finite.
+
+        Returns `stats` averaged over ranks, by the same names.
+        """
         guard = self.guards[where]
-        if guard.check(all_finite(grads + [extra]), where=f"at {self.images_shown:,} images"):
-            scaler.step(optimizer)
-        elif self.monitor is not None:
+        stepped, averaged = optimizer_step(
+            optimizer,
+            scaler,
+            module.parameters(),
+            guard,
+            extra=torch.stack(list(stats.values())),
+            where=f"at {self.images_shown:,} images",
+        )
+        if not stepped and self.monitor is not None:
             overflow = (
-                f"; under AMP usually a loss-scale overflow, scale now {scaler.get_scale() / 2:g}"
+                f"; under AMP usually a loss-scale overflow, scale now {scaler.get_scale():g}"
                 if scaler.is_enabled()
                 else ""
             )
@@ -296,11 +306,14 @@ class PGGANTrainer:
                 f"skipped a non-finite {where} step at {self.images_shown:,} images "
                 f"({guard.consecutive} in a row, {guard.total_skipped} in all{overflow})"
             )
-        scaler.update()
-        return extra
+        return dict(zip(stats, averaged.unbind()))
 
-    def step(self, stop_requested: bool = False) -> torch.Tensor:
-        """One critic and one generator step on one global batch; returns averaged stats."""
+    def step(self, stop_requested: bool = False) -> dict[str, torch.Tensor]:
+        """One critic and one generator step on one global batch.
+
+        Returns the step's statistics averaged over ranks, scalar tensors by name: loss_d, score_real,
+        score_fake, gradient_penalty, drift, stop (1 when some rank asked to stop) and loss_g.
+        """
         phase, alpha = self.schedule.at(self.images_shown)
         if phase.index != self.phase_index:
             self._begin_phase(phase)
@@ -336,16 +349,14 @@ class PGGANTrainer:
         )
         self.opt_D.zero_grad(set_to_none=True)
         self.scaler_D.scale(d.loss).backward()
-        d_stats = torch.stack(
-            [
-                d.loss.detach(),
-                d.score_real,
-                d.score_fake,
-                d.penalty,
-                d.drift,
-                torch.tensor(float(stop_requested), device=self.device),
-            ]
-        )
+        d_stats = {
+            "loss_d": d.loss.detach(),
+            "score_real": d.score_real,
+            "score_fake": d.score_fake,
+            "gradient_penalty": d.penalty,
+            "drift": d.drift,
+            "stop": torch.tensor(float(stop_requested), device=self.device),  # rides along to every rank
+        }
         d_stats = self._apply(self.opt_D, self.scaler_D, self.D, d_stats, "discriminator")
 
         # Generator.
@@ -365,13 +376,13 @@ class PGGANTrainer:
         )
         self.opt_G.zero_grad(set_to_none=True)
         self.scaler_G.scale(loss_g).backward()
-        g_stats = self._apply(self.opt_G, self.scaler_G, self.G, loss_g.detach().reshape(1), "generator")
+        g_stats = self._apply(self.opt_G, self.scaler_G, self.G, {"loss_g": loss_g.detach()}, "generator")
         self.D.requires_grad_(True)
 
         self._update_ema()
         self.images_shown += phase.batch_size
         self.steps += 1
-        return torch.cat([d_stats, g_stats])
+        return {**d_stats, **g_stats}
 
     @torch.no_grad()
     def _update_ema(self) -> None:
@@ -412,9 +423,7 @@ class PGGANTrainer:
         )
         if ctx.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(
-                self.run_dir / "config.json", {"config": config.to_dict(), "data": self.data_spec}
-            )
+            write_json_atomic(self.run_dir / "config.json", run_config(config, self.data_spec))
         self.monitor = TrainingMonitor(
             self.run_dir,
             total=self.schedule.total_images,
@@ -433,60 +442,53 @@ class PGGANTrainer:
             save_image_grid(self._reals_for_grid(), self.run_dir / "grids" / "reals.png")
             self.write_grid()
 
-        tick_every, checkpoint_every = config.train.tick_images, config.train.checkpoint_images
-        next_tick = (self.images_shown // tick_every + 1) * tick_every
-        next_checkpoint = (self.images_shown // checkpoint_every + 1) * checkpoint_every
-        tick_sums, tick_steps = None, 0
-        self._tick_postfix = {}
-        tick_start_time, tick_start_images = time.perf_counter(), self.images_shown
-        stopped = False
-        last_checkpoint: Path | None = None
+        self._tick_sums, self._tick_steps, self._tick_postfix = {}, 0, {}
+        self._tick_start = (time.perf_counter(), self.images_shown)
         try:
-            with StopRequest() as stop:
-                while self.images_shown < end:
-                    stats = self.step(stop_requested=stop.requested)
-                    tick_sums = stats if tick_sums is None else tick_sums + stats
-                    tick_steps += 1
-                    stopped = bool(stats[_D_STATS.index("stop")] > 0)
-                    done = self.images_shown >= end
-                    phase, alpha = self.schedule.at(self.images_shown - 1)
-                    monitor.advance(
-                        self.images_shown,
-                        {"phase": phase.label, "alpha": f"{alpha:.2f}", **self._tick_postfix},
-                    )
-                    if self.images_shown >= next_tick or done or stopped:
-                        elapsed = time.perf_counter() - tick_start_time
-                        rate = (self.images_shown - tick_start_images) / max(elapsed, 1e-9)
-                        self._log_tick(tick_sums / tick_steps, rate)
-                        next_tick = (self.images_shown // tick_every + 1) * tick_every
-                        tick_sums, tick_steps = None, 0
-                        tick_start_time, tick_start_images = time.perf_counter(), self.images_shown
-                    if self.images_shown >= next_checkpoint or done or stopped:
-                        last_checkpoint = self.save()
-                        next_checkpoint = (self.images_shown // checkpoint_every + 1) * checkpoint_every
-                    if stopped:
-                        monitor.message(
-                            f"stopped by {stop.signal_name or 'a signal on another rank'} at "
-                            f"{self.images_shown:,} images; checkpoint {last_checkpoint}"
-                        )
-                        break
+            outcome = run_steps(
+                self._train_step,
+                lambda: self.images_shown,
+                end,
+                tick_every=config.train.tick_images,
+                checkpoint_every=config.train.checkpoint_images,
+                tick=self._end_tick,
+                checkpoint=self.save,
+                monitor=monitor,
+            )
         finally:
             monitor.close()
-        return TrainResult(
-            self.images_shown, self.images_shown >= self.schedule.total_images, stopped, last_checkpoint
+        finished = self.images_shown >= self.schedule.total_images
+        return TrainResult(self.images_shown, finished, outcome.stopped, outcome.checkpoint)
+
+    def _train_step(self, stop: StopRequest) -> bool:
+        """One step; returns whether some rank asked to stop (the flag travels with the step's stats)."""
+        stats = self.step(stop_requested=stop.requested)
+        self._tick_sums = _summed(self._tick_sums, stats)  # on the device: no host sync per step
+        self._tick_steps += 1
+        phase, alpha = self.schedule.at(self.images_shown - 1)
+        self.monitor.advance(
+            self.images_shown, {"phase": phase.label, "alpha": f"{alpha:.2f}", **self._tick_postfix}
         )
+        return bool(stats["stop"] > 0)
+
+    def _end_tick(self) -> None:
+        start_time, start_images = self._tick_start
+        rate = (self.images_shown - start_images) / max(time.perf_counter() - start_time, 1e-9)
+        self._log_tick({name: total / self._tick_steps for name, total in self._tick_sums.items()}, rate)
+        self._tick_sums, self._tick_steps = {}, 0
+        self._tick_start = (time.perf_counter(), self.images_shown)
 
     def _reals_for_grid(self) -> torch.Tensor:
         count = min(self.config.train.grid_size, len(self.dataset))  # type: ignore[arg-type]
         return torch.stack([self.dataset[i][0] for i in range(count)])
 
-    def _log_tick(self, means: torch.Tensor, images_per_second: float) -> None:
-        values = means.tolist()
+    def _log_tick(self, means: dict[str, torch.Tensor], images_per_second: float) -> None:
+        """Log the tick's mean step statistics (`step`'s names, less `stop`) and where training is."""
+        values = dict(zip(means, torch.stack(list(means.values())).tolist()))  # one host sync
         phase, alpha = self.schedule.at(max(0, self.images_shown - 1))  # the phase just trained
-        stats: dict[str, Any] = {name: values[i] for i, name in enumerate(_D_STATS) if name != "stop"}
+        stats: dict[str, Any] = {name: value for name, value in values.items() if name != "stop"}
         stats.update(
-            loss_g=values[len(_D_STATS)],
-            wasserstein=values[1] - values[2],
+            wasserstein=values["score_real"] - values["score_fake"],
             images_shown=self.images_shown,
             kimg=self.images_shown / 1000,
             resolution=phase.resolution,

@@ -8,6 +8,9 @@
 - `monitor`: run-directory creation, tqdm progress bar, TensorBoard scalars, JSONL stats, PNG grids.
 - `faults`: SIGINT/SIGTERM -> "checkpoint and exit" request; non-finite loss/gradient guard.
 - `validation`: start-up configuration checks that report every bad value by its dotted key.
+- `presets`: TOML presets (with `extends`) and typed `--set KEY=VALUE` overrides for every trainer.
+- `loop`: the loop skeleton both trainers share: run directory across ranks, the guarded optimiser
+  step, tick and checkpoint intervals, collective checkpoints.
 - `sampler`: a resumable, seeded, rank-sharded batch sampler whose position is a single integer.
 """
 
@@ -21,6 +24,7 @@ from training.runtime.checkpoint import (
     load_checkpoint,
     read_checkpoint,
     restore_rng_state,
+    run_dir_of,
     save_checkpoint,
 )
 from training.runtime.distributed import (
@@ -61,6 +65,7 @@ __all__ = [
     "load_checkpoint",
     "read_checkpoint",
     "restore_rng_state",
+    "run_dir_of",
     "save_checkpoint",
     "save_image_grid",
     "shutdown_distributed",

@@ -116,6 +116,12 @@ def checkpoint_path(run_dir: str | os.PathLike[str], counter: int) -> Path:
     return Path(run_dir) / CHECKPOINT_DIR / f"checkpoint-{counter:012d}.pt"
 
 
+def run_dir_of(checkpoint: str | os.PathLike[str]) -> Path | None:
+    """The run directory a checkpoint file sits in (the parent of its checkpoints/), or None."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.parent.parent if checkpoint.parent.name == CHECKPOINT_DIR else None
+
+
 def list_checkpoints(run_dir: str | os.PathLike[str]) -> list[Path]:
     """Complete checkpoints in `run_dir`, oldest first (temporary files are never listed)."""
     directory = Path(run_dir) / CHECKPOINT_DIR

@@ -9,6 +9,7 @@ Run directory layout (created by `create_run_dir`, numbered like NVlabs' `00003-
         grids/               PNG grids from fixed latents, one per tick
         checkpoints/         checkpoint-<counter>.pt (see training.runtime.checkpoint)
         log.txt              messages (faults, resume points)
+        metric-<name>.jsonl  one JSON object per evaluation of a metric (see training.metrics)
 
 Only rank 0 writes; other ranks get a monitor whose methods do nothing.
 """
