@@ -459,19 +459,18 @@ def _atelectasis(frame: Frame, p: Plate, tissue) -> np.ndarray:
     return 0.6 * plate * tissue[p.side]
 
 
+def _uniform_lines(frame: Frame, starts: np.ndarray, ends: np.ndarray, intensity: float, width: float) -> np.ndarray:
+    """``splat_lines`` with one intensity and one width for every segment."""
+    return splat_lines(frame, starts, ends, np.full(len(starts), intensity), np.full(len(starts), width))
+
+
 def _consolidation(frame: Frame, lobe: Lobe, tissue) -> np.ndarray:
     cos, sin = np.cos(lobe.fissure_angle), np.sin(lobe.fissure_angle)
     # Distance from the fissure line, positive on the consolidated side.
     across = cos * (frame.u - lobe.u) + sin * (frame.v - lobe.v) - lobe.fissure_offset
     region = soft_step(-across, frame.edge) * ellipse(frame, lobe.u, lobe.v, lobe.ru, lobe.rv, edge=0.03)
     region *= tissue[lobe.side]
-    bronchi = splat_lines(
-        frame,
-        lobe.bronchi_starts,
-        lobe.bronchi_ends,
-        np.full(len(lobe.bronchi_starts), 0.3),
-        np.full(len(lobe.bronchi_starts), 0.01),
-    )
+    bronchi = _uniform_lines(frame, lobe.bronchi_starts, lobe.bronchi_ends, intensity=0.3, width=0.01)
     return region * (lobe.density - np.minimum(bronchi, 0.3))
 
 
@@ -499,13 +498,7 @@ def _edema(frame: Frame, a: Anatomy, e: Edema, tissue) -> np.ndarray:
         du = (frame.u - hu) / 0.13
         dv = (frame.v - hv - 0.03) / 0.15
         out += e.strength * np.exp(-(du * du + dv * dv)) * tissue[side]
-    kerley = splat_lines(
-        frame,
-        e.kerley_starts,
-        e.kerley_ends,
-        np.full(len(e.kerley_starts), 0.35),
-        np.full(len(e.kerley_starts), 0.006),
-    )
+    kerley = _uniform_lines(frame, e.kerley_starts, e.kerley_ends, intensity=0.35, width=0.006)
     return out + kerley * (tissue[0] + tissue[1])
 
 
