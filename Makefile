@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv lint clean
+.PHONY: demo test venv lint clean system-deps
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,18 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m service.demo
 
-test: lint
+# Debian packages the tests drive for real: headless Chromium (HTML reports, the reader study's browser
+# test) and a PostgreSQL server started on loopback. Installed only when missing.
+SYSTEM_PACKAGES := chromium chromium-driver postgresql
+system-deps:
+	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing $$missing"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+test: lint system-deps
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
