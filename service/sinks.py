@@ -25,7 +25,7 @@ from typing import Any
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 # S3 bucket naming rules (general-purpose buckets): 3-63 characters, lowercase letters, digits,
 # dots and hyphens, starting and ending with a letter or digit.
-_BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
 
 class SinkError(RuntimeError):
@@ -85,7 +85,7 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     bucket, _, prefix = rest.partition("/")
     if not bucket:
         raise ValueError(f"S3 URI {uri!r} has no bucket name; write it as s3://bucket/optional/prefix")
-    if not _BUCKET_NAME.match(bucket) or ".." in bucket:
+    if not _BUCKET_NAME.fullmatch(bucket) or ".." in bucket:
         raise ValueError(
             f"S3 URI {uri!r}: {bucket!r} is not a valid bucket name (3-63 lowercase letters, digits, "
             "dots or hyphens, starting and ending with a letter or digit)"
@@ -315,7 +315,7 @@ class S3Sink(Sink):
         read_timeout: float | None = None,
         max_attempts: int | None = None,
     ):
-        if not bucket or not _BUCKET_NAME.match(bucket):
+        if not bucket or not _BUCKET_NAME.fullmatch(bucket):
             raise ValueError(f"{bucket!r} is not a valid S3 bucket name")
         self.bucket = bucket
         self.prefix = validate_prefix(prefix)

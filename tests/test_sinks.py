@@ -112,6 +112,7 @@ def test_endpoint_and_credentials_from_environment(s3_env):
         ("s3://", "no bucket"),
         ("s3:///prefix", "no bucket"),
         ("s3://Bad_Bucket/x", "not a valid bucket name"),
+        ("s3://bucket\n", "not a valid bucket name"),
         ("s3://bucket/a/../b", "'..'"),
         ("s3://bucket/a/\x07b", "control characters"),
         ("gs://bucket/x", "unsupported scheme"),
