@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -189,9 +188,6 @@ class GenerateRequest(BaseModel):
     def _destination_is_s3(cls, destination: str | None) -> str | None:
         if destination is not None:
             parse_s3_uri(destination)
-            # all the pattern adds: the bucket check lets a final newline through ("$" matches before it)
-            if not re.search(S3_URI_PATTERN, destination):
-                raise ValueError(f"S3 URI {destination!r}: the bucket name ends in a newline; remove it")
         return destination
 
     @model_validator(mode="after")

@@ -69,7 +69,7 @@ def test_label_vectors_follow_the_vocabulary_order():
         ({"destination": "s3://Bad_Bucket/x"}, "not a valid bucket name"),
         ({"destination": "s3://bucket/a/../b"}, "'..' segment"),
         ({"destination": "s3://bucket/a\nb"}, "control characters"),
-        ({"destination": "s3://bucket\n/a"}, "the bucket name ends in a newline"),
+        ({"destination": "s3://bucket\n/a"}, "not a valid bucket name"),
         ({"lco": {"steps": 5000}}, "less than or equal to 1000"),
         ({"lco": {"lr": 0}}, "greater than or equal to 0.0001"),
         ({"lco": {"candidates": 0}}, "greater than or equal to 1"),

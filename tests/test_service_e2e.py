@@ -284,7 +284,7 @@ def test_unknown_bucket_is_a_clear_404(server):
         ({"destination": "bucket/prefix"}, 400, "is not an S3 URI"),
         ({"destination": "s3://bucket/a/../../etc"}, 400, "'..' segment"),
         ({"destination": "s3://bucket/a\u0007b"}, 400, "control characters"),
-        ({"destination": "s3://bucket\n"}, 400, "ends in a newline"),
+        ({"destination": "s3://bucket\n"}, 400, "not a valid bucket name"),
         ({"lco": {"steps": 100000}}, 400, "less than or equal to 1000"),
         ({"lco": {"lr": -1}}, 400, "greater than or equal to"),
         ({"lco": {"candidates": 1000}}, 400, "less than or equal to 64"),
