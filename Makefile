@@ -23,8 +23,9 @@ demo: $(STAMP)
 	$(BIN)/python -m service.demo
 
 # Debian packages the tests drive for real: headless Chromium (HTML reports, the reader study's browser
-# test) and a PostgreSQL server started on loopback. Installed only when missing.
-SYSTEM_PACKAGES := chromium chromium-driver postgresql
+# test), a PostgreSQL server started on loopback, and dciodvfy (dicom3tools) validating DICOM output.
+# Installed only when missing.
+SYSTEM_PACKAGES := chromium chromium-driver postgresql dicom3tools
 system-deps:
 	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \

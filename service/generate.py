@@ -1,4 +1,4 @@
-"""One POST /generate request: its samples through the batcher, strict retries, PNG encoding, uploads
+"""One POST /generate request: its samples through the batcher, strict retries, encoding, uploads
 to S3 as each image is done, and the clean-up of a half-written set when anything fails."""
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from starlette.responses import JSONResponse
 
+from service.dicom import DicomPlacement, SyntheticOrigin, random_uid
 from service.http import error_response
+from service.image_formats import MEDIA_TYPES, SUFFIXES, encode_image
 from service.labels import LABELS
 from service.lco import LCOOptions, SampleRequest, SampleResult
-from service.png import encode_png
 from service.schemas import MAX_SEED, GeneratedImage, GenerateRequest, GenerateResponse, LabelSpec
 from service.settings import settings
 from service.sinks import S3Sink, SinkError, SinkKeyNotFound
@@ -76,6 +77,8 @@ class GenerateJob:
         self.base_seed = base_seed
         self.sink = sink
         self.uploaded: list[str] = []
+        # DICOM: a request is one study holding one series
+        self.study_uid, self.series_uid = random_uid(), random_uid()
         self.in_flight: set[asyncio.Future[str]] = set()
         self.upload_slots = asyncio.Semaphore(settings().s3_concurrency)
 
@@ -122,9 +125,19 @@ class GenerateJob:
             attempts += 1
         self.service.metrics.record_image(self.spec.positives, bool(self.spec.mask.any()), result.satisfied,
                                           result.steps)
-        png = await asyncio.to_thread(encode_png, result.image, self.request.format)
+        image_id = f"{self.request_id}-{index:04d}"
+        origin = SyntheticOrigin(
+            model_name=self.service.model_ref.name,
+            model_version=self.service.model_ref.version,
+            seed=result.seed,
+            requested=self.spec.constraints,
+            lco_options=self.options.model_dump(),
+            synthetic_patient_id=image_id,
+        )
+        placement = DicomPlacement(self.study_uid, self.series_uid, random_uid(), index + 1)
+        data = await asyncio.to_thread(encode_image, result.image, self.request.format, origin, placement)
         image = GeneratedImage(
-            id=f"{self.request_id}-{index:04d}",
+            id=image_id,
             index=index,
             seed=result.seed,
             labels=self.spec.constraints,
@@ -132,9 +145,10 @@ class GenerateJob:
             satisfied=result.satisfied,
             steps=result.steps,
             attempts=attempts,
+            media_type=MEDIA_TYPES[self.request.format],
         )
         if self.sink is None:
-            image.data = base64.b64encode(png).decode("ascii")
+            image.data = base64.b64encode(data).decode("ascii")
             return image
         stem = f"{self.request_id}/{index:04d}"
         sidecar = {
@@ -151,7 +165,7 @@ class GenerateJob:
             "format": self.request.format,
             "lco": self.options.model_dump(),
             "model": self.service.model_ref.model_dump(),
-            "image": f"{stem}.png",
+            "image": f"{stem}{SUFFIXES[self.request.format]}",
         }
         metadata = {
             "request-id": self.request_id,
@@ -160,7 +174,7 @@ class GenerateJob:
             "satisfied": str(image.satisfied).lower(),
             "model-version": f"{self.service.model_ref.name}:{self.service.model_ref.version}",
         }
-        image.uri = await self._put(f"{stem}.png", png, "image/png", metadata)
+        image.uri = await self._put(sidecar["image"], data, image.media_type, metadata)
         image.sidecar_uri = await self._put(
             f"{stem}.json", json.dumps(sidecar, indent=2).encode(), "application/json", metadata
         )

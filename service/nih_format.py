@@ -22,3 +22,12 @@ DATA_ENTRY_COLUMNS: tuple[str, ...] = (
 )
 # Columns a reader cannot work without.
 REQUIRED_COLUMNS: tuple[str, ...] = ("Image Index", "Finding Labels", "Patient ID")
+
+# The field of view of an NIH film (originals: about 3000 px at 0.143 mm), spread over the side of a
+# synthetic image: the spacing archives write in OriginalImagePixelSpacing and DICOM in PixelSpacing.
+FIELD_OF_VIEW_MM = 430.0
+
+
+def pixel_spacing_mm(resolution: int) -> float:
+    """Millimetres per pixel of a synthetic image ``resolution`` pixels wide (FIELD_OF_VIEW_MM / side)."""
+    return FIELD_OF_VIEW_MM / resolution

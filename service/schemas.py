@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from service.image_formats import ImageFormat
 from service.labels import LABEL_INDEX, LABELS, NO_FINDING, NUM_LABELS, UnknownLabelError, parse_label
 from service.lco import LCOOptions
 from service.openapi import openapi_30_nullable
@@ -156,7 +156,9 @@ class GenerateRequest(BaseModel):
         "the same seed gives the same bytes whatever the count, its place in the request or other requests "
         "in flight",
     )
-    format: Literal["png8", "png16"] = Field("png8", description="PNG bit depth")
+    format: ImageFormat = Field(
+        "png8", description="png8 / png16: grey PNG of that bit depth; dicom: DICOM Secondary Capture, 16-bit "
+        "MONOCHROME2, marked SYNTHETIC, with the model, seed, labels and LCO options in a private block")
     destination: str | None = Field(
         None, description="s3://bucket/prefix to upload to (bucket: 3-63 lowercase letters, digits, dots or "
         "hyphens; prefix: '/'-separated, no '.' or '..' segments); absent: inline base64",
@@ -214,10 +216,11 @@ class GeneratedImage(BaseModel):
     satisfied: bool
     steps: int
     attempts: int = Field(description="1, or more when strict retried with new seeds")
-    uri: str | None = Field(None, description="s3:// URI of the PNG when a destination was given")
+    uri: str | None = Field(None, description="s3:// URI of the image when a destination was given")
     sidecar_uri: str | None = None
-    data: str | None = Field(None, description="base64 PNG when no destination was given")
-    media_type: str = "image/png"
+    data: str | None = Field(None, description="base64 image (PNG or DICOM, see media_type) when no destination "
+                             "was given")
+    media_type: str = Field("image/png", description="image/png or application/dicom")
 
 
 class GenerateResponse(BaseModel):

@@ -223,3 +223,24 @@ def test_the_installed_package_carries_every_service_data_file(tmp_path):
     packaged = set(zipfile.ZipFile(wheel).namelist())
     data_files = {p.relative_to(ROOT).as_posix() for p in (ROOT / "service" / "data").iterdir() if p.is_file()}
     assert data_files <= packaged, f"missing from the wheel: {sorted(data_files - packaged)}"
+
+
+def _gpu_extra_without_runtime() -> set[str]:
+    import tomllib
+
+    with open(ROOT / "pyproject.toml", "rb") as handle:
+        project = tomllib.load(handle)["project"]
+    # the image pins onnxruntime-gpu to its CUDA; everything else is the extra plus the base dependencies
+    wanted = set(project["optional-dependencies"]["gpu"]) | set(project["dependencies"])
+    return {spec for spec in wanted if not spec.startswith("onnxruntime")}
+
+
+def test_the_bento_and_the_docker_image_install_what_the_gpu_extra_declares():
+    bento = {spec for spec in yaml.safe_load((ROOT / "bentofile.yaml").read_text())["python"]["packages"]
+             if not spec.startswith("onnxruntime")}
+    assert bento == _gpu_extra_without_runtime()
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    install = re.search(r'pip install ("bentoml.*?)"\$\{ORT_PACKAGE\}"', dockerfile, re.DOTALL)
+    assert install, "the Dockerfile's package install line was not found"
+    docker = set(re.findall(r'"([^"$]+)"', install.group(1)))
+    assert docker == _gpu_extra_without_runtime()

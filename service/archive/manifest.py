@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from service.labels import LABELS, format_finding_labels, parse_finding_labels
-from service.nih_format import DATA_ENTRY_COLUMNS
+from service.nih_format import DATA_ENTRY_COLUMNS, pixel_spacing_mm
 
 ARCHIVE_FORMAT = "cxrsynth-archive/1"
 JOB_KEY = "job.json"
@@ -38,12 +38,10 @@ MARKER_KEY = "_COMPLETE.json"
 # patient-wise splits never put one generator sample on both sides), seen once (follow-up 0). The
 # generator is not conditioned on age, sex or view, so those columns carry neutral values that
 # ChestX-ray14 loaders accept: age 0, gender "O" (other/unknown), the PA view the NIH loaders keep by
-# default. The "original" size is the PNG itself; the pixel spacing spreads a 430 mm field of view
-# (NIH originals: about 3000 px at 0.143 mm) over the image side.
+# default. The "original" size is the PNG itself; the pixel spacing is service.nih_format's.
 SYNTHETIC_AGE = 0
 SYNTHETIC_GENDER = "O"
 SYNTHETIC_VIEW = "PA"
-FIELD_OF_VIEW_MM = 430.0
 
 
 class ArchiveError(RuntimeError):
@@ -141,7 +139,7 @@ def csv_header() -> bytes:
 
 def csv_row(record: dict[str, Any], resolution: int) -> bytes:
     """One Data_Entry row for a record, columns exactly as NIH's (see the module constants)."""
-    spacing = f"{FIELD_OF_VIEW_MM / resolution:.6f}"
+    spacing = f"{pixel_spacing_mm(resolution):.6f}"
     values = {
         "Image Index": f"{record['id']}.png",
         "Finding Labels": record["finding_labels"],
