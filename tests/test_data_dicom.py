@@ -288,3 +288,11 @@ def test_convert_refuses_bad_input_and_writes_nothing(tmp_path: Path, capsys) ->
     assert cli_main(["convert", str(DATA), str(tmp_path / "full")]) == 2
     assert "not empty" in capsys.readouterr().err and os.listdir(tmp_path / "full") == ["keep.txt"]
     assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+
+
+def test_the_resize_cache_serves_dicom_pixels_unchanged(tmp_path: Path) -> None:
+    fresh = DicomDataset(DATA, split="all", size=64)[0][0]
+    cached = DicomDataset(DATA, split="all", size=64, cache_dir=tmp_path / "cache")
+    first, second = cached[0][0], cached[0][0]
+    assert len(list((tmp_path / "cache").rglob("*.npy"))) == 1
+    assert torch.equal(first, fresh) and torch.equal(second, fresh)

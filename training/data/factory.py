@@ -20,7 +20,7 @@ from training.data.folder import ImageFolder
 from training.data.nih import NIHChestXray14
 from training.data.phantom import PhantomDataset
 
-KINDS: tuple[str, ...] = ("nih", "chexpert", "folder", "dicom", "phantoms")
+KINDS: tuple[str, ...] = ("nih", "chexpert", "folder", "phantoms", "dicom")
 DEFAULT_PHANTOM_COUNT = 10_000
 # Phantom splits are disjoint seed streams: seed * 3 + offset.
 _PHANTOM_SPLIT_OFFSET = {"train": 0, "val": 1, "test": 2}
@@ -37,7 +37,7 @@ def open_dataset(
 ) -> Dataset:
     """The reader ``spec`` names (``kind:location``), at ``size``², for ``split``.
 
-    ``split`` is "train", "val" or "test" ("all" for NIH as well); CheXpert's validation set serves
+    ``split`` is "train", "val" or "test" ("all" for NIH and DICOM as well); CheXpert's validation set serves
     both "val" and "test", and a folder has no splits. ``options`` go to the reader's constructor
     (for example ``uncertain="ones"`` for CheXpert, ``views=("PA",)`` for NIH or ``labels_csv=`` for DICOM).
     """
