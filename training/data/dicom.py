@@ -37,7 +37,6 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
 from pydicom.pixels.decoders.pylibjpeg import DECODER_DEPENDENCIES as PYLIBJPEG_DEPENDENCIES
 from pydicom.uid import UID
@@ -265,6 +264,25 @@ def _record(path: str, dataset: Dataset) -> DicomRecord:
     )
 
 
+def inspect_file(
+    root: Path, name: str, views: set[str] | None
+) -> tuple[DicomRecord | None, UID | None, tuple[str, str] | None]:
+    """Header of ``root/name``: its record and transfer syntax, or the (reason, detail) it is left out for
+    (:func:`unsupported_reason`, or "not_frontal" when ``views`` is given and its ViewPosition is another).
+    Raises whatever pydicom raises for a file that is not DICOM or whose header is damaged."""
+    dataset = read_header(root / name)
+    problem = unsupported_reason(dataset)
+    if problem is not None:
+        return None, None, problem
+    record = _record(name, dataset)  # converts every value used, so a damaged one raises here
+    syntax = UID(dataset.file_meta.TransferSyntaxUID)
+    if not syntax.is_transfer_syntax:  # a damaged header, not a missing plugin
+        return None, None, ("not_dicom", f"TransferSyntaxUID {syntax!r} is no transfer syntax")
+    if views is not None and record.view and record.view not in views:
+        return None, None, ("not_frontal", f"ViewPosition {record.view}")
+    return record, syntax, None
+
+
 def _label_value(text: str, where: str) -> float | None:
     """One-column-per-finding cell: 1 positive, 0 negative, blank unknown."""
     text = text.strip().lower()
@@ -421,20 +439,15 @@ class DicomDataset(ImageDataset):
         records: list[DicomRecord] = []
         for name in tqdm(listing.files, desc="DICOM headers", unit="file", disable=not progress, leave=False):
             try:
-                dataset = read_header(self.root / name)
-                problem = unsupported_reason(dataset)
-            except (InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError) as error:
-                problem = ("not_dicom", f"{type(error).__name__}: {error}")
-            if problem is None:
-                view = str(dataset.get("ViewPosition", "") or "").strip().upper()
-                if wanted_views is not None and view and view not in wanted_views:
-                    problem = ("not_frontal", f"ViewPosition {view}")
+                record, syntax, problem = inspect_file(self.root, name, wanted_views)
+            except Exception as error:  # noqa: BLE001 - pydicom raises many types on a damaged header
+                record, syntax, problem = None, None, ("not_dicom", f"{type(error).__name__}: {error}")
             if problem is not None:
                 excluded[problem[0]] += 1
                 examples.setdefault(problem[0], f"{name}: {problem[1]}")
                 continue
-            syntaxes[dataset.file_meta.TransferSyntaxUID] += 1
-            records.append(_record(name, dataset))
+            syntaxes[syntax] += 1
+            records.append(record)
         self.excluded = {reason: excluded[reason] for reason in EXCLUSION_REASONS}
         if excluded:
             log.warning(
