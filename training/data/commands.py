@@ -135,9 +135,9 @@ def run_convert(args: argparse.Namespace) -> int:
         counts = convert_to_nih(dataset, args.out, bit_depth=args.bit_depth, size=args.size)
     except (DataFormatError, FileExistsError, OSError) as error:
         return _fail(str(error))
-    left_out = sum(dataset.excluded.values())
+    left_out = ", ".join(f"{count} {reason}" for reason, count in dataset.excluded.items() if count) or "none"
     print(f"wrote {counts['written']} image(s) and {DATA_ENTRY_NAME} to {args.out}; "
-          f"{counts['skipped']} failed to decode, {left_out} left out when listing ({dataset.excluded})")
+          f"{counts['skipped']} failed to decode; left out when listing: {left_out}")
     return 0
 
 

@@ -248,6 +248,8 @@ def _pixel_spacing(dataset: Dataset) -> tuple[float, float] | None:
     if not spacing or len(spacing) != 2:
         return None
     row_spacing, column_spacing = (float(v) for v in spacing)
+    if row_spacing <= 0 or column_spacing <= 0:  # some writers fill the attribute with zeros
+        return None
     return column_spacing, row_spacing
 
 
