@@ -296,3 +296,16 @@ def test_the_resize_cache_serves_dicom_pixels_unchanged(tmp_path: Path) -> None:
     first, second = cached[0][0], cached[0][0]
     assert len(list((tmp_path / "cache").rglob("*.npy"))) == 1
     assert torch.equal(first, fresh) and torch.equal(second, fresh)
+
+
+def test_the_gan_trains_from_a_dicom_tree(tmp_path: Path) -> None:
+    from training.gan.config import load_config
+    from training.gan.data import build_dataset, data_problems
+
+    for patient in range(10):
+        write_variant(NIH_DX, tmp_path / f"p{patient}" / "frontal.dcm", lambda d, p=patient: setattr(d, "PatientID", str(p)))
+    config = load_config("ci", ["network.resolution=32"])
+    data = build_dataset(f"dicom:{tmp_path}", config, progress=False)
+    assert isinstance(data, DicomDataset) and 5 <= len(data) < 10  # the training split's patients
+    assert data[0][0].shape == (1, 32, 32)
+    assert data_problems(f"dicom:{tmp_path / 'absent'}", config) == [f"--data dicom:{tmp_path / 'absent'}: {tmp_path / 'absent'} is not a directory"]
