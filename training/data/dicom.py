@@ -99,8 +99,8 @@ class DicomRecord:
 def read_header(path: str | Path) -> Dataset:
     """The file's data set with large values (pixel data) located but not read.
 
-    Raises ``pydicom.errors.InvalidDicomError`` or ``OSError``/``EOFError`` for a file that is not DICOM
-    or is cut short inside its header.
+    Raises ``pydicom.errors.InvalidDicomError``, ``OSError``/``EOFError`` or another of pydicom's errors
+    for a file that is not DICOM or is cut short or damaged inside its header.
     """
     return pydicom.dcmread(path, defer_size=_HEADER_DEFER_SIZE)
 
