@@ -63,6 +63,23 @@ def test_monochrome1_film_reads_with_lungs_dark_and_bone_bright(film: Path) -> N
     assert spine > 0.8 and max(lungs) < 0.6
 
 
+def test_monochrome1_without_a_window_is_inverted_after_the_percentile_window(tmp_path: Path) -> None:
+    def drop_window(dataset: pydicom.Dataset) -> None:
+        del dataset.WindowCenter, dataset.WindowWidth
+
+    shown = display_pixels(pydicom.dcmread(write_variant(FILM_RAW, tmp_path / "nowindow.dcm", drop_window)))
+    assert all(region_mean(shown, box) < region_mean(shown, SPINE) - 0.25 for box in LUNG_FIELDS)
+    assert (shown == 0).mean() < 0.01 and (shown == 1).mean() < 0.01  # 0.5 % clipped at each end
+
+
+def test_a_film_smaller_than_min_size_is_skipped_as_too_small() -> None:
+    dataset = DicomDataset(DATA, split="all", size=32, min_size=200)  # the films are 230×244, NIH's 128²
+    assert dataset.paths[2] == "nih_dx_8bit.dcm"
+    substitute = dataset[2][0]
+    assert dataset.skipped == {"missing": 0, "unreadable": 0, "too_small": 1}
+    assert any(torch.equal(substitute, dataset[i][0]) for i in (0, 1))
+
+
 def test_15_bit_range_is_kept_to_the_tensor() -> None:
     dataset = pydicom.dcmread(FILM_J2K)
     stored = dataset.pixel_array
