@@ -22,6 +22,7 @@ COMMAND_MODULES: list[str] = [
     "training.gan.commands",  # train, resume, sample
     "training.classifier.commands",  # classifier train / evaluate
     "training.export.commands",  # export a model bundle
+    "training.data.commands",  # convert a DICOM tree into the NIH layout
 ]
 
 

@@ -7,6 +7,7 @@ Every reader yields ``(image, labels, mask)``: ``image`` float32 1×H×W in [-1,
 from training.data.base import DataFormatError, ImageDataset
 from training.data.cache import ResizeCache
 from training.data.chexpert import CheXpert
+from training.data.dicom import DecoderMissingError, DicomDataset, decode_dicom
 from training.data.factory import open_dataset
 from training.data.folder import ImageFolder
 from training.data.images import IMAGE_EXTENSIONS, ImageSkipped, decode_image, to_tensor
@@ -18,6 +19,8 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "CheXpert",
     "DataFormatError",
+    "DecoderMissingError",
+    "DicomDataset",
     "EpochSampler",
     "ImageDataset",
     "ImageFolder",
@@ -26,6 +29,7 @@ __all__ = [
     "PhantomDataset",
     "ResizeCache",
     "assign_splits",
+    "decode_dicom",
     "decode_image",
     "infinite_batches",
     "make_loader",

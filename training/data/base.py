@@ -74,11 +74,15 @@ class ImageDataset(Dataset):
     def targets(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.from_numpy(self.labels[index].copy()), torch.from_numpy(self.label_mask[index].copy())
 
+    def decode(self, path: Path) -> np.ndarray:
+        """One file -> stored-form pixels; raises :class:`ImageSkipped`. Readers of other formats override it."""
+        return decode_image(path, self.size, self.min_size)
+
     def load_image(self, index: int) -> np.ndarray:
         """Stored-form pixels (uint8/uint16 size×size) of item ``index``; raises :class:`ImageSkipped`."""
         path = self.image_path(index)
         if self.cache is None:
-            return decode_image(path, self.size, self.min_size)
+            return self.decode(path)
         try:
             entry = self.cache.entry(path, self.size)
         except FileNotFoundError as error:
@@ -86,7 +90,7 @@ class ImageDataset(Dataset):
         cached = self.cache.load(entry)
         if cached is not None and cached.shape == (self.size, self.size):
             return cached
-        array = decode_image(path, self.size, self.min_size)
+        array = self.decode(path)
         try:
             self.cache.store(entry, array)
         except OSError as error:  # a full or read-only cache disk slows training, it must not stop it

@@ -3,6 +3,7 @@
 nih:/data/chestxray14          NIHChestXray14 (also phantom sets written to disk and archives)
 chexpert:/data/CheXpert-v1.0-small
 folder:/data/any-images        ImageFolder (unlabelled)
+dicom:/data/dicom-tree         DicomDataset (unlabelled, or labels_csv= as an option)
 phantoms:50000                 PhantomDataset of 50,000 on-the-fly phantoms ("phantoms" alone: 10,000)
 """
 
@@ -14,11 +15,12 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from training.data.chexpert import CheXpert
+from training.data.dicom import DicomDataset
 from training.data.folder import ImageFolder
 from training.data.nih import NIHChestXray14
 from training.data.phantom import PhantomDataset
 
-KINDS: tuple[str, ...] = ("nih", "chexpert", "folder", "phantoms")
+KINDS: tuple[str, ...] = ("nih", "chexpert", "folder", "phantoms", "dicom")
 DEFAULT_PHANTOM_COUNT = 10_000
 # Phantom splits are disjoint seed streams: seed * 3 + offset.
 _PHANTOM_SPLIT_OFFSET = {"train": 0, "val": 1, "test": 2}
@@ -35,9 +37,9 @@ def open_dataset(
 ) -> Dataset:
     """The reader ``spec`` names (``kind:location``), at ``size``², for ``split``.
 
-    ``split`` is "train", "val" or "test" ("all" for NIH as well); CheXpert's validation set serves
+    ``split`` is "train", "val" or "test" ("all" for NIH and DICOM as well); CheXpert's validation set serves
     both "val" and "test", and a folder has no splits. ``options`` go to the reader's constructor
-    (for example ``uncertain="ones"`` for CheXpert or ``views=("PA",)`` for NIH).
+    (for example ``uncertain="ones"`` for CheXpert, ``views=("PA",)`` for NIH or ``labels_csv=`` for DICOM).
     """
     kind, _, location = spec.partition(":")
     kind = kind.strip().lower()
@@ -60,4 +62,6 @@ def open_dataset(
     if kind == "chexpert":
         chexpert_split = "train" if split == "train" else "valid"
         return CheXpert(location, split=chexpert_split, size=size, cache_dir=cache_dir, **options)
+    if kind == "dicom":
+        return DicomDataset(location, split=split, size=size, split_seed=seed, cache_dir=cache_dir, **options)
     return ImageFolder(location, size=size, cache_dir=cache_dir, **options)

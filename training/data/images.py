@@ -20,7 +20,8 @@ import torch
 from PIL import Image, ImageOps
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
-# Version of the rule by which decode_image turns a file into pixels; part of every resize-cache key.
+# Version of the rule by which decode_image (and dicom.decode_dicom) turns a file into pixels; part of
+# every resize-cache key.
 # Bump it whenever that output changes (orientation, channel mixing, crop, filter), so pixels cached
 # under an older rule are never served. 2: orientation tags applied.
 DECODE_VERSION = 2

@@ -45,7 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument(
         "--config", default="demo", help="preset (ci, demo, nih-256, paper-1024) or a TOML file"
     )
-    train.add_argument("--data", default="phantoms", help="phantoms | nih:PATH | folder:PATH")
+    train.add_argument("--data", default="phantoms", help="phantoms | nih:PATH | folder:PATH | dicom:PATH")
     train.add_argument(
         "--run-dir", type=Path, help="directory for this run (default: a new numbered one under --runs)"
     )

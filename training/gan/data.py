@@ -3,6 +3,7 @@
     phantoms        procedural chest phantoms (training.data.PhantomDataset), `data.phantom_count` of them
     nih:PATH        NIH ChestX-ray14 in its published layout (training split)
     folder:PATH     every image under a folder, unlabelled
+    dicom:PATH      every frontal DICOM radiograph under a folder, unlabelled (training.data.dicom)
 
 The GAN only uses the images; readers return (image 1×H×W in [-1, 1], labels, mask) and the loader
 keeps that shape so the same data sets serve the classifier trainer.
@@ -65,14 +66,14 @@ def data_problems(spec: str, config: GanConfig | None) -> list[str]:
                 )
             ]
         return []
-    if kind in ("nih", "folder") and path:
+    if kind in ("nih", "folder", "dicom") and path:
         return [] if Path(path).is_dir() else [f"--data {spec}: {path} is not a directory"]
-    return [f"--data {spec!r}: expected 'phantoms', 'nih:PATH' or 'folder:PATH'"]
+    return [f"--data {spec!r}: expected 'phantoms', 'nih:PATH', 'folder:PATH' or 'dicom:PATH'"]
 
 
 def build_dataset(spec: str, config: GanConfig, progress: bool = True) -> Dataset:
     """The data set named by `spec` at the network's final resolution; ConfigError if `data_problems`."""
-    from training.data import ImageFolder, NIHChestXray14, PhantomDataset
+    from training.data import DicomDataset, ImageFolder, NIHChestXray14, PhantomDataset
 
     found = data_problems(spec, config)
     if found:
@@ -91,4 +92,6 @@ def build_dataset(spec: str, config: GanConfig, progress: bool = True) -> Datase
         return dataset
     if kind == "nih":
         return NIHChestXray14(path, split="train", size=size, cache_dir=cache_dir)
+    if kind == "dicom":
+        return DicomDataset(path, split="train", size=size, cache_dir=cache_dir, progress=progress)
     return ImageFolder(path, size=size, cache_dir=cache_dir)
