@@ -92,3 +92,20 @@ def test_png_formats_ignore_the_dicom_fields_and_unknown_formats_are_refused():
     assert encode_image(image, "dicom", ORIGIN, placement())[128:132] == b"DICM"
     with pytest.raises(ValueError, match="png8, png16, dicom"):
         encode_image(image, "tiff", ORIGIN, placement())
+
+
+def test_the_dicom_reader_reads_our_output_back_to_the_same_image(tmp_path):
+    from training.data.dicom import DicomDataset
+
+    side = 64
+    images = [np.clip(gradient_image(side) * sign, -1, 1) for sign in (1.0, -0.5)]
+    for number, image in enumerate(images):
+        origin = SyntheticOrigin(**{**ORIGIN.__dict__, "synthetic_patient_id": f"p{number}"})
+        where = DicomPlacement(uid_for("study"), uid_for("series"), uid_for(f"image/{number}"), number + 1)
+        (tmp_path / f"{number}.dcm").write_bytes(encode_dicom(image, origin, where, pixel_spacing_mm(side)))
+    data = DicomDataset(tmp_path, split="all", size=side)
+    assert len(data) == 2 and not any(data.excluded.values())
+    for number, image in enumerate(images):
+        read, _, mask = data[number]
+        assert read.shape == (1, side, side) and not mask.any()  # unlabelled
+        np.testing.assert_allclose(read[0].numpy(), image, atol=4 / 65535)
