@@ -530,3 +530,27 @@ def test_a_failed_upload_leaves_no_partial_set(auth_server, iam_s3):
     assert status == 403, body
     assert body["detail"]["s3_code"] == "AccessDenied" and "Access Denied" in body["detail"]["s3_message"]
     assert iam_s3["client"].list_objects_v2(Bucket="partial").get("Contents", []) == []
+
+
+def test_generate_dicom_gives_secondary_capture_with_the_png16_pixels(server):
+    import pydicom
+
+    from service.dicom import read_origin
+
+    body = {"labels": {"Effusion": True}, "count": 2, "seed": 31}
+    status, png = call(server, "POST", "/generate", {**body, "format": "png16"})
+    assert status == 200, png
+    status, dicom = call(server, "POST", "/generate", {**body, "format": "dicom"})
+    assert status == 200, dicom
+    model = call(server, "GET", "/model")[1]
+    series = set()
+    for png_image, dicom_image in zip(png["images"], dicom["images"]):
+        assert dicom_image["media_type"] == "application/dicom"
+        ds = pydicom.dcmread(io.BytesIO(base64.b64decode(dicom_image["data"])))
+        assert np.array_equal(ds.pixel_array, decode_png(base64.b64decode(png_image["data"])))
+        origin = read_origin(ds)
+        assert origin is not None and origin.seed == dicom_image["seed"] and origin.requested == {"Effusion": True}
+        assert (origin.model_name, origin.model_version) == (model["name"], model["version"])
+        assert "SYNTHETIC" in ds.SeriesDescription and ds.PatientID == f"SYNTHETIC-{dicom_image['id']}"
+        series.add((ds.StudyInstanceUID, ds.SeriesInstanceUID))
+    assert len(series) == 1, "one request is one study and one series"
