@@ -17,6 +17,11 @@ from __future__ import annotations
 
 import html
 import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from sqlalchemy.exc import IntegrityError
@@ -270,3 +275,27 @@ table{{border-collapse:collapse}}</style></head><body><h1>{e(study.title)}</h1>
 <p>Study <code>{e(study.name)}</code> is <b id="status">{e(study.status)}</b>; {len(study.cases)} cases per reader.</p>
 <table id="progress"><tr><th>reader</th><th>progress</th><th>last answer (UTC)</th></tr>{''.join(rows)}</table>
 <p>Export: {links}</p>{close}</body></html>"""
+
+
+@contextmanager
+def serve_in_thread(app, host: str = "127.0.0.1") -> Iterator[str]:
+    """``app`` under uvicorn in a thread on a port the system picks; yields the base URL and stops the
+    server on exit. For tests and scripts; ``python -m study serve`` serves in the foreground."""
+    import uvicorn
+
+    listener = socket.socket()
+    listener.bind((host, 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://{host}:{listener.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        listener.close()

@@ -7,10 +7,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import threading
-import time
 import uuid
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -89,24 +86,3 @@ def small_study(url: str, name: str = "pilot", readers=("ann", "bob"), real: int
     cases += phantom_cases(synthetic, size)
     return create_study(session_factory(url), name, name.title(), cases, list(readers), seed=7, resolution=size,
                         ask_findings=ask_findings, setup={"test": True})
-
-
-@contextmanager
-def serve(app):
-    """``app`` served by uvicorn on 127.0.0.1 in a thread; yields its base URL, stops it on exit."""
-    import uvicorn
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)

@@ -123,7 +123,7 @@ def test_findings_agree_with_the_requests_as_counted_by_hand():
     stats = study_statistics(readings())
     by_name = {f.finding: f for f in stats.findings}
     for finding in ("Effusion", "Mass", "No Finding"):
-        def has(field: str) -> int:
+        def has(field: str, finding: str = finding) -> int:
             return int(field == "No Finding") if finding == "No Finding" else int(finding in field.split("|"))
 
         requests = [has(CASE_LABELS[c]) for r in ANSWERS for c in range(4, 8)]
