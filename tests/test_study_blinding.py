@@ -1,6 +1,10 @@
 """Nothing but the pixels tells a served real image from a synthetic one: the set-up command stores both
 classes through one encoding, and over HTTP their bytes' length, headers, PNG structure, ids, positions
-and response times are the same or random, so a classifier on them does no better than chance."""
+and response times are the same or random, so a classifier on them does no better than chance.
+
+Synthetic images come from a bundle (the trained ``ci`` bundle, through LCO) or from a directory in the
+archive layout (images/ and Data_Entry.csv; here phantoms written by ``training.phantoms``, which
+writes that layout, so the archive path needs no trained model)."""
 
 from __future__ import annotations
 
@@ -8,8 +12,10 @@ import json
 import struct
 import time
 import urllib.request
+from pathlib import Path
 
 import numpy as np
+import pytest
 from scipy.stats import binomtest, mannwhitneyu
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import LeaveOneOut, cross_val_predict
@@ -44,18 +50,33 @@ def fetch(url: str) -> tuple[bytes, dict[str, str], float]:
     return body, headers, time.perf_counter() - start
 
 
-def test_served_images_carry_no_sign_of_their_class_but_the_pixels(tmp_path, ci_bundle, capsys):
+@pytest.fixture
+def phantom_archive(tmp_path) -> Path:
+    from training.phantoms import write_dataset
+
+    write_dataset(tmp_path / "archive", count=10, size=32, seed=4, workers=1, progress=False)
+    return tmp_path / "archive"
+
+
+@pytest.mark.parametrize("source", ["bundle", "archive"])
+def test_served_images_carry_no_sign_of_their_class_but_the_pixels(tmp_path, source, request, capsys):
     url = f"sqlite:///{tmp_path / 'study.db'}"
     links_file = tmp_path / "links.json"
-    status = main(["create", "--db", url, "--name", "blind", "--real", f"nih:{NIH_SAMPLE}",
-                   "--synthetic", f"bundle:{ci_bundle}", "--cases", "16", "--readers", "r1,r2", "--seed", "3",
-                   "--lco", '{"steps": 5}', "--base-url", "http://example.invalid", "--links", str(links_file)])
+    if source == "bundle":
+        synthetic = ["--synthetic", f"bundle:{request.getfixturevalue('ci_bundle')}", "--lco", '{"steps": 5}']
+    else:
+        synthetic = ["--synthetic", f"archive:{request.getfixturevalue('phantom_archive')}"]
+    status = main(["create", "--db", url, "--name", "blind", "--real", f"nih:{NIH_SAMPLE}", *synthetic,
+                   "--cases", "16", "--readers", "r1,r2", "--seed", "3", "--base-url", "http://example.invalid",
+                   "--links", str(links_file)])
     assert status == 0, capsys.readouterr().err
     links = json.loads(links_file.read_text())
     assert set(links) == {"admin", "r1", "r2"}
     with session_factory(url)() as session:
         study = session.query(Study).filter_by(name="blind").one()
         assert json.loads(study.setup)["cases"] == {"real": 8, "synthetic": 8}
+        sources = {c.origin: c.source for c in study.cases}
+        assert sources["synthetic"].startswith(source)
         rows = [(a.reader.name, a.key, a.position, a.case.origin)
                 for a in session.query(Assignment).join(Case).filter(Case.study_id == study.id)]
 

@@ -134,3 +134,13 @@ def test_bad_input_is_refused_with_a_message_and_nothing_stored_changes(database
     assert stored_answers(database_url) == before
     page = app.get(f"/studies/no-such-study/read/{links.reader_tokens['ann']}")
     assert page.status_code == 404 and "no study named" in page.text and page.headers["content-type"].startswith("text/html")
+
+
+def test_the_web_app_imports_neither_torch_nor_training():
+    import subprocess
+    import sys
+
+    code = ("import sys, study.app, study.cli, study.scripted; "
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.split('.')[0] == 'training'))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert result.stdout.strip() == "[]"
