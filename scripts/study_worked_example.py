@@ -68,6 +68,7 @@ def main() -> int:
     parser.add_argument("--real", required=True)
     parser.add_argument("--bundle", required=True)
     parser.add_argument("--cases", type=int, default=12)
+    parser.add_argument("--lco", default="{}", help="LCO options as JSON (python -m study create --lco)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
@@ -83,7 +84,7 @@ def main() -> int:
     url = f"sqlite:///{work / 'study.db'}"
     status = study_main(["create", "--db", url, "--name", "worked-example", "--title", "Worked example (scripted readers)",
                          "--real", args.real, "--synthetic", f"bundle:{args.bundle}", "--cases", str(args.cases),
-                         "--readers", "scripted-1,scripted-2", "--seed", "2026", "--links", str(work / "links.json")])
+                         "--lco", args.lco, "--readers", "scripted-1,scripted-2", "--seed", "2026", "--links", str(work / "links.json")])
     if status:
         return status
     links = json.loads((work / "links.json").read_text())
