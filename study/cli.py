@@ -82,8 +82,10 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "serve":
         import uvicorn
 
+        from service.processes import check_port_free
         from study.app import create_app
 
+        check_port_free(args.host, args.port, "choose another with --port")
         migrate(args.db)
         uvicorn.run(create_app(args.db), host=args.host, port=args.port)
         return 0
@@ -130,12 +132,13 @@ def main(argv: list[str] | None = None) -> int:
     from pydantic import ValidationError
     from sqlalchemy.exc import OperationalError
 
+    from service.processes import PortInUse
     from study.create import StudySetupError
 
     args = build_parser().parse_args(argv)
     try:
         return run(args)
-    except (UsageError, StudySetupError, ValidationError) as error:
+    except (UsageError, StudySetupError, ValidationError, PortInUse) as error:
         message = str(error).replace("\n", " ")
     except OperationalError as error:
         message = f"cannot use the database {args.db}: {error.orig}"

@@ -34,7 +34,6 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
 
 ORIGINS = ("real", "synthetic")
-STATUSES = ("open", "closed")
 CONFIDENCE_RANGE = (1, 5)
 MIGRATIONS = Path(__file__).parent / "migrations"
 

@@ -9,6 +9,7 @@ writes that layout, so the archive path needs no trained model)."""
 from __future__ import annotations
 
 import json
+import socket
 import struct
 import time
 import urllib.request
@@ -130,5 +131,10 @@ def test_set_up_errors_are_one_line_and_store_nothing(tmp_path, capsys):
         assert err.startswith("python -m study: error:") and words in err and "\n" not in err, err
     assert main(["report", "--db", url, "--name", "missing", "--out", str(tmp_path / "out")]) == 2
     assert "no study named 'missing'" in capsys.readouterr().err
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        assert main(["serve", "--db", url, "--port", str(taken.getsockname()[1])]) == 2
+        assert "already in use" in capsys.readouterr().err
     with session_factory(url)() as session:
         assert session.query(Study).count() == 0
