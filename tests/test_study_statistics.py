@@ -148,3 +148,17 @@ def test_the_statistics_csv_holds_the_computed_values():
     fleiss_row = next(r for r in rows if r["kind"] == "fleiss_kappa")
     assert float(fleiss_row["kappa"]) == pytest.approx(stats.fleiss_kappa)
     assert sum(r["kind"] == "cohen_kappa" for r in rows) == 3 and sum(r["kind"] == "finding" for r in rows) == 15
+
+
+def test_the_html_report_shows_the_tables_and_three_plots():
+    import base64
+
+    from study.report import report_html
+    from study.storage import Study
+
+    study = Study(name="fixed", title="Fixed answers", status="closed", setup='{"seed": 1}')
+    page = report_html(study, readings(), note="scripted answers")
+    assert "17/24 = 0.708 [0.489, 0.874]" in page
+    assert "scripted answers" in page and "&quot;seed&quot;: 1" in page
+    images = [chunk.split('"')[0] for chunk in page.split('src="data:image/png;base64,')[1:]]
+    assert len(images) == 3 and all(base64.b64decode(i).startswith(b"\x89PNG") for i in images)
