@@ -108,7 +108,8 @@ def plots(stats: StudyStatistics, readings: list[Reading]) -> dict[str, str]:
     asked = [f for f in stats.findings if f.agreement.total]
     if asked:
         figure, axis = plt.subplots(figsize=(6, 4))
-        axis.barh([f"{f.finding} ({f.requested} requested)" for f in asked], [f.agreement.value for f in asked])
+        axis.barh([f"{f.finding} ({f.requested} of {f.agreement.total} requested)" for f in asked],
+                  [f.agreement.value for f in asked])
         axis.set_xlim(0, 1)
         axis.set_xlabel("agreement of marked findings with the requested labels (synthetic images)")
         images["findings"] = _figure_png(figure)
