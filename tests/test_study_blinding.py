@@ -23,6 +23,7 @@ from sklearn.model_selection import LeaveOneOut, cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from service.bundle import read_manifest
 from study.app import create_app, serve_in_thread
 from study.cli import main
 from study.storage import Assignment, Case, Study, session_factory
@@ -64,9 +65,12 @@ def test_served_images_carry_no_sign_of_their_class_but_the_pixels(tmp_path, sou
     url = f"sqlite:///{tmp_path / 'study.db'}"
     links_file = tmp_path / "links.json"
     if source == "bundle":
-        synthetic = ["--synthetic", f"bundle:{request.getfixturevalue('ci_bundle')}", "--lco", '{"steps": 5}']
+        bundle = request.getfixturevalue("ci_bundle")
+        synthetic = ["--synthetic", f"bundle:{bundle}", "--lco", '{"steps": 5}']
+        side = read_manifest(bundle).resolution
     else:
         synthetic = ["--synthetic", f"archive:{request.getfixturevalue('phantom_archive')}"]
+        side = 32
     status = main(["create", "--db", url, "--name", "blind", "--real", f"nih:{NIH_SAMPLE}", *synthetic,
                    "--cases", "16", "--readers", "r1,r2", "--seed", "3", "--base-url", "http://example.invalid",
                    "--links", str(links_file)])
@@ -97,7 +101,7 @@ def test_served_images_carry_no_sign_of_their_class_but_the_pixels(tmp_path, sou
     chunk_types = [kind for kind, _ in samples[0]["chunks"]]
     assert chunk_types[0] == "IHDR" and chunk_types[-1] == "IEND" and set(chunk_types) == {"IHDR", "IDAT", "IEND"}
     width, height, depth, colour = struct.unpack(">IIBB", samples[0]["chunks"][0][1][:10])
-    assert (width, height, depth, colour) == (32, 32, 8, 0)  # the ci bundle's side, 8-bit grey
+    assert (width, height, depth, colour) == (side, side, 8, 0)  # the synthetic images' side, 8-bit grey
     assert samples[0]["headers"]["content-type"] == "image/png"
 
     # What is random (ids, positions, timings) does not separate them either.
