@@ -38,7 +38,7 @@ test: lint system-deps
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check training service tests benchmarks scripts
+	$(BIN)/ruff check training service study tests benchmarks scripts
 
 clean:
 	rm -rf $(VENV) runs demo-output build dist *.egg-info

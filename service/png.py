@@ -23,11 +23,14 @@ def to_pixels(image: np.ndarray, image_format: str = "png8") -> np.ndarray:
     raise ValueError(f"unknown image format {image_format!r}; choose one of {', '.join(FORMATS)}")
 
 
-def encode_png(image: np.ndarray, image_format: str = "png8") -> bytes:
-    """PNG bytes of a [H, W] image in [-1, 1]. Deterministic: same pixels, same bytes."""
+def encode_png(image: np.ndarray, image_format: str = "png8", compress_level: int = 6) -> bytes:
+    """PNG bytes of a [H, W] image in [-1, 1]. Deterministic: same pixels, same bytes.
+
+    ``compress_level`` is zlib's 0-9; at 0 (stored blocks) the byte length depends on H, W and the bit
+    depth alone, which the reader study needs so that a file's size says nothing about its pixels."""
     pixels = to_pixels(image, image_format)
     buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG", compress_level=6)
+    Image.fromarray(pixels).save(buffer, format="PNG", compress_level=compress_level)
     return buffer.getvalue()
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["tests.s3_server", "tests.bundle_fixtures"]
+pytest_plugins = ["tests.s3_server", "tests.bundle_fixtures", "tests.study_support"]
 
 DATA = Path(__file__).parent / "data"
 
