@@ -16,10 +16,12 @@ from PIL import Image
 
 from service import demo
 from service.auditor import Auditor, AuditorError
+from service.bundle import load_bundle
 from service.labels import LABELS, NO_FINDING
 from service.nih_format import DATA_ENTRY_COLUMNS
-from service.png import decode_png
+from service.png import decode_png, encode_png
 from training import cli, demo_bundle
+from training.classifier import TrainedClassifier
 from training.data import NIHChestXray14
 from training.export.auditor import NIH_DATASET_PREFIX, export_auditor
 
@@ -84,8 +86,14 @@ def test_demo_reads_an_nih_folder_and_the_bundle_step_needs_the_auditor_path(
     assert "--auditor DIR" in capsys.readouterr().err
 
 
-def test_auditor_export_round_trip(ci_models, nih_folder: Path, tmp_path: Path) -> None:
-    trained = dataclasses.replace(ci_models.classifier, dataset=f"{NIH_DATASET_PREFIX}{nih_folder}")
+@pytest.fixture
+def ci_auditor(ci_models, nih_folder: Path) -> TrainedClassifier:
+    """The `ci` classifier (32²) as if trained on ``nih_folder``: its held-out split is that folder's."""
+    return dataclasses.replace(ci_models.classifier, dataset=f"{NIH_DATASET_PREFIX}{nih_folder}")
+
+
+def test_auditor_export_round_trip(ci_auditor: TrainedClassifier, nih_folder: Path, tmp_path: Path) -> None:
+    trained = ci_auditor
     written = export_auditor(trained, tmp_path / "auditor")
     with pytest.raises(FileExistsError):
         export_auditor(trained, tmp_path / "auditor")
@@ -116,3 +124,32 @@ def test_auditor_export_round_trip(ci_models, nih_folder: Path, tmp_path: Path) 
     graph.write_bytes(graph.read_bytes() + b"\0")
     with pytest.raises(AuditorError, match="sha256"):
         Auditor.load(written)
+
+
+def test_real_contact_sheet_rows_and_agreement(ci_bundle: Path, ci_auditor: TrainedClassifier, tmp_path: Path) -> None:
+    """judge_rows on the `ci` bundle's own images (as /generate would answer): LCO tiles then held-out
+    real ones, each captioned with both probabilities; agreement counted at the auditor's thresholds."""
+    auditor_dir = export_auditor(ci_auditor, tmp_path / "auditor")
+    bundle = load_bundle(ci_bundle)
+    images = bundle.generate(np.random.default_rng(0).standard_normal((3, bundle.manifest.latent_dim)))[:, 0]
+    probabilities = 1 / (1 + np.exp(-bundle.classify(images[:, None])[0]))
+    results = [{"finding": finding, "images": [
+        {"png": encode_png(image), "satisfied": index == 0, "steps": 5,
+         "probabilities": dict(zip(LABELS, map(float, p)))} for index, (image, p) in enumerate(zip(images, probabilities))]}
+        for finding in (NO_FINDING, "Effusion")]
+    rows, agreement = demo.judge_rows(ci_bundle, auditor_dir, results, count=2)
+
+    auditor = Auditor.load(auditor_dir)
+    audited = auditor.probabilities(np.stack([decode_png(encode_png(image)) for image in images]))
+    for (caption, tiles), row, finding in zip(rows, agreement, (NO_FINDING, "Effusion")):
+        assert caption.startswith(finding)
+        assert len(tiles) == 3 + min(2, len(auditor.examples(finding, 99)))
+        assert tiles[0][1].startswith("LCO ok 5 st\nclf ") and tiles[1][1].startswith("LCO unsat")
+        assert all(label.startswith("real ") for _, label in tiles[3:])
+        assert f"aud {demo.shown_probability(audited[0], finding):.2f}" in tiles[0][1]
+        assert row["lco_satisfied"] == 1 and row["images"] == 3
+        assert row["auditor_agrees"] == int(auditor.agrees(audited, finding).sum())
+        assert row["held_out_real"] == len(auditor.examples(finding, 99))
+    sheet = tmp_path / "sheet.png"
+    demo.contact_sheet(rows, sheet)
+    assert Image.open(sheet).size[1] > 2 * 160
