@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv lint clean system-deps
+.PHONY: demo demo-real test venv lint clean system-deps
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,11 @@ venv: $(STAMP)
 # One plain command, which make runs without a shell: make's SIGTERM reaches the demo itself.
 demo: $(STAMP)
 	$(BIN)/python -m service.demo
+
+# The same on real radiographs: the 705-image NIH sample next to the clone (docs/real-data.md).
+NIH_SAMPLE ?= ../shared/data/nih-sample
+demo-real: $(STAMP)
+	$(BIN)/python -m service.demo --data nih:$(NIH_SAMPLE)
 
 # Debian packages the tests drive for real: headless Chromium (HTML reports, the reader study's browser
 # test), a PostgreSQL server started on loopback, and dciodvfy (dicom3tools) validating DICOM output.

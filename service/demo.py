@@ -9,6 +9,12 @@
 4. Writes the PNGs, their JSON descriptions and a captioned contact sheet to ``demo-output/``.
 5. Prints where they are and a curl line, then keeps serving until Ctrl+C (``--exit`` stops).
 
+On real radiographs (``--data nih:PATH``, ``make demo-real``: the 705-image NIH sample next to the
+clone) the same steps train the `nih-sample-64` generator, the ``NIH_SAMPLE_MEMBERS`` ensemble and an
+independent auditor into ``models/nih-sample-64`` (+ ``-auditor``), ask for ``REAL_FINDINGS`` only, and
+put held-out real images of each finding beside the LCO images, every tile captioned with the LCO
+classifier's and the auditor's probability; the auditor's agreement per finding is printed and saved.
+
 Every process it starts (training steps, the server) runs in a session of its own and ends with it:
 SIGINT, SIGTERM and SIGHUP stop the children before the demo exits, and on Linux a child also gets
 SIGTERM if the demo is killed outright (service/processes.py).
@@ -28,6 +34,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
@@ -47,6 +54,13 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_BUNDLE = ROOT / "models" / "demo"
 DEFAULT_OUTPUT = ROOT / "demo-output"
 DEFAULT_RUNS = ROOT / "runs" / "demo"
+# --data nih:PATH: the real-data presets are sized for the NIH sample, hence the names
+REAL_BUNDLE = ROOT / "models" / "nih-sample-64"
+REAL_AUDITOR = ROOT / "models" / "nih-sample-64-auditor"
+REAL_OUTPUT = ROOT / "demo-output" / "nih-sample"
+REAL_RUNS = ROOT / "runs" / "nih-sample"
+# The findings the NIH sample has enough of (≥ 70 images each; every abnormal one also carries Pneumonia)
+REAL_FINDINGS = (NO_FINDING, "Pneumonia", "Infiltration", "Effusion", "Atelectasis", "Edema")
 PORT_HINT = "stop it, or pick another port with --port N (or CXRSYNTH_PORT=N)"
 TILE = 160  # pixels per contact-sheet tile (images are upscaled with nearest neighbour)
 
@@ -63,9 +77,24 @@ def bundle_is_valid(bundle: Path) -> bool:
     return True
 
 
-def train_bundle(bundle: Path, runs: Path) -> None:
-    """Train the demo bundle with ``python -m training.demo_bundle`` (the training package's job)."""
-    command = [sys.executable, "-m", "training.demo_bundle", "--bundle", str(bundle), "--runs", str(runs)]
+def auditor_is_valid(auditor: Path) -> bool:
+    from service.auditor import Auditor, AuditorError
+
+    if not (auditor / "auditor.json").is_file():
+        return False
+    try:
+        Auditor.load(auditor)
+    except AuditorError as error:
+        print(f"existing auditor is unusable ({error}); training a new one", file=sys.stderr)
+        return False
+    return True
+
+
+def train_bundle(bundle: Path, runs: Path, data: str = "phantoms", auditor: Path | None = None) -> None:
+    """Train the demo bundle with ``python -m training.demo_bundle`` (the training package's job); on
+    ``nih:PATH`` data also the auditor, exported to ``auditor``."""
+    command = [sys.executable, "-m", "training.demo_bundle", "--bundle", str(bundle), "--runs", str(runs),
+               "--data", data, *(["--auditor", str(auditor)] if auditor else [])]
     returncode = run_step(command, cwd=ROOT)
     if returncode != 0:
         raise SystemExit(f"training the demo bundle failed with exit code {returncode}")
@@ -117,9 +146,11 @@ def wait_ready(process: subprocess.Popen[bytes], base_url: str, log_path: Path, 
 
 
 def contact_sheet(rows: list[tuple[str, list[tuple[Image.Image, str]]]], path: Path) -> None:
-    """One row per request: a caption column, then the images with their probability underneath."""
+    """One row per request: a caption column, then the images with their label (one or more lines)
+    underneath."""
     font = ImageFont.load_default(size=13)
-    caption_width, label_height, pad = 190, 16, 6
+    lines = max(label.count("\n") + 1 for _, tiles in rows for _, label in tiles)
+    caption_width, label_height, pad = 190, 16 * lines, 6
     columns = max(len(tiles) for _, tiles in rows)
     width = caption_width + columns * (TILE + pad) + pad
     height = len(rows) * (TILE + label_height + pad) + pad
@@ -137,12 +168,74 @@ def contact_sheet(rows: list[tuple[str, list[tuple[Image.Image, str]]]], path: P
     temporary.replace(path)
 
 
+def shown_probability(probabilities: np.ndarray, finding: str) -> float:
+    """The probability a caption shows: the finding's, or for "No Finding" the largest of the 14."""
+    return float(probabilities.max() if finding == NO_FINDING else probabilities[LABELS.index(finding)])
+
+
+def tile_caption(title: str, judged: np.ndarray, audited: np.ndarray, finding: str) -> str:
+    """Two lines under a tile: its title, then the LCO classifier's and the auditor's probability."""
+    return f"{title}\nclf {shown_probability(judged, finding):.2f} aud {shown_probability(audited, finding):.2f}"
+
+
+def judge_rows(bundle: Path, auditor_dir: Path, results: list[dict], count: int) -> tuple[list, list[dict]]:
+    """The real-data sheet and agreement: per finding, the LCO images then up to ``count`` held-out real
+    images of that finding, each captioned with the LCO classifier's ("clf") and the auditor's ("aud")
+    probability of the finding (for "No Finding": the largest of the 14).
+
+    Agreement per finding: the share of LCO images on which the auditor, at its own thresholds, sees
+    the finding (for "No Finding": none of the 14), beside its rate on every held-out real image of
+    that finding (what it recognises on real images at all)."""
+    from service.auditor import Auditor
+    from service.bundle import SessionTuning, load_bundle
+    from service.png import decode_png
+
+    auditor = Auditor.load(auditor_dir)
+    lco_classifier = load_bundle(bundle, SessionTuning(providers=("CPUExecutionProvider",)))
+    rows, agreement = [], []
+    for result in results:
+        finding, images = result["finding"], result["images"]
+        lco_pixels = np.stack([decode_png(image["png"]) for image in images])
+        lco_judged = np.array([[image["probabilities"][name] for name in LABELS] for image in images])
+        lco_audited = auditor.probabilities(lco_pixels)
+        real = auditor.examples(finding, len(auditor.held_out))
+        real_pixels = (np.stack([pixels for _, pixels in real]) if real
+                       else np.zeros((0, *lco_pixels.shape[1:]), np.float32))
+        real_audited = auditor.probabilities(real_pixels)
+        shown = real_pixels[:count]
+        real_judged = 1.0 / (1.0 + np.exp(-lco_classifier.classify(shown[:, None])[0])) if len(shown) else []
+        tiles = [(Image.open(io.BytesIO(image["png"])),
+                  tile_caption(f"LCO {'ok' if image['satisfied'] else 'unsat'} {image['steps']} st", judged, audited, finding))
+                 for image, judged, audited in zip(images, lco_judged, lco_audited)]
+        tiles += [(Image.fromarray(np.uint8(np.round((pixels + 1.0) * 127.5))),
+                   tile_caption(f"real {Path(example.name).stem}", judged, audited, finding))
+                  for (example, _), pixels, judged, audited in zip(real, shown, real_judged, real_audited)]
+        rows.append((f"{finding}\nLCO | real (held out)", tiles))
+        agreement.append({"finding": finding, "images": len(images),
+                          "lco_satisfied": int(sum(image["satisfied"] for image in images)),
+                          "auditor_agrees": int(auditor.agrees(lco_audited, finding).sum()),
+                          "held_out_real": len(real),
+                          "auditor_on_real": int(auditor.agrees(real_audited, finding).sum())})
+    return rows, agreement
+
+
+def print_agreement(agreement: list[dict], auditor: Path) -> None:
+    print(f"\nauditor agreement per requested finding (auditor: {auditor}):")
+    print(f"  {'finding':<14} {'LCO satisfied':>14} {'auditor agrees':>15} {'auditor on held-out real':>25}")
+    for row in agreement:
+        real = (f"{row['auditor_on_real']}/{row['held_out_real']}" if row["held_out_real"] else "none held out")
+        print(f"  {row['finding']:<14} {row['lco_satisfied']:>10}/{row['images']:<3} "
+              f"{row['auditor_agrees']:>11}/{row['images']:<3} {real:>25}")
+
+
 def run_demo(args: argparse.Namespace) -> int:
     bundle = args.bundle.resolve()
+    auditor = args.auditor.resolve() if args.data else None
     check_port_free(args.host, args.port, PORT_HINT)  # before training: an hour's work must not end here
-    if not bundle_is_valid(bundle):
-        print(f"no demo bundle at {bundle}: training one on procedural phantoms (CPU, a while)")
-        train_bundle(bundle, args.runs.resolve())
+    if not bundle_is_valid(bundle) or (auditor and not auditor_is_valid(auditor)):
+        source = f"nih:{args.data}" if args.data else "phantoms"
+        print(f"no demo bundle at {bundle}: training one on {source} (CPU, a while)")
+        train_bundle(bundle, args.runs.resolve(), source, auditor)
         check_port_free(args.host, args.port, PORT_HINT)
     base_url = f"http://{args.host}:{args.port}"
     output = args.output.resolve()
@@ -154,7 +247,7 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f"service ready at {base_url} (log: {log_path})")
         rows = []
         results = []
-        findings = [*LABELS, NO_FINDING]
+        findings = list(REAL_FINDINGS) if args.data else [*LABELS, NO_FINDING]
         for row, finding in enumerate(tqdm(findings, desc="asking /generate per finding", unit="finding")):
             # each finding starts from its own latents, so the sheet also shows the generator's variety
             body = {"labels": [finding], "count": args.count, "seed": args.seed + 1000 * row}
@@ -165,7 +258,7 @@ def run_demo(args: argparse.Namespace) -> int:
             folder.mkdir(exist_ok=True)
             tiles = []
             for image in response["images"]:
-                png = base64.b64decode(image.pop("data"))
+                png = image["png"] = base64.b64decode(image.pop("data"))
                 (folder / f"{image['index']:02d}.png").write_bytes(png)
                 shown = image["probabilities"].get(finding) if finding != NO_FINDING else max(image["probabilities"].values())
                 mark = "ok" if image["satisfied"] else "unsat"
@@ -175,9 +268,16 @@ def run_demo(args: argparse.Namespace) -> int:
             rows.append((f"{finding}\n{satisfied}/{len(tiles)} satisfied", tiles))
             results.append({"finding": finding, **{k: v for k, v in response.items() if k != "images"},
                             "images": response["images"]})
-        (output / "results.json").write_text(json.dumps(results, indent=2))
+        if auditor:
+            rows, agreement = judge_rows(bundle, auditor, results, args.count)
+            print_agreement(agreement, auditor)
         sheet = output / "contact_sheet.png"
         contact_sheet(rows, sheet)
+        for result in results:
+            for image in result["images"]:
+                del image["png"]
+        (output / "results.json").write_text(json.dumps(
+            {"results": results, "auditor_agreement": agreement} if auditor else results, indent=2))
         total = sum(len(r["images"]) for r in results)
         satisfied = sum(sum(i["satisfied"] for i in r["images"]) for r in results)
         print(f"\n{total} images ({satisfied} satisfied) in {output}/<finding>/, contact sheet: {sheet}")
@@ -206,16 +306,34 @@ def port_number(text: str) -> int:
     return port
 
 
+def nih_folder(text: str) -> Path:
+    """argparse type of --data: ``nih:PATH``, PATH a folder holding an NIH Data_Entry CSV."""
+    kind, _, path = text.partition(":")
+    if kind != "nih" or not path:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected nih:PATH, a folder in the NIH ChestX-ray14 layout")
+    folder = Path(path).resolve()
+    if not folder.is_dir():
+        raise argparse.ArgumentTypeError(f"{path} is not a directory (nih:PATH names the folder of Data_Entry*.csv)")
+    if not any(folder.glob("Data_Entry*.csv*")):
+        raise argparse.ArgumentTypeError(f"{path} holds no Data_Entry*.csv: not the NIH ChestX-ray14 layout")
+    return folder
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m service.demo", description=__doc__.split("\n")[0])
     try:
         config = settings()
     except SettingsError as error:
         parser.error(str(error))
-    parser.add_argument("--bundle", type=Path, default=config.demo_bundle or DEFAULT_BUNDLE,
-                        help="bundle directory; trained here on phantoms if missing")
-    parser.add_argument("--runs", type=Path, default=DEFAULT_RUNS, help="where the training runs go")
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="where PNGs and the contact sheet go")
+    parser.add_argument("--data", type=nih_folder, metavar="nih:PATH",
+                        help="train on real radiographs in the NIH layout (e.g. nih:../shared/data/nih-sample) "
+                             "instead of phantoms, and audit the result")
+    parser.add_argument("--bundle", type=Path,
+                        help=f"bundle directory; trained here if missing (default: {DEFAULT_BUNDLE.relative_to(ROOT)}, "
+                             f"or CXRSYNTH_DEMO_BUNDLE; with --data {REAL_BUNDLE.relative_to(ROOT)})")
+    parser.add_argument("--auditor", type=Path, default=REAL_AUDITOR, help="with --data: the exported auditor")
+    parser.add_argument("--runs", type=Path, help="where the training runs go")
+    parser.add_argument("--output", type=Path, help="where PNGs and the contact sheet go")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=port_number, default=config.port,
                         help=f"port to serve on (default: CXRSYNTH_PORT, else {Settings.model_fields['port'].default})")
@@ -223,6 +341,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--exit", action="store_true", help="stop the service after the demo instead of serving on")
     args = parser.parse_args(argv)
+    real = args.data is not None
+    args.bundle = args.bundle or (REAL_BUNDLE if real else config.demo_bundle or DEFAULT_BUNDLE)
+    args.runs = args.runs or (REAL_RUNS if real else DEFAULT_RUNS)
+    args.output = args.output or (REAL_OUTPUT if real else DEFAULT_OUTPUT)
     with exit_on_signals():
         try:
             return run_demo(args)

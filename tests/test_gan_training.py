@@ -250,7 +250,7 @@ def test_cli_rejects_bad_configuration_with_a_clear_message(tmp_path):
     )
     assert unknown.returncode == 2 and "schedule.batchsize" in unknown.stderr
     preset = _cli("train", "--config", "nonexistent", "--run-dir", str(tmp_path))
-    assert preset.returncode == 2 and "presets: ['ci', 'demo', 'nih-256', 'paper-1024']" in preset.stderr
+    assert preset.returncode == 2 and "presets: ['ci', 'demo', 'nih-256', 'nih-sample-64', 'paper-1024']" in preset.stderr
     data = _cli("train", "--config", "ci", "--data", "cheese", "--run-dir", str(tmp_path / "x"))
     assert data.returncode == 2 and "phantoms" in data.stderr
 

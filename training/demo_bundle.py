@@ -1,11 +1,15 @@
-"""Train the demo bundle from nothing on procedural phantoms: ``python -m training.demo_bundle``.
+"""Train the demo bundle from nothing: ``python -m training.demo_bundle [--data nih:PATH]``.
 
 The steps are the training CLI's own commands, each a ``python -m training.cli`` subprocess with its
-own progress bar: the `demo` PGGAN (data-parallel over two processes), the LCO classifier ensemble's
-members (``DEMO_MEMBERS``), their ensemble, and the export. ``python -m service.demo`` runs this when
-``models/demo`` holds no valid bundle; the service package itself never imports the trainer.
+own progress bar: the PGGAN (data-parallel over two processes), the LCO classifier ensemble's members,
+their ensemble, and the export. On procedural phantoms (the default) these are the `demo` presets
+(``DEMO_MEMBERS``). On real radiographs in the NIH layout (``--data nih:PATH``, made for the 705-image
+NIH sample) they are `nih-sample-64` and ``NIH_SAMPLE_MEMBERS``, and two steps follow: the independent
+auditor (`auditor-nih-sample`) and its export for ONNX Runtime to ``--auditor``. ``python -m
+service.demo`` runs this when its bundle directory holds no valid bundle; the service package itself
+never imports the trainer.
 
-Exit status: 0 with a valid bundle at ``--bundle``; 1 naming the step that failed.
+Exit status: 0 with a valid bundle at ``--bundle``; 1 naming the step that failed; 2 for bad arguments.
 """
 
 from __future__ import annotations
@@ -16,24 +20,40 @@ import sys
 from pathlib import Path
 
 from service.processes import Stopped, exit_on_signals, run_step
-from training.classifier.config import DEMO_MEMBERS
+from training.classifier.config import DEMO_MEMBERS, NIH_SAMPLE_MEMBERS
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def training_steps(bundle: Path, runs: Path) -> list[tuple[str, bool, list[str]]]:
-    """(title, data-parallel, training.cli arguments) of each step."""
-    members = list(DEMO_MEMBERS)
+def training_steps(bundle: Path, runs: Path, data: str = "phantoms",
+                   auditor: Path | None = None) -> list[tuple[str, bool, list[str]]]:
+    """(title, data-parallel, training.cli arguments) of each step; ``data`` is "phantoms" or "nih:PATH"
+    (then ``auditor`` is where the auditor is exported)."""
+    real = data != "phantoms"
+    if real and auditor is None:
+        raise ValueError(f"--data {data} trains an auditor too: say where to export it (auditor=...)")
+    gan_preset, members, name = ("nih-sample-64", NIH_SAMPLE_MEMBERS, "cxrsynth-nih-sample") if real else (
+        "demo", DEMO_MEMBERS, "cxrsynth-demo")
+    data_root = ["--set", f"data.root={data.partition(':')[2]}"] if real else []
     member_runs = [str(runs / f"classifier-{number}") for number in range(1, len(members) + 1)]
-    return [
-        ("PGGAN generator", True, ["train", "--config", "demo", "--data", "phantoms", "--run-dir", str(runs / "gan")]),
-        *((f"LCO classifier {number}/{len(members)}", False, ["classifier", "train", "--preset", preset, "--run-dir", run])
+    steps = [
+        ("PGGAN generator", True, ["train", "--config", gan_preset, "--data", data, "--run-dir", str(runs / "gan")]),
+        *((f"LCO classifier {number}/{len(members)}", False,
+           ["classifier", "train", "--preset", preset, *data_root, "--run-dir", run])
           for number, (preset, run) in enumerate(zip(members, member_runs), start=1)),
-        ("LCO classifier ensemble", False, ["classifier", "ensemble", *member_runs, "--preset", "demo",
-                                            "--run-dir", str(runs / "classifier")]),
+        ("LCO classifier ensemble", False, ["classifier", "ensemble", *member_runs, "--preset", members[0],
+                                            *data_root, "--run-dir", str(runs / "classifier")]),
         ("bundle export", False, ["export", "--generator", str(runs / "gan"), "--classifier", str(runs / "classifier"),
-                                  "--out", str(bundle), "--name", "cxrsynth-demo", "--overwrite"]),
+                                  "--out", str(bundle), "--name", name, "--overwrite"]),
     ]
+    if real:
+        steps += [
+            ("auditor", False, ["classifier", "train", "--preset", "auditor-nih-sample", *data_root,
+                                "--run-dir", str(runs / "auditor")]),
+            ("auditor export", False, ["export-auditor", "--classifier", str(runs / "auditor"), "--out", str(auditor),
+                                       "--overwrite"]),
+        ]
+    return steps
 
 
 def launcher(data_parallel: bool) -> list[str]:
@@ -45,12 +65,15 @@ def launcher(data_parallel: bool) -> list[str]:
     return ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
 
 
-def train_bundle(bundle: Path, runs: Path) -> int:
-    steps = training_steps(bundle, runs)
+def train_bundle(bundle: Path, runs: Path, data: str = "phantoms", auditor: Path | None = None) -> int:
+    steps = training_steps(bundle, runs, data, auditor)
+    # one thread per process, as torchrun sets for the GAN's: two on two shared cores ran up to 20×
+    # slower (BENCHMARKS.md)
+    single_threaded = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     for number, (title, data_parallel, arguments) in enumerate(steps, start=1):
         command = [sys.executable, *launcher(data_parallel), "-m", "training.cli", *arguments]
         print(f"[{number}/{len(steps)}] {title}: {' '.join(command[1:])}", flush=True)
-        returncode = run_step(command, cwd=ROOT)
+        returncode = run_step(command, cwd=ROOT, env=single_threaded)
         if returncode != 0:
             print(f"error: training step '{title}' failed with exit code {returncode}", file=sys.stderr)
             return 1
@@ -61,10 +84,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.demo_bundle", description=__doc__.split("\n")[0])
     parser.add_argument("--bundle", type=Path, default=ROOT / "models" / "demo", help="where to write the bundle")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "demo", help="training run directories")
+    parser.add_argument("--data", default="phantoms", help="phantoms, or real radiographs in the NIH layout: nih:PATH")
+    parser.add_argument("--auditor", type=Path, help="with --data nih:PATH: where to export the auditor")
     args = parser.parse_args(argv)
+    kind, _, path = args.data.partition(":")
+    if args.data != "phantoms" and not (kind == "nih" and Path(path).is_dir()):
+        parser.error(f"--data {args.data}: expected 'phantoms' or 'nih:PATH' with PATH a directory")
+    if kind == "nih" and args.auditor is None:
+        parser.error("--data nih:PATH trains an auditor too: say where to export it with --auditor DIR")
     with exit_on_signals():
         try:
-            return train_bundle(args.bundle.resolve(), args.runs.resolve())
+            data = f"nih:{Path(path).resolve()}" if kind == "nih" else "phantoms"
+            return train_bundle(args.bundle.resolve(), args.runs.resolve(), data,
+                                args.auditor.resolve() if args.auditor else None)
         except Stopped as stop:
             return stop.exit_code
 

@@ -8,6 +8,8 @@ Presets are TOML files in training/configs/classifier/ (each says what it is for
 - ``demo``, ``demo-2`` … ``demo-9`` (``DEMO_MEMBERS``): the demo bundle's LCO ensemble, 64² phantoms.
 - ``auditor``: the independent auditor for ``demo``, never used inside LCO.
 - ``chexnet``: DenseNet-121 at 224² on NIH ChestX-ray14.
+- ``nih-sample``, ``nih-sample-2``, ``nih-sample-3`` (``NIH_SAMPLE_MEMBERS``) and ``auditor-nih-sample``:
+  ``make demo-real``'s LCO ensemble and auditor, 64² real radiographs of the 705-image NIH sample.
 """
 
 from __future__ import annotations
@@ -187,6 +189,10 @@ def _check_model(model: ClassifierSpec, checks: Checks) -> int | None:
 # The demo bundle's LCO ensemble: `demo` and the presets that extend it, each on its own phantom stream
 # and seed, the two widths alternating (why nine: docs/lco-quality.md). service/demo.py trains these.
 DEMO_MEMBERS: tuple[str, ...] = ("demo", *(f"demo-{number}" for number in range(2, 10)))
+
+# `make demo-real`'s LCO ensemble on the NIH sample: three small CNNs (two seeds of the narrow one, one
+# wide), a third of the demo's: every member's pass is paid at each LCO step on the CPU.
+NIH_SAMPLE_MEMBERS: tuple[str, ...] = ("nih-sample", "nih-sample-2", "nih-sample-3")
 
 
 def preset_names() -> list[str]:

@@ -1,7 +1,11 @@
-"""CLI command ``export`` (registered by training.cli):
+"""CLI commands ``export`` and ``export-auditor`` (registered by training.cli):
 
     python -m training.cli export --generator RUN_DIR_OR_CHECKPOINT --classifier CLASSIFIER_DIR \
         --out bundles/demo [--name cxrsynth-demo] [--version V] [--model-store]
+    python -m training.cli export-auditor --classifier AUDITOR_DIR --out models/demo-real-auditor
+
+``export-auditor`` writes the auditor alone for ONNX Runtime (training/export/auditor.py): it judges
+LCO's images and is never part of a bundle.
 
 Provenance comes from the runs, not the command line: the classifier's held-out AUROC from the trained
 classifier, the generator's Fréchet distance from the GAN run's metric record
@@ -38,6 +42,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="also save the bundle into the local BentoML model store ($BENTOML_HOME)")
     parser.set_defaults(handler=run_export)
 
+    auditor = subparsers.add_parser("export-auditor", help="write a trained auditor as ONNX + thresholds (no bundle)")
+    auditor.add_argument("--classifier", type=Path, required=True,
+                         help="trained auditor directory (<run>/classifier) or its run directory")
+    auditor.add_argument("--out", type=Path, required=True, help="directory to write")
+    auditor.add_argument("--overwrite", action="store_true", help="replace an existing directory")
+    auditor.set_defaults(handler=run_export_auditor)
+
 
 def run_export(args: argparse.Namespace) -> int:
     from training.gan.training_loop import load_generator
@@ -63,6 +74,17 @@ def run_export(args: argparse.Namespace) -> int:
     print(f"bundle written to {bundle}")
     if args.model_store:
         print(f"saved in the BentoML model store as {save_to_model_store(bundle)}")
+    return 0
+
+
+def run_export_auditor(args: argparse.Namespace) -> int:
+    from training.export.auditor import export_auditor
+
+    try:
+        written = export_auditor(TrainedClassifier.load(args.classifier), args.out, overwrite=args.overwrite)
+    except (FileNotFoundError, FileExistsError, ValueError, KeyError, RuntimeError) as error:
+        return _fail(str(error))
+    print(f"auditor written to {written}")
     return 0
 
 
