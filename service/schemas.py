@@ -164,6 +164,9 @@ class GenerateRequest(BaseModel):
         json_schema_extra=_destination_pattern,
     )
     strict: bool = Field(False, description="retry unsatisfied images with new seeds")
+    drop_near_copies: bool = Field(
+        False, description="replace images that nearly copy a training image by images of new seeds (needs the "
+        "service's near-copy index, CXRSYNTH_NEAR_COPY_INDEX); the response counts those dropped")
     retries: int = Field(3, ge=0, description="retries per image when strict, up to the configured maximum",
                          json_schema_extra=_retries_bound)
     lco: LCOOptions = Field(default_factory=LCOOptions, description="LCO options; those left out take their defaults")
@@ -230,6 +233,7 @@ class GenerateResponse(BaseModel):
     format: str
     exclusive: bool
     satisfied: int = Field(description="how many of the images are satisfied")
+    near_copies_dropped: int = Field(0, description="images dropped as near-copies of the training set and replaced")
     destination: str | None = None
     images: list[GeneratedImage]
 

@@ -38,9 +38,10 @@ from service.archive.tasks import (
 from service.batching import Batcher
 from service.bundle import Bundle, load_bundle
 from service.generate import GenerateJob, s3_error_code, s3_error_response
-from service.http import OPEN_PATHS, info_app, install_middlewares, loading_response
+from service.http import OPEN_PATHS, error_response, info_app, install_middlewares, loading_response
 from service.lco import LCOEngine, LCOOptions
 from service.metrics import ServiceMetrics, create_metrics
+from service.nearcopy import NearCopyFilter
 from service.schemas import MAX_SEED, GenerateRequest, GenerateResponse, ModelRef
 from service.settings import settings
 from service.sinks import S3Sink, SinkError, parse_s3_uri
@@ -81,6 +82,8 @@ class CXRSynth:
             on_step=self.metrics.lco_batch_size.observe,
         )
         self.archive_jobs = ArchiveJobs()
+        self.near_copies = (NearCopyFilter.open(self.bundle, SETTINGS.near_copy_index)
+                            if SETTINGS.near_copy_index is not None else None)
         self.ready = threading.Event()
         logger.info("loaded bundle %s %s from %s on %s", manifest.name, manifest.version, self.bundle.path,
                     ", ".join(self.bundle.providers))
@@ -113,6 +116,9 @@ class CXRSynth:
         if not self.ready.is_set():
             return loading_response()
         spec = request.label_spec()
+        if request.drop_near_copies and self.near_copies is None:
+            return error_response(400, "drop_near_copies needs the training set's near-copy index, and this service "
+                                  "has none; start it with CXRSYNTH_NEAR_COPY_INDEX=PATH or leave the option out")
         request_id = secrets.token_hex(8)
         base_seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1)
         sink: S3Sink | None = None
@@ -135,7 +141,8 @@ class CXRSynth:
         """Make (or resume) an archive: POST /archive/submit, then GET /archive/status and /archive/get."""
         task_id = task_id_of(ctx)
         model = ModelInfo.from_engine(self.engine)
-        return await asyncio.to_thread(self.archive_jobs.run, task_id, request, self.engine, model)
+        return await asyncio.to_thread(self.archive_jobs.run, task_id, request, self.engine, model,
+                                       self.near_copies, self.metrics)
 
     @bentoml.api(route="/archive/progress")
     async def archive_progress(self, task_id: str) -> ArchiveProgress:
