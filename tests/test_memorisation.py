@@ -164,3 +164,41 @@ def test_archive_filter_drops_planted_copies_and_reports_the_count(ci_bundle, tm
 
     with pytest.raises(ArchiveError, match="near-copy index"):
         run_shard(spec.model_copy(update={"destination": str(tmp_path / "c")}), engine, model, options=quiet)
+
+
+def test_generate_drops_near_copies_counts_them_and_exports_the_metric(ci_bundle, tmp_path_factory):
+    """Over HTTP: the index holds the images the service makes for two of a request's seeds; with
+    drop_near_copies those two come back from their retry seeds, counted in the response and /metrics."""
+    from service.archive.cli import load_engine
+    from service.schemas import resolve_labels
+    from tests.test_service_e2e import BentoServer, call, server_env
+
+    engine, _ = load_engine(str(ci_bundle), max_batch=16)
+    spec, base = resolve_labels(["Effusion"], False), 1234
+    made = engine.generate([SampleRequest(spec.target, spec.mask, base + i, FAST_LCO) for i in range(4)])
+    images = np.stack([result.image for result in made])
+    planted = [1, 3]
+    index = NearCopyIndex.build(
+        np.concatenate([embed_images(engine.bundle, images[i][None]) for i in planted]), images[planted],
+        [f"seed {base + i}" for i in planted], threshold=0.999,
+        classifier_sha256=engine.bundle.manifest.files["classifier.onnx"].sha256)
+    home = tmp_path_factory.mktemp("bentoml-near-copies")
+    index_path = index.save(home / "index.npz")
+    server = BentoServer(server_env(ci_bundle, home, {"CXRSYNTH_NEAR_COPY_INDEX": str(index_path)}), home / "serve.log")
+    try:
+        server.wait_ready()
+        body = {"labels": ["Effusion"], "count": 4, "seed": base, "lco": {"steps": 0, "candidates": 1}}
+        status, plain = call(server, "POST", "/generate", body)
+        assert status == 200 and plain["near_copies_dropped"] == 0
+        assert [image["seed"] for image in plain["images"]] == [base + i for i in range(4)]
+        status, filtered = call(server, "POST", "/generate", {**body, "drop_near_copies": True})
+        assert status == 200, filtered
+        assert filtered["near_copies_dropped"] == len(planted) and len(filtered["images"]) == 4
+        for i, image in enumerate(filtered["images"]):
+            assert (image["seed"] != base + i) == (i in planted) and image["attempts"] == 1 + (i in planted)
+        _, metrics = call(server, "GET", "/metrics")
+        dropped = [line for line in metrics.splitlines()
+                   if line.startswith('cxrsynth_near_copies_dropped_total{source="generate"}')]
+        assert dropped and float(dropped[0].split()[-1]) == len(planted)
+    finally:
+        server.stop()
