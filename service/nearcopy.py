@@ -5,13 +5,15 @@ picture, even after a shift of a few pixels, added noise, a brightness/contrast 
 re-encoding. Finding one takes two stages:
 
 1. **Candidates by embedding.** The bundle classifier's embedding ([B, E], ``classifier.onnx``) of
-   the image standardised to a fixed mean and spread (so that a brightness/contrast change does not
-   move it; without this a third of such copies were lost at this stage), L2-normalised, is searched for the ``neighbours`` nearest training embeddings with scikit-learn's
+   the image smoothed (a Gaussian of 1 pixel: at 64² pixel noise of σ = 0.1 otherwise moved 85% of
+   noisy copies away from their source) and standardised to a fixed mean and spread (without it a
+   third of brightness/contrast-changed copies were lost at this stage), L2-normalised, is searched for the ``neighbours`` nearest training embeddings with scikit-learn's
    exact ``NearestNeighbors``. At E = 64–1024 tree indexes visit nearly every point (the curse of
    dimension), so scikit-learn runs its chunked BLAS search; the cost per query grows linearly with
    the training set and the pixel check never looks at more than ``neighbours`` images
    (BENCHMARKS.md, "Memorisation audit").
-2. **Pixel check.** Each candidate is compared on ``compare_size``² thumbnails (area means) by the
+2. **Pixel check.** Each candidate is compared on ``compare_size``² thumbnails (area means, smoothed
+   by the same 1-pixel Gaussian) by the
    maximum normalised cross-correlation over integer shifts up to ``max_shift`` thumbnail pixels, both
    overlapping windows z-scored (zero-normalised cross-correlation, ZNCC; Lewis, "Fast normalized
    cross-correlation", Vision Interface 1995). Z-scoring cancels any brightness/contrast change
@@ -24,7 +26,7 @@ in the index file with everything else the check needs, so the service (no torch
 runs the same check the audit measured.
 
 The index file (``.npz``, no pickles) holds ``embeddings`` float32 [N, E], ``thumbnails`` uint8
-[N, S, S] (pixels of [-1, 1] mapped to 0..255), ``names`` [N] and ``metadata`` (JSON: threshold,
+[N, S, S] (smoothed) (pixels of [-1, 1] mapped to 0..255), ``names`` [N] and ``metadata`` (JSON: threshold,
 compare_size, max_shift, neighbours, image_size, classifier_sha256, source). It is a side file rather
 than a bundle file: it describes a data set, not the networks, may be rebuilt without re-exporting the
 bundle, and grows with the training set (about 4 KiB per image at 64²); ``classifier_sha256`` ties it
@@ -48,6 +50,7 @@ INDEX_FORMAT = "cxrsynth-near-copy-index/1"
 DEFAULT_COMPARE_SIZE = 64
 DEFAULT_NEIGHBOURS = 10
 DEFAULT_MAX_SHIFT_PX = 4  # pixels at the images' own resolution
+SMOOTHING_SIGMA_PX = 1.0  # Gaussian smoothing before both stages, in pixels of what is compared
 # A generator that still copies after this many fresh seeds for one image memorises its training set;
 # the filter gives up rather than loop.
 MAX_REPLACEMENTS = 16
@@ -74,6 +77,13 @@ def thumbnails(images: np.ndarray, size: int) -> np.ndarray:
                                  f"use images whose side is a multiple of {size}")
     factor = side // size
     return images.reshape(len(images), size, factor, size, factor).mean(axis=(2, 4))
+
+
+def smoothed(images: np.ndarray) -> np.ndarray:
+    """images [B, H, W] under a Gaussian of :data:`SMOOTHING_SIGMA_PX` (scipy.ndimage, edges repeated)."""
+    from scipy.ndimage import gaussian_filter
+
+    return gaussian_filter(np.asarray(images, np.float32), (0, SMOOTHING_SIGMA_PX, SMOOTHING_SIGMA_PX), mode="nearest")
 
 
 def shift_in_thumbnail_pixels(max_shift_px: int, image_size: int, compare_size: int) -> int:
@@ -112,8 +122,8 @@ def standardised(images: np.ndarray) -> np.ndarray:
 
 def embed_images(bundle: Any, images: np.ndarray) -> np.ndarray:
     """The bundle classifier's embedding [B, E] of images [B, H, W] in [-1, 1], area-averaged to the
-    bundle's resolution and standardised (:func:`standardised`)."""
-    batch = standardised(thumbnails(images, int(bundle.manifest.resolution)))[:, None]
+    bundle's resolution, smoothed (:func:`smoothed`) and standardised (:func:`standardised`)."""
+    batch = standardised(smoothed(thumbnails(images, int(bundle.manifest.resolution))))[:, None]
     return bundle.classify(batch)[1]
 
 
@@ -201,7 +211,7 @@ class NearCopyIndex:
             "classifier_sha256": classifier_sha256,
             "source": source,
         }
-        return cls(embeddings, _to_uint8(thumbnails(images, compare_size)), np.asarray(list(names)), metadata)
+        return cls(embeddings, _to_uint8(smoothed(thumbnails(images, compare_size))), np.asarray(list(names)), metadata)
 
     def with_threshold(self, threshold: float) -> NearCopyIndex:
         return NearCopyIndex(self.embeddings, self.thumbs, self.names, {**self.metadata, "threshold": float(threshold)})
@@ -213,7 +223,7 @@ class NearCopyIndex:
             raise NearCopyIndexError(f"embeddings have {embeddings.shape[1]} dimensions, the index "
                                      f"{self.embeddings.shape[1]}: it was built with another classifier")
         distances, rows = self._search.kneighbors(normalised(embeddings))
-        query_thumbs = thumbnails(images, self.compare_size)
+        query_thumbs = smoothed(thumbnails(images, self.compare_size))
         similarity = np.empty(len(rows))
         best = np.empty(len(rows), np.int64)
         best_distance = np.empty(len(rows))
