@@ -75,6 +75,7 @@ def test_planted_copies_are_caught_and_held_out_patients_are_not(planted_audit):
     summary = json.loads(json.dumps(planted_audit.to_dict()))
     assert summary["near_copies"] == planted["caught"] + planted["heldout_flagged"]
     assert summary["training_images"] == 30 and summary["reference_images"] == 15
+    assert summary["reference_flag_rate"] == 1 / 15  # false_positive_rate 0: the threshold is their maximum
     assert summary["closest_pairs"][0]["similarity"] >= summary["threshold"]
 
 

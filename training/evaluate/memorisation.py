@@ -27,7 +27,7 @@ import argparse
 import io
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -121,7 +121,7 @@ def build_index(bundle: Any, train: ImageSet, calibration: ImageSet, *, source: 
         compare_size=compare_size, max_shift_px=max_shift_px)
     reference = index.match(embed(bundle, calibration.images, progress), calibration.images)
     index = index.with_threshold(calibrate_threshold(reference.similarity, false_positive_rate))
-    return index, reference
+    return index, replace(reference, near_copy=reference.similarity >= index.threshold)
 
 
 @dataclass
@@ -242,6 +242,14 @@ def audit_memorisation(bundle: Any, index: NearCopyIndex, synthetic: ImageSet, r
 
 
 # -- planted copies ---------------------------------------------------------------------------------
+def clopper_pearson(successes: int, trials: int) -> list[float]:
+    """Exact (Clopper–Pearson) 95% interval of a proportion, by scipy.stats.binomtest."""
+    from scipy.stats import binomtest
+
+    interval = binomtest(successes, trials).proportion_ci(0.95, method="exact")
+    return [round(float(interval.low), 4), round(float(interval.high), 4)]
+
+
 def jpeg_round_trip(image: np.ndarray, quality: int = JPEG_QUALITY) -> np.ndarray:
     """An image [H, W] in [-1, 1] encoded as 8-bit JPEG by Pillow and decoded again."""
     from PIL import Image
@@ -309,12 +317,14 @@ def planted_copy_check(bundle: Any, train: ImageSet, calibration: ImageSet, held
         "copies": len(copies),
         "caught": int(caught.sum()),
         "catch_rate": float(caught.mean()),
+        "catch_rate_ci95": clopper_pearson(int(caught.sum()), len(copies)),
         "source_found_rate": float((audit.synthetic.neighbour[:len(copies)] == sources).mean()),
         "by_kind": {kind: {"copies": int((kinds_array == kind).sum()), "catch_rate": float(caught[kinds_array == kind].mean())}
                     for kind in PLANTED_KINDS},
         "heldout_images": len(heldout),
         "heldout_flagged": int(flagged.sum()),
         "heldout_flag_rate": float(flagged.mean()),
+        "heldout_flag_rate_ci95": clopper_pearson(int(flagged.sum()), len(heldout)),
     }
     return audit
 
@@ -348,8 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
             command.add_argument("--index", type=Path, required=True, help="near-copy index file (.npz)")
             command.add_argument("--synthetic", required=True, help="data set spec of the synthetic images, "
                                  "e.g. folder:archive/images")
-            command.add_argument("--reference", required=True, help="data set spec of held-out real images "
-                                 "(patients not in the index), the real-to-real reference")
+            command.add_argument("--reference", required=True, help="real data set whose test split (patients "
+                                 "the index command left out, same --seed) is the real-to-real reference")
+            command.add_argument("--seed", type=int, default=0, help="patient split seed the index was built with")
         else:
             command.add_argument("--data", required=True, help="real data set with patient IDs, e.g. nih:PATH")
             command.add_argument("--seed", type=int, default=0, help="patient split seed")
@@ -370,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "audit":
             index = NearCopyIndex.load(args.index, bundle.manifest.files["classifier.onnx"].sha256)
             synthetic = load_images(args.synthetic, args.size, progress=progress)
-            real = load_images(args.reference, args.size, progress=progress)
+            real = load_images(args.reference, args.size, "test", seed=args.seed, progress=progress)
             reference = index.match(embed(bundle, real.images, progress), real.images)
             audit = audit_memorisation(bundle, index, synthetic, reference, progress)
             if args.out.exists():
@@ -396,11 +407,13 @@ def main(argv: list[str] | None = None) -> int:
                                    progress=progress, **options)
         _write_report(audit, args.out)
         planted = audit.planted
-        print(f"planted copies caught: {planted['caught']}/{planted['copies']} = {planted['catch_rate']:.2%}")
+        print(f"planted copies caught: {planted['caught']}/{planted['copies']} = {planted['catch_rate']:.2%} "
+              f"(95% CI {planted['catch_rate_ci95'][0]:.2%}–{planted['catch_rate_ci95'][1]:.2%})")
         for kind, row in planted["by_kind"].items():
             print(f"  {kind:<20} {row['catch_rate']:.2%} of {row['copies']}")
         print(f"held-out real images flagged: {planted['heldout_flagged']}/{planted['heldout_images']} = "
-              f"{planted['heldout_flag_rate']:.2%} (threshold {audit.index.threshold:.4f})")
+              f"{planted['heldout_flag_rate']:.2%} (95% CI {planted['heldout_flag_rate_ci95'][0]:.2%}–"
+              f"{planted['heldout_flag_rate_ci95'][1]:.2%}; threshold {audit.index.threshold:.4f})")
         return 0
     except (NearCopyIndexError, FileExistsError, ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
