@@ -38,7 +38,7 @@ from service.archive.tasks import (
 from service.batching import Batcher
 from service.bundle import Bundle, load_bundle
 from service.generate import GenerateJob, s3_error_code, s3_error_response
-from service.http import OPEN_PATHS, error_response, info_app, install_middlewares, loading_response
+from service.http import OPEN_PATHS, info_app, install_middlewares, loading_response
 from service.lco import LCOEngine, LCOOptions
 from service.metrics import ServiceMetrics, create_metrics
 from service.nearcopy import NearCopyFilter
@@ -116,9 +116,6 @@ class CXRSynth:
         if not self.ready.is_set():
             return loading_response()
         spec = request.label_spec()
-        if request.drop_near_copies and self.near_copies is None:
-            return error_response(400, "drop_near_copies needs the training set's near-copy index, and this service "
-                                  "has none; start it with CXRSYNTH_NEAR_COPY_INDEX=PATH or leave the option out")
         request_id = secrets.token_hex(8)
         base_seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1)
         sink: S3Sink | None = None

@@ -203,3 +203,15 @@ def test_generate_drops_near_copies_counts_them_and_exports_the_metric(ci_bundle
         assert dropped and float(dropped[0].split()[-1]) == len(planted)
     finally:
         server.stop()
+
+
+def test_a_request_to_drop_near_copies_without_an_index_says_what_to_set():
+    from pydantic import ValidationError
+
+    from service.schemas import GenerateRequest
+
+    assert GenerateRequest.model_validate({"labels": ["Effusion"]}).drop_near_copies is False
+    with pytest.raises(ValidationError, match="CXRSYNTH_NEAR_COPY_INDEX"):
+        GenerateRequest.model_validate({"labels": ["Effusion"], "drop_near_copies": True})
+    schema = GenerateRequest.model_json_schema()["properties"]["drop_near_copies"]
+    assert schema["enum"] == [False]  # the OpenAPI document states it too
