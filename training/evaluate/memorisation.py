@@ -337,10 +337,20 @@ def _load_bundle(path: str) -> Any:
 
 
 def _write_report(audit: MemorisationAudit, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "memorisation.json").write_text(json.dumps(audit.to_dict(), indent=2) + "\n")
-    audit.write_distribution_png(out / "memorisation_distances.png")
-    audit.write_closest_pairs_png(out / "memorisation_closest_pairs.png")
+    """memorisation.json and the two pictures, written beside ``out`` and renamed into place whole."""
+    import shutil
+    import tempfile
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        (staging / "memorisation.json").write_text(json.dumps(audit.to_dict(), indent=2) + "\n")
+        audit.write_distribution_png(staging / "memorisation_distances.png")
+        audit.write_closest_pairs_png(staging / "memorisation_closest_pairs.png")
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -377,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     progress = not args.no_progress
     try:
+        if args.command != "index" and args.out.exists():
+            raise FileExistsError(f"{args.out} exists; choose a new report directory")
         bundle = _load_bundle(args.bundle)
         if args.command == "audit":
             index = NearCopyIndex.load(args.index, bundle.manifest.files["classifier.onnx"].sha256)
@@ -384,8 +396,6 @@ def main(argv: list[str] | None = None) -> int:
             real = load_images(args.reference, args.size, "test", seed=args.seed, progress=progress)
             reference = index.match(embed(bundle, real.images, progress), real.images)
             audit = audit_memorisation(bundle, index, synthetic, reference, progress)
-            if args.out.exists():
-                raise FileExistsError(f"{args.out} exists; choose a new report directory")
             _write_report(audit, args.out)
             print(f"near-copies: {audit.near_copies} of {len(synthetic)} synthetic images "
                   f"({audit.near_copies / len(synthetic):.2%}) at threshold {index.threshold:.4f}")
@@ -400,8 +410,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {args.out}: {len(index)} training images, threshold {index.threshold:.4f} "
                   f"(held-out real flag rate {reference.near_copy.mean():.2%} on {len(calibration)} images)")
             return 0
-        if args.out.exists():
-            raise FileExistsError(f"{args.out} exists; choose a new report directory")
         heldout = load_images(args.data, args.size, "test", seed=args.seed, progress=progress)
         audit = planted_copy_check(bundle, train, calibration, heldout, copies_per_kind=args.copies_per_kind,
                                    progress=progress, **options)
