@@ -84,6 +84,10 @@ class CXRSynth:
         self.archive_jobs = ArchiveJobs()
         self.near_copies = (NearCopyFilter.open(self.bundle, SETTINGS.near_copy_index)
                             if SETTINGS.near_copy_index is not None else None)
+        if self.near_copies is not None:
+            index = self.near_copies.index
+            logger.info("near-copy index %s: %d training images, threshold %.4f", SETTINGS.near_copy_index,
+                        len(index), index.threshold)
         self.ready = threading.Event()
         logger.info("loaded bundle %s %s from %s on %s", manifest.name, manifest.version, self.bundle.path,
                     ", ".join(self.bundle.providers))

@@ -41,6 +41,7 @@ from service.nearcopy import (
     NearCopyIndex,
     NearCopyIndexError,
     embed_images,
+    smoothed,
     thumbnails,
 )
 
@@ -174,8 +175,9 @@ class MemorisationAudit:
         }
 
     def write_closest_pairs_png(self, path: str | Path, count: int = 8) -> Path:
-        """The ``count`` synthetic images most like a training image, each beside that training image
-        (thumbnails at the compare size), captioned with the similarity and whether it is flagged."""
+        """The ``count`` synthetic images most like a training image, each above that training image
+        (the smoothed thumbnails the pixel check compares), captioned with the similarity and whether it
+        is flagged."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -186,7 +188,7 @@ class MemorisationAudit:
         figure, axes = plt.subplots(2, len(order), figsize=(1.9 * len(order), 4.4), squeeze=False)
         for column, i in enumerate(order):
             row = self.synthetic.neighbour[i]
-            pairs = ((thumbnails(self.synthetic_set.images[i:i + 1], size)[0], self.synthetic_set.names[i]),
+            pairs = ((smoothed(thumbnails(self.synthetic_set.images[i:i + 1], size))[0], self.synthetic_set.names[i]),
                      (self.index.thumbs[row].astype(np.float32) / 127.5 - 1, str(self.index.names[row])))
             for line, (image, name) in enumerate(pairs):
                 axis = axes[line, column]
@@ -199,7 +201,8 @@ class MemorisationAudit:
                                       color="firebrick" if self.synthetic.near_copy[i] else "black")
         axes[0, 0].set_ylabel("synthetic", fontsize=8)
         axes[1, 0].set_ylabel("closest training", fontsize=8)
-        figure.suptitle(f"Closest pairs (ZNCC, threshold {self.index.threshold:.3f})", fontsize=9)
+        figure.suptitle(f"Closest pairs as the pixel check compares them ({size}² thumbnails, smoothed); "
+                        f"max ZNCC over shifts, threshold {self.index.threshold:.3f}", fontsize=9)
         figure.tight_layout()
         figure.savefig(path, dpi=130)
         plt.close(figure)
