@@ -27,9 +27,9 @@ COPY service ./service
 RUN python3 -m venv /opt/venv \
     && /opt/venv/bin/pip install --no-deps . \
     && /opt/venv/bin/pip install "bentoml>=1.4,<1.5" "boto3>=1.34" "prometheus-client>=0.19" \
-       "pydantic>=2.6" "pydantic-settings>=2.3" "pydicom>=3" "numpy>=1.26" "pillow>=10.1" "tqdm>=4.66" \
-       "${ORT_PACKAGE}" \
-    && /opt/venv/bin/python -c "import bentoml, onnxruntime, boto3, service.archive, service.lco as lco; lco.adam_graph_bytes()" \
+       "pydantic>=2.6" "pydantic-settings>=2.3" "pydicom>=3" "scikit-learn>=1.3" "numpy>=1.26" "pillow>=10.1" \
+       "tqdm>=4.66" "${ORT_PACKAGE}" \
+    && /opt/venv/bin/python -c "import bentoml, onnxruntime, boto3, sklearn.neighbors, service.archive, service.nearcopy, service.lco as lco; lco.adam_graph_bytes()" \
     && ! /opt/venv/bin/python -c "import torch" 2>/dev/null
 
 # ---- runtime: the CUDA runtime libraries, the venv, a non-root user -------------------------------

@@ -19,6 +19,7 @@ from service.http import error_response
 from service.image_formats import MEDIA_TYPES, SUFFIXES, encode_image
 from service.labels import LABELS
 from service.lco import LCOOptions, SampleRequest, SampleResult
+from service.nearcopy import MAX_REPLACEMENTS, near_copy_limit_message
 from service.schemas import MAX_SEED, GeneratedImage, GenerateRequest, GenerateResponse, LabelSpec
 from service.settings import settings
 from service.sinks import S3Sink, SinkError, SinkKeyNotFound
@@ -58,6 +59,10 @@ def s3_error_code(error: SinkError) -> str:
     return "NoSuchBucket" if isinstance(error, SinkKeyNotFound) else error.code
 
 
+class NearCopyLimit(RuntimeError):
+    """An image stayed a near-copy of the training set through every replacement."""
+
+
 def retry_seed(seed: int, attempt: int) -> int:
     """A fresh seed for a strict retry, derived from the image's seed and the attempt number."""
     state = np.random.SeedSequence([seed, attempt]).generate_state(2, np.uint64)
@@ -81,6 +86,7 @@ class GenerateJob:
         self.study_uid, self.series_uid = random_uid(), random_uid()
         self.in_flight: set[asyncio.Future[str]] = set()
         self.upload_slots = asyncio.Semaphore(settings().s3_concurrency)
+        self.near_copies_dropped = 0
 
     async def run(self) -> GenerateResponse | JSONResponse:
         count = self.request.count
@@ -94,6 +100,9 @@ class GenerateJob:
             await self._abandon(tasks)
             assert self.sink is not None
             return s3_error_response(error, self.sink.bucket)
+        except NearCopyLimit as error:
+            await self._abandon(tasks)
+            return error_response(422, str(error))
         except BaseException:
             await self._abandon(tasks)
             raise
@@ -103,6 +112,7 @@ class GenerateJob:
             format=self.request.format,
             exclusive=self.request.exclusive,
             satisfied=sum(image.satisfied for image in images),
+            near_copies_dropped=self.near_copies_dropped,
             destination=self.sink.uri() if self.sink else None,
             images=list(images),
         )
@@ -119,10 +129,24 @@ class GenerateJob:
     async def _image(self, index: int, seed: int, future: Any) -> GeneratedImage:
         result: SampleResult = await asyncio.wrap_future(future)
         attempts = 1
-        while self.request.strict and not result.satisfied and attempts <= self.request.retries:
+        strict_retries = dropped = 0
+        near_copies = self.service.near_copies if self.request.drop_near_copies else None
+        while True:
+            # A near-copy is replaced whatever strict says; strict retries have their own budget.
+            if near_copies is not None and (await asyncio.to_thread(near_copies.near_copies, [result.image]))[0]:
+                dropped += 1
+                if dropped > MAX_REPLACEMENTS:
+                    raise NearCopyLimit(near_copy_limit_message(seed))
+            elif self.request.strict and not result.satisfied and strict_retries < self.request.retries:
+                strict_retries += 1
+            else:
+                break
             retry = self.service.batcher.submit([self._sample(retry_seed(seed, attempts))])[0]
             result = await asyncio.wrap_future(retry)
             attempts += 1
+        if dropped:
+            self.near_copies_dropped += dropped
+            self.service.metrics.near_copies_dropped.labels(source="generate").inc(dropped)
         self.service.metrics.record_image(self.spec.positives, bool(self.spec.mask.any()), result.satisfied,
                                           result.steps)
         image_id = f"{self.request_id}-{index:04d}"

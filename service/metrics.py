@@ -27,6 +27,7 @@ class ServiceMetrics:
     s3_upload_seconds: Any  # Histogram
     s3_upload_errors: Any  # Counter{code}
     lco_batch_size: Any  # Histogram
+    near_copies_dropped: Any  # Counter{source}
     _lock: threading.Lock
     _seen: int = 0
     _satisfied: int = 0
@@ -62,6 +63,10 @@ def create_metrics() -> ServiceMetrics:
         s3_upload_errors=prom.Counter("cxrsynth_s3_upload_errors", "Failed S3 uploads by S3 error code", ["code"]),
         lco_batch_size=prom.Histogram(
             "cxrsynth_lco_batch_size", "Samples in the running LCO batch at each step", buckets=BATCH_BUCKETS
+        ),
+        near_copies_dropped=prom.Counter(
+            "cxrsynth_near_copies_dropped", "Images dropped as near-copies of the training set and replaced",
+            ["source"],  # "generate" or "archive"
         ),
         _lock=threading.Lock(),
     )

@@ -57,6 +57,11 @@ def _retries_bound(schema: dict) -> None:
     schema["maximum"] = settings().max_retries
 
 
+def _near_copy_option(schema: dict) -> None:
+    if settings().near_copy_index is None:
+        schema["enum"] = [False]  # true needs an index this service does not have
+
+
 def _destination_pattern(schema: dict) -> None:
     for branch in schema.get("anyOf", [schema]):
         if branch.get("type") == "string":
@@ -165,6 +170,10 @@ class GenerateRequest(BaseModel):
         json_schema_extra=_destination_pattern,
     )
     strict: bool = Field(False, description="retry unsatisfied images with new seeds")
+    drop_near_copies: bool = Field(
+        False, description="replace images that nearly copy a training image by images of new seeds (needs the "
+        "service's near-copy index, CXRSYNTH_NEAR_COPY_INDEX); the response counts those dropped",
+        json_schema_extra=_near_copy_option)
     retries: int = Field(3, ge=0, description="retries per image when strict, up to the configured maximum",
                          json_schema_extra=_retries_bound)
     lco: LCOOptions = Field(default_factory=LCOOptions, description="LCO options; those left out take their defaults")
@@ -184,6 +193,14 @@ class GenerateRequest(BaseModel):
         if retries > limit:
             raise ValueError(f"retries must be at most {limit}; got {retries}")
         return retries
+
+    @field_validator("drop_near_copies")
+    @classmethod
+    def _near_copy_index_configured(cls, drop: bool) -> bool:
+        if drop and settings().near_copy_index is None:
+            raise ValueError("this service has no near-copy index of its training set; start it with "
+                             "CXRSYNTH_NEAR_COPY_INDEX=PATH or leave drop_near_copies out")
+        return drop
 
     @field_validator("destination")
     @classmethod
@@ -229,6 +246,7 @@ class GenerateResponse(BaseModel):
     format: str
     exclusive: bool
     satisfied: int = Field(description="how many of the images are satisfied")
+    near_copies_dropped: int = Field(0, description="images dropped as near-copies of the training set and replaced")
     destination: str | None = None
     images: list[GeneratedImage]
 

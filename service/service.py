@@ -41,6 +41,7 @@ from service.generate import GenerateJob, s3_error_code, s3_error_response
 from service.http import OPEN_PATHS, info_app, install_middlewares, loading_response
 from service.lco import LCOEngine, LCOOptions
 from service.metrics import ServiceMetrics, create_metrics
+from service.nearcopy import NearCopyFilter
 from service.schemas import MAX_SEED, GenerateRequest, GenerateResponse, ModelRef
 from service.settings import settings
 from service.sinks import S3Sink, SinkError, parse_s3_uri
@@ -81,6 +82,12 @@ class CXRSynth:
             on_step=self.metrics.lco_batch_size.observe,
         )
         self.archive_jobs = ArchiveJobs()
+        self.near_copies = (NearCopyFilter.open(self.bundle, SETTINGS.near_copy_index)
+                            if SETTINGS.near_copy_index is not None else None)
+        if self.near_copies is not None:
+            index = self.near_copies.index
+            logger.info("near-copy index %s: %d training images, threshold %.4f", SETTINGS.near_copy_index,
+                        len(index), index.threshold)
         self.ready = threading.Event()
         logger.info("loaded bundle %s %s from %s on %s", manifest.name, manifest.version, self.bundle.path,
                     ", ".join(self.bundle.providers))
@@ -135,7 +142,8 @@ class CXRSynth:
         """Make (or resume) an archive: POST /archive/submit, then GET /archive/status and /archive/get."""
         task_id = task_id_of(ctx)
         model = ModelInfo.from_engine(self.engine)
-        return await asyncio.to_thread(self.archive_jobs.run, task_id, request, self.engine, model)
+        return await asyncio.to_thread(self.archive_jobs.run, task_id, request, self.engine, model,
+                                       self.near_copies, self.metrics)
 
     @bentoml.api(route="/archive/progress")
     async def archive_progress(self, task_id: str) -> ArchiveProgress:

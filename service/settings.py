@@ -44,10 +44,13 @@ class Settings(BaseSettings):
                       description="GPUs the service declares in its BentoML resources (onnxruntime-gpu uses the first)")
     port: int = Field(3000, ge=1, le=65_535, description="port `python -m service.demo` serves on (its --port wins)")
     demo_bundle: Path | None = Field(None, description="bundle `python -m service.demo` serves (default models/demo)")
+    near_copy_index: Path | None = Field(
+        None, description="the training set's near-copy index (.npz, `python -m training.evaluate.memorisation "
+        "index`); unset: requests and archive jobs cannot ask to drop near-copies")
     archive_local_root: Path | None = Field(
         None, description="the one local directory tree archive tasks may write under; unset: s3:// only")
 
-    @field_validator("bundle", "demo_bundle", "archive_local_root")
+    @field_validator("bundle", "demo_bundle", "archive_local_root", "near_copy_index")
     @classmethod
     def _absolute(cls, path: Path | None) -> Path | None:
         return path.expanduser().resolve() if path is not None else None

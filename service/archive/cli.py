@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--batch-size", type=int, default=None,
                      help="images handed to the LCO engine at once, a divisor of --chunk-size (default: the largest "
                      "up to 16); the same on every shard, and it does not change the images")
+    run.add_argument("--drop-near-copies", type=Path, metavar="INDEX", default=None,
+                     help="replace near-copies of the training set, as the near-copy index file INDEX judges "
+                          "(python -m training.evaluate.memorisation index)")
     run.add_argument("--upload-workers", type=int, default=4, help="0 uploads inline (no overlap)")
     run.add_argument("--max-pending", type=int, default=64, help="generated images waiting for upload, at most")
     run.add_argument("--verify-existing", action="store_true", help="re-hash committed images before skipping")
@@ -148,6 +151,7 @@ def _run(args: argparse.Namespace) -> int:
         lco=dict(args.lco),
         chunk_size=args.chunk_size,
         batch_size=args.batch_size,
+        drop_near_copies=args.drop_near_copies is not None,
     )
     options = RunOptions(
         upload_workers=args.upload_workers,
@@ -159,11 +163,16 @@ def _run(args: argparse.Namespace) -> int:
     sink = sink_from_uri(spec.destination)
     cancel = threading.Event()
     _cancel_on_signals(cancel)
-    report = run_shard(spec, engine, model, sink=sink, options=options, cancel=cancel)
+    near_copies = None
+    if args.drop_near_copies is not None:
+        from service.nearcopy import NearCopyFilter
+
+        near_copies = NearCopyFilter.open(engine.bundle, args.drop_near_copies)
+    report = run_shard(spec, engine, model, sink=sink, options=options, cancel=cancel, near_copies=near_copies)
     result: dict[str, Any] = {"shard": report.as_dict()}
     if spec.shard_count == 1 and not args.no_merge:
         marker = merge_archive(sink, progress=options.progress)
-        result["archive"] = {k: marker[k] for k in ("images", "satisfied", "label_counts")}
+        result["archive"] = {k: marker[k] for k in ("images", "satisfied", "near_copies_dropped", "label_counts")}
     print(json.dumps(result, indent=2))
     return 0
 

@@ -166,6 +166,7 @@ class LabelCounter:
         self.no_finding = 0
         self.images = 0
         self.satisfied = 0
+        self.near_copies_dropped = 0
 
     def add(self, record: dict[str, Any]) -> None:
         vector = parse_finding_labels(record["finding_labels"])
@@ -173,6 +174,7 @@ class LabelCounter:
         self.no_finding += int(not vector.any())
         self.images += 1
         self.satisfied += int(bool(record.get("satisfied")))
+        self.near_copies_dropped += int(record.get("near_copies_dropped", 0))
 
     def as_dict(self) -> dict[str, int]:
         result = {label: int(count) for label, count in zip(LABELS, self.counts)}
@@ -194,6 +196,7 @@ def marker_document(
         "job": job,
         "images": counter.images,
         "satisfied": counter.satisfied,
+        "near_copies_dropped": counter.near_copies_dropped,
         "image_bytes": image_bytes,
         "shards": shard_count,
         "label_counts": counter.as_dict(),

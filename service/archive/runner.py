@@ -24,6 +24,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
+import numpy as np
+
 from service.archive.manifest import (
     JOB_KEY,
     MARKER_KEY,
@@ -38,6 +40,7 @@ from service.archive.manifest import (
     sha256_hex,
 )
 from service.archive.spec import ArchivePlan, ArchiveSpec, PlannedImage, image_key, labels_of
+from service.nearcopy import MAX_REPLACEMENTS, NearCopyFilter, near_copy_limit_message
 from service.png import encode_png
 from service.sinks import S3Sink, Sink, SinkError, SinkKeyNotFound, sink_from_uri
 
@@ -96,6 +99,7 @@ class ShardReport:
     seconds: float = 0.0
     archive_complete: bool = False  # the commit marker was already there: nothing to do
     repaired: list[str] = field(default_factory=list)  # chunks found present but invalid, and redone
+    near_copies_dropped: int = 0  # among generated: images replaced because they copied a training image
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -104,11 +108,14 @@ class ShardReport:
 ProgressCallback = Callable[[int, int], None]
 
 
-def ensure_job(sink: Sink, spec: ArchiveSpec, model: ModelInfo) -> dict[str, Any]:
-    """Write job.json, or check that the one there describes this very job."""
+def ensure_job(sink: Sink, spec: ArchiveSpec, model: ModelInfo, near_copy_index: str | None = None) -> dict[str, Any]:
+    """Write job.json, or check that the one there describes this very job (``near_copy_index``: the
+    sha256 of the index file a job that drops near-copies runs with, since another index drops others)."""
     wanted = job_document(spec.identity(), model.name, model.version)
     wanted["model"]["resolution"] = model.resolution
     wanted["model"]["compute_batch"] = model.compute_batch
+    if near_copy_index is not None:
+        wanted["near_copy_index_sha256"] = near_copy_index
     # The options in force, defaults included: new defaults would make different images.
     wanted["lco"] = spec.lco.model_dump()
     try:
@@ -172,6 +179,7 @@ class ShardRunner:
         options: RunOptions | None = None,
         cancel: threading.Event | None = None,
         on_progress: ProgressCallback | None = None,
+        near_copies: NearCopyFilter | None = None,
     ):
         self.spec = spec
         self.plan = ArchivePlan(spec)
@@ -182,6 +190,10 @@ class ShardRunner:
         self.cancel = cancel or threading.Event()
         self.on_progress = on_progress
         self.lco = spec.lco
+        if spec.drop_near_copies and near_copies is None:
+            raise ArchiveError("drop_near_copies needs the training set's near-copy index: pass --near-copy-index "
+                               "PATH (or set CXRSYNTH_NEAR_COPY_INDEX for the service)")
+        self.near_copies = near_copies if spec.drop_near_copies else None
 
     # -- resume ------------------------------------------------------------------------------
     def _stored_image_sizes(self) -> dict[str, int]:
@@ -215,7 +227,7 @@ class ShardRunner:
         return None
 
     # -- generation ----------------------------------------------------------------------------
-    def _store(self, planned: PlannedImage, result: Any) -> dict[str, Any]:
+    def _store(self, planned: PlannedImage, result: Any, near_copies_dropped: int | None = None) -> dict[str, Any]:
         png = encode_png(result.image, self.spec.image_format)
         record = make_record(
             index=planned.index,
@@ -225,15 +237,17 @@ class ShardRunner:
             target=planned.target,
             probabilities=result.probabilities,
             satisfied=result.satisfied,
-            seed=planned.seed,
+            seed=result.seed,  # the planned seed, or the retry seed of a replaced near-copy
             steps=result.steps,
             model_version=self.model.version,
             image_format=self.spec.image_format,
             png=png,
         )
+        if near_copies_dropped is not None:
+            record["near_copies_dropped"] = near_copies_dropped
         metadata = {
             "sha256": record["sha256"],
-            "seed": str(planned.seed),
+            "seed": str(record["seed"]),
             "finding-labels": record["finding_labels"],
             "model-version": self.model.version,
         }
@@ -244,6 +258,30 @@ class ShardRunner:
         from service.lco import SampleRequest
 
         return [SampleRequest(p.target, p.mask, p.seed, self.lco) for p in batch]
+
+    def _replace_near_copies(self, batch: list[PlannedImage], results: list[Any]) -> tuple[list[Any], list[int | None]]:
+        """Each near-copy regenerated from the next retry seed (service.generate.retry_seed) until it is
+        none; the results and how many were dropped per image (None per image when the filter is off)."""
+        if self.near_copies is None:
+            return results, [None] * len(results)
+        from service.generate import retry_seed
+        from service.lco import SampleRequest
+
+        results = list(results)
+        dropped = [0] * len(results)
+        flagged = list(np.flatnonzero(self.near_copies.near_copies([r.image for r in results])))
+        while flagged:
+            for i in flagged:
+                dropped[i] += 1
+                if dropped[i] > MAX_REPLACEMENTS:
+                    raise ArchiveError(near_copy_limit_message(batch[i].seed))
+            retries = [SampleRequest(batch[i].target, batch[i].mask, retry_seed(batch[i].seed, dropped[i]), self.lco)
+                       for i in flagged]
+            for i, result in zip(flagged, self.engine.generate(retries), strict=True):
+                results[i] = result
+            copies = self.near_copies.near_copies([results[i].image for i in flagged])
+            flagged = [i for i, copy in zip(flagged, copies) if copy]
+        return results, dropped
 
     def _commit(self, uploader: _Uploader, chunk_key: str, futures: list[Future]) -> Future:
         """Once every image of a chunk is stored, write its manifest (through the pool)."""
@@ -272,7 +310,8 @@ class ShardRunner:
             if max_batch < spec.batch_size:
                 raise ArchiveError(f"the archive's batch_size is {spec.batch_size} but the LCO engine runs at most "
                                    f"{max_batch} images per batch; raise the engine's maximum batch")
-            ensure_job(self.sink, spec, self.model)
+            ensure_job(self.sink, spec, self.model,
+                       self.near_copies.index.sha256 if self.near_copies is not None else None)
             if self.sink.exists(MARKER_KEY):
                 report.archive_complete, report.skipped = True, report.images
                 return report
@@ -332,9 +371,11 @@ class ShardRunner:
                         raise uploader.error
                     batch = [self.plan.image(i) for i in indices]
                     results = self.engine.generate(self._requests(batch))
-                    for planned, result in zip(batch, results, strict=True):
-                        futures.append(uploader.submit(self._store, planned, result))
+                    results, dropped = self._replace_near_copies(batch, results)
+                    for planned, result, copies in zip(batch, results, dropped, strict=True):
+                        futures.append(uploader.submit(self._store, planned, result, copies))
                         report.satisfied += int(bool(result.satisfied))
+                        report.near_copies_dropped += copies or 0
                     report.generated += len(batch)
                     bar.update(len(batch))
                     bar.set_postfix(satisfied=f"{report.satisfied / report.generated:.0%}", refresh=False)

@@ -87,6 +87,10 @@ class ArchiveSpec(BaseModel):
     image_format: Literal["png8", "png16"] = "png8"
     lco: LCOOptions = Field(default_factory=LCOOptions, description="LCO options (defaults for those left out)")
     chunk_size: int = Field(64, ge=1, le=10_000, description="images per manifest object")
+    drop_near_copies: bool = Field(
+        False, description="replace images that nearly copy a training image (the near-copy index: "
+        "service/nearcopy.py) by images of the next retry seed; the count dropped goes in _COMPLETE.json",
+    )
     batch_size: int | None = Field(
         None, ge=1, le=MAX_BATCH_SIZE,
         description="images handed to the LCO engine at once, a divisor of chunk_size "
@@ -129,7 +133,9 @@ class ArchiveSpec(BaseModel):
     def identity(self) -> dict[str, Any]:
         """The fields that determine the archive's content (shared by all shards, any destination), less the
         LCO options, which job.json records in a section of their own."""
-        return self.model_dump(mode="json", exclude={"shard_index", "destination", "lco"})
+        # drop_near_copies only when on, so jobs written before the option existed still resume
+        unchanged = {"shard_index", "destination", "lco"} | (set() if self.drop_near_copies else {"drop_near_copies"})
+        return self.model_dump(mode="json", exclude=unchanged)
 
 
 def image_id(index: int) -> str:

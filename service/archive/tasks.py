@@ -51,6 +51,7 @@ class ArchiveTaskResult(BaseModel):
     generated: int
     skipped: int
     satisfied: int
+    near_copies_dropped: int = 0
     seconds: float
     committed: bool  # the archive's commit marker is written
     label_counts: dict[str, int] | None = None
@@ -107,8 +108,11 @@ class ArchiveJobs:
         self._one_at_a_time = threading.Lock()
         self._keep_s = keep_s
 
-    def run(self, task_id: str, request: ArchiveTaskRequest, engine: Engine, model: ModelInfo) -> ArchiveTaskResult:
-        """Run the job to the end; raise :class:`ArchiveTaskFailed` saying why when it cannot."""
+    def run(self, task_id: str, request: ArchiveTaskRequest, engine: Engine, model: ModelInfo,
+            near_copies: Any = None, metrics: Any = None) -> ArchiveTaskResult:
+        """Run the job to the end; raise :class:`ArchiveTaskFailed` saying why when it cannot.
+        ``near_copies``: the service's NearCopyFilter (service/nearcopy.py), if it has an index;
+        ``metrics``: its ServiceMetrics, counting the near-copies dropped."""
         spec = ArchiveSpec(**request.model_dump(exclude={"merge", "timeout_s"}))
         self._check_destination(spec.destination)
         job = _Job(task_id, spec.destination, total=len(ArchivePlan(spec).shard_range()))
@@ -130,7 +134,10 @@ class ArchiveJobs:
                     options=RunOptions(progress=False),
                     cancel=job.cancel,
                     on_progress=lambda done, _total: setattr(job, "done", done),
+                    near_copies=near_copies,
                 )
+                if metrics is not None and report.near_copies_dropped:
+                    metrics.near_copies_dropped.labels(source="archive").inc(report.near_copies_dropped)
                 job.done = report.images
                 marker = None
                 if request.merge and spec.shard_count == 1:
@@ -144,6 +151,7 @@ class ArchiveJobs:
                 generated=report.generated,
                 skipped=report.skipped,
                 satisfied=report.satisfied,
+                near_copies_dropped=report.near_copies_dropped,
                 seconds=round(report.seconds, 3),
                 committed=marker is not None or report.archive_complete,
                 label_counts=marker["label_counts"] if marker else None,
