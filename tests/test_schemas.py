@@ -64,7 +64,7 @@ def test_label_vectors_follow_the_vocabulary_order():
         ({"count": 2.5}, "valid integer"),
         ({"seed": -1}, "greater than or equal to 0"),
         ({"seed": MAX_SEED + 1}, f"less than or equal to {MAX_SEED}"),
-        ({"format": "jpeg"}, "'png8' or 'png16'"),
+        ({"format": "jpeg"}, "'png8', 'png16' or 'dicom'"),
         ({"destination": "https://bucket/x"}, "is not an S3 URI"),
         ({"destination": "s3://Bad_Bucket/x"}, "not a valid bucket name"),
         ({"destination": "s3://bucket/a/../b"}, "'..' segment"),
