@@ -22,6 +22,7 @@ COMMAND_MODULES: list[str] = [
     "training.gan.commands",  # train, resume, sample
     "training.classifier.commands",  # classifier train / evaluate
     "training.export.commands",  # export a model bundle
+    "training.evaluate.commands",  # evaluate report / stats / compare / real-vs-real
 ]
 
 
