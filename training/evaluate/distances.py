@@ -140,28 +140,40 @@ def precision_recall_density_coverage(real: np.ndarray, fake: np.ndarray, *,
     return {name: float(value) for name, value in values.items()}
 
 
-def bootstrap_interval(statistic: Callable[[np.ndarray, np.ndarray], float], real: np.ndarray,
-                       fake: np.ndarray, *, resamples: int = 200, confidence: float = 0.95, seed: int = 0,
-                       progress: bool = False, description: str = "bootstrap",
-                       subsample: float | None = None) -> Interval:
-    """`statistic(real, fake)` with a percentile-bootstrap CI: both sets resampled with replacement.
+def bootstrap_intervals(statistic: Callable[[np.ndarray, np.ndarray], dict[str, float]], real: np.ndarray,
+                        fake: np.ndarray, *, resamples: int = 200, confidence: float = 0.95, seed: int = 0,
+                        progress: bool = False, description: str = "bootstrap",
+                        subsample: float | None = None) -> dict[str, Interval]:
+    """Named statistics `statistic(real, fake)` -> {name: value}, each with a percentile-bootstrap CI:
+    both sets resampled with replacement, the same resamples for every name.
 
     subsample: instead draw this fraction of each set without replacement (a subsampling interval), for
     statistics built on nearest neighbours, which repeated rows would break (PRDC's k-NN radii).
-    resamples = 0 gives the point estimate alone. Note that plug-in distances such as FD are biased upwards at small
-    N, and a resample holds repeated rows, so the interval says how much the number moves with the
-    images drawn, not where the infinite-sample value lies.
+    resamples = 0 gives the point estimates alone. Note that plug-in distances such as FD are biased
+    upwards at small N, and a resample holds repeated rows, so the interval says how much the number
+    moves with the images drawn, not where the infinite-sample value lies.
     """
-    value = float(statistic(real, fake))
+    values = {name: float(value) for name, value in statistic(real, fake).items()}
     if resamples <= 0:
-        return Interval(value, None, None, confidence, 0)
+        return {name: Interval(value, None, None, confidence, 0) for name, value in values.items()}
     rng = np.random.default_rng(seed)
-    values = []
+    draws: dict[str, list[float]] = {name: [] for name in values}
     for _ in tqdm(range(resamples), desc=description, unit="resample", disable=not progress, leave=False):
-        values.append(statistic(real[_draw(rng, len(real), subsample)], fake[_draw(rng, len(fake), subsample)]))
+        resampled = statistic(real[_draw(rng, len(real), subsample)], fake[_draw(rng, len(fake), subsample)])
+        for name in values:
+            draws[name].append(resampled[name])
     tail = (1.0 - confidence) / 2.0 * 100.0
-    low, high = np.percentile(np.asarray(values, np.float64), [tail, 100.0 - tail])
-    return Interval(value, float(low), float(high), confidence, resamples)
+    intervals = {}
+    for name, value in values.items():
+        low, high = np.percentile(np.asarray(draws[name], np.float64), [tail, 100.0 - tail])
+        intervals[name] = Interval(value, float(low), float(high), confidence, resamples)
+    return intervals
+
+
+def bootstrap_interval(statistic: Callable[[np.ndarray, np.ndarray], float], real: np.ndarray, fake: np.ndarray,
+                       **options) -> Interval:
+    """One statistic with its CI (`bootstrap_intervals`' options)."""
+    return bootstrap_intervals(lambda r, f: {"value": statistic(r, f)}, real, fake, **options)["value"]
 
 
 def _draw(rng: np.random.Generator, count: int, subsample: float | None) -> np.ndarray:

@@ -13,6 +13,7 @@ from typing import Any
 from training.evaluate.distances import (
     PRDC_NEAREST_K,
     bootstrap_interval,
+    bootstrap_intervals,
     frechet_distance,
     kernel_inception_distance,
     precision_recall_density_coverage,
@@ -61,12 +62,9 @@ def distribution_metrics(real: FeatureSet, fake: FeatureSet, *, bootstrap: int =
     subset_size = min(kid_subset_size, len(real), len(fake))
     kid_mean, kid_sd = kernel_inception_distance(real.features, fake.features, subsets=kid_subsets,
                                                  subset_size=subset_size, seed=seed)
-    prdc = {}
-    for name in ("precision", "recall", "density", "coverage"):
-        interval = bootstrap_interval(
-            lambda r, f, name=name: precision_recall_density_coverage(r, f)[name], real.features, fake.features,
-            resamples=min(bootstrap, 50), confidence=confidence, seed=seed, subsample=0.8)
-        prdc[name] = interval.to_dict()
+    prdc = {name: interval.to_dict() for name, interval in bootstrap_intervals(
+        precision_recall_density_coverage, real.features, fake.features, resamples=min(bootstrap, 50),
+        confidence=confidence, seed=seed, subsample=0.8, description="PRDC subsampling", progress=progress).items()}
     return {"frechet_distance": fd.values, "kid": {"mean": kid_mean, "sd": kid_sd, "subsets": kid_subsets,
                                                    "subset_size": subset_size},
             "prdc": {**prdc, "nearest_k": PRDC_NEAREST_K}, "protocol": fd.protocol}
