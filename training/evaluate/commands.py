@@ -60,9 +60,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     stats = commands.add_parser("stats", help="save reference feature statistics (.npz) of a real data set")
     extractor_options(stats, repeat=False)
-    stats.add_argument("--data", required=True, help="data spec (nih:PATH, phantoms:N, …)")
+    stats.add_argument("--data", help="data spec (nih:PATH, phantoms:N, …); or --generated")
     stats.add_argument("--split", default="all")
-    stats.add_argument("--size", type=int, required=True, help="side the images are read at")
+    stats.add_argument("--size", type=int, help="side real images are read at")
     stats.add_argument("--limit", type=int, help="at most this many images")
     stats.add_argument("--generated", type=int, metavar="N", help="instead: N unconditional samples of --bundle")
     stats.add_argument("--out", required=True, help=".npz to write (must not exist)")
@@ -79,6 +79,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     extractor_options(floor, repeat=True)
     floor.add_argument("--data", required=True)
     floor.add_argument("--size", type=int, required=True)
+    floor.add_argument("--split", default="all", help="split to halve (default all; phantoms: train, val or test)")
     floor.add_argument("--bootstrap", type=int, default=200)
     floor.add_argument("--seed", type=int, default=0)
     floor.add_argument("--json", help="also write the results to this JSON file")
@@ -164,9 +165,11 @@ def _stats(args: argparse.Namespace) -> int:
             if bundle is None:
                 raise ValueError("--generated needs --bundle")
             images = generate_images(bundle, args.generated, progress=not args.no_progress)
-        else:
+        elif args.data and args.size:
             images = read_images(args.data, args.size, split=args.split, limit=args.limit,
                                  progress=not args.no_progress, **_options(args))
+        else:
+            raise ValueError("give --data SPEC with --size S (real images), or --generated N (samples of --bundle)")
         features = extract(extractor, images.images, progress=not args.no_progress, source=images.source)
         save_statistics(features, args.out)
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as error:
@@ -199,7 +202,7 @@ def _real_vs_real(args: argparse.Namespace) -> int:
         weights = _weights(args, names)
         extractors = [make_extractor(name, bundle=bundle, auditor=args.auditor, weights=weights.get(name),
                                      expected_sha256=args.weights_sha256) for name in names]
-        images = read_images(args.data, args.size, split="all", seed=args.seed, progress=not args.no_progress,
+        images = read_images(args.data, args.size, split=args.split, seed=args.seed, progress=not args.no_progress,
                              **_options(args))
         first, second = patient_halves(images, args.seed)
         results = {}

@@ -55,11 +55,12 @@ def distribution_metrics(real: FeatureSet, fake: FeatureSet, *, bootstrap: int =
     """FD (with CI), KID (mean, SD) and PRDC (k = 5, with 80% subsampling intervals) of `fake` against `real`, one protocol.
 
     Returns a JSON-able dict: ``frechet_distance`` {value, ci_low, ci_high, ...}, ``kid`` {mean, sd,
-    subsets, subset_size}, ``prdc`` {precision: {value, ci_low, ci_high}, ...}, ``protocol``.
+    subsets, subset_size ≤ half the smaller set}, ``prdc`` {precision: {value, ci_low, ci_high}, ...}, ``protocol``.
     """
     fd = frechet_distance_metric(real, fake, bootstrap=bootstrap, confidence=confidence, seed=seed,
                                  progress=progress)
-    subset_size = min(kid_subset_size, len(real), len(fake))
+    # Subsets of at most half of the smaller set, so that they differ and their SD means something.
+    subset_size = max(2, min(kid_subset_size, len(real) // 2, len(fake) // 2))
     kid_mean, kid_sd = kernel_inception_distance(real.features, fake.features, subsets=kid_subsets,
                                                  subset_size=subset_size, seed=seed)
     prdc = {name: interval.to_dict() for name, interval in bootstrap_intervals(
