@@ -26,25 +26,17 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from service.bundle import load_bundle
 from service.demo import contact_sheet
-from service.labels import LABELS, NO_FINDING
-from service.lco import LCOEngine, LCOOptions, SampleRequest, draw_latents
+from service.labels import LABELS
+from service.lco import LCOEngine, LCOOptions, draw_latents
 from service.prior import nih_prior
 from service.schemas import resolve_labels
 from training.classifier.artifact import TrainedClassifier
+from training.evaluate.labels import auditor_probabilities, default_requests, lco_fidelity, met
 
-COMBINATION = {"Effusion": True, "Atelectasis": True, "Pneumothorax": False}
 SHEET_COLUMNS = 8
-
-
-def met(probs: np.ndarray, thresholds: np.ndarray, target: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Rows of ``probs`` on the requested side of ``thresholds`` for every constrained label."""
-    positive = probs >= thresholds[None, :]
-    ok = np.where(target[None, :] > 0.5, positive, ~positive)
-    return np.all(ok | (mask[None, :] < 0.5), axis=1)
 
 
 def nih_rate(constraints: dict[str, bool] | list[str]) -> float:
@@ -71,37 +63,29 @@ def main(argv: list[str] | None = None) -> int:
     engine = LCOEngine(bundle, LCOOptions() if args.margin is None else LCOOptions(margin=args.margin))
     auditor = TrainedClassifier.load(args.auditor)
 
-    def audit(images: np.ndarray) -> np.ndarray:
-        return auditor.predict(torch.from_numpy(np.ascontiguousarray(images[:, None], np.float32)))
-
     # Unconditional baseline: the generator alone, judged by both classifiers.
     latents = np.concatenate([draw_latents(90_000_000 + i, 1, engine.latent_dim, None) for i in range(args.unconditional)])
     free_images, free_logits = engine.score(latents)
     free_lco = 1 / (1 + np.exp(-free_logits))
-    free_audit = audit(free_images)
+    free_audit = auditor_probabilities(auditor, free_images[:, None])
 
-    requests: list[tuple[str, dict[str, bool] | list[str]]] = [(name, [name]) for name in LABELS]
-    requests += [(NO_FINDING, [NO_FINDING]), ("Effusion + Atelectasis, no Pneumothorax", COMBINATION)]
-    rows, sheet_rows = [], []
+    requests = default_requests()
     started = time.perf_counter()
-    for title, constraints in tqdm(requests, desc="requests", unit="request"):
+    fidelity = lco_fidelity(engine, auditor, requests, args.images)  # request r, sample i: seed 1e6·(r+1) + i
+    rows, sheet_rows = [], []
+    for (title, constraints), result in zip(requests, fidelity):
         spec = resolve_labels(constraints, exclusive=False)
-        samples = [SampleRequest(spec.target, spec.mask, 1_000_000 * (len(rows) + 1) + i) for i in range(args.images)]
-        results = engine.generate(samples)
-        images = np.stack([r.image for r in results])
-        lco_ok = np.array([r.satisfied for r in results])
-        audit_ok = met(audit(images), auditor.thresholds, spec.target, spec.mask)
         sheet_rows.append((title if len(title) <= 24 else title[:22] + "…", [
             (Image.fromarray(np.uint8(np.round((image + 1.0) * 127.5))), "auditor: yes" if ok else "auditor: no")
-            for image, ok in zip(images[:SHEET_COLUMNS], audit_ok)]))
+            for image, ok in zip(result.images[:SHEET_COLUMNS], result.auditor_flags)]))
         rows.append({
             "request": title,
             "nih": nih_rate(constraints),
             "free_lco": float(met(free_lco, engine.thresholds, spec.target, spec.mask).mean()),
             "free_audit": float(met(free_audit, auditor.thresholds, spec.target, spec.mask).mean()),
-            "lco": float(lco_ok.mean()),
-            "audit": float(audit_ok.mean()),
-            "steps": float(np.mean([r.steps for r in results])),
+            "lco": result.lco_classifier.value,
+            "audit": result.auditor.value,
+            "steps": result.mean_steps,
         })
     elapsed = time.perf_counter() - started
 

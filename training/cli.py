@@ -23,6 +23,7 @@ COMMAND_MODULES: list[str] = [
     "training.classifier.commands",  # classifier train / evaluate
     "training.export.commands",  # export a model bundle
     "training.data.commands",  # convert a DICOM tree into the NIH layout
+    "training.evaluate.commands",  # evaluate report / stats / compare / real-vs-real
 ]
 
 

@@ -117,6 +117,13 @@ class TrainConfig:
     # Intra-op threads per process on CPU (0: torch's default, all cores). Small networks run fastest
     # with 1 thread per process; oversubscribed cores slow every process down by an order of magnitude.
     cpu_threads: int = 0
+    # Fréchet distance of EMA samples to reals every this many images shown (0: never), in the embedding of a
+    # trained classifier directory (metric_classifier); logged to metric-frechet_distance.jsonl, stats.jsonl
+    # and TensorBoard (training/evaluate).
+    metric_images: int = 0
+    metric_classifier: str = ""
+    metric_samples: int = 256  # EMA samples and reals per measurement
+    metric_bootstrap: int = 50  # bootstrap resamples for its confidence interval
 
 
 @dataclass
@@ -228,6 +235,13 @@ def problems(config: GanConfig, world_size: int | None = None) -> list[str]:
     checks.choice("train.amp_dtype", train.amp_dtype, AMP_DTYPES)
     checks.device("train.device", train.device, on_this_machine=world_size is not None)
     checks.integer("train.cpu_threads", train.cpu_threads, 0)
+    if checks.integer("train.metric_images", train.metric_images, 0) and train.metric_images > 0:
+        checks.integer("train.metric_samples", train.metric_samples, 2)
+        checks.integer("train.metric_bootstrap", train.metric_bootstrap, 0)
+        if not (Path(train.metric_classifier) / "classifier.json").is_file() and not (
+                Path(train.metric_classifier) / "classifier" / "classifier.json").is_file():
+            checks.add(f"train.metric_classifier={train.metric_classifier!r} must be a trained classifier directory "
+                       "(holding classifier.json) when train.metric_images > 0")
     return checks.problems
 
 

@@ -48,6 +48,7 @@ from training.runtime import (
 from training.runtime.loop import optimizer_step, run_steps, save_run_checkpoint
 
 GRID_SEED_OFFSET = 7919  # fixed latents for grids come from their own generator, not the global RNG
+FRECHET_SEED_OFFSET = 104729  # and those of the Fréchet distance from another
 
 
 @dataclass
@@ -174,6 +175,8 @@ class PGGANTrainer:
         self._tick_sums: dict[str, torch.Tensor] = {}  # this tick's step statistics, summed by name
         self._tick_steps = 0
         self._tick_start = (time.perf_counter(), 0)  # when the tick began, and at how many images
+        self._frechet_measured_at = 0  # images shown at the last Fréchet distance (train.metric_images)
+        self._frechet_probe = None  # (extractor, latents, reals), made at the first measurement
 
     # ------------------------------------------------------------------------------ state
 
@@ -444,6 +447,7 @@ class PGGANTrainer:
 
         self._tick_sums, self._tick_steps, self._tick_postfix = {}, 0, {}
         self._tick_start = (time.perf_counter(), self.images_shown)
+        self._frechet_measured_at = self.images_shown  # a resumed run measures where an unbroken one would
         try:
             outcome = run_steps(
                 self._train_step,
@@ -478,6 +482,43 @@ class PGGANTrainer:
         self._tick_sums, self._tick_steps = {}, 0
         self._tick_start = (time.perf_counter(), self.images_shown)
 
+    def _frechet_due(self) -> bool:
+        """A Fréchet distance is due at the first tick past each multiple of train.metric_images."""
+        every = self.config.train.metric_images
+        if every <= 0 or self.images_shown // every <= self._frechet_measured_at // every:
+            return False
+        self._frechet_measured_at = self.images_shown
+        return True
+
+    @torch.no_grad()
+    def measure_frechet_distance(self) -> float:
+        """The `frechet_distance` metric of `train.metric_samples` EMA samples (fixed latents) against as
+        many reals at the phase's resolution, in `train.metric_classifier`'s embedding; appended to
+        metric-frechet_distance.jsonl (rank 0 only) and returned."""
+        from training.evaluate.features import ClassifierFeatures, extract
+        from training.evaluate.metrics import frechet_distance_metric
+        from training.metrics.registry import report_metric
+
+        train = self.config.train
+        if self._frechet_probe is None:
+            count = min(train.metric_samples, len(self.dataset))  # type: ignore[arg-type]
+            latents = torch.randn(count, self.config.network.latent_dim,
+                                  generator=torch.Generator().manual_seed(train.seed + FRECHET_SEED_OFFSET))
+            reals = torch.stack([self.dataset[i][0] for i in range(count)])
+            self._frechet_probe = (ClassifierFeatures(train.metric_classifier, name="metric_classifier"), latents, reals)
+        extractor, latents, reals = self._frechet_probe
+        phase, alpha = self.schedule.at(max(0, self.images_shown - 1))
+        fakes = torch.cat([self.G_ema(chunk.to(self.device), phase.resolution, alpha).float().clamp(-1, 1).cpu()
+                           for chunk in latents.split(64)])
+        source = f"{self.data_spec} first {len(reals)} at {phase.resolution}²"
+        real_features = extract(extractor, real_images_at(reals, phase.resolution, alpha), progress=False,
+                                source=source)
+        fake_features = extract(extractor, fakes, progress=False, source=f"EMA generator at {self.images_shown} images")
+        result = frechet_distance_metric(real_features, fake_features, bootstrap=train.metric_bootstrap,
+                                         seed=train.seed)
+        report_metric(result, self.run_dir, images_shown=self.images_shown)
+        return float(result.value)
+
     def _reals_for_grid(self) -> torch.Tensor:
         count = min(self.config.train.grid_size, len(self.dataset))  # type: ignore[arg-type]
         return torch.stack([self.dataset[i][0] for i in range(count)])
@@ -501,6 +542,8 @@ class PGGANTrainer:
             stats.update(loss_scale_g=self.scaler_G.get_scale(), loss_scale_d=self.scaler_D.get_scale())
         if self.monitor is None:
             return
+        if self._frechet_due():
+            stats["frechet_distance"] = self.measure_frechet_distance()
         self.monitor.log(stats, step=self.images_shown)
         self._tick_postfix = {"D": f"{stats['loss_d']:.3f}", "G": f"{stats['loss_g']:.3f}"}
         self.write_grid()

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
-from training.classifier.metrics import LabelAUROC, mean_auroc, per_label_auroc
 from training.metrics.registry import MetricResult, declare_metric, register_metric
+
+if TYPE_CHECKING:
+    from training.classifier.metrics import LabelAUROC
 
 CLASSIFIER_AUROC = "classifier_auroc"
 FRECHET_DISTANCE = "frechet_distance"
@@ -32,6 +36,11 @@ def classifier_auroc(
     `values` maps each label to its auroc, ci_low, ci_high, positives and negatives; `value` is the mean
     over the labels whose AUROC is defined (None if none is).
     """
+    from training.classifier.metrics import (  # here: the classifier trainer imports us
+        mean_auroc,
+        per_label_auroc,
+    )
+
     per_label = per_label_auroc(probabilities, labels, mask, bootstrap=bootstrap, confidence=confidence,
                                 seed=seed)
     protocol = {"split": split, "dataset": dataset, "images": len(probabilities), "bootstrap": bootstrap,
@@ -42,11 +51,13 @@ def classifier_auroc(
 
 def label_aurocs(result: MetricResult) -> dict[str, LabelAUROC]:
     """A `classifier_auroc` result's per-label entries as LabelAUROC (what TrainedClassifier keeps)."""
+    from training.classifier.metrics import LabelAUROC
+
     return {label: LabelAUROC(**entry) for label, entry in result.values.items()}
 
 
 # The generator's distance to the real images, which the export records in the bundle's provenance. The
-# evaluation suite registers its computation; until then a result comes from elsewhere via report_metric.
+# evaluation suite (training/evaluate/metrics.py) registers its computation on this name.
 declare_metric(
     FRECHET_DISTANCE,
     "Fréchet distance between feature statistics of generated and real images (protocol: the feature "

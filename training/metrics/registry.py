@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 # Modules whose import registers metrics; imported on the first lookup, as training.cli does commands.
-METRIC_MODULES: list[str] = ["training.metrics.builtin"]
+METRIC_MODULES: list[str] = ["training.metrics.builtin", "training.evaluate.metrics"]
 
 
 @dataclass(frozen=True)
