@@ -16,6 +16,9 @@ resident memory (RSS) of the exporting process. Then:
   largest entry, cosine ≥ 0.99999) and both with autograd in float64, which tells the rounding of the
   graph from the rounding of float32 itself (see BENCHMARKS.md).
 
+``--torch-only`` skips export and ONNX Runtime: autograd in float32 against float64, whole and per
+network (``stage_agreement``), which locates where float32 loses digits at a given size.
+
 Peak RSS is VmHWM from /proc/self/status, reset before each phase through /proc/self/clear_refs (Linux).
 """
 
@@ -164,8 +167,9 @@ def torch_references(generator, classifier, batch: int, latent_dim: int) -> dict
         hook.remove()
     ties = 0
     if "input" in seen:
-        windows = torch.nn.functional.unfold(torch.nn.functional.pad(seen["input"], (1, 1, 1, 1), value=-float("inf"))
-                                             .flatten(0, 1)[:, None], pool.kernel_size, stride=pool.stride)
+        pad = pool.padding
+        padded = torch.nn.functional.pad(seen["input"], (pad, pad, pad, pad), value=-float("inf"))
+        windows = torch.nn.functional.unfold(padded.flatten(0, 1)[:, None], pool.kernel_size, stride=pool.stride)
         top = windows.max(dim=1, keepdim=True).values
         # after the ReLU a window of zeros ties too, but its gradient dies in the ReLU's backward
         ties = int((((windows == top).sum(dim=1) > 1) & (top[:, 0] > 0)).sum())
@@ -178,6 +182,36 @@ def torch_references(generator, classifier, batch: int, latent_dim: int) -> dict
             "clamped": clamped, "tied_windows": ties}
 
 
+def stage_agreement(generator, classifier, batch: int, latent_dim: int) -> dict:
+    """Where float32 loses digits: each network's vector-Jacobian product in float32 against float64,
+    fed the same float64 inputs. ``classifier``: ∂loss/∂image at G(z); ``generator``: ∂⟨v, G(z)⟩/∂z
+    for v = that image gradient (float64)."""
+    import copy
+
+    import torch
+
+    from training.export import GradientAgreement, masked_bce
+
+    inputs = {name: torch.from_numpy(value).double() for name, value in step_inputs(batch, latent_dim).items()}
+    generator64, classifier64 = copy.deepcopy(generator).double(), copy.deepcopy(classifier).double()
+
+    def image_gradient(network, image):
+        image = image.detach().clone().requires_grad_(True)
+        loss = masked_bce(network(image)[0], inputs["target"].to(image), inputs["mask"].to(image)).sum()
+        return torch.autograd.grad(loss, image)[0]
+
+    def latent_gradient(network, z, v):
+        z = z.detach().clone().requires_grad_(True)
+        return torch.autograd.grad((network(z).clamp(-1, 1) * v.to(z)).sum(), z)[0]
+
+    with torch.no_grad():
+        image64 = generator64(inputs["z"]).clamp(-1, 1)
+    v64 = image_gradient(classifier64, image64)
+    return {"classifier": GradientAgreement.of(image_gradient(classifier, image64.float()), v64),
+            "generator": GradientAgreement.of(latent_gradient(generator, inputs["z"].float(), v64),
+                                              latent_gradient(generator64, inputs["z"], v64))}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--gan-config", default="nih-256", help="PGGAN preset or TOML path")
@@ -186,6 +220,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime and torch intra-op threads")
     parser.add_argument("--keep", help="write the three graphs here (default: a temporary directory, removed)")
     parser.add_argument("--json", help="also write the figures to this JSON file")
+    parser.add_argument("--torch-only", action="store_true",
+                        help="no export: autograd in float32 against float64 alone (where float32 itself stands)")
     args = parser.parse_args()
 
     import torch
@@ -201,6 +237,15 @@ def main() -> None:
           f"{count(generator) / 1e6:.1f}M parameters) + {args.classifier_preset} classifier "
           f"({count(classifier) / 1e6:.1f}M); {args.threads} threads; load average {os.getloadavg()[0]:.1f}; "
           f"torch {torch.__version__}", flush=True)
+    if args.torch_only:
+        for batch in args.batches:
+            reference = torch_references(generator, classifier, batch, generator.latent_dim)
+            print(f"  batch {batch}: torch fp32 vs fp64: {GradientAgreement.of(reference['grad'], reference['grad64'])}; "
+                  f"{100 * reference['clamped']:.2f}% of pixels clamped; {reference['tied_windows']} tied stem "
+                  f"max-pool windows", flush=True)
+            for stage, agreement in stage_agreement(generator, classifier, batch, generator.latent_dim).items():
+                print(f"    {stage} alone, fp32 vs fp64: {agreement}", flush=True)
+        return
     with tempfile.TemporaryDirectory(prefix="bench-paper-") as scratch:
         directory = Path(args.keep or scratch)
         directory.mkdir(parents=True, exist_ok=True)
