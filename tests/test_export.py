@@ -15,7 +15,15 @@ import torch
 
 from service.bundle import GRAPH_FILES, LCOStepOutput, SessionTuning, load_bundle, verify_bundle
 from service.labels import LABELS, NUM_LABELS
-from training.export import GeneratorInfo, LCOObjective, export_bundle, export_lco_step, reference_lco_step
+from training.export import (
+    GeneratorInfo,
+    GradientAgreement,
+    LCOObjective,
+    export_bundle,
+    export_lco_step,
+    order_dependent_sums,
+    reference_lco_step,
+)
 from training.networks.classifier import ClassifierSpec, build_classifier
 
 BATCHES = (1, 7, 64)
@@ -151,6 +159,37 @@ def test_densenet_classifier_with_resize_exports_its_gradient(ci_models, tmp_pat
                 module.running_var.uniform_(0.5, 1.5)
     operations = _export_and_compare_step(ci_models.generator, network.eval(), tmp_path, batches=(1, 9))
     assert "ScatterND" not in operations  # the resize's gradient is matrix products, not an index-put
+    # the stem's overlapping 3×3/2 max pool: its gradient is masks placed by Pad/Slice, not a scatter-add
+    path = tmp_path / "lco_step.onnx"
+    assert order_dependent_sums(onnx.load(str(path))) == []
+    objective = LCOObjective(ci_models.generator, network).eval()
+    z, (target, mask) = _latents(2, ci_models.generator.latent_dim, seed=5), _requests(2, seed=5)
+    feeds = {"z": z.numpy(), "target": target.numpy(), "mask": mask.numpy()}
+    runs = []
+    for threads in (1, 2, 2):
+        tuning = SessionTuning(providers=("CPUExecutionProvider",), intra_op_threads=threads)
+        runs.append(ort.InferenceSession(str(path), tuning.session_options(), providers=["CPUExecutionProvider"])
+                    .run(None, feeds))
+    assert all(np.array_equal(a, b) for run in runs[1:] for a, b in zip(runs[0], run, strict=True))
+    agreement = GradientAgreement.of(runs[0][1], reference_lco_step(objective, z, target, mask)[1])
+    assert agreement.max_error <= 1e-4 and agreement.cosine >= 0.99999, agreement
+
+
+@pytest.mark.parametrize(("size", "kernel", "stride", "padding"), [(112, 3, 2, 1), (11, 3, 2, 1), (9, 3, 3, 0),
+                                                                   (12, 2, 2, 0)])
+def test_max_pool_gradient_is_autograds_without_a_scatter(size, kernel, stride, padding):
+    """The decomposed max-pool backward routes every window's gradient to torch's recorded arg-max,
+    overlapping windows (the DenseNet stem's 3×3/2), odd sizes and plain 2×2 tiles alike."""
+    from training.export.lco import BACKWARD_DECOMPOSITIONS
+
+    torch.manual_seed(size)
+    x = torch.randn(2, 3, size, size + 1, dtype=torch.float64, requires_grad=True)
+    pooled, indices = torch.nn.functional.max_pool2d(x, kernel, stride, padding, return_indices=True)
+    grad_output = torch.randn_like(pooled)
+    (expected,) = torch.autograd.grad(pooled, x, grad_output)
+    backward = BACKWARD_DECOMPOSITIONS[torch.ops.aten.max_pool2d_with_indices_backward.default]
+    got = backward(grad_output, x, [kernel], [stride], [padding], [1], False, indices)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
 
 
 def test_ensemble_classifier_exports_its_gradient(ci_models, tmp_path):

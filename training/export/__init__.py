@@ -5,13 +5,27 @@
 """
 
 from training.export.bundle import ExportCheckError, GeneratorInfo, check_parity, export_bundle, git_commit
-from training.export.lco import LCOObjective, masked_bce, reference_lco_step, trace_lco_step
+from training.export.lco import (
+    GradientAgreement,
+    LCOObjective,
+    masked_bce,
+    reference_lco_step,
+    trace_lco_step,
+)
 from training.export.model_store import model_tag, save_to_model_store
-from training.export.onnx_graphs import export_classifier, export_generator, export_lco_step
+from training.export.onnx_graphs import (
+    ORDER_DEPENDENT_OPS,
+    export_classifier,
+    export_generator,
+    export_lco_step,
+    order_dependent_sums,
+)
 
 __all__ = [
+    "ORDER_DEPENDENT_OPS",
     "ExportCheckError",
     "GeneratorInfo",
+    "GradientAgreement",
     "LCOObjective",
     "check_parity",
     "export_bundle",
@@ -21,6 +35,7 @@ __all__ = [
     "git_commit",
     "masked_bce",
     "model_tag",
+    "order_dependent_sums",
     "reference_lco_step",
     "save_to_model_store",
     "trace_lco_step",

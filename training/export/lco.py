@@ -10,18 +10,20 @@ the ONNX graph itself. The route:
    as symbolic inputs would let a weight dimension equal to the example batch pin the batch size).
 3. ``make_fx`` records forward and backward as plain aten operations. Backward operations ONNX has no
    counterpart for are decomposed on the way into forward-style ones (``BACKWARD_DECOMPOSITIONS``):
-   convolution input gradients become transposed convolutions, pooling gradients become transposed
-   depth-wise convolutions or scatter-adds. (The networks themselves avoid operations whose gradient
-   is an index-put: see ``upsample2x`` and the classifiers' ``_Resize``.)
-4. ``LCOStepModule`` replays the traced graph, which
-   ``torch.onnx.export(dynamo=True)`` then turns into ``lco_step.onnx`` with a dynamic batch dimension.
+   convolution input gradients become transposed convolutions, average-pool gradients transposed
+   depth-wise convolutions, max-pool gradients arg-max masks placed by Pad and Slice (no scatter).
+   (The networks themselves avoid operations whose gradient is an index-put: see ``upsample2x`` and
+   the classifiers' ``_Resize``.)
+4. ``LCOStepModule`` replays the traced graph, which ``torch.onnx.export(dynamo=True)`` then turns into ``lco_step.onnx`` with a dynamic batch dimension.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -84,6 +86,36 @@ def reference_lco_step(objective: LCOObjective, z: torch.Tensor, target: torch.T
     return loss.detach(), grad_z, probs.detach(), image.detach()
 
 
+@dataclass(frozen=True)
+class GradientAgreement:
+    """How far a gradient lies from a reference one (both [B, latent], compared as one vector).
+
+    ``max_error`` is max|g − g_ref| / max|g_ref| (the largest error as a fraction of the largest
+    entry), ``relative`` ‖g − g_ref‖₂ / ‖g_ref‖₂ and ``cosine`` the cosine similarity, all in float64.
+    """
+
+    max_error: float
+    relative: float
+    cosine: float
+
+    @classmethod
+    def of(cls, gradient: Any, reference: Any) -> GradientAgreement:
+        candidate = np.asarray(gradient, dtype=np.float64).ravel()
+        truth = np.asarray(reference, dtype=np.float64).ravel()
+        if candidate.shape != truth.shape:
+            raise ValueError(f"gradient shapes differ: {np.shape(gradient)} vs {np.shape(reference)}")
+        scale = np.linalg.norm(truth)
+        if scale == 0:
+            raise ValueError("the reference gradient is zero: agreement is undefined")
+        error = candidate - truth
+        return cls(max_error=float(np.abs(error).max() / np.abs(truth).max()),
+                   relative=float(np.linalg.norm(error) / scale),
+                   cosine=float(candidate @ truth / (np.linalg.norm(candidate) * scale)))
+
+    def __str__(self) -> str:
+        return f"max error {self.max_error:.2e} of the largest entry, relative {self.relative:.2e}, cosine {self.cosine:.8f}"
+
+
 # ---------------------------------------------------------------------------------------------
 # Decompositions of backward operations into operations ONNX has.
 
@@ -141,29 +173,57 @@ def _avg_pool2d_backward(grad_output, input, kernel_size, stride, padding, ceil_
 
 def _max_pool2d_with_indices_backward(grad_output, input, kernel_size, stride, padding, dilation, ceil_mode,
                                       indices):
-    """Route each gradient to its window's arg-max.
+    """Route each window's gradient to its arg-max, as a fixed-order sum of non-overlapping pieces.
 
-    Non-overlapping windows that tile the input (2×2, stride 2): every input pixel belongs to one
-    window, so the gradient is the window's gradient where the pixel is the recorded arg-max and 0
-    elsewhere (an equality mask; ties go to the one index torch recorded, exactly as in torch).
-    Otherwise a scatter-add into the arg-max indices (ONNX ScatterElements with add).
+    Shapes: ``grad_output`` and ``indices`` [B, C, Ho, Wo] (indices flat into H×W, as torch records
+    them), ``input`` [B, C, H, W]; returns [B, C, H, W]. For each kernel offset (ki, kj) the windows
+    whose arg-max sits at that offset form one piece, ``where(indices == position, grad, 0)``; no two
+    windows of a piece share an input pixel, so a piece is placed on the input grid by spreading it
+    over the stride (interleaved zeros) and shifting it by the offset (Pad, Slice). The pieces are added
+    in kernel order. The 3×3 stride-2 pool of the DenseNet stem (Huang et al. 2017) overlaps, and the
+    usual scatter-add into the arg-max indices (ONNX ScatterElements with reduction add) sums in an
+    order that depends on ONNX Runtime's threads; this form has no such operation. Ties go to the index
+    the forward pass recorded, exactly as in torch.
     """
-    batch, channels, height, width = input.shape
+    height, width = input.shape[2], input.shape[3]
     kernel = list(kernel_size) if len(kernel_size) == 2 else [kernel_size[0]] * 2
     step = list(stride) if stride else kernel
     step = step if len(step) == 2 else [step[0]] * 2
     pad = list(padding) if len(padding) == 2 else [padding[0]] * 2
-    tiles = (kernel == step and not any(pad) and all(d == 1 for d in dilation)
-             and grad_output.shape[2] * kernel[0] == height and grad_output.shape[3] * kernel[1] == width)
-    if tiles:
-        def spread(x):
+    dil = list(dilation) if len(dilation) == 2 else [dilation[0]] * 2
+    out_height, out_width = grad_output.shape[2], grad_output.shape[3]
+    if kernel == step and not any(pad) and out_height * step[0] == height and out_width * step[1] == width:
+        # windows that tile the input (2×2, stride 2): one piece, an equality mask at full size
+        def repeat(x):
             return x.repeat_interleave(kernel[0], dim=2).repeat_interleave(kernel[1], dim=3)
 
         position = torch.arange(height * width, device=input.device).view(1, 1, height, width)
-        return torch.where(spread(indices) == position, spread(grad_output), grad_output.new_zeros(()))
-    flat = grad_output.new_zeros(batch, channels, height * width)
-    flat = flat.scatter_add(2, indices.flatten(2), grad_output.flatten(2))
-    return flat.view(batch, channels, height, width)
+        return torch.where(repeat(indices) == position, repeat(grad_output), grad_output.new_zeros(()))
+    rows = torch.arange(out_height, device=input.device).view(1, 1, out_height, 1) * step[0] - pad[0]
+    columns = torch.arange(out_width, device=input.device).view(1, 1, 1, out_width) * step[1] - pad[1]
+    # the padded canvas: input row r sits at canvas row r + pad; large enough for every shifted piece
+    canvas = [max((kernel[i] - 1) * dil[i] + out * step[i], pad[i] + size)
+              for i, out, size in ((0, out_height, height), (1, out_width, width))]
+    zero = grad_output.new_zeros(())
+    grad_input = None
+    for ki in range(kernel[0]):
+        for kj in range(kernel[1]):
+            position = (rows + ki * dil[0]) * width + (columns + kj * dil[1])
+            piece = _spread_over_stride(torch.where(indices == position, grad_output, zero), step)
+            top, left = ki * dil[0], kj * dil[1]
+            placed = F.pad(piece, (left, canvas[1] - left - piece.shape[3], top, canvas[0] - top - piece.shape[2]))
+            placed = placed[:, :, pad[0]:pad[0] + height, pad[1]:pad[1] + width]
+            grad_input = placed if grad_input is None else grad_input + placed
+    return grad_input
+
+
+def _spread_over_stride(x: torch.Tensor, stride: list[int]) -> torch.Tensor:
+    """[B, C, h, w] → [B, C, h·sh, w·sw]: each value at the top-left of its stride cell, zeros elsewhere."""
+    if stride[1] > 1:
+        x = torch.stack([x] + [torch.zeros_like(x)] * (stride[1] - 1), dim=-1).flatten(-2)
+    if stride[0] > 1:
+        x = torch.stack([x] + [torch.zeros_like(x)] * (stride[0] - 1), dim=-2).flatten(-3, -2)
+    return x
 
 
 def _pow_tensor_scalar(x, exponent):

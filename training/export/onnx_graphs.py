@@ -69,6 +69,17 @@ def export_lco_step(generator: nn.Module, classifier: nn.Module, path: Path, ops
     _export(step, example, ["z", "target", "mask"], ["loss", "grad_z", "probs", "image"], path, opset)
 
 
+# Operations whose result ONNX Runtime may add up in an order its threads (or a GPU's blocks) decide:
+# scatters add every update that lands on one index, in whatever order they arrive.
+ORDER_DEPENDENT_OPS = ("ScatterElements", "ScatterND", "Scatter")
+
+
+def order_dependent_sums(model: onnx.ModelProto) -> list[str]:
+    """The nodes of ``model`` (top-level graph) that may sum in a thread-dependent order, as
+    ``"OpType name"``; empty for a graph whose every output is the same on any number of threads."""
+    return [f"{node.op_type} {node.name}" for node in model.graph.node if node.op_type in ORDER_DEPENDENT_OPS]
+
+
 def build_adam_sphere_graph() -> onnx.ModelProto:
     """One Adam step on z followed by projection onto the sphere of radius ``radius``.
 
