@@ -86,6 +86,17 @@ def test_audit_pictures_are_written(planted_audit, tmp_path):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5_000
 
 
+def test_the_written_audit_is_a_section_the_evaluation_report_takes(planted_audit, tmp_path):
+    from training.evaluate.commands import read_section
+    from training.evaluate.memorisation import _write_report
+
+    _write_report(planted_audit, tmp_path / "audit")
+    section = read_section(tmp_path / "audit" / "section.json")
+    assert section.title == "Memorisation audit" and len(section.pictures) == 2
+    assert all(picture.is_file() for picture in section.pictures)
+    assert section.summary == json.loads((tmp_path / "audit" / "memorisation.json").read_text())
+
+
 def test_index_file_round_trip_and_refusals(ci_bundle, real_images, tmp_path):
     from service.bundle import load_bundle
 

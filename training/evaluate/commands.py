@@ -16,9 +16,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from training.evaluate.features import EXTRACTORS
+
+if TYPE_CHECKING:
+    from training.evaluate.report import ReportSection
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -52,7 +55,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="override of the TSTR classifier preset")
     report.add_argument("--reference-dir", help="folder of reference statistics, saved once and reused")
     report.add_argument("--section", action="append", default=[], metavar="JSON",
-                        help="extra report section: a JSON file {title, summary, pictures: [PNG paths], note}")
+                        help="extra report section: a JSON file {title, summary, pictures: [PNG paths, relative to the "
+                        "file], note}, such as the section.json of `training.evaluate.memorisation audit`")
     report.add_argument("--bootstrap", type=int, default=200)
     report.add_argument("--seed", type=int, default=0)
     report.add_argument("--out", required=True, help="report directory (must not exist)")
@@ -117,7 +121,6 @@ def _lco_options(pairs: list[str]) -> dict[str, Any]:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from training.evaluate.report import ReportSection
     from training.evaluate.suite import EvaluationPlan, evaluate_bundle
 
     try:
@@ -126,12 +129,7 @@ def _report(args: argparse.Namespace) -> int:
         if Path(args.out).exists():
             raise FileExistsError(f"report directory {args.out} exists; choose a new one")
         extractors = tuple(args.extractor or ("bundle", "auditor"))
-        sections = []
-        for path in args.section:
-            document = json.loads(Path(path).read_text())
-            sections.append(ReportSection(document["title"], document.get("summary", {}),
-                                          pictures=[Path(p) for p in document.get("pictures", [])],
-                                          note=document.get("note", "")))
+        sections = [read_section(path) for path in args.section]
         plan = EvaluationPlan(bundle=args.bundle, real=args.real, real_split=args.real_split,
                               real_options=_options(args), train_data=args.train_data, samples=args.samples,
                               auditor=args.auditor, extractors=extractors, weights=_weights(args, list(extractors)),
@@ -218,3 +216,21 @@ def _real_vs_real(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(text + "\n")
     return 0
+
+
+def read_section(path: str | Path) -> ReportSection:
+    """An extra report section from a JSON file {title, summary, pictures: [PNGs relative to the file], note}.
+
+    Raises ValueError naming the file when it is not such a document.
+    """
+    from training.evaluate.report import ReportSection
+
+    path = Path(path)
+    try:
+        document = json.loads(path.read_text())
+        return ReportSection(document["title"], document.get("summary", {}),
+                             pictures=[path.parent / picture for picture in document.get("pictures", [])],
+                             note=document.get("note", ""))
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as error:
+        raise ValueError(f"{path}: not a report section ({type(error).__name__}: {error}); "
+                         "write {title, summary, pictures, note}") from None

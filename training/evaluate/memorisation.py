@@ -340,7 +340,8 @@ def _load_bundle(path: str) -> Any:
 
 
 def _write_report(audit: MemorisationAudit, out: Path) -> None:
-    """memorisation.json and the two pictures, written beside ``out`` and renamed into place whole."""
+    """memorisation.json, the two pictures and a report section (section.json), written beside ``out`` and
+    renamed into place whole."""
     import shutil
     import tempfile
 
@@ -350,6 +351,12 @@ def _write_report(audit: MemorisationAudit, out: Path) -> None:
         (staging / "memorisation.json").write_text(json.dumps(audit.to_dict(), indent=2) + "\n")
         audit.write_distribution_png(staging / "memorisation_distances.png")
         audit.write_closest_pairs_png(staging / "memorisation_closest_pairs.png")
+        # a report section `python -m training.cli evaluate report --section OUT/section.json` takes
+        section = {"title": "Memorisation audit", "summary": audit.to_dict(),
+                   "pictures": ["memorisation_distances.png", "memorisation_closest_pairs.png"],
+                   "note": "nearest training images of each generated one: embedding kNN, then shift-tolerant "
+                           "normalised cross-correlation against a threshold calibrated on held-out patients"}
+        (staging / "section.json").write_text(json.dumps(section, indent=2) + "\n")
         staging.rename(out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
