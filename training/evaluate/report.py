@@ -24,6 +24,7 @@ import numpy as np
 from typing_extensions import Self
 
 from service.labels import LABELS, NO_FINDING
+from training.evaluate.statistics import flatten
 
 
 @dataclass
@@ -106,7 +107,7 @@ class ReportWriter:
                 parts.append(f"<p>{html.escape(section.note)}</p>")
             if section.summary:
                 rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(_cell(v))}</td></tr>"
-                               for k, v in _flatten(section.summary).items())
+                               for k, v in flatten(section.summary).items())
                 parts.append(f"<table class=summary>{rows}</table>")
             for header, rows in section.tables:
                 head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
@@ -126,16 +127,6 @@ _STYLE = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#2
           "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}thead th{background:#eee}"
           "table.summary th{background:#f6f6f6;font-weight:normal}img{max-width:100%}"
           "section{border-top:2px solid #ddd;margin-top:1.5em}")
-
-
-def _flatten(value: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, item in value.items():
-        if isinstance(item, dict):
-            flat.update(_flatten(item, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = item
-    return flat
 
 
 def _cell(value: Any) -> str:

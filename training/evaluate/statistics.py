@@ -28,11 +28,12 @@ class ProtocolMismatch(ValueError):
     """Two feature sets made under different protocols; the message names the field."""
 
 
-def _flatten(protocol: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(protocol: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as one level of dotted keys: {"a": {"b": 1}} -> {"a.b": 1}."""
     flat: dict[str, Any] = {}
     for key, value in protocol.items():
         if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
+            flat.update(flatten(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
     return flat
@@ -41,7 +42,7 @@ def _flatten(protocol: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def check_comparable(first: dict[str, Any], second: dict[str, Any]) -> None:
     """Raise ProtocolMismatch naming the first field (dotted) whose value differs, counts and sources
     aside."""
-    a, b = _flatten(first), _flatten(second)
+    a, b = flatten(first), flatten(second)
     for key in sorted(set(a) | set(b)):
         if key.split(".")[0] in PER_SET_FIELDS:
             continue
