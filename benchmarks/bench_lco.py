@@ -173,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="multiply the cost and archive sections' sample counts")
     parser.add_argument("--archive-images", type=int,
                         help="images per engine in the archive section (default: 1000 x --scale)")
+    parser.add_argument("--requests", default="common,rarest,combination",
+                        help="comma-separated requests of the cost section: common, rarest, combination")
     parser.add_argument("--rejection-bound", type=float, default=25.0,
                         help="without a hit, rejection draws until it costs this many times the cheapest method")
     parser.add_argument("--acceptance-samples", type=int, default=2048,
@@ -218,7 +220,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"acceptance table: {len(bundle.acceptance.logits)} samples, one step = "
               f"{bundle.acceptance.step_cost:.2f} forward passes where it was measured\n")
     if "cost" in sections:
-        cost_section(engine, ratio, args.scale, args.steps, args.candidates, args.rejection_bound, figures)
+        chosen = [name.strip() for name in args.requests.split(",")]
+        if set(chosen) - {"common", "rarest", "combination"}:
+            parser.error(f"--requests takes common, rarest and combination; got {args.requests}")
+        cost_section(engine, ratio, args.scale, args.steps, args.candidates, args.rejection_bound, chosen, figures)
     if "archive" in sections:
         archive_section(engine, args.archive_images or max(1, round(1000 * args.scale)), figures)
     if "throughput" in sections:
@@ -235,13 +240,14 @@ def common_and_rarest() -> tuple[str, str]:
 
 
 def cost_section(engine: LCOEngine, ratio: float, scale: float, steps: int, candidates: int, bound: float,
-                 figures: dict[str, float]) -> None:
+                 chosen: list[str], figures: dict[str, float]) -> None:
     def n(count: int) -> int:
         return max(1, round(count * scale))
 
     common, rarest = common_and_rarest()
-    requests = {f"{common} (most common)": {common: True}, f"{rarest} (rarest)": {rarest: True},
-                "Effusion+Atelectasis -Pneumothorax": COMBINATION}
+    requests = {title: constraints for name, title, constraints in (
+        ("common", f"{common} (most common)", {common: True}), ("rarest", f"{rarest} (rarest)", {rarest: True}),
+        ("combination", "Effusion+Atelectasis -Pneumothorax", COMBINATION)) if name in chosen}
 
     print("## Cost per satisfied image (FPE = forward-pass equivalents)\n")
     margin = LCOOptions().margin

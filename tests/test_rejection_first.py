@@ -79,7 +79,7 @@ def test_the_budget_rule():
     # rejection pays where 1/rate draws cost less than LCO's cap (steps x step cost), for at most that cost
     assert rejection_budget(0.2, steps=200, step_cost=8.0, candidates=32, max_candidates=1024) == 1024
     assert rejection_budget(0.2, steps=100, step_cost=3.0, candidates=32, max_candidates=1024) == 300
-    assert rejection_budget(0.002, steps=200, step_cost=3.0, candidates=32, max_candidates=1024) == 32
+    assert rejection_budget(0.001, steps=200, step_cost=3.0, candidates=32, max_candidates=1024) == 32
     assert rejection_budget(0.0, steps=200, step_cost=8.0, candidates=32, max_candidates=1024) == 32
     assert rejection_budget(0.5, steps=0, step_cost=8.0, candidates=4, max_candidates=1024) == 4
     assert rejection_budget(0.9, steps=5, step_cost=3.0, candidates=32, max_candidates=1024) == 32
