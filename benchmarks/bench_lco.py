@@ -1,19 +1,33 @@
 """LCO cost and serving throughput, measured side by side in one run on one bundle.
 
 1. Cost per satisfied image for three requests: the most common finding, the rarest, and a
-   three-label combination (two present, one absent). Three ways to get such an image:
-     rejection  draw z, run generator + classifier, keep it if the classifier agrees;
-     LCO        one latent, then Adam on z (candidates = 1);
-     cand+LCO   K latents scored with one forward pass, best one optimised.
+   three-label combination (two present, one absent). Four ways to get such an image, all at the
+   acceptance rule LCO stops on (every constrained label past its threshold by the LCO margin):
+     rejection      draw z, run generator + classifier, keep it if it meets the rule;
+     LCO            one latent, then Adam on z (candidates = 1);
+     cand+LCO       K latents scored with forward passes, the best one optimised;
+     rej-first+LCO  the engine's default: latents scored in seed order up to the request's rejection
+                    budget, the first that meets the rule returned; else LCO from the best of K.
    Cost is counted in forward-pass equivalents (FPE: one generator + classifier forward of one
    sample; one lco_step evaluation counts as the measured ratio of its time to a forward's, printed)
-   and in seconds, per satisfied image, with ratios to rejection sampling.
-2. Throughput (images/s) of the service's batcher with 1, 4 and 16 concurrent clients, each asking
+   and in seconds, per satisfied image, with ratios to rejection sampling. Where rejection finds no
+   hit it draws until its cost bounds the cheapest method's by ``--rejection-bound`` times, so the
+   ratio it prints (a lower bound) can show that much.
+2. NIH distribution archive: images/s of the engine making images whose labels are drawn from the
+   NIH prior exactly as an archive job plans them (service/archive: all 14 labels constrained, the
+   job's seeds, batches of its batch_size), with rejection first off (the engine before it) and on,
+   the same images and LCO options otherwise, one after the other.
+3. Throughput (images/s) of the service's batcher with 1, 4 and 16 concurrent clients, each asking
    for one image at a time, with and without cross-request batching.
 
     python -m benchmarks.bench_lco --bundle models/demo                       # CPU
     python -m benchmarks.bench_lco --bundle models/demo --device cuda --scale 4   # one CUDA GPU
+    python -m benchmarks.bench_lco --sections cost,archive --scale 0.25 --archive-images 24  # the 2-core CPU
     python -m benchmarks.bench_lco --sections throughput --json figures.json    # one section, figures as JSON
+
+A bundle exported without an acceptance table (acceptance.npz, service/acceptance.py) gets one
+measured here (``--acceptance-samples``), as the export would write it, so that rejection first runs
+with the budgets it would have; the output says so.
 
 Only the engine API that every recent revision shares is used here, so that
 ``benchmarks.compare_revisions`` can run this file against an older checkout's engine.
@@ -41,6 +55,9 @@ from service.bundle import SessionTuning, load_bundle
 from service.labels import LABEL_INDEX, NUM_LABELS
 from service.lco import LCOEngine, LCOOptions, SampleRequest, draw_latents, project_to_sphere, satisfied
 from service.prior import nih_prior
+
+# Older engines (benchmarks.compare_revisions) have no rejection first: its rows are left out there.
+REJECTION_FIRST = "rejection_first" in LCOOptions.model_fields
 
 COMBINATION = {"Effusion": True, "Atelectasis": True, "Pneumothorax": False}
 
@@ -88,17 +105,18 @@ def step_cost_ratio(engine: LCOEngine, batch: int = 32, repeats: int = 5) -> flo
     return (time.perf_counter() - start) / forward
 
 
-def rejection(engine: LCOEngine, target: np.ndarray, mask: np.ndarray, want_hits: int, budget: int,
+def rejection(engine: LCOEngine, target: np.ndarray, mask: np.ndarray, want_hits: int, budget: int, margin: float,
               batch: int = 256, seed: int = 10_000_000) -> Cost:
+    """Draws until ``want_hits`` meet the request ``margin`` logits past each threshold, or ``budget``."""
     hits = draws = 0
     rng = np.random.default_rng(seed)
     start = time.perf_counter()
     with tqdm(total=want_hits, desc="  rejection", unit="hit", leave=False) as bar:
         while hits < want_hits and draws < budget:
             z = project_to_sphere(rng.standard_normal((batch, engine.latent_dim), dtype=np.float32))
-            _, logits = engine.score(z)
+            _, logits = engine.score(z, keep_images=False)
             probs = 1 / (1 + np.exp(-logits))
-            ok = satisfied(probs, np.tile(target, (batch, 1)), np.tile(mask, (batch, 1)), engine.thresholds, 0.0)
+            ok = satisfied(probs, np.tile(target, (batch, 1)), np.tile(mask, (batch, 1)), engine.thresholds, margin)
             draws += batch
             hits += int(ok.sum())
             bar.update(int(ok.sum()))
@@ -106,15 +124,18 @@ def rejection(engine: LCOEngine, target: np.ndarray, mask: np.ndarray, want_hits
 
 
 def lco(engine: LCOEngine, target: np.ndarray, mask: np.ndarray, images: int, candidates: int, ratio: float,
-        steps: int, seed: int = 20_000_000) -> Cost:
+        steps: int, rejection_first: bool = False, seed: int = 20_000_000) -> Cost:
     engine.stats.forward_samples = engine.stats.step_samples = 0
-    options = LCOOptions(candidates=candidates, steps=steps)
+    options = LCOOptions(candidates=candidates, steps=steps,
+                         **({"rejection_first": rejection_first} if REJECTION_FIRST else {}))
     samples = [SampleRequest(target, mask, seed + i, options) for i in range(images)]
     start = time.perf_counter()
     results = engine.generate(samples)
     seconds = time.perf_counter() - start
     fpe = engine.stats.forward_samples + ratio * engine.stats.step_samples
     name = "LCO" if candidates == 1 else f"{candidates} cand+LCO"
+    if rejection_first:
+        name = f"rej-first+LCO ({sum(r.accepted_without_steps for r in results)}/{images} without steps)"
     return Cost(name, images, sum(r.satisfied for r in results), fpe, seconds)
 
 
@@ -148,23 +169,42 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_lco", description=__doc__.split("\n")[0])
     parser.add_argument("--bundle", default="models/demo", help="bundle directory or BentoML model tag")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--scale", type=float, default=1.0, help="multiply the cost section's sample counts")
+    parser.add_argument("--scale", type=float, default=1.0,
+                        help="multiply the cost and archive sections' sample counts")
+    parser.add_argument("--archive-images", type=int,
+                        help="images per engine in the archive section (default: 1000 x --scale)")
+    parser.add_argument("--requests", default="common,rarest,combination",
+                        help="comma-separated requests of the cost section: common, rarest, combination")
+    parser.add_argument("--rejection-bound", type=float, default=25.0,
+                        help="without a hit, rejection draws until it costs this many times the cheapest method")
+    parser.add_argument("--acceptance-samples", type=int, default=2048,
+                        help="samples of the acceptance table measured for a bundle that has none")
     parser.add_argument("--steps", type=int, default=200, help="LCO step cap")
     parser.add_argument("--candidates", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3, help="alternating runs per throughput mode")
     parser.add_argument("--intra-op-threads", type=int, help="ONNX Runtime threads per graph (default: all CPUs); "
                         "1 on a machine shared with other jobs, where a parallel step waits on descheduled threads")
-    parser.add_argument("--sections", default="cost,throughput", help="comma-separated: cost, throughput")
+    parser.add_argument("--sections", default="cost,archive,throughput",
+                        help="comma-separated: cost, archive, throughput")
     parser.add_argument("--json", help="also write every figure to this JSON file ({name: value})")
     args = parser.parse_args(argv)
     sections = {name.strip() for name in args.sections.split(",")}
-    unknown = sections - {"cost", "throughput"}
+    unknown = sections - {"cost", "archive", "throughput"}
     if unknown:
-        parser.error(f"unknown section(s) {', '.join(sorted(unknown))}; choose from cost, throughput")
+        parser.error(f"unknown section(s) {', '.join(sorted(unknown))}; choose from cost, archive, throughput")
+    if "archive" in sections and not REJECTION_FIRST:
+        parser.error("the archive section compares rejection first with the engine before it; this engine has none")
     figures: dict[str, float] = {}
 
     providers = ("CUDAExecutionProvider", "CPUExecutionProvider") if args.device == "cuda" else ("CPUExecutionProvider",)
     bundle = load_bundle(args.bundle, SessionTuning(providers=providers, intra_op_threads=args.intra_op_threads))
+    if REJECTION_FIRST and bundle.acceptance is None:
+        from service.acceptance import measure_acceptance
+
+        print(f"the bundle has no acceptance table: measuring one here on {args.acceptance_samples} samples, "
+              "as the export would")
+        bundle.acceptance = measure_acceptance(bundle.generator, bundle.classifier, bundle.lco_session,
+                                               bundle.manifest.latent_dim, args.acceptance_samples)
     engine = LCOEngine(bundle, max_batch=int(64 * max(1.0, args.scale)))
     engine.warm_up()
 
@@ -176,8 +216,16 @@ def main(argv: list[str] | None = None) -> int:
     ratio = step_cost_ratio(engine)
     figures["lco_step_forward_passes"] = ratio
     print(f"one lco_step evaluation costs {ratio:.2f} forward passes (generator + classifier), measured\n")
+    if REJECTION_FIRST:
+        print(f"acceptance table: {len(bundle.acceptance.logits)} samples, one step = "
+              f"{bundle.acceptance.step_cost:.2f} forward passes where it was measured\n")
     if "cost" in sections:
-        cost_section(engine, ratio, args.scale, args.steps, args.candidates, figures)
+        chosen = [name.strip() for name in args.requests.split(",")]
+        if set(chosen) - {"common", "rarest", "combination"}:
+            parser.error(f"--requests takes common, rarest and combination; got {args.requests}")
+        cost_section(engine, ratio, args.scale, args.steps, args.candidates, args.rejection_bound, chosen, figures)
+    if "archive" in sections:
+        archive_section(engine, args.archive_images or max(1, round(1000 * args.scale)), figures)
     if "throughput" in sections:
         throughput_section(engine, args.repeats, figures)
     if args.json:
@@ -191,24 +239,37 @@ def common_and_rarest() -> tuple[str, str]:
     return max(findings, key=findings.get), min(findings, key=findings.get)
 
 
-def cost_section(engine: LCOEngine, ratio: float, scale: float, steps: int, candidates: int,
-                 figures: dict[str, float]) -> None:
+def cost_section(engine: LCOEngine, ratio: float, scale: float, steps: int, candidates: int, bound: float,
+                 chosen: list[str], figures: dict[str, float]) -> None:
     def n(count: int) -> int:
         return max(1, round(count * scale))
 
-
     common, rarest = common_and_rarest()
-    requests = {f"{common} (most common)": {common: True}, f"{rarest} (rarest)": {rarest: True},
-                "Effusion+Atelectasis -Pneumothorax": COMBINATION}
+    requests = {title: constraints for name, title, constraints in (
+        ("common", f"{common} (most common)", {common: True}), ("rarest", f"{rarest} (rarest)", {rarest: True}),
+        ("combination", "Effusion+Atelectasis -Pneumothorax", COMBINATION)) if name in chosen}
 
     print("## Cost per satisfied image (FPE = forward-pass equivalents)\n")
+    margin = LCOOptions().margin
+    print(f"(acceptance rule: every constrained label past its threshold by {margin} logits, LCO's margin)\n")
     print("| request | method | images | satisfied | FPE / satisfied | s / satisfied | FPE vs rejection | time vs rejection |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for title, constraints in requests.items():
         target, mask = vectors(constraints)
-        rows = [rejection(engine, target, mask, want_hits=n(16), budget=n(20_000)),
-                lco(engine, target, mask, n(32), 1, ratio, steps),
+        rows = [lco(engine, target, mask, n(32), 1, ratio, steps),
                 lco(engine, target, mask, n(32), candidates, ratio, steps)]
+        if REJECTION_FIRST:
+            sample = SampleRequest(target, mask, 0, LCOOptions(candidates=candidates, steps=steps))
+            budget = engine.rejection_budget(sample)
+            # Where rejection pays, an image costs about 1/rate forwards: more images for a steadier mean.
+            images = n(256) if budget > candidates else n(32)
+            rows.append(lco(engine, target, mask, images, candidates, ratio, steps, rejection_first=True))
+            rate = engine.acceptance_rate(target, mask, margin)
+            print(f"| {title} | (acceptance rate {rate:.4f} under the bundle, rejection budget {budget}) | | | | | | |")
+            figures[f"cost {title} acceptance rate"] = rate
+        cheapest = min(row.fpe_per_hit for row in rows)
+        budget = max(n(20_000), round(bound * cheapest)) if np.isfinite(cheapest) else n(20_000)
+        rows.insert(0, rejection(engine, target, mask, want_hits=n(16), budget=budget, margin=margin))
         base = rows[0]
         # No hit in the whole budget: rejection costs at least the budget per hit (a lower bound).
         base_fpe = base.fpe_per_hit if base.hits else base.fpe
@@ -222,11 +283,51 @@ def cost_section(engine: LCOEngine, ratio: float, scale: float, steps: int, cand
                 fpe, secs, gains = f">{row.fpe:.0f}", f">{row.seconds:.3g}", "- | -"
             if row is base:
                 gains = "1.0x | 1.0x"
-            figures[f"cost {title} {row.method} FPE/satisfied"] = row.fpe_per_hit if row.hits else float("inf")
-            figures[f"cost {title} {row.method} s/satisfied"] = row.seconds_per_hit if row.hits else float("inf")
+            method = row.method.split(" (")[0]
+            figures[f"cost {title} {method} FPE/satisfied"] = row.fpe_per_hit if row.hits else float("inf")
+            figures[f"cost {title} {method} s/satisfied"] = row.seconds_per_hit if row.hits else float("inf")
             print(f"| {title} | {row.method} | {row.images} | {row.hits} | {fpe} | {secs} | {gains} |")
     print("\n('x' columns: how many times cheaper than rejection sampling; '>': rejection found no hit in its"
           " whole budget, so its cost per hit is at least the budget and the ratios are lower bounds)\n")
+
+
+def archive_section(engine: LCOEngine, images: int, figures: dict[str, float]) -> None:
+    """Images/s for the first ``images`` of a ``distribution: nih`` archive job, without and with
+    rejection first (the job's default LCO options otherwise)."""
+    from service.archive.spec import ArchivePlan, ArchiveSpec
+
+    spec = ArchiveSpec(count=images, distribution="nih", seed=0, destination="s3://bench-only/unused")
+    plan = ArchivePlan(spec)
+    planned = [plan.image(index) for index in range(images)]
+    print(f"## NIH distribution archive ({images} images per engine, labels from the NIH prior as an archive "
+          f"job plans them, all 14 constrained, batches of {spec.batch_size})\n")
+    print("| engine | images/s | s / image | without steps | mean steps | satisfied | vs today |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    rates = {}
+    for rejection_first in (False, True):
+        options = spec.lco.model_copy(update={"rejection_first": rejection_first})
+        results = []
+        start = time.perf_counter()
+        name = "rejection first + LCO" if rejection_first else "today's (rejection first off)"
+        for batch in tqdm([planned[i : i + spec.batch_size] for i in range(0, images, spec.batch_size)],
+                          desc=f"  archive, {name}", unit="batch", leave=False):
+            results += engine.generate([SampleRequest(p.target, p.mask, p.seed, options) for p in batch])
+        seconds = time.perf_counter() - start
+        rates[rejection_first] = images / seconds
+        without = sum(r.accepted_without_steps for r in results)
+        steps = float(np.mean([r.steps for r in results]))
+        gain = f"{rates[True] / rates[False]:.2f}x" if rejection_first else "1.00x"
+        print(f"| {name} | {rates[rejection_first]:.4f} | {seconds / images:.2f} | {without}/{images} | {steps:.1f} | "
+              f"{sum(r.satisfied for r in results)}/{images} | {gain} |")
+        key = "rejection first" if rejection_first else "today"
+        figures[f"archive nih {key} img/s"] = rates[rejection_first]
+        figures[f"archive nih {key} accepted without steps"] = without / images
+    # What the mix asks for: the share of requests the bundle's generator meets at the margin.
+    margin = spec.lco.margin
+    reachable = [engine.acceptance_rate(p.target, p.mask, margin) for p in planned]
+    print(f"\n(the mix under the bundle's acceptance table: mean acceptance rate {np.mean(reachable):.3f}; "
+          f"{np.mean(np.array(reachable) == 0):.0%} of the requests never met in the table, "
+          f"so they go to LCO)\n")
 
 
 def throughput_section(engine: LCOEngine, repeats: int, figures: dict[str, float]) -> None:

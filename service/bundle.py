@@ -2,7 +2,7 @@
 
 A bundle is a directory (or the same files as a BentoML model) holding ``manifest.json``,
 ``generator.onnx``, ``classifier.onnx`` and ``lco_step.onnx`` (docs/ARCHITECTURE.md gives their
-inputs and outputs). ``training.export`` writes it; this module is the only reader. It imports no
+inputs and outputs), and optionally ``acceptance.npz`` (service/acceptance.py). ``training.export`` writes it; this module is the only reader. It imports no
 torch: the service image carries onnxruntime, numpy and pydantic only.
 
 Nothing is loaded until everything checks out. ``verify_bundle`` validates the manifest against
@@ -37,6 +37,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from service.acceptance import ACCEPTANCE_FILE, AcceptanceTable
 from service.labels import LABELS
 
 MANIFEST_NAME = "manifest.json"
@@ -332,6 +333,8 @@ class Bundle:
     manifest: Manifest
     sessions: dict[str, Any]
     providers: list[str] = field(default_factory=list)
+    # the optional acceptance table (service/acceptance.py); None: rates from the NIH prior
+    acceptance: AcceptanceTable | None = None
 
     @property
     def generator(self) -> Any:
@@ -421,4 +424,10 @@ def load_bundle(source: str | Path | Any, tuning: SessionTuning | None = None) -
                                     f"found {inputs} and {outputs}")
         sessions[graph] = session
     active = list(sessions["lco_step"].get_providers())
-    return Bundle(path=path, manifest=manifest, sessions=sessions, providers=active)
+    acceptance = None
+    if ACCEPTANCE_FILE in manifest.files:
+        try:
+            acceptance = AcceptanceTable.from_bytes((path / ACCEPTANCE_FILE).read_bytes())
+        except ValueError as error:
+            raise BundleError(path / ACCEPTANCE_FILE, str(error)) from None
+    return Bundle(path=path, manifest=manifest, sessions=sessions, providers=active, acceptance=acceptance)

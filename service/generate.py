@@ -148,7 +148,7 @@ class GenerateJob:
             self.near_copies_dropped += dropped
             self.service.metrics.near_copies_dropped.labels(source="generate").inc(dropped)
         self.service.metrics.record_image(self.spec.positives, bool(self.spec.mask.any()), result.satisfied,
-                                          result.steps)
+                                          result.steps, result.accepted_without_steps)
         image_id = f"{self.request_id}-{index:04d}"
         origin = SyntheticOrigin(
             model_name=self.service.model_ref.name,
@@ -168,6 +168,8 @@ class GenerateJob:
             probabilities={name: round(float(p), 6) for name, p in zip(LABELS, result.probabilities)},
             satisfied=result.satisfied,
             steps=result.steps,
+            accepted_without_steps=result.accepted_without_steps,
+            candidates_scored=result.candidates_scored,
             attempts=attempts,
             media_type=MEDIA_TYPES[self.request.format],
         )
@@ -185,6 +187,8 @@ class GenerateJob:
             "probabilities": image.probabilities,
             "satisfied": image.satisfied,
             "steps": image.steps,
+            "accepted_without_steps": image.accepted_without_steps,
+            "candidates_scored": image.candidates_scored,
             "attempts": attempts,
             "format": self.request.format,
             "lco": self.options.model_dump(),

@@ -1,12 +1,34 @@
 """Latent class optimisation (LCO): steer the unconditional generator towards requested findings.
 
-For every requested image the engine draws ``candidates`` latents from the sample's own seed, scores
-them with one forward pass (generator + classifier), starts from the best, then runs Adam on ``z``
-against the masked binary cross-entropy between the classifier's logits on G(z) and the target
-labels, computed together with its gradient by ``lco_step.onnx``. After every step ``z`` is projected
-back onto the sphere of radius sqrt(latent_dim): the PGGAN generator pixel-normalises its input, so
-that sphere is where the prior puts its mass. A sample stops as soon as every constrained label is
-past its decision threshold (by ``margin`` logits), or when its step cap is reached.
+Rejection first (``LCOOptions.rejection_first``, the default): every requested image scores latents
+drawn from its own seed, in seed order, with forward passes (generator + classifier); the first that
+already meets the request at the rule LCO stops on (``satisfied`` at ``margin``) is returned with 0
+steps. Only if none does within the sample's rejection budget does LCO start, from the lowest masked
+BCE among the first ``candidates`` latents. The budget follows the request's acceptance rate under
+the bundle (service/acceptance.py: at least ``candidates``, more only where drawing is expected to
+be cheaper than LCO, at most ``max_candidates``). With ``rejection_first`` off the engine is the one
+before it: ``candidates`` latents scored at once, the best returned if it meets the request, else
+optimised.
+
+LCO runs Adam on ``z`` against the masked binary cross-entropy between the classifier's logits on
+G(z) and the target labels, computed together with its gradient by ``lco_step.onnx``. After every
+step ``z`` is projected back onto the sphere of radius sqrt(latent_dim): the PGGAN generator
+pixel-normalises its input, so that sphere is where the prior puts its mass. A sample stops as soon
+as every constrained label is past its decision threshold (by ``margin`` logits), or when its step
+cap is reached.
+
+Why the LCO start is the best of the first ``candidates`` and not of every latent scored: the start,
+and so every image that needs LCO, stays what it was before rejection first and does not move when
+the budget does (a new acceptance table, another ``max_candidates``); the quality measured in
+docs/lco-quality.md is of exactly these starts. A larger pool would buy a slightly better start for
+the few requests that get a budget beyond ``candidates`` and still find no hit in it.
+
+Fairness: a searching sample scores one chunk of ``compute_batch`` latents per round of the running
+batch, beside the one Adam step of every sample already stepping. A round thus never holds more than
+a chunk of forward passes per searching sample (a step costs several: the bundle's ``step_cost``), so
+a sample with a budget of a thousand latents cannot stall the samples stepping beside it, and no
+latent is scored past a sample's first hit beyond its chunk (none at ``compute_batch`` 1, the CPU's).
+The price is latency for a long search when the batch is busy, which is the throughput-fair share.
 
 Samples are optimised in a *running batch* (:class:`LCOBatch`): finished samples leave and waiting
 ones join between steps, so one slow sample never holds a batch hostage and a server can merge
@@ -34,6 +56,7 @@ import numpy as np
 import onnxruntime as ort
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from service.acceptance import DEFAULT_STEP_COST, AcceptanceTable, prior_rate, rejection_budget
 from service.labels import NUM_LABELS
 from service.openapi import openapi_30_nullable
 
@@ -77,6 +100,17 @@ class LCOOptions(BaseModel):
         description="a sample out of steps before reaching margin returns the earliest point of its "
         "trajectory this far past the threshold (else its best point)",
     )
+    rejection_first: bool = Field(
+        True,
+        description="score the sample's latents in seed order and return the first that meets the request at "
+        "margin, with 0 steps; LCO starts, from the best of the first `candidates`, only if none does within the "
+        "rejection budget (false: the best of `candidates` is returned or optimised at once)",
+    )
+    max_candidates: int = Field(
+        1024, ge=1, le=65536,
+        description="cap on the rejection budget, the latents a sample scores before LCO starts; within it the "
+        "budget follows how often the bundle's generator meets the request (at least `candidates`)",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -108,6 +142,8 @@ class SampleResult:
     satisfied: bool  # every constrained label on the requested side of its threshold
     steps: int  # Adam steps taken
     seed: int
+    accepted_without_steps: bool = False  # a scored latent met the request at the margin; no LCO
+    candidates_scored: int = 0  # latents scored for it (up to the accepted one, or the whole budget)
 
 
 class _ManifestLike(Protocol):
@@ -142,22 +178,34 @@ class EngineStats:
             self.step_samples += step
 
 
+class LatentStream:
+    """A sample's latents in seed order (PCG64 from ``seed`` alone), on the sphere of radius sqrt(d):
+    ``draw(k)`` gives the next k [k, latent_dim], so drawing 3 then 5 gives the first 8."""
+
+    def __init__(self, seed: int, latent_dim: int, truncation: float | None):
+        self.rng = np.random.Generator(np.random.PCG64(seed))
+        self.latent_dim = latent_dim
+        self.truncation = truncation
+
+    def draw(self, count: int) -> np.ndarray:
+        latents = np.empty((count, self.latent_dim), dtype=np.float32)
+        for row in range(count):
+            z = self.rng.standard_normal(self.latent_dim, dtype=np.float32)
+            if self.truncation is not None:
+                outside = np.abs(z) > self.truncation
+                while outside.any():
+                    z[outside] = self.rng.standard_normal(int(outside.sum()), dtype=np.float32)
+                    outside = np.abs(z) > self.truncation
+            latents[row] = z
+        return project_to_sphere(latents)
+
+
 def draw_latents(seed: int, count: int, latent_dim: int, truncation: float | None) -> np.ndarray:
     """``count`` latents [count, latent_dim] from ``seed`` alone, on the sphere of radius sqrt(d).
 
     The first latents do not depend on ``count``: one candidate is the first of eight.
     """
-    rng = np.random.Generator(np.random.PCG64(seed))
-    latents = np.empty((count, latent_dim), dtype=np.float32)
-    for row in range(count):
-        z = rng.standard_normal(latent_dim, dtype=np.float32)
-        if truncation is not None:
-            outside = np.abs(z) > truncation
-            while outside.any():
-                z[outside] = rng.standard_normal(int(outside.sum()), dtype=np.float32)
-                outside = np.abs(z) > truncation
-        latents[row] = z
-    return project_to_sphere(latents)
+    return LatentStream(seed, latent_dim, truncation).draw(count)
 
 
 def project_to_sphere(z: np.ndarray) -> np.ndarray:
@@ -263,8 +311,33 @@ class LCOEngine:
             provider_options=provider_options,
         )
         self.radius_value = self.to_device(np.array([math.sqrt(self.latent_dim)], np.float32))
+        # the bundle's acceptance table (None: the NIH prior's rates, service/acceptance.py)
+        self.acceptance: AcceptanceTable | None = getattr(bundle, "acceptance", None)
         self.stats = EngineStats()
         self.lock = threading.Lock()
+
+    def acceptance_rate(self, target: np.ndarray, mask: np.ndarray, margin: float) -> float:
+        """Share in [0, 1] of the generator's samples that meet target[14] on mask[14] at ``margin``:
+        from the bundle's acceptance table, else the request's share of the NIH label table."""
+        if self.acceptance is None:
+            return prior_rate(target, mask)
+        return self.acceptance.rate(target, mask, self.thresholds, margin)
+
+    @property
+    def step_cost(self) -> float:
+        """One lco_step evaluation in forward passes: the table's measurement, else DEFAULT_STEP_COST."""
+        return DEFAULT_STEP_COST if self.acceptance is None else self.acceptance.step_cost
+
+    def rejection_budget(self, sample: SampleRequest) -> int:
+        """Latents ``sample`` scores before LCO starts: ``candidates`` with rejection first off, else
+        ``service.acceptance.rejection_budget`` of the request's acceptance rate."""
+        options = sample.options or self.options
+        if not options.rejection_first:
+            return options.candidates
+        target = np.asarray(sample.target, np.float32).reshape(NUM_LABELS)
+        mask = np.asarray(sample.mask, np.float32).reshape(NUM_LABELS)
+        rate = self.acceptance_rate(target, mask, options.margin)
+        return rejection_budget(rate, options.steps, self.step_cost, options.candidates, options.max_candidates)
 
     def generate(self, samples: Sequence[SampleRequest]) -> list[SampleResult]:
         """Make one image per request, in order, in running batches of at most ``max_batch``."""
@@ -302,7 +375,7 @@ class LCOEngine:
                     for tag, result in batch.add([s for s, _ in joining], [t for _, t in joining]):
                         deliver(tag, result)
                 if abandoned is not None and fail is not None:
-                    leaving = [abandoned(tag) for tag in batch.rows.tags]
+                    leaving = [abandoned(tag) for tag in batch.tags]
                     if any(leaving):
                         fail(batch.discard(leaving), CancelledError("the request for this sample was cancelled"))
                 if len(batch):
@@ -313,7 +386,7 @@ class LCOEngine:
             except Exception as error:  # a failing step fails its samples, not the loop
                 if fail is None:
                     raise
-                fail(list(dict.fromkeys([*batch.rows.tags, *(t for _, t in joining)])), error)
+                fail(list(dict.fromkeys([*batch.tags, *(t for _, t in joining)])), error)
                 batch = LCOBatch(self)
 
     def warm_up(self) -> None:
@@ -322,7 +395,7 @@ class LCOEngine:
         mask = np.zeros(NUM_LABELS, np.float32)
         target[0] = mask[0] = 1.0
         # margin at its maximum keeps the samples in the batch so the step graph really runs.
-        options = LCOOptions(steps=1, candidates=2, margin=MAX_MARGIN)
+        options = LCOOptions(steps=1, candidates=2, margin=MAX_MARGIN, rejection_first=False)
         batch = LCOBatch(self)
         batch.add([SampleRequest(target, mask, seed, options) for seed in range(self.compute_batch)],
                   list(range(self.compute_batch)))
@@ -400,6 +473,7 @@ class _Rows:
 
     tags: list[Any]
     seeds: np.ndarray  # int64 [N]
+    scored: np.ndarray  # int64 [N], latents scored before LCO started
     z: np.ndarray  # [N, d]
     m: np.ndarray  # [N, d] Adam first moment
     v: np.ndarray  # [N, d] Adam second moment
@@ -420,11 +494,12 @@ class _Rows:
     best_probs: np.ndarray  # [N, 14]
 
     @classmethod
-    def start(cls, *, tags: list[Any], seeds: np.ndarray, z: np.ndarray, lr: np.ndarray, cap: np.ndarray,
-              margin: np.ndarray, fallback_margin: np.ndarray, target: np.ndarray, mask: np.ndarray) -> _Rows:
+    def start(cls, *, tags: list[Any], seeds: np.ndarray, scored: np.ndarray, z: np.ndarray, lr: np.ndarray,
+              cap: np.ndarray, margin: np.ndarray, fallback_margin: np.ndarray, target: np.ndarray,
+              mask: np.ndarray) -> _Rows:
         """Rows about to take their first step: zero Adam state, no best point yet."""
         n = len(z)
-        return cls(tags=tags, seeds=seeds, z=z, m=np.zeros_like(z), v=np.zeros_like(z), t=np.zeros(n, np.int64),
+        return cls(tags=tags, seeds=seeds, scored=scored, z=z, m=np.zeros_like(z), v=np.zeros_like(z), t=np.zeros(n, np.int64),
                    lr=lr, cap=cap, margin=margin, fallback_margin=fallback_margin, target=target, mask=mask,
                    settled=np.zeros(n, bool), best_off=np.full(n, NUM_LABELS + 1, np.int64),
                    best_loss=np.full(n, np.inf), best_z=z.copy(), best_probs=np.zeros((n, NUM_LABELS), np.float32))
@@ -432,7 +507,7 @@ class _Rows:
     @classmethod
     def empty(cls, latent_dim: int) -> _Rows:
         labels = np.zeros((0, NUM_LABELS), np.float32)
-        return cls.start(tags=[], seeds=np.zeros(0, np.int64), z=np.zeros((0, latent_dim), np.float32),
+        return cls.start(tags=[], seeds=np.zeros(0, np.int64), scored=np.zeros(0, np.int64), z=np.zeros((0, latent_dim), np.float32),
                          lr=np.zeros(0), cap=np.zeros(0, np.int64), margin=np.zeros(0, np.float32),
                          fallback_margin=np.zeros(0, np.float32), target=labels, mask=labels)
 
@@ -445,29 +520,72 @@ class _Rows:
                      **{f: np.concatenate([getattr(self, f), getattr(other, f)]) for f in _ARRAY_FIELDS})
 
 
-_ARRAY_FIELDS = ("seeds", "z", "m", "v", "t", "lr", "cap", "margin", "fallback_margin", "target", "mask",
+_ARRAY_FIELDS = ("seeds", "scored", "z", "m", "v", "t", "lr", "cap", "margin", "fallback_margin", "target", "mask",
                  "settled", "best_off", "best_loss", "best_z", "best_probs")
 _DEVICE_FIELDS = ("z", "m", "v", "target", "mask")
+
+
+@dataclass
+class _Search:
+    """A sample scoring its latents in seed order before LCO (rejection first)."""
+
+    tag: Any
+    seed: int
+    options: LCOOptions
+    target: np.ndarray  # [14]
+    mask: np.ndarray  # [14]
+    stream: LatentStream
+    budget: int  # latents it may score
+    scored: int = 0
+    # the lowest masked BCE among the first ``options.candidates`` latents: LCO's start
+    best_loss: float = math.inf
+    best_z: np.ndarray | None = None
+    best_probs: np.ndarray | None = None
 
 
 class LCOBatch:
     """A running batch: samples join with :meth:`add` and leave when :meth:`step` finishes them.
 
-    Each sample carries an opaque ``tag`` that comes back with its result. Not thread-safe on its
+    Each sample carries an opaque ``tag`` that comes back with its result. Samples with rejection
+    first search (score their latents, a chunk per round) before they step. Not thread-safe on its
     own; the engine lock serialises graph calls when several batches share one engine.
     """
 
     def __init__(self, engine: LCOEngine):
         self.engine = engine
         self.rows = _Rows.empty(engine.latent_dim)
+        self.searching: list[_Search] = []
         # Per chunk of compute_batch rows: z, m, v, target and mask on the device.
         self._device: list[dict[str, ort.OrtValue]] | None = None
 
     def __len__(self) -> int:
-        return len(self.rows.tags)
+        return len(self.rows.tags) + len(self.searching)
+
+    @property
+    def tags(self) -> list[Any]:
+        """Every sample's tag: the stepping rows', then the searching samples' (``discard``'s order)."""
+        return self.rows.tags + [search.tag for search in self.searching]
 
     def add(self, samples: Sequence[SampleRequest], tags: Sequence[Any]) -> list[tuple[Any, SampleResult]]:
-        """Start ``samples``: candidates are scored now; samples already satisfied finish at once."""
+        """Start ``samples``. Rejection-first ones join the search, scored from the next :meth:`step`;
+        the others score their ``candidates`` now, and those already satisfied finish at once."""
+        engine = self.engine
+        at_once = [(s, t) for s, t in zip(samples, tags) if not (s.options or engine.options).rejection_first]
+        for sample, tag in zip(samples, tags):
+            options = sample.options or engine.options
+            if options.rejection_first:
+                self.searching.append(_Search(
+                    tag=tag, seed=sample.seed, options=options,
+                    target=np.asarray(sample.target, np.float32).reshape(NUM_LABELS),
+                    mask=np.asarray(sample.mask, np.float32).reshape(NUM_LABELS),
+                    stream=LatentStream(sample.seed, engine.latent_dim, options.truncation),
+                    budget=engine.rejection_budget(sample)))
+        return self._add_best_of_candidates([s for s, _ in at_once], [t for _, t in at_once])
+
+    def _add_best_of_candidates(self, samples: Sequence[SampleRequest],
+                                tags: Sequence[Any]) -> list[tuple[Any, SampleResult]]:
+        """Without rejection first: score every sample's ``candidates`` at once, finish those whose best
+        (lowest masked BCE) meets the request, start the others from their best."""
         engine = self.engine
         if not samples:
             return []
@@ -487,20 +605,23 @@ class LCOBatch:
         probs = _sigmoid(logits[best])
         margins = np.array([o.margin for o in options], np.float32)
         caps = np.array([o.steps for o in options], np.int64)
-        done = satisfied(probs, targets, masks, engine.thresholds, margins) | (caps == 0) | (masks.sum(1) == 0)
+        accepted = satisfied(probs, targets, masks, engine.thresholds, margins)
+        done = accepted | (caps == 0) | (masks.sum(1) == 0)
 
         finished_rows = np.flatnonzero(done)
         finished = []
         if len(finished_rows):
             with engine.lock:
                 images = engine.render(latents[best[finished_rows]])
-            finished = [(tags[i], self._result(image, probs[i], targets[i], masks[i], 0, samples[i].seed))
+            finished = [(tags[i], self._result(image, probs[i], targets[i], masks[i], 0, samples[i].seed,
+                                               bool(accepted[i]), counts[i]))
                         for i, image in zip(finished_rows, images)]
         joining = np.flatnonzero(~done)
         if len(joining):
-            new = _Rows.start(
+            self._join(_Rows.start(
                 tags=[tags[i] for i in joining],
                 seeds=np.array([samples[i].seed for i in joining], np.int64),
+                scored=np.array([counts[i] for i in joining], np.int64),
                 z=latents[best[joining]],
                 lr=np.array([options[i].lr for i in joining], np.float64),
                 cap=caps[joining],
@@ -508,20 +629,89 @@ class LCOBatch:
                 fallback_margin=np.array([options[i].fallback_margin for i in joining], np.float32),
                 target=targets[joining],
                 mask=masks[joining],
-            )
-            self._sync_to_host()
-            self.rows = self.rows.extend(new)
+            ))
+        return finished
+
+    def _join(self, new: _Rows) -> None:
+        self._sync_to_host()
+        self.rows = self.rows.extend(new)
+
+    def _search(self) -> list[tuple[Any, SampleResult]]:
+        """One round of rejection: each searching sample scores its next chunk of up to
+        ``compute_batch`` latents. The first latent in seed order that meets the request at the margin
+        finishes its sample with 0 steps; a sample whose budget is spent starts LCO from its best of the
+        first ``candidates`` (or, with 0 steps allowed, returns it)."""
+        engine, searching = self.engine, self.searching
+        draws = [search.stream.draw(min(engine.compute_batch, search.budget - search.scored)) for search in searching]
+        latents = np.concatenate(draws)
+        with engine.lock:
+            _, logits = engine.score(latents, keep_images=False)
+        owner = np.repeat(np.arange(len(searching)), [len(d) for d in draws])
+        targets = np.stack([search.target for search in searching])[owner]
+        masks = np.stack([search.mask for search in searching])[owner]
+        margins = np.array([search.options.margin for search in searching], np.float32)[owner]
+        probs = _sigmoid(logits)
+        hits = satisfied(probs, targets, masks, engine.thresholds, margins)
+        losses = masked_bce(logits, targets, masks)
+
+        accepted: list[tuple[_Search, np.ndarray, np.ndarray, int]] = []  # search, z, probs, position
+        spent: list[_Search] = []
+        row = 0
+        for search, drawn in zip(searching, draws):
+            rows = range(row, row + len(drawn))
+            row += len(drawn)
+            hit = next((r for r in rows if hits[r]), None)
+            for r in rows if hit is None else range(rows.start, hit):
+                position = search.scored + r - rows.start
+                if position < search.options.candidates and losses[r] < search.best_loss:
+                    search.best_loss, search.best_z, search.best_probs = float(losses[r]), latents[r], probs[r]
+            if hit is not None:
+                accepted.append((search, latents[hit], probs[hit], search.scored + hit - rows.start + 1))
+                continue
+            search.scored += len(drawn)
+            if search.scored >= search.budget:
+                spent.append(search)
+
+        finished: list[tuple[Any, SampleResult]] = []
+        returned = accepted + [(search, search.best_z, search.best_probs, search.scored) for search in spent
+                               if search.options.steps == 0]
+        if returned:
+            with engine.lock:
+                images = engine.render(np.stack([z for _, z, _, _ in returned]))
+            finished = [(search.tag, self._result(image, p, search.target, search.mask, 0, search.seed,
+                                                  index < len(accepted), scored))
+                        for index, ((search, _, p, scored), image) in enumerate(zip(returned, images))]
+        starting = [search for search in spent if search.options.steps > 0]
+        if starting:
+            self._join(_Rows.start(
+                tags=[search.tag for search in starting],
+                seeds=np.array([search.seed for search in starting], np.int64),
+                scored=np.array([search.scored for search in starting], np.int64),
+                z=np.stack([search.best_z for search in starting]),
+                lr=np.array([search.options.lr for search in starting], np.float64),
+                cap=np.array([search.options.steps for search in starting], np.int64),
+                margin=np.array([search.options.margin for search in starting], np.float32),
+                fallback_margin=np.array([search.options.fallback_margin for search in starting], np.float32),
+                target=np.stack([search.target for search in starting]),
+                mask=np.stack([search.mask for search in starting]),
+            ))
+        leaving = {id(search) for search, *_ in accepted} | {id(search) for search in spent}
+        self.searching = [search for search in searching if id(search) not in leaving]
         return finished
 
     def step(self) -> list[tuple[Any, SampleResult]]:
-        """One LCO step for every sample in the batch; returns the samples that finished.
+        """One round: a chunk of rejection for every searching sample, then one LCO step for every
+        sample stepping (those whose search just ended included); returns the samples that finished."""
+        finished = self._search() if self.searching else []
+        if len(self.rows.tags):
+            finished += self._step_rows()
+        return finished
 
-        Run the step graph (loss, gradient, probabilities and image at the current z), judge each
-        sample against its margin, record its best point, and move z by Adam on the device.
-        """
-        if not len(self):
-            return []
-        engine, rows, count = self.engine, self.rows, len(self)
+    def _step_rows(self) -> list[tuple[Any, SampleResult]]:
+        """One LCO step for every stepping sample: run the step graph (loss, gradient, probabilities
+        and image at the current z), judge each sample against its margin, record its best point, and
+        move z by Adam on the device."""
+        engine, rows, count = self.engine, self.rows, len(self.rows.tags)
         device = self._upload()
         with engine.lock:
             outputs = [engine.run_step_graph(chunk) for chunk in device]
@@ -554,7 +744,7 @@ class LCOBatch:
             probs = np.where(earlier[:, None], rows.best_probs, probs)
         results = [
             (rows.tags[i], self._result(images[i], probs[i], rows.target[i], rows.mask[i], int(rows.t[i]),
-                                        int(rows.seeds[i])))
+                                        int(rows.seeds[i]), False, int(rows.scored[i])))
             for i in np.flatnonzero(finished)
         ]
         self._sync_to_host()
@@ -562,11 +752,13 @@ class LCOBatch:
         return results
 
     def discard(self, rows: Sequence[bool]) -> list[Any]:
-        """Take the marked samples out of the batch unfinished; returns their tags."""
+        """Take the samples marked in ``tags`` order out of the batch unfinished; returns their tags."""
         leaving = np.asarray(rows, bool)
-        tags = [tag for tag, gone in zip(self.rows.tags, leaving) if gone]
+        tags = [tag for tag, gone in zip(self.tags, leaving) if gone]
+        stepping = len(self.rows.tags)
         self._sync_to_host()
-        self.rows = self.rows.select(~leaving)
+        self.rows = self.rows.select(~leaving[:stepping])
+        self.searching = [search for search, gone in zip(self.searching, leaving[stepping:]) if not gone]
         return tags
 
     def _record_best_point(self, probs: np.ndarray, device: list[dict[str, ort.OrtValue]]) -> np.ndarray:
@@ -581,7 +773,7 @@ class LCOBatch:
         settles = satisfied(probs, rows.target, rows.mask, engine.thresholds, rows.fallback_margin)
         improved = ~rows.settled & (settles | (off < rows.best_off) | ((off == rows.best_off) & (loss < rows.best_loss)))
         if improved.any():
-            z_now = np.concatenate([chunk["z"].numpy() for chunk in device])[: len(self)]
+            z_now = np.concatenate([chunk["z"].numpy() for chunk in device])[: len(self.rows.tags)]
             rows.settled[improved] = settles[improved]
             rows.best_off[improved], rows.best_loss[improved] = off[improved], loss[improved]
             rows.best_z[improved], rows.best_probs[improved] = z_now[improved], probs[improved]
@@ -599,13 +791,13 @@ class LCOBatch:
     def _sync_to_host(self) -> None:
         """Bring z and the moments back to host rows before the membership changes."""
         if self._device is not None:
-            count = len(self)
+            count = len(self.rows.tags)
             for name in ("z", "m", "v"):
                 setattr(self.rows, name, np.concatenate([chunk[name].numpy() for chunk in self._device])[:count])
             self._device = None
 
     def _result(self, image: np.ndarray, probs: np.ndarray, target: np.ndarray, mask: np.ndarray, steps: int,
-                seed: int) -> SampleResult:
+                seed: int, accepted_without_steps: bool, candidates_scored: int) -> SampleResult:
         ok = bool(satisfied(probs[None], target[None], mask[None], self.engine.thresholds, 0.0)[0])
         return SampleResult(
             image=np.clip(image, -1.0, 1.0).astype(np.float32),
@@ -613,6 +805,8 @@ class LCOBatch:
             satisfied=ok,
             steps=steps,
             seed=int(seed),
+            accepted_without_steps=accepted_without_steps,
+            candidates_scored=int(candidates_scored),
         )
 
 

@@ -28,16 +28,20 @@ class ServiceMetrics:
     s3_upload_errors: Any  # Counter{code}
     lco_batch_size: Any  # Histogram
     near_copies_dropped: Any  # Counter{source}
+    accepted_without_steps: Any  # Counter{source}
     _lock: threading.Lock
     _seen: int = 0
     _satisfied: int = 0
 
-    def record_image(self, positives: list[str], constrained: bool, satisfied: bool, steps: int) -> None:
+    def record_image(self, positives: list[str], constrained: bool, satisfied: bool, steps: int,
+                     accepted_without_steps: bool) -> None:
         """Count one returned image under each requested finding ("No Finding" / "unconditional")."""
         findings = positives or [NO_FINDING if constrained else "unconditional"]
         for finding in findings:
             self.images.labels(finding=finding, satisfied=str(satisfied).lower()).inc()
         self.lco_steps.observe(steps)
+        if accepted_without_steps:
+            self.accepted_without_steps.labels(source="generate").inc()
         with self._lock:
             self._seen += 1
             self._satisfied += int(satisfied)
@@ -66,6 +70,11 @@ def create_metrics() -> ServiceMetrics:
         ),
         near_copies_dropped=prom.Counter(
             "cxrsynth_near_copies_dropped", "Images dropped as near-copies of the training set and replaced",
+            ["source"],  # "generate" or "archive"
+        ),
+        accepted_without_steps=prom.Counter(
+            "cxrsynth_lco_accepted_without_steps",
+            "Images returned as a scored latent that already met the request at the LCO margin (rejection first)",
             ["source"],  # "generate" or "archive"
         ),
         _lock=threading.Lock(),

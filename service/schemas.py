@@ -231,7 +231,13 @@ class GeneratedImage(BaseModel):
     labels: dict[str, bool] = Field(description="every constrained label and its requested value")
     probabilities: dict[str, float] = Field(description="the LCO classifier's probability for each of the 14 labels")
     satisfied: bool
-    steps: int
+    steps: int = Field(description="Adam steps LCO took on this image (0: a scored latent was returned)")
+    accepted_without_steps: bool = Field(
+        description="the image is a scored latent that already met the request at the LCO margin, returned "
+        "without LCO steps (rejection first)")
+    candidates_scored: int = Field(
+        description="latents scored for this image before it was accepted or LCO started (lco.rejection_first, "
+        "lco.max_candidates)")
     attempts: int = Field(description="1, or more when strict retried with new seeds")
     uri: str | None = Field(None, description="s3:// URI of the image when a destination was given")
     sidecar_uri: str | None = None

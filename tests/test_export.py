@@ -13,6 +13,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from service.acceptance import ACCEPTANCE_FILE
 from service.bundle import GRAPH_FILES, LCOStepOutput, SessionTuning, load_bundle, verify_bundle
 from service.labels import LABELS, NUM_LABELS
 from training.export import (
@@ -117,7 +118,7 @@ def test_manifest_records_the_training_it_came_from(ci_bundle, ci_models):
     assert list(manifest.labels) == list(LABELS)
     assert manifest.thresholds == {label: pytest.approx(float(t)) for label, t in
                                    zip(LABELS, ci_models.classifier.thresholds)}
-    assert set(manifest.files) == set(GRAPH_FILES.values())
+    assert set(manifest.files) == {*GRAPH_FILES.values(), ACCEPTANCE_FILE}  # the table: tests/test_rejection_first.py
     provenance = manifest.provenance
     assert provenance.dataset == "phantoms-nih-512-seed0" and provenance.images_shown > 0  # prior, count, seed
     assert provenance.classifier_arch == "small_cnn" and provenance.classifier_dataset.startswith("phantoms")

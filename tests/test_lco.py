@@ -223,7 +223,7 @@ def test_satisfied_respects_sides_margin_and_free_labels():
 
 
 def test_engine_reaches_targets_and_reports_every_label(bundle):
-    engine = LCOEngine(bundle, LCOOptions(steps=300, candidates=1, margin=0.5))
+    engine = LCOEngine(bundle, LCOOptions(steps=300, candidates=1, margin=0.5, rejection_first=False))
     samples = [request(positives=[i % NUM_LABELS], negatives=[(i + 5) % NUM_LABELS], seed=i) for i in range(20)]
     results = engine.generate(samples)
     assert [r.seed for r in results] == list(range(20))
@@ -387,7 +387,7 @@ def test_batcher_drops_a_running_sample_whose_future_is_cancelled(bundle, enable
     batcher = Batcher(engine, max_wait_s=0.05, enabled=enabled, on_step=on_step)
     try:
         # every label present by 4 logits is out of reach: left alone, `drop` would step 1000 times
-        keep, drop = batcher.submit([request(positives=[1], seed=1, steps=20, margin=4.0),
+        keep, drop = batcher.submit([request(positives=[1], seed=1, steps=20, margin=4.0, rejection_first=False),
                                      request(positives=list(range(NUM_LABELS)), seed=2)])
         assert first_step.wait(10)
         assert drop.running()

@@ -186,6 +186,9 @@ def test_generate_inline_is_labelled_and_reproducible(server, thresholds):
         assert image["labels"] == {"Effusion": True, "Pneumothorax": False}
         assert image["uri"] is None
         check_image(image, thresholds, resolution)
+        # rejection first: a latent accepted without steps is returned as it was scored
+        assert image["candidates_scored"] >= 1
+        assert not image["accepted_without_steps"] or (image["steps"] == 0 and image["satisfied"])
     assert response["satisfied"] == sum(image["satisfied"] for image in response["images"])
     # the same seed gives the same image, alone or with others
     status, again = call(server, "POST", "/generate", {**body, "count": 1, "seed": 2025})
@@ -258,7 +261,8 @@ def test_generate_to_s3_uploads_png_and_sidecar_per_image(server, s3_server):
         assert png["Metadata"]["seed"] == str(image["seed"])
         assert decode_png(png["Body"].read()).std() > 0
         sidecar = json.loads(client.get_object(Bucket=bucket, Key=f"runs/today/{request_id}/{index:04d}.json")["Body"].read())
-        for field in ("id", "seed", "labels", "probabilities", "satisfied", "steps", "attempts"):
+        for field in ("id", "seed", "labels", "probabilities", "satisfied", "steps", "accepted_without_steps",
+                      "candidates_scored", "attempts"):
             assert sidecar[field] == image[field], field
         assert sidecar["model"] == response["model"]
 
@@ -307,8 +311,9 @@ def test_malformed_and_oversized_bodies(server):
 
 
 def test_metrics_show_project_and_bentoml_series(server, s3_server):
-    call(server, "POST", "/generate", {"labels": ["Nodule"], "count": 2, "seed": 3})
-    call(server, "POST", "/generate", {"labels": ["Nodule"], "seed": 4, "destination": f"s3://{s3_server.new_bucket()}/m"})
+    responses = [call(server, "POST", "/generate", {"labels": ["Nodule"], "count": 2, "seed": 3})[1],
+                 call(server, "POST", "/generate", {"labels": ["Nodule"], "seed": 4,
+                                                    "destination": f"s3://{s3_server.new_bucket()}/m"})[1]]
     status, text = call(server, "GET", "/metrics")
     assert status == 200
     assert "bentoml_service_request_total" in text
@@ -318,6 +323,9 @@ def test_metrics_show_project_and_bentoml_series(server, s3_server):
     for series in ("cxrsynth_lco_steps_bucket", "cxrsynth_satisfied_ratio", "cxrsynth_s3_upload_seconds_count",
                    "cxrsynth_lco_batch_size_bucket", 'cxrsynth_s3_upload_errors_total{code="NoSuchBucket"}'):
         assert series in text, series
+    accepted = sum(image["accepted_without_steps"] for response in responses for image in response["images"])
+    assert sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith('cxrsynth_lco_accepted_without_steps_total{source="generate"}')) >= accepted
     ratio = next(float(line.split()[-1]) for line in text.splitlines() if line.startswith("cxrsynth_satisfied_ratio"))
     assert 0.0 <= ratio <= 1.0
 

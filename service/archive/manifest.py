@@ -91,6 +91,8 @@ def make_record(
     satisfied: bool,
     seed: int,
     steps: int,
+    accepted_without_steps: bool,
+    candidates_scored: int,
     model_version: str,
     image_format: str,
     png: bytes,
@@ -105,6 +107,8 @@ def make_record(
         "satisfied": bool(satisfied),
         "seed": int(seed),
         "steps": int(steps),
+        "accepted_without_steps": bool(accepted_without_steps),
+        "candidates_scored": int(candidates_scored),
         "model_version": model_version,
         "format": image_format,
         "bytes": len(png),
@@ -166,6 +170,7 @@ class LabelCounter:
         self.no_finding = 0
         self.images = 0
         self.satisfied = 0
+        self.accepted_without_steps = 0
         self.near_copies_dropped = 0
 
     def add(self, record: dict[str, Any]) -> None:
@@ -174,6 +179,7 @@ class LabelCounter:
         self.no_finding += int(not vector.any())
         self.images += 1
         self.satisfied += int(bool(record.get("satisfied")))
+        self.accepted_without_steps += int(bool(record.get("accepted_without_steps")))
         self.near_copies_dropped += int(record.get("near_copies_dropped", 0))
 
     def as_dict(self) -> dict[str, int]:
@@ -196,6 +202,7 @@ def marker_document(
         "job": job,
         "images": counter.images,
         "satisfied": counter.satisfied,
+        "accepted_without_steps": counter.accepted_without_steps,
         "near_copies_dropped": counter.near_copies_dropped,
         "image_bytes": image_bytes,
         "shards": shard_count,

@@ -94,6 +94,7 @@ class ShardReport:
     generated: int = 0
     skipped: int = 0
     satisfied: int = 0  # among generated
+    accepted_without_steps: int = 0  # among generated: a scored latent met the request, no LCO steps
     chunks_written: int = 0
     chunks_skipped: int = 0
     seconds: float = 0.0
@@ -239,6 +240,8 @@ class ShardRunner:
             satisfied=result.satisfied,
             seed=result.seed,  # the planned seed, or the retry seed of a replaced near-copy
             steps=result.steps,
+            accepted_without_steps=result.accepted_without_steps,
+            candidates_scored=result.candidates_scored,
             model_version=self.model.version,
             image_format=self.spec.image_format,
             png=png,
@@ -375,10 +378,13 @@ class ShardRunner:
                     for planned, result, copies in zip(batch, results, dropped, strict=True):
                         futures.append(uploader.submit(self._store, planned, result, copies))
                         report.satisfied += int(bool(result.satisfied))
+                        report.accepted_without_steps += int(result.accepted_without_steps)
                         report.near_copies_dropped += copies or 0
                     report.generated += len(batch)
                     bar.update(len(batch))
-                    bar.set_postfix(satisfied=f"{report.satisfied / report.generated:.0%}", refresh=False)
+                    bar.set_postfix(satisfied=f"{report.satisfied / report.generated:.0%}",
+                                    without_steps=f"{report.accepted_without_steps / report.generated:.0%}",
+                                    refresh=False)
                     if self.on_progress is not None:
                         self.on_progress(report.skipped + report.generated, report.images)
                 if cancelled:

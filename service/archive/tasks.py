@@ -138,6 +138,8 @@ class ArchiveJobs:
                 )
                 if metrics is not None and report.near_copies_dropped:
                     metrics.near_copies_dropped.labels(source="archive").inc(report.near_copies_dropped)
+                if metrics is not None and report.accepted_without_steps:
+                    metrics.accepted_without_steps.labels(source="archive").inc(report.accepted_without_steps)
                 job.done = report.images
                 marker = None
                 if request.merge and spec.shard_count == 1:

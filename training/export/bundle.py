@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from service.acceptance import ACCEPTANCE_FILE, measure_acceptance
 from service.bundle import (
     GRAPH_FILES,
     MANIFEST_NAME,
@@ -108,8 +109,13 @@ def export_bundle(
     overwrite: bool = False,
     opset: int = OPSET,
     extra_provenance: dict[str, Any] | None = None,
+    acceptance_samples: int = 0,
 ) -> Path:
     """Export ``generator`` (the EMA weights) and ``classifier`` as a bundle at ``output_dir``.
+
+    ``acceptance_samples`` > 0 adds ``acceptance.npz``: the classifier's logits on that many
+    unconditional generator samples and the measured cost of one LCO step, from which the engine sets
+    each request's rejection budget (service/acceptance.py).
 
     Returns the bundle directory. Raises :class:`ExportCheckError` (writing nothing) if ONNX Runtime
     and torch disagree, FileExistsError if ``output_dir`` exists and ``overwrite`` is False.
@@ -170,11 +176,24 @@ def export_bundle(
         }
         (staging / MANIFEST_NAME).write_bytes(seal_manifest(document))
         check_parity(staging, generator, network)
+        if acceptance_samples > 0:
+            add_acceptance_table(staging, document, acceptance_samples)
         _move_into_place(staging, output_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return output_dir
+
+
+def add_acceptance_table(staging: Path, document: dict[str, Any], samples: int) -> None:
+    """Measure the acceptance table on the staged graphs, write it and list it in the manifest."""
+    bundle = load_bundle(staging, SessionTuning(providers=("CPUExecutionProvider",)))
+    table = measure_acceptance(bundle.generator, bundle.classifier, bundle.lco_session, bundle.manifest.latent_dim,
+                               samples)
+    path = staging / ACCEPTANCE_FILE
+    path.write_bytes(table.to_bytes())
+    document["files"][ACCEPTANCE_FILE] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+    (staging / MANIFEST_NAME).write_bytes(seal_manifest(document))
 
 
 def _move_into_place(staging: Path, output_dir: Path) -> None:

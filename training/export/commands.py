@@ -1,7 +1,7 @@
 """CLI commands ``export`` and ``export-auditor`` (registered by training.cli):
 
     python -m training.cli export --generator RUN_DIR_OR_CHECKPOINT --classifier CLASSIFIER_DIR \
-        --out bundles/demo [--name cxrsynth-demo] [--version V] [--model-store]
+        --out bundles/demo [--name cxrsynth-demo] [--version V] [--acceptance-samples N] [--model-store]
     python -m training.cli export-auditor --classifier AUDITOR_DIR --out models/demo-real-auditor
 
 ``export-auditor`` writes the auditor alone for ONNX Runtime (training/export/auditor.py): it judges
@@ -19,6 +19,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from service.acceptance import DEFAULT_ACCEPTANCE_SAMPLES
 from service.bundle import BundleError
 from training.classifier.artifact import TrainedClassifier
 from training.export.bundle import ExportCheckError, GeneratorInfo, export_bundle
@@ -38,6 +39,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--name", default="cxrsynth", help="bundle name in the manifest and the model store")
     parser.add_argument("--version", help="bundle version (default: UTC time and commit)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing bundle directory")
+    parser.add_argument("--acceptance-samples", type=int, default=DEFAULT_ACCEPTANCE_SAMPLES,
+                        help="unconditional samples scored into acceptance.npz, which sets LCO's rejection "
+                        "budget per request (0: none; the engine then uses the NIH prior)")
     parser.add_argument("--model-store", action="store_true",
                         help="also save the bundle into the local BentoML model store ($BENTOML_HOME)")
     parser.set_defaults(handler=run_export)
@@ -54,6 +58,8 @@ def run_export(args: argparse.Namespace) -> int:
     from training.gan.training_loop import load_generator
     from training.runtime import latest_checkpoint, read_checkpoint
 
+    if args.acceptance_samples < 0:
+        return _fail(f"--acceptance-samples must be 0 (no table) or more, got {args.acceptance_samples}")
     checkpoint = args.generator
     if checkpoint.is_dir():
         checkpoint = latest_checkpoint(checkpoint)
@@ -68,7 +74,8 @@ def run_export(args: argparse.Namespace) -> int:
     classifier.extra.setdefault("source", str(args.classifier))
     try:
         bundle = export_bundle(generator, classifier, args.out, generator_info=info, name=args.name,
-                               version=args.version, overwrite=args.overwrite)
+                               version=args.version, overwrite=args.overwrite,
+                               acceptance_samples=args.acceptance_samples)
     except (FileExistsError, ExportCheckError, BundleError, TypeError) as error:
         return _fail(str(error))
     print(f"bundle written to {bundle}")
