@@ -91,23 +91,34 @@ class LCOOptions(BaseModel):
 class SampleRequest:
     """One image to make: target[14] and mask[14] in ``service.labels.LABELS`` order.
 
-    mask[i] = 1 constrains label i to target[i] (1 present, 0 absent); mask[i] = 0 leaves it free.
-    ``options`` overrides the engine's default options for this sample.
+    mask[i] = 1 constrains label i to target[i] (1 present, 0 absent; a value in between steers the
+    label's probability towards it); mask[i] = 0 leaves it free. ``options`` overrides the engine's
+    default options for this sample.
+
+    ``start`` [latent_dim], on the sphere, replaces the candidates: LCO starts from it (POST /edit
+    starts from an earlier image's latent), and ``pull`` adds (pull / 2) * |z - start|^2 to the loss so
+    that z stays near it. ``judged`` [14] names the labels whose side of the threshold decides
+    "satisfied" and when the sample stops (default: ``mask``); labels constrained but not judged are
+    only steered.
     """
 
     target: np.ndarray
     mask: np.ndarray
     seed: int
     options: LCOOptions | None = None
+    start: np.ndarray | None = None
+    pull: float = 0.0
+    judged: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
 class SampleResult:
     image: np.ndarray  # [H, W] float32 in [-1, 1]
     probabilities: np.ndarray  # [14] float32, classifier probabilities of the returned image
-    satisfied: bool  # every constrained label on the requested side of its threshold
+    satisfied: bool  # every judged label on the requested side of its threshold
     steps: int  # Adam steps taken
     seed: int
+    latent: np.ndarray  # [latent_dim] float32, the z of the returned image
 
 
 class _ManifestLike(Protocol):
@@ -382,7 +393,7 @@ class LCOEngine:
                  eps_hat: np.ndarray) -> None:
         """One Adam step and sphere projection of a chunk's z, m and v, in place on the device."""
         binding = self.adam.io_binding()
-        for name in ("z", "m", "v"):
+        for name in ("z", "m", "v", "anchor", "pull"):
             binding.bind_ortvalue_input(name, chunk[name])
         binding.bind_ortvalue_input("grad", grad)
         binding.bind_ortvalue_input("step_size", self.to_device(step_size))
@@ -410,6 +421,9 @@ class _Rows:
     fallback_margin: np.ndarray  # float32 [N]
     target: np.ndarray  # [N, 14]
     mask: np.ndarray  # [N, 14]
+    judged: np.ndarray  # [N, 14], the labels that decide "satisfied"
+    anchor: np.ndarray  # [N, d], the start point the proximity term pulls towards
+    pull: np.ndarray  # float32 [N, 1], the proximity weight (0: plain LCO)
     # The point returned if the sample runs out of steps: the earliest past the fallback margin
     # (``settled``), else the fewest constrained labels on the wrong side of their thresholds, then
     # the lowest loss.
@@ -421,11 +435,13 @@ class _Rows:
 
     @classmethod
     def start(cls, *, tags: list[Any], seeds: np.ndarray, z: np.ndarray, lr: np.ndarray, cap: np.ndarray,
-              margin: np.ndarray, fallback_margin: np.ndarray, target: np.ndarray, mask: np.ndarray) -> _Rows:
-        """Rows about to take their first step: zero Adam state, no best point yet."""
+              margin: np.ndarray, fallback_margin: np.ndarray, target: np.ndarray, mask: np.ndarray,
+              judged: np.ndarray, pull: np.ndarray) -> _Rows:
+        """Rows about to take their first step: zero Adam state, no best point yet, anchored where they start."""
         n = len(z)
         return cls(tags=tags, seeds=seeds, z=z, m=np.zeros_like(z), v=np.zeros_like(z), t=np.zeros(n, np.int64),
                    lr=lr, cap=cap, margin=margin, fallback_margin=fallback_margin, target=target, mask=mask,
+                   judged=judged, anchor=z.copy(), pull=pull,
                    settled=np.zeros(n, bool), best_off=np.full(n, NUM_LABELS + 1, np.int64),
                    best_loss=np.full(n, np.inf), best_z=z.copy(), best_probs=np.zeros((n, NUM_LABELS), np.float32))
 
@@ -434,7 +450,8 @@ class _Rows:
         labels = np.zeros((0, NUM_LABELS), np.float32)
         return cls.start(tags=[], seeds=np.zeros(0, np.int64), z=np.zeros((0, latent_dim), np.float32),
                          lr=np.zeros(0), cap=np.zeros(0, np.int64), margin=np.zeros(0, np.float32),
-                         fallback_margin=np.zeros(0, np.float32), target=labels, mask=labels)
+                         fallback_margin=np.zeros(0, np.float32), target=labels, mask=labels, judged=labels,
+                         pull=np.zeros((0, 1), np.float32))
 
     def select(self, keep: np.ndarray) -> _Rows:
         index = np.flatnonzero(keep)
@@ -446,8 +463,8 @@ class _Rows:
 
 
 _ARRAY_FIELDS = ("seeds", "z", "m", "v", "t", "lr", "cap", "margin", "fallback_margin", "target", "mask",
-                 "settled", "best_off", "best_loss", "best_z", "best_probs")
-_DEVICE_FIELDS = ("z", "m", "v", "target", "mask")
+                 "judged", "anchor", "pull", "settled", "best_off", "best_loss", "best_z", "best_probs")
+_DEVICE_FIELDS = ("z", "m", "v", "target", "mask", "anchor", "pull")
 
 
 class LCOBatch:
@@ -460,7 +477,7 @@ class LCOBatch:
     def __init__(self, engine: LCOEngine):
         self.engine = engine
         self.rows = _Rows.empty(engine.latent_dim)
-        # Per chunk of compute_batch rows: z, m, v, target and mask on the device.
+        # Per chunk of compute_batch rows: z, m, v, target, mask, anchor and pull on the device.
         self._device: list[dict[str, ort.OrtValue]] | None = None
 
     def __len__(self) -> int:
@@ -474,10 +491,14 @@ class LCOBatch:
         options = [s.options or engine.options for s in samples]
         targets = np.stack([np.asarray(s.target, np.float32).reshape(NUM_LABELS) for s in samples])
         masks = np.stack([np.asarray(s.mask, np.float32).reshape(NUM_LABELS) for s in samples])
-        counts = [o.candidates for o in options]
-        latents = np.concatenate(
-            [draw_latents(s.seed, k, engine.latent_dim, o.truncation) for s, k, o in zip(samples, counts, options)]
-        )
+        judged = np.stack([np.asarray(s.mask if s.judged is None else s.judged, np.float32).reshape(NUM_LABELS)
+                           for s in samples])
+        counts = [1 if s.start is not None else o.candidates for s, o in zip(samples, options)]
+        latents = np.concatenate([
+            np.asarray(s.start, np.float32).reshape(1, engine.latent_dim) if s.start is not None
+            else draw_latents(s.seed, k, engine.latent_dim, o.truncation)
+            for s, k, o in zip(samples, counts, options)
+        ])
         with engine.lock:
             _, logits = engine.score(latents, keep_images=False)
         owner = np.repeat(np.arange(len(samples)), counts)
@@ -487,14 +508,15 @@ class LCOBatch:
         probs = _sigmoid(logits[best])
         margins = np.array([o.margin for o in options], np.float32)
         caps = np.array([o.steps for o in options], np.int64)
-        done = satisfied(probs, targets, masks, engine.thresholds, margins) | (caps == 0) | (masks.sum(1) == 0)
+        done = satisfied(probs, targets, judged, engine.thresholds, margins) | (caps == 0) | (judged.sum(1) == 0)
 
         finished_rows = np.flatnonzero(done)
         finished = []
         if len(finished_rows):
             with engine.lock:
                 images = engine.render(latents[best[finished_rows]])
-            finished = [(tags[i], self._result(image, probs[i], targets[i], masks[i], 0, samples[i].seed))
+            finished = [(tags[i], self._result(image, probs[i], targets[i], judged[i], 0, samples[i].seed,
+                                               latents[best[i]]))
                         for i, image in zip(finished_rows, images)]
         joining = np.flatnonzero(~done)
         if len(joining):
@@ -508,6 +530,8 @@ class LCOBatch:
                 fallback_margin=np.array([options[i].fallback_margin for i in joining], np.float32),
                 target=targets[joining],
                 mask=masks[joining],
+                judged=judged[joining],
+                pull=np.array([[samples[i].pull] for i in joining], np.float32),
             )
             self._sync_to_host()
             self.rows = self.rows.extend(new)
@@ -527,9 +551,11 @@ class LCOBatch:
             outputs = [engine.run_step_graph(chunk) for chunk in device]
         probs = np.concatenate([p for _, p, _ in outputs])[:count]
 
-        finished_ok = satisfied(probs, rows.target, rows.mask, engine.thresholds, rows.margin)
+        finished_ok = satisfied(probs, rows.target, rows.judged, engine.thresholds, rows.margin)
         finished = finished_ok | (rows.t >= rows.cap)
         improved = self._record_best_point(probs, device)
+        # the z each finishing sample's image was made from, before Adam moves it
+        z_scored = np.concatenate([chunk["z"].numpy() for chunk in device])[:count] if finished.any() else None
 
         t_next = rows.t + 1
         correction2 = np.sqrt(1.0 - ADAM_BETA2**t_next)
@@ -552,9 +578,10 @@ class LCOBatch:
             with engine.lock:
                 images[earlier] = engine.render(rows.best_z[earlier])
             probs = np.where(earlier[:, None], rows.best_probs, probs)
+            z_scored = np.where(earlier[:, None], rows.best_z, z_scored)
         results = [
-            (rows.tags[i], self._result(images[i], probs[i], rows.target[i], rows.mask[i], int(rows.t[i]),
-                                        int(rows.seeds[i])))
+            (rows.tags[i], self._result(images[i], probs[i], rows.target[i], rows.judged[i], int(rows.t[i]),
+                                        int(rows.seeds[i]), z_scored[i]))
             for i in np.flatnonzero(finished)
         ]
         self._sync_to_host()
@@ -576,9 +603,9 @@ class LCOBatch:
         whose reduction over labels may round differently at another row of the batch.
         """
         rows, engine = self.rows, self.engine
-        off = labels_off_target(probs, rows.target, rows.mask, engine.thresholds, 0.0)
+        off = labels_off_target(probs, rows.target, rows.judged, engine.thresholds, 0.0)
         loss = masked_bce(_logit(probs), rows.target, rows.mask)
-        settles = satisfied(probs, rows.target, rows.mask, engine.thresholds, rows.fallback_margin)
+        settles = satisfied(probs, rows.target, rows.judged, engine.thresholds, rows.fallback_margin)
         improved = ~rows.settled & (settles | (off < rows.best_off) | ((off == rows.best_off) & (loss < rows.best_loss)))
         if improved.any():
             z_now = np.concatenate([chunk["z"].numpy() for chunk in device])[: len(self)]
@@ -604,15 +631,16 @@ class LCOBatch:
                 setattr(self.rows, name, np.concatenate([chunk[name].numpy() for chunk in self._device])[:count])
             self._device = None
 
-    def _result(self, image: np.ndarray, probs: np.ndarray, target: np.ndarray, mask: np.ndarray, steps: int,
-                seed: int) -> SampleResult:
-        ok = bool(satisfied(probs[None], target[None], mask[None], self.engine.thresholds, 0.0)[0])
+    def _result(self, image: np.ndarray, probs: np.ndarray, target: np.ndarray, judged: np.ndarray, steps: int,
+                seed: int, latent: np.ndarray) -> SampleResult:
+        ok = bool(satisfied(probs[None], target[None], judged[None], self.engine.thresholds, 0.0)[0])
         return SampleResult(
             image=np.clip(image, -1.0, 1.0).astype(np.float32),
             probabilities=probs.astype(np.float32),
             satisfied=ok,
             steps=steps,
             seed=int(seed),
+            latent=np.asarray(latent, np.float32).copy(),
         )
 
 

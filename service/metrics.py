@@ -28,6 +28,7 @@ class ServiceMetrics:
     s3_upload_errors: Any  # Counter{code}
     lco_batch_size: Any  # Histogram
     near_copies_dropped: Any  # Counter{source}
+    edits: Any  # Counter{outcome}
     _lock: threading.Lock
     _seen: int = 0
     _satisfied: int = 0
@@ -68,5 +69,7 @@ def create_metrics() -> ServiceMetrics:
             "cxrsynth_near_copies_dropped", "Images dropped as near-copies of the training set and replaced",
             ["source"],  # "generate" or "archive"
         ),
+        edits=prom.Counter("cxrsynth_edits", "POST /edit pairs made, by whether the edited image met the change",
+                           ["outcome"]),  # "satisfied" or "unsatisfied"
         _lock=threading.Lock(),
     )
