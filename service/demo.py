@@ -146,22 +146,22 @@ def wait_ready(process: subprocess.Popen[bytes], base_url: str, log_path: Path, 
 
 
 def contact_sheet(rows: list[tuple[str, list[tuple[Image.Image, str]]]], path: Path) -> None:
-    """One row per request: a caption column, then the images with their label (one or more lines)
-    underneath."""
+    """One row per request: a caption column, then the images (grey or colour) with their label (one or
+    more lines) underneath."""
     font = ImageFont.load_default(size=13)
     lines = max(label.count("\n") + 1 for _, tiles in rows for _, label in tiles)
     caption_width, label_height, pad = 190, 16 * lines, 6
     columns = max(len(tiles) for _, tiles in rows)
     width = caption_width + columns * (TILE + pad) + pad
     height = len(rows) * (TILE + label_height + pad) + pad
-    sheet = Image.new("L", (width, height), color=255)
+    sheet = Image.new("RGB", (width, height), color=(255, 255, 255))
     draw = ImageDraw.Draw(sheet)
     for row, (caption, tiles) in enumerate(rows):
         top = pad + row * (TILE + label_height + pad)
         draw.text((pad, top + TILE // 2 - 6), caption, fill=0, font=font)
         for column, (image, label) in enumerate(tiles):
             left = caption_width + column * (TILE + pad)
-            sheet.paste(image.convert("L").resize((TILE, TILE), Image.Resampling.NEAREST), (left, top))
+            sheet.paste(image.convert("RGB").resize((TILE, TILE), Image.Resampling.NEAREST), (left, top))
             draw.text((left, top + TILE + 2), label, fill=0, font=font)
     temporary = path.with_suffix(".tmp.png")
     sheet.save(temporary)

@@ -125,23 +125,39 @@ class LCOOptions(BaseModel):
 class SampleRequest:
     """One image to make: target[14] and mask[14] in ``service.labels.LABELS`` order.
 
-    mask[i] = 1 constrains label i to target[i] (1 present, 0 absent); mask[i] = 0 leaves it free.
-    ``options`` overrides the engine's default options for this sample.
+    mask[i] = 1 constrains label i to target[i] (1 present, 0 absent; a value in between steers the
+    label's probability towards it); mask[i] = 0 leaves it free. ``options`` overrides the engine's
+    default options for this sample.
+
+    ``start`` [latent_dim], on the sphere, replaces the candidates and the rejection search: LCO starts
+    from it (POST /edit starts from an earlier image's latent), and ``pull`` adds
+    (pull / 2) * |z - start|^2 to the loss so that z stays near it. ``judged`` [14] names the labels
+    whose side of the threshold decides "satisfied" and when the sample stops (default: ``mask``);
+    labels constrained but not judged are only steered.
     """
 
     target: np.ndarray
     mask: np.ndarray
     seed: int
     options: LCOOptions | None = None
+    start: np.ndarray | None = None
+    pull: float = 0.0
+    judged: np.ndarray | None = None
+
+    @property
+    def judged_labels(self) -> np.ndarray:
+        """[14] float32: the labels that decide "satisfied" (``judged``, else ``mask``)."""
+        return np.asarray(self.mask if self.judged is None else self.judged, np.float32).reshape(NUM_LABELS)
 
 
 @dataclass(frozen=True)
 class SampleResult:
     image: np.ndarray  # [H, W] float32 in [-1, 1]
     probabilities: np.ndarray  # [14] float32, classifier probabilities of the returned image
-    satisfied: bool  # every constrained label on the requested side of its threshold
+    satisfied: bool  # every judged label on the requested side of its threshold
     steps: int  # Adam steps taken
     seed: int
+    latent: np.ndarray  # [latent_dim] float32, the z of the returned image
     accepted_without_steps: bool = False  # a scored latent met the request at the margin; no LCO
     candidates_scored: int = 0  # latents scored for it (up to the accepted one, or the whole budget)
 
@@ -455,7 +471,7 @@ class LCOEngine:
                  eps_hat: np.ndarray) -> None:
         """One Adam step and sphere projection of a chunk's z, m and v, in place on the device."""
         binding = self.adam.io_binding()
-        for name in ("z", "m", "v"):
+        for name in ("z", "m", "v", "anchor", "pull"):
             binding.bind_ortvalue_input(name, chunk[name])
         binding.bind_ortvalue_input("grad", grad)
         binding.bind_ortvalue_input("step_size", self.to_device(step_size))
@@ -484,6 +500,9 @@ class _Rows:
     fallback_margin: np.ndarray  # float32 [N]
     target: np.ndarray  # [N, 14]
     mask: np.ndarray  # [N, 14]
+    judged: np.ndarray  # [N, 14], the labels that decide "satisfied"
+    anchor: np.ndarray  # [N, d], the start point the proximity term pulls towards
+    pull: np.ndarray  # float32 [N, 1], the proximity weight (0: plain LCO)
     # The point returned if the sample runs out of steps: the earliest past the fallback margin
     # (``settled``), else the fewest constrained labels on the wrong side of their thresholds, then
     # the lowest loss.
@@ -496,11 +515,12 @@ class _Rows:
     @classmethod
     def start(cls, *, tags: list[Any], seeds: np.ndarray, scored: np.ndarray, z: np.ndarray, lr: np.ndarray,
               cap: np.ndarray, margin: np.ndarray, fallback_margin: np.ndarray, target: np.ndarray,
-              mask: np.ndarray) -> _Rows:
-        """Rows about to take their first step: zero Adam state, no best point yet."""
+              mask: np.ndarray, judged: np.ndarray, pull: np.ndarray) -> _Rows:
+        """Rows about to take their first step: zero Adam state, no best point yet, anchored where they start."""
         n = len(z)
         return cls(tags=tags, seeds=seeds, scored=scored, z=z, m=np.zeros_like(z), v=np.zeros_like(z), t=np.zeros(n, np.int64),
                    lr=lr, cap=cap, margin=margin, fallback_margin=fallback_margin, target=target, mask=mask,
+                   judged=judged, anchor=z.copy(), pull=pull,
                    settled=np.zeros(n, bool), best_off=np.full(n, NUM_LABELS + 1, np.int64),
                    best_loss=np.full(n, np.inf), best_z=z.copy(), best_probs=np.zeros((n, NUM_LABELS), np.float32))
 
@@ -509,7 +529,8 @@ class _Rows:
         labels = np.zeros((0, NUM_LABELS), np.float32)
         return cls.start(tags=[], seeds=np.zeros(0, np.int64), scored=np.zeros(0, np.int64), z=np.zeros((0, latent_dim), np.float32),
                          lr=np.zeros(0), cap=np.zeros(0, np.int64), margin=np.zeros(0, np.float32),
-                         fallback_margin=np.zeros(0, np.float32), target=labels, mask=labels)
+                         fallback_margin=np.zeros(0, np.float32), target=labels, mask=labels, judged=labels,
+                         pull=np.zeros((0, 1), np.float32))
 
     def select(self, keep: np.ndarray) -> _Rows:
         index = np.flatnonzero(keep)
@@ -521,8 +542,8 @@ class _Rows:
 
 
 _ARRAY_FIELDS = ("seeds", "scored", "z", "m", "v", "t", "lr", "cap", "margin", "fallback_margin", "target", "mask",
-                 "settled", "best_off", "best_loss", "best_z", "best_probs")
-_DEVICE_FIELDS = ("z", "m", "v", "target", "mask")
+                 "judged", "anchor", "pull", "settled", "best_off", "best_loss", "best_z", "best_probs")
+_DEVICE_FIELDS = ("z", "m", "v", "target", "mask", "anchor", "pull")
 
 
 @dataclass
@@ -534,6 +555,7 @@ class _Search:
     options: LCOOptions
     target: np.ndarray  # [14]
     mask: np.ndarray  # [14]
+    judged: np.ndarray  # [14]
     stream: LatentStream
     budget: int  # latents it may score
     scored: int = 0
@@ -555,7 +577,7 @@ class LCOBatch:
         self.engine = engine
         self.rows = _Rows.empty(engine.latent_dim)
         self.searching: list[_Search] = []
-        # Per chunk of compute_batch rows: z, m, v, target and mask on the device.
+        # Per chunk of compute_batch rows: z, m, v, target, mask, anchor and pull on the device.
         self._device: list[dict[str, ort.OrtValue]] | None = None
 
     def __len__(self) -> int:
@@ -570,32 +592,36 @@ class LCOBatch:
         """Start ``samples``. Rejection-first ones join the search, scored from the next :meth:`step`;
         the others score their ``candidates`` now, and those already satisfied finish at once."""
         engine = self.engine
-        at_once = [(s, t) for s, t in zip(samples, tags) if not (s.options or engine.options).rejection_first]
-        for sample, tag in zip(samples, tags):
+        searches = [(s.options or engine.options).rejection_first and s.start is None for s in samples]
+        at_once = [(s, t) for s, t, search in zip(samples, tags, searches) if not search]
+        for sample, tag, search in zip(samples, tags, searches):
             options = sample.options or engine.options
-            if options.rejection_first:
+            if search:
                 self.searching.append(_Search(
                     tag=tag, seed=sample.seed, options=options,
                     target=np.asarray(sample.target, np.float32).reshape(NUM_LABELS),
-                    mask=np.asarray(sample.mask, np.float32).reshape(NUM_LABELS),
+                    mask=np.asarray(sample.mask, np.float32).reshape(NUM_LABELS), judged=sample.judged_labels,
                     stream=LatentStream(sample.seed, engine.latent_dim, options.truncation),
                     budget=engine.rejection_budget(sample)))
         return self._add_best_of_candidates([s for s, _ in at_once], [t for _, t in at_once])
 
     def _add_best_of_candidates(self, samples: Sequence[SampleRequest],
                                 tags: Sequence[Any]) -> list[tuple[Any, SampleResult]]:
-        """Without rejection first: score every sample's ``candidates`` at once, finish those whose best
-        (lowest masked BCE) meets the request, start the others from their best."""
+        """Without rejection first: score every sample's ``candidates`` (or its ``start``) at once, finish
+        those whose best (lowest masked BCE) meets the request, start the others from their best."""
         engine = self.engine
         if not samples:
             return []
         options = [s.options or engine.options for s in samples]
         targets = np.stack([np.asarray(s.target, np.float32).reshape(NUM_LABELS) for s in samples])
         masks = np.stack([np.asarray(s.mask, np.float32).reshape(NUM_LABELS) for s in samples])
-        counts = [o.candidates for o in options]
-        latents = np.concatenate(
-            [draw_latents(s.seed, k, engine.latent_dim, o.truncation) for s, k, o in zip(samples, counts, options)]
-        )
+        judged = np.stack([s.judged_labels for s in samples])
+        counts = [1 if s.start is not None else o.candidates for s, o in zip(samples, options)]
+        latents = np.concatenate([
+            np.asarray(s.start, np.float32).reshape(1, engine.latent_dim) if s.start is not None
+            else draw_latents(s.seed, k, engine.latent_dim, o.truncation)
+            for s, k, o in zip(samples, counts, options)
+        ])
         with engine.lock:
             _, logits = engine.score(latents, keep_images=False)
         owner = np.repeat(np.arange(len(samples)), counts)
@@ -605,16 +631,16 @@ class LCOBatch:
         probs = _sigmoid(logits[best])
         margins = np.array([o.margin for o in options], np.float32)
         caps = np.array([o.steps for o in options], np.int64)
-        accepted = satisfied(probs, targets, masks, engine.thresholds, margins)
-        done = accepted | (caps == 0) | (masks.sum(1) == 0)
+        accepted = satisfied(probs, targets, judged, engine.thresholds, margins)
+        done = accepted | (caps == 0) | (judged.sum(1) == 0)
 
         finished_rows = np.flatnonzero(done)
         finished = []
         if len(finished_rows):
             with engine.lock:
                 images = engine.render(latents[best[finished_rows]])
-            finished = [(tags[i], self._result(image, probs[i], targets[i], masks[i], 0, samples[i].seed,
-                                               bool(accepted[i]), counts[i]))
+            finished = [(tags[i], self._result(image, probs[i], targets[i], judged[i], 0, samples[i].seed,
+                                               bool(accepted[i]), counts[i], latents[best[i]]))
                         for i, image in zip(finished_rows, images)]
         joining = np.flatnonzero(~done)
         if len(joining):
@@ -629,6 +655,8 @@ class LCOBatch:
                 fallback_margin=np.array([options[i].fallback_margin for i in joining], np.float32),
                 target=targets[joining],
                 mask=masks[joining],
+                judged=judged[joining],
+                pull=np.array([[samples[i].pull] for i in joining], np.float32),
             ))
         return finished
 
@@ -649,9 +677,10 @@ class LCOBatch:
         owner = np.repeat(np.arange(len(searching)), [len(d) for d in draws])
         targets = np.stack([search.target for search in searching])[owner]
         masks = np.stack([search.mask for search in searching])[owner]
+        judged = np.stack([search.judged for search in searching])[owner]
         margins = np.array([search.options.margin for search in searching], np.float32)[owner]
         probs = _sigmoid(logits)
-        hits = satisfied(probs, targets, masks, engine.thresholds, margins)
+        hits = satisfied(probs, targets, judged, engine.thresholds, margins)
         losses = masked_bce(logits, targets, masks)
 
         accepted: list[tuple[_Search, np.ndarray, np.ndarray, int]] = []  # search, z, probs, position
@@ -678,9 +707,9 @@ class LCOBatch:
         if returned:
             with engine.lock:
                 images = engine.render(np.stack([z for _, z, _, _ in returned]))
-            finished = [(search.tag, self._result(image, p, search.target, search.mask, 0, search.seed,
-                                                  index < len(accepted), scored))
-                        for index, ((search, _, p, scored), image) in enumerate(zip(returned, images))]
+            finished = [(search.tag, self._result(image, p, search.target, search.judged, 0, search.seed,
+                                                  index < len(accepted), scored, z))
+                        for index, ((search, z, p, scored), image) in enumerate(zip(returned, images))]
         starting = [search for search in spent if search.options.steps > 0]
         if starting:
             self._join(_Rows.start(
@@ -694,6 +723,8 @@ class LCOBatch:
                 fallback_margin=np.array([search.options.fallback_margin for search in starting], np.float32),
                 target=np.stack([search.target for search in starting]),
                 mask=np.stack([search.mask for search in starting]),
+                judged=np.stack([search.judged for search in starting]),
+                pull=np.zeros((len(starting), 1), np.float32),
             ))
         leaving = {id(search) for search, *_ in accepted} | {id(search) for search in spent}
         self.searching = [search for search in searching if id(search) not in leaving]
@@ -717,9 +748,11 @@ class LCOBatch:
             outputs = [engine.run_step_graph(chunk) for chunk in device]
         probs = np.concatenate([p for _, p, _ in outputs])[:count]
 
-        finished_ok = satisfied(probs, rows.target, rows.mask, engine.thresholds, rows.margin)
+        finished_ok = satisfied(probs, rows.target, rows.judged, engine.thresholds, rows.margin)
         finished = finished_ok | (rows.t >= rows.cap)
         improved = self._record_best_point(probs, device)
+        # the z each finishing sample's image was made from, before Adam moves it
+        z_scored = np.concatenate([chunk["z"].numpy() for chunk in device])[:count] if finished.any() else None
 
         t_next = rows.t + 1
         correction2 = np.sqrt(1.0 - ADAM_BETA2**t_next)
@@ -742,9 +775,10 @@ class LCOBatch:
             with engine.lock:
                 images[earlier] = engine.render(rows.best_z[earlier])
             probs = np.where(earlier[:, None], rows.best_probs, probs)
+            z_scored = np.where(earlier[:, None], rows.best_z, z_scored)
         results = [
-            (rows.tags[i], self._result(images[i], probs[i], rows.target[i], rows.mask[i], int(rows.t[i]),
-                                        int(rows.seeds[i]), False, int(rows.scored[i])))
+            (rows.tags[i], self._result(images[i], probs[i], rows.target[i], rows.judged[i], int(rows.t[i]),
+                                        int(rows.seeds[i]), False, int(rows.scored[i]), z_scored[i]))
             for i in np.flatnonzero(finished)
         ]
         self._sync_to_host()
@@ -768,9 +802,9 @@ class LCOBatch:
         whose reduction over labels may round differently at another row of the batch.
         """
         rows, engine = self.rows, self.engine
-        off = labels_off_target(probs, rows.target, rows.mask, engine.thresholds, 0.0)
+        off = labels_off_target(probs, rows.target, rows.judged, engine.thresholds, 0.0)
         loss = masked_bce(_logit(probs), rows.target, rows.mask)
-        settles = satisfied(probs, rows.target, rows.mask, engine.thresholds, rows.fallback_margin)
+        settles = satisfied(probs, rows.target, rows.judged, engine.thresholds, rows.fallback_margin)
         improved = ~rows.settled & (settles | (off < rows.best_off) | ((off == rows.best_off) & (loss < rows.best_loss)))
         if improved.any():
             z_now = np.concatenate([chunk["z"].numpy() for chunk in device])[: len(self.rows.tags)]
@@ -796,15 +830,16 @@ class LCOBatch:
                 setattr(self.rows, name, np.concatenate([chunk[name].numpy() for chunk in self._device])[:count])
             self._device = None
 
-    def _result(self, image: np.ndarray, probs: np.ndarray, target: np.ndarray, mask: np.ndarray, steps: int,
-                seed: int, accepted_without_steps: bool, candidates_scored: int) -> SampleResult:
-        ok = bool(satisfied(probs[None], target[None], mask[None], self.engine.thresholds, 0.0)[0])
+    def _result(self, image: np.ndarray, probs: np.ndarray, target: np.ndarray, judged: np.ndarray, steps: int,
+                seed: int, accepted_without_steps: bool, candidates_scored: int, latent: np.ndarray) -> SampleResult:
+        ok = bool(satisfied(probs[None], target[None], judged[None], self.engine.thresholds, 0.0)[0])
         return SampleResult(
             image=np.clip(image, -1.0, 1.0).astype(np.float32),
             probabilities=probs.astype(np.float32),
             satisfied=ok,
             steps=steps,
             seed=int(seed),
+            latent=np.asarray(latent, np.float32).copy(),
             accepted_without_steps=accepted_without_steps,
             candidates_scored=int(candidates_scored),
         )

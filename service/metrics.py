@@ -29,6 +29,7 @@ class ServiceMetrics:
     lco_batch_size: Any  # Histogram
     near_copies_dropped: Any  # Counter{source}
     accepted_without_steps: Any  # Counter{source}
+    edits: Any  # Counter{outcome}
     _lock: threading.Lock
     _seen: int = 0
     _satisfied: int = 0
@@ -77,5 +78,7 @@ def create_metrics() -> ServiceMetrics:
             "Images returned as a scored latent that already met the request at the LCO margin (rejection first)",
             ["source"],  # "generate" or "archive"
         ),
+        edits=prom.Counter("cxrsynth_edits", "POST /edit pairs made, by whether the edited image met the change",
+                           ["outcome"]),  # "satisfied" or "unsatisfied"
         _lock=threading.Lock(),
     )

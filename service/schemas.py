@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from service.counterfactual import DEFAULT_PULL, MAX_PULL, EditSpec, plan_edit
 from service.image_formats import ImageFormat
 from service.labels import LABEL_INDEX, LABELS, NO_FINDING, NUM_LABELS, UnknownLabelError, parse_label
 from service.lco import LCOOptions
@@ -136,14 +138,8 @@ def resolve_labels(labels: dict[str, bool] | list[str], exclusive: bool) -> Labe
     return LabelSpec(target, mask)
 
 
-class GenerateRequest(BaseModel):
-    """POST /generate body."""
-
-    # the title names the body in validation errors ("1 validation error for POST /generate body")
-    model_config = ConfigDict(extra="forbid", strict=True, title="POST /generate body",
-                              json_schema_extra=openapi_30_nullable)
-
-    labels: dict[str, bool] | list[str] = Field(
+def _labels_field() -> Any:
+    return Field(
         default_factory=dict,
         description='{"Effusion": true, "Mass": false} or a list of present findings ["Effusion"]. Names as '
         'GET /labels lists them (any case and common aliases such as "pleural effusion" are accepted '
@@ -151,6 +147,16 @@ class GenerateRequest(BaseModel):
         examples=[{"Effusion": True, "Pneumothorax": False}],
         json_schema_extra=_labels_schema,
     )
+
+
+class GenerateRequest(BaseModel):
+    """POST /generate body."""
+
+    # the title names the body in validation errors ("1 validation error for POST /generate body")
+    model_config = ConfigDict(extra="forbid", strict=True, title="POST /generate body",
+                              json_schema_extra=openapi_30_nullable)
+
+    labels: dict[str, bool] | list[str] = _labels_field()
     exclusive: bool = Field(False, description="labels not named are absent")
     count: int = Field(1, description="images to make, 1 up to the configured maximum",
                        json_schema_extra=_count_bounds)
@@ -267,3 +273,80 @@ class LabelsResponse(BaseModel):
     labels: list[LabelInfo]
     aliases_accepted: bool = True
 
+
+
+class ImageReference(BaseModel):
+    """An earlier image, named by what made it: LCO is deterministic, so these recompute it exactly."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, title="reference image", json_schema_extra=openapi_30_nullable)
+
+    model_version: str = Field(description="the model version that made it (its response's model.version)")
+    seed: int = Field(ge=0, le=MAX_SEED, description="the image's own seed (its response's images[i].seed)")
+    labels: dict[str, bool] | list[str] = _labels_field()
+    exclusive: bool = Field(False, description="as in the request that made it")
+    lco: LCOOptions = Field(default_factory=LCOOptions, description="the LCO options of the request that made it")
+
+    @model_validator(mode="after")
+    def _labels_consistent(self) -> ImageReference:
+        resolve_labels(self.labels, self.exclusive)
+        return self
+
+    def label_spec(self) -> LabelSpec:
+        return resolve_labels(self.labels, self.exclusive)
+
+
+class LabelChange(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, title="label change")
+
+    add: list[str] = Field(default_factory=list, description="findings the edited image shows")
+    remove: list[str] = Field(default_factory=list, description="findings the edited image does not show")
+
+
+class EditRequest(BaseModel):
+    """POST /edit body."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, title="POST /edit body",
+                              json_schema_extra=openapi_30_nullable)
+
+    reference: ImageReference
+    change: LabelChange = Field(description='e.g. {"add": ["Effusion"], "remove": ["Nodule"]}')
+    proximity: float = Field(DEFAULT_PULL, ge=0.0, le=MAX_PULL, allow_inf_nan=False,
+                             description="weight of |z - z_reference|^2 / 2 in the edit's loss: higher keeps "
+                             "more of the original and changes it less")
+    lco: LCOOptions = Field(default_factory=LCOOptions, description="LCO options of the edit (steps, lr, margin)")
+    format: ImageFormat = Field("png8", description="png8, png16 or dicom, as for /generate")
+
+    @model_validator(mode="after")
+    def _change_applies(self) -> EditRequest:
+        self.edit_spec()
+        return self
+
+    def edit_spec(self) -> EditSpec:
+        """The edited constraints; ValueError (EditError) saying what to fix."""
+        reference = self.reference.label_spec()
+        return plan_edit(reference.target, reference.mask, self.change.add, self.change.remove)
+
+
+class EditedImage(BaseModel):
+    data: str = Field(description="base64 image (PNG or DICOM, see the response's media_type)")
+    labels: dict[str, bool] = Field(description="the constraints it was made to meet")
+    probabilities: dict[str, float] = Field(description="the LCO classifier's probability for each of the 14 labels")
+    auditor_probabilities: dict[str, float] | None = Field(
+        None, description="the bundle's auditor's probability for each label (none without an auditor)")
+    satisfied: bool
+    steps: int
+
+
+class EditResponse(BaseModel):
+    request_id: str
+    model: ModelRef
+    format: str
+    media_type: str
+    add: list[str]
+    remove: list[str]
+    before: EditedImage = Field(description="the reference image, made again")
+    after: EditedImage = Field(description="the edited image")
+    difference: str = Field(description="base64 RGB PNG of after - before: red brighter, blue darker, white equal")
+    difference_scale: float = Field(description="the largest |after - before| (pixel units of [-1, 1]): full colour")
+    latent_distance: float = Field(description="|z_after - z_before| (latents lie on the sphere of radius "
+                                   "sqrt(latent_dim))")

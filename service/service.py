@@ -4,6 +4,7 @@
 
 Endpoints
 - POST /generate  labels in, PNGs out (inline base64, or uploaded to s3://bucket/prefix as each is done)
+- POST /edit      an earlier image with findings added or removed: the pair and their difference
 - GET  /labels    vocabulary, decision thresholds and NIH prevalence
 - GET  /model     manifest summary of the loaded bundle
 - /livez, /readyz (ready once the bundle is loaded and a warm-up LCO step has run), /metrics
@@ -37,12 +38,13 @@ from service.archive.tasks import (
 )
 from service.batching import Batcher
 from service.bundle import Bundle, load_bundle
+from service.edit import run_edit
 from service.generate import GenerateJob, s3_error_code, s3_error_response
 from service.http import OPEN_PATHS, info_app, install_middlewares, loading_response
 from service.lco import LCOEngine, LCOOptions
 from service.metrics import ServiceMetrics, create_metrics
 from service.nearcopy import NearCopyFilter
-from service.schemas import MAX_SEED, GenerateRequest, GenerateResponse, ModelRef
+from service.schemas import MAX_SEED, EditRequest, EditResponse, GenerateRequest, GenerateResponse, ModelRef
 from service.settings import settings
 from service.sinks import S3Sink, SinkError, parse_s3_uri
 
@@ -133,6 +135,13 @@ class CXRSynth:
                 return s3_error_response(error, bucket)
         job = GenerateJob(self, request, spec, request.lco, request_id, base_seed, sink)
         return await job.run()
+
+    @bentoml.api(route="/edit")
+    async def edit(self, request: EditRequest, /) -> EditResponse:
+        """The same synthetic patient with findings added or removed (see EditRequest, service/edit.py)."""
+        if not self.ready.is_set():
+            return loading_response()
+        return await run_edit(self, request)
 
     # -- archive jobs, as BentoML tasks (logic and error handling: service/archive/tasks.py) ----------
     # Async methods: BentoML runs sync ones one at a time (threads=1), so a running job would block

@@ -31,6 +31,7 @@ from service.lco import (
     LCOEngine,
     LCOOptions,
     SampleRequest,
+    SampleResult,
     adam_graph_bytes,
     draw_latents,
     labels_off_target,
@@ -169,8 +170,12 @@ def test_adam_graph_matches_numpy_adam_with_sphere_projection():
     step_size = (lr * c2 / (1 - ADAM_BETA1**t)).astype(np.float32)[:, None]
     eps_hat = (ADAM_EPS * c2).astype(np.float32)[:, None]
     radius = np.array([math.sqrt(LATENT)], np.float32)
+    anchor = rng.standard_normal((5, LATENT)).astype(np.float32)
+    pull = np.array([[0.0], [0.5], [0.0], [2.0], [0.1]], np.float32)
     z_next, m_next, v_next = session.run(None, {"z": z, "grad": grad, "m": m, "v": v, "step_size": step_size,
-                                                "eps_hat": eps_hat, "radius": radius})
+                                                "eps_hat": eps_hat, "radius": radius, "anchor": anchor,
+                                                "pull": pull})
+    grad = grad + pull * (z - anchor)  # the proximity term's gradient
     m_ref = ADAM_BETA1 * m + (1 - ADAM_BETA1) * grad
     v_ref = ADAM_BETA2 * v + (1 - ADAM_BETA2) * grad**2
     m_hat = m_ref / (1 - ADAM_BETA1**t)[:, None]
@@ -456,3 +461,39 @@ def test_graphs_run_on_whole_chunks_of_the_compute_batch(bundle):
     assert (engine.stats.forward_samples, engine.stats.step_samples) == (16, 16)
     with pytest.raises(ValueError, match="compute_batch"):
         LCOEngine(bundle, compute_batch=0)
+
+
+def test_the_returned_latent_makes_the_returned_image(bundle):
+    engine = LCOEngine(bundle, LCOOptions(steps=60, candidates=4, margin=1.0))
+    stepped, at_once = engine.generate([request(positives=[4, 9], negatives=[0], seed=3), request(seed=4)])
+    assert stepped.steps > 0 and at_once.steps == 0
+    for result in (stepped, at_once):
+        assert result.latent.shape == (LATENT,)
+        assert np.allclose(np.linalg.norm(result.latent), math.sqrt(LATENT), rtol=1e-5)
+        assert np.array_equal(engine.render(result.latent[None])[0], result.image)
+
+
+def test_a_sample_started_from_a_latent_is_pulled_towards_it_and_judged_on_its_judged_labels(bundle):
+    engine = LCOEngine(bundle, LCOOptions(steps=100, candidates=1, margin=1.0))
+    original = engine.generate([request(negatives=[4], seed=8)])[0]
+    target = np.zeros(NUM_LABELS, np.float32)
+    target[4] = 1.0
+    judged = np.zeros(NUM_LABELS, np.float32)
+    judged[4] = 1.0
+
+    def edit(pull: float) -> SampleResult:
+        # label 4 flipped and judged; every other label steered to where the original had it
+        soft = np.where(judged > 0, target, original.probabilities).astype(np.float32)
+        return engine.generate([SampleRequest(soft, np.ones(NUM_LABELS, np.float32), 8, None,
+                                              start=original.latent, pull=pull, judged=judged)])[0]
+
+    free, pulled = edit(0.0), edit(0.1)
+    for result in (free, pulled):
+        assert result.satisfied and result.steps > 0  # judged on label 4 alone, which now reads present
+        assert result.probabilities[4] >= 0.5 > original.probabilities[4]
+    distance = [np.linalg.norm(r.latent - original.latent) for r in (free, pulled)]
+    assert distance[1] < distance[0], distance
+    # starting from a latent scores no candidates: the start itself is the sample's first point
+    untouched = engine.generate([SampleRequest(original.probabilities, np.ones(NUM_LABELS, np.float32), 8, None,
+                                               start=original.latent, judged=np.zeros(NUM_LABELS, np.float32))])[0]
+    assert untouched.steps == 0 and np.array_equal(untouched.image, original.image)

@@ -410,6 +410,62 @@ def test_every_endpoint_that_takes_a_body_refuses_form_data_with_a_415(server):
         assert "Content-Type: application/json" in response["error"], (method, path, response)
 
 
+# -- POST /edit ---------------------------------------------------------------------------------------
+def test_edit_recomputes_the_reference_and_returns_the_pair_its_difference_and_both_probabilities(server, thresholds):
+    version = call(server, "GET", "/model")[1]["version"]
+    made = {"labels": {"Effusion": False}, "seed": 77, "format": "png16"}
+    status, generated = call(server, "POST", "/generate", made)
+    assert status == 200, generated
+    reference = {"model_version": version, "seed": 77, "labels": {"Effusion": False}}
+    status, pair = call(server, "POST", "/edit", {"reference": reference, "change": {"add": ["effusion"]},
+                                                  "format": "png16"})
+    assert status == 200, pair
+    # the reference, made again from its description alone, is the image /generate returned
+    assert pair["before"]["data"] == generated["images"][0]["data"]
+    assert pair["add"] == ["Effusion"] and pair["remove"] == []
+    assert pair["before"]["labels"] == {"Effusion": False} and pair["after"]["labels"] == {"Effusion": True}
+    after = pair["after"]
+    assert after["satisfied"] == (after["probabilities"]["Effusion"] >= thresholds["Effusion"])
+    before_pixels = decode_png(base64.b64decode(pair["before"]["data"])).astype(np.float64)
+    after_pixels = decode_png(base64.b64decode(after["data"])).astype(np.float64)
+    difference = np.asarray(Image.open(io.BytesIO(base64.b64decode(pair["difference"]))))
+    assert difference.shape == (*after_pixels.shape, 3)
+    if pair["difference_scale"] > 0:  # red where brighter, blue where darker
+        brighter = (after_pixels - before_pixels) > 0.5 * 65535 * pair["difference_scale"] / 2
+        assert (difference[brighter][:, 0] >= difference[brighter][:, 2]).all()
+    assert pair["latent_distance"] >= 0 and after["auditor_probabilities"] is None
+    status, again = call(server, "POST", "/edit", {"reference": reference, "change": {"add": ["Effusion"]},
+                                                   "format": "png16"})
+    assert status == 200 and again["after"]["data"] == after["data"]  # deterministic, no server state
+
+
+@pytest.mark.parametrize(
+    "change, reference_labels, fragment",
+    [
+        ({}, {"Effusion": False}, "the change is empty"),
+        ({"add": ["Pleural Effusions?"]}, {}, "unknown label"),
+        ({"add": ["Effusion"]}, {"Effusion": True}, "already requests Effusion present"),
+        ({"remove": ["Nodule"]}, ["No Finding"], "already requests Nodule absent"),
+        ({"add": ["Mass"], "remove": ["mass"]}, {}, "named twice"),
+        ({"add": ["No Finding"]}, {}, '"No Finding" cannot be added'),
+    ],
+)
+def test_edit_refuses_a_change_that_cannot_apply_with_a_400(server, change, reference_labels, fragment):
+    version = call(server, "GET", "/model")[1]["version"]
+    body = {"reference": {"model_version": version, "seed": 1, "labels": reference_labels}, "change": change}
+    status, response = call(server, "POST", "/edit", body)
+    assert status == 400, response
+    assert fragment in message_text(response), response
+
+
+def test_edit_of_an_image_from_another_model_version_is_a_409_naming_both(server):
+    version = call(server, "GET", "/model")[1]["version"]
+    body = {"reference": {"model_version": "19990101.000000-0000000", "seed": 1}, "change": {"add": ["Mass"]}}
+    status, response = call(server, "POST", "/edit", body)
+    assert status == 409, response
+    assert "19990101.000000-0000000" in response["error"] and version in response["error"]
+
+
 # -- the OpenAPI document ----------------------------------------------------------------------------
 def generate_request_schema(server: BentoServer) -> dict:
     status, document = call(server, "GET", "/docs.json")

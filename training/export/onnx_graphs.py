@@ -85,6 +85,9 @@ def build_adam_sphere_graph() -> onnx.ModelProto:
 
     Inputs z, grad, m, v [B, d]; step_size and eps_hat [B, 1] carry each sample's bias-corrected
     learning rate (lr * sqrt(1 - b2^t) / (1 - b1^t)) and epsilon (eps * sqrt(1 - b2^t)); radius [1].
+    anchor [B, d] and pull [B, 1] add a proximity term (pull / 2) * |z - anchor|^2 to each sample's
+    loss, i.e. pull * (z - anchor) to its gradient (POST /edit keeps an edited latent near the
+    original's); pull = 0 leaves the step exactly plain Adam.
     The service ships this graph as service/data/adam_sphere_step.onnx (it needs onnxruntime only);
     this builder needs the ``onnx`` package and is what wrote that file (see tests/test_lco.py).
     """
@@ -95,11 +98,14 @@ def build_adam_sphere_graph() -> onnx.ModelProto:
         return helper.make_tensor(name, TensorProto.FLOAT, [], [value])
 
     nodes = [
+        helper.make_node("Sub", ["z", "anchor"], ["offset"]),
+        helper.make_node("Mul", ["offset", "pull"], ["proximity_grad"]),
+        helper.make_node("Add", ["grad", "proximity_grad"], ["grad_total"]),
         helper.make_node("Mul", ["m", "beta1"], ["m_decay"]),
-        helper.make_node("Mul", ["grad", "one_minus_beta1"], ["m_new_part"]),
+        helper.make_node("Mul", ["grad_total", "one_minus_beta1"], ["m_new_part"]),
         helper.make_node("Add", ["m_decay", "m_new_part"], ["m_next"]),
         helper.make_node("Mul", ["v", "beta2"], ["v_decay"]),
-        helper.make_node("Mul", ["grad", "grad"], ["grad_sq"]),
+        helper.make_node("Mul", ["grad_total", "grad_total"], ["grad_sq"]),
         helper.make_node("Mul", ["grad_sq", "one_minus_beta2"], ["v_new_part"]),
         helper.make_node("Add", ["v_decay", "v_new_part"], ["v_next"]),
         helper.make_node("Sqrt", ["v_next"], ["v_root"]),
@@ -118,7 +124,8 @@ def build_adam_sphere_graph() -> onnx.ModelProto:
         nodes,
         "adam_sphere_step",
         [tensor("z", batch, latent), tensor("grad", batch, latent), tensor("m", batch, latent),
-         tensor("v", batch, latent), tensor("step_size", batch, 1), tensor("eps_hat", batch, 1), tensor("radius", 1)],
+         tensor("v", batch, latent), tensor("step_size", batch, 1), tensor("eps_hat", batch, 1), tensor("radius", 1),
+         tensor("anchor", batch, latent), tensor("pull", batch, 1)],
         [tensor("z_next", batch, latent), tensor("m_next", batch, latent), tensor("v_next", batch, latent)],
         initializer=[
             scalar("beta1", ADAM_BETA1),

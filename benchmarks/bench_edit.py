@@ -1,0 +1,161 @@
+"""Counterfactual pairs (POST /edit) on a bundle, judged by an auditor LCO never saw.
+
+For each finding F and ``--pairs`` seeds: the reference is the request {F: absent} at that seed (what
+/generate would return), the edit adds F from the reference's latent (service/counterfactual.py, the
+code /edit runs). Per finding:
+
+- the change confirmed: the auditor sees F in the edited image (and, stricter, did not see it in the
+  reference);
+- the rest kept: every label the edit does not name stays on its side of the threshold, per pair
+  (all 13) and per label, by the auditor and by the LCO classifier;
+- closeness: SSIM of the pair (torchmetrics, Wang et al. 2004) against the SSIM of two unrelated
+  images of the same request (the references of seeds s and s + 1), and the latent distance.
+
+Writes a Markdown table and beside it a contact sheet (same name, .png): per finding three pairs as
+reference | edited | difference (red brighter, blue darker).
+
+    python -m benchmarks.bench_edit --bundle models/demo --auditor runs/demo/auditor --pairs 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torchmetrics.functional.image import structural_similarity_index_measure
+from tqdm import tqdm
+
+from service.bundle import load_bundle
+from service.counterfactual import DEFAULT_PULL, difference_png, edit_sample, plan_edit
+from service.demo import contact_sheet
+from service.labels import LABEL_INDEX, LABELS
+from service.lco import LCOEngine, LCOOptions, SampleRequest
+from service.schemas import resolve_labels
+from training.classifier.artifact import TrainedClassifier
+from training.evaluate.labels import auditor_probabilities
+
+FINDINGS = ("Atelectasis", "Cardiomegaly", "Consolidation", "Effusion", "Mass", "Nodule", "Pneumothorax", "Edema")
+SHEET_PAIRS = 3
+
+
+def ssim(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """SSIM per row of two stacks [N, H, W] in [-1, 1] (data range 2)."""
+    a, b = (torch.from_numpy(np.ascontiguousarray(x, np.float32))[:, None] for x in (first, second))
+    return structural_similarity_index_measure(a, b, data_range=2.0, reduction="none").numpy()
+
+
+def kept(before: np.ndarray, after: np.ndarray, thresholds: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """Share of pairs whose ``labels`` all stay on their side of the threshold, and share of (pair, label)
+    that do; probabilities [N, 14]."""
+    same = (before[:, labels] >= thresholds[labels]) == (after[:, labels] >= thresholds[labels])
+    return float(same.all(axis=1).mean()), float(same.mean())
+
+
+def to_tile(image: np.ndarray) -> Image.Image:
+    return Image.fromarray(np.uint8(np.round((np.clip(image, -1, 1) + 1.0) * 127.5)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_edit", description=__doc__.split("\n")[0])
+    parser.add_argument("--bundle", default="models/demo")
+    parser.add_argument("--auditor", default="runs/demo/auditor", help="auditor run or classifier directory")
+    parser.add_argument("--pairs", type=int, default=16, help="pairs per finding")
+    parser.add_argument("--findings", nargs="+", default=list(FINDINGS))
+    parser.add_argument("--proximity", type=float, default=DEFAULT_PULL, help="the edit's pull towards the reference")
+    parser.add_argument("--out", type=Path, default=Path("runs/edit-pairs.md"), help="Markdown table; the sheet goes beside it")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+    bundle = load_bundle(args.bundle)
+    engine = LCOEngine(bundle, LCOOptions())
+    auditor = TrainedClassifier.load(args.auditor)
+    rows, sheet_rows = [], []
+    started = time.perf_counter()
+    for number, finding in enumerate(tqdm(args.findings, desc="findings", unit="finding")):
+        index = LABEL_INDEX[finding]
+        reference = resolve_labels({finding: False}, exclusive=False)
+        spec = plan_edit(reference.target, reference.mask, [finding], [])
+        seeds = [5_000_000 * (number + 1) + i for i in range(args.pairs + 1)]
+        originals = engine.generate([SampleRequest(reference.target, reference.mask, seed) for seed in seeds])
+        edited = engine.generate([edit_sample(spec, original, args.proximity, None) for original in originals[:-1]])
+        before = np.stack([o.image for o in originals[:-1]])
+        after = np.stack([e.image for e in edited])
+        audit_before, audit_after = (auditor_probabilities(auditor, x[:, None]) for x in (before, after))
+        clf_before = np.stack([o.probabilities for o in originals[:-1]])
+        clf_after = np.stack([e.probabilities for e in edited])
+        others = np.array([i for i in range(len(LABELS)) if i != index])
+
+        audit_kept_pairs, audit_kept_labels = kept(audit_before, audit_after, auditor.thresholds, others)
+        clf_kept_pairs, clf_kept_labels = kept(clf_before, clf_after, engine.thresholds, others)
+        present_after = audit_after[:, index] >= auditor.thresholds[index]
+        absent_before = audit_before[:, index] < auditor.thresholds[index]
+        pair_ssim = ssim(before, after)
+        unrelated_ssim = ssim(before, np.stack([o.image for o in originals[1:]]))
+        rows.append({
+            "finding": finding,
+            "lco": float(np.mean([e.satisfied for e in edited])),
+            "confirmed": float(present_after.mean()),
+            "flipped": float((present_after & absent_before).mean()),
+            "audit_kept_pairs": float(audit_kept_pairs), "audit_kept_labels": float(audit_kept_labels),
+            "clf_kept_pairs": float(clf_kept_pairs), "clf_kept_labels": float(clf_kept_labels),
+            "pair_ssim": float(pair_ssim.mean()), "unrelated_ssim": float(unrelated_ssim.mean()),
+            "latent": float(np.mean([np.linalg.norm(e.latent - o.latent) for e, o in zip(edited, originals)])),
+            "steps": float(np.mean([e.steps for e in edited])),
+        })
+        tiles = []
+        for i in range(min(SHEET_PAIRS, args.pairs)):
+            difference, scale = difference_png(before[i], after[i])
+            tiles += [(to_tile(before[i]), f"aud {audit_before[i, index]:.2f}"),
+                      (to_tile(after[i]), f"aud {audit_after[i, index]:.2f}"),
+                      (Image.open(io.BytesIO(difference)), f"±{scale:.2f}")]
+        sheet_rows.append((f"+ {finding}", tiles))
+    elapsed = time.perf_counter() - started
+
+    manifest = bundle.manifest
+    lines = [
+        "# Counterfactual pairs",
+        "",
+        (f"Bundle `{manifest.name}` {manifest.version}; auditor `{auditor.preset}` ({auditor.spec.arch}, seed "
+         f"{auditor.seed}). {args.pairs} pairs per finding: reference {{F: absent}}, edit adds F from its latent, "
+         f"proximity {args.proximity:g}, LCO options {engine.options}. Written by `python -m benchmarks.bench_edit` "
+         f"in {elapsed:.0f} s."),
+        "",
+        ("| finding added | LCO satisfied | auditor sees it after | absent before, present after "
+         "| others kept, all 13 (auditor / LCO clf) | others kept, per label (auditor / LCO clf) "
+         "| SSIM pair | SSIM unrelated | latent distance | mean steps |"),
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['finding']} | {r['lco']:.0%} | {r['confirmed']:.0%} | {r['flipped']:.0%} "
+            f"| {r['audit_kept_pairs']:.0%} / {r['clf_kept_pairs']:.0%} "
+            f"| {r['audit_kept_labels']:.1%} / {r['clf_kept_labels']:.1%} "
+            f"| {r['pair_ssim']:.3f} | {r['unrelated_ssim']:.3f} | {r['latent']:.2f} | {r['steps']:.1f} |")
+    lines += [
+        "",
+        (f"Auditor confirms the change in ≥ 80% of pairs for {sum(r['confirmed'] >= 0.8 for r in rows)}/{len(rows)} "
+         f"findings; the labels not named stay on their side (all 13, auditor) in ≥ 90% of pairs for "
+         f"{sum(r['audit_kept_pairs'] >= 0.9 for r in rows)}/{len(rows)}."),
+        "",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(dir=args.out.parent, prefix=f".{args.out.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.replace(temporary, args.out)
+    contact_sheet(sheet_rows, args.out.with_suffix(".png"))
+    print(f"written to {args.out} and {args.out.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

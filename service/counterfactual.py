@@ -1,0 +1,114 @@
+"""Counterfactual pairs: the same synthetic patient with a finding added or removed (behind POST /edit).
+
+An earlier image is named by what made it: the bundle version, its seed, its labels and its LCO
+options. LCO is deterministic (docs/ARCHITECTURE.md, "LCO engine"), so running that request again
+gives back the image and its latent z0 without any state kept on the server. The edit then runs LCO
+from z0 towards the changed request:
+
+- the labels the change names, and the reference's own constraints, are *judged*: the edited image is
+  satisfied, and stops, when each lies past its threshold on the requested side (the usual margin);
+- every other label is steered towards the probability the classifier gave the original (a soft
+  target in the same masked BCE), so findings the edit does not name stay where they were;
+- a proximity term (pull / 2) * |z - z0|^2 keeps the latent near z0, so anatomy, position and
+  exposure stay (service/lco.py runs it in the Adam graph, on the device).
+
+Latent proximity rather than a pixel or embedding distance: the generator maps nearby latents on its
+sphere to nearby images, the term costs nothing per step, and what it keeps is measured
+(docs/lco-quality.md, "Counterfactual pairs": the pair's SSIM against two unrelated images').
+The HTTP request around it: service/edit.py.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from service.labels import LABEL_INDEX, LABELS, NO_FINDING, NUM_LABELS, UnknownLabelError, parse_label
+from service.lco import LCOOptions, SampleRequest, SampleResult
+
+# The proximity weight /edit uses unless asked otherwise (docs/lco-quality.md: how it was chosen).
+DEFAULT_PULL = 0.05
+MAX_PULL = 10.0
+
+
+class EditError(ValueError):
+    """A change that cannot be applied to its reference; the message says what to fix."""
+
+
+@dataclass(frozen=True)
+class EditSpec:
+    """The edited request's label vectors [14], in ``service.labels.LABELS`` order.
+
+    ``target``/``judged`` hold the named and the reference's constraints; every other label is left
+    to :func:`edit_sample`, which steers it towards the original's probability.
+    """
+
+    target: np.ndarray
+    judged: np.ndarray
+    add: tuple[str, ...]
+    remove: tuple[str, ...]
+
+
+def plan_edit(reference_target: np.ndarray, reference_mask: np.ndarray, add: list[str], remove: list[str]) -> EditSpec:
+    """The edited constraints: the reference's, with ``add`` present and ``remove`` absent.
+
+    Raises EditError for an empty change, an unknown or "No Finding" label, a label both added and
+    removed, one added that the reference already requests present, or one removed that it already
+    requests absent.
+    """
+    if not add and not remove:
+        raise EditError('the change is empty: name findings to "add" and/or "remove"')
+    named: dict[str, bool] = {}
+    for names, present in ((add, True), (remove, False)):
+        for raw in names:
+            try:
+                name = parse_label(raw)
+            except UnknownLabelError as error:
+                raise EditError(str(error)) from None
+            if name == NO_FINDING:
+                raise EditError('"No Finding" cannot be added or removed; remove (or add) the findings themselves')
+            if name in named:
+                raise EditError(f"{name} is named twice in the change; add or remove it once")
+            index = LABEL_INDEX[name]
+            if reference_mask[index] > 0.5 and (reference_target[index] > 0.5) == present:
+                side = "present" if present else "absent"
+                raise EditError(f"the reference already requests {name} {side}; "
+                                f"{'add' if present else 'remove'} a finding it does not")
+            named[name] = present
+    target = np.asarray(reference_target, np.float32).copy()
+    judged = np.asarray(reference_mask, np.float32).copy()
+    for name, present in named.items():
+        target[LABEL_INDEX[name]] = 1.0 if present else 0.0
+        judged[LABEL_INDEX[name]] = 1.0
+    return EditSpec(target, judged, tuple(n for n, p in named.items() if p), tuple(n for n, p in named.items() if not p))
+
+
+def edit_sample(spec: EditSpec, original: SampleResult, pull: float, options: LCOOptions | None) -> SampleRequest:
+    """The LCO sample that edits ``original``: starts at its latent, judged on ``spec``, every label the
+    edit does not judge steered towards the original's probability."""
+    target = np.where(spec.judged > 0.5, spec.target, original.probabilities).astype(np.float32)
+    return SampleRequest(target, np.ones(NUM_LABELS, np.float32), original.seed, options,
+                         start=original.latent, pull=pull, judged=spec.judged)
+
+
+def difference_png(before: np.ndarray, after: np.ndarray) -> tuple[bytes, float]:
+    """The signed difference after - before of two [H, W] images in [-1, 1] as an RGB PNG, and its scale.
+
+    Red where the edited image is brighter, blue where darker, white where equal; full colour at
+    ``scale``, the largest absolute difference (in the images' [-1, 1] units; 0 for identical images).
+    """
+    difference = np.asarray(after, np.float64) - np.asarray(before, np.float64)
+    scale = float(np.abs(difference).max())
+    t = difference / scale if scale > 0 else np.zeros_like(difference)
+    brighter, darker = np.clip(t, 0, 1), np.clip(-t, 0, 1)
+    rgb = np.stack([1 - darker, 1 - brighter - darker, 1 - brighter], axis=-1)
+    buffer = io.BytesIO()
+    Image.fromarray(np.round(np.clip(rgb, 0, 1) * 255).astype(np.uint8), "RGB").save(buffer, format="PNG")
+    return buffer.getvalue(), scale
+
+
+def probabilities_by_label(probabilities: np.ndarray) -> dict[str, float]:
+    return {name: round(float(p), 6) for name, p in zip(LABELS, probabilities)}
