@@ -464,10 +464,13 @@ def test_graphs_run_on_whole_chunks_of_the_compute_batch(bundle):
 
 
 def test_the_returned_latent_makes_the_returned_image(bundle):
-    engine = LCOEngine(bundle, LCOOptions(steps=60, candidates=4, margin=1.0))
+    engine = LCOEngine(bundle, LCOOptions(steps=60, candidates=4, margin=1.0, rejection_first=False))
     stepped, at_once = engine.generate([request(positives=[4, 9], negatives=[0], seed=3), request(seed=4)])
+    searched = LCOEngine(bundle, LCOOptions(steps=60, candidates=4, margin=1.0)).generate(
+        [request(positives=[4, 9], negatives=[0], seed=3)])[0]
     assert stepped.steps > 0 and at_once.steps == 0
-    for result in (stepped, at_once):
+    assert searched.accepted_without_steps and searched.candidates_scored > 1
+    for result in (stepped, at_once, searched):
         assert result.latent.shape == (LATENT,)
         assert np.allclose(np.linalg.norm(result.latent), math.sqrt(LATENT), rtol=1e-5)
         assert np.array_equal(engine.render(result.latent[None])[0], result.image)
