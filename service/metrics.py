@@ -28,20 +28,31 @@ class ServiceMetrics:
     s3_upload_errors: Any  # Counter{code}
     lco_batch_size: Any  # Histogram
     near_copies_dropped: Any  # Counter{source}
+    verifications: Any  # Counter{finding, verified, source}
     _lock: threading.Lock
     _seen: int = 0
     _satisfied: int = 0
 
     def record_image(self, positives: list[str], constrained: bool, satisfied: bool, steps: int) -> None:
         """Count one returned image under each requested finding ("No Finding" / "unconditional")."""
-        findings = positives or [NO_FINDING if constrained else "unconditional"]
-        for finding in findings:
+        for finding in requested_findings(positives, constrained):
             self.images.labels(finding=finding, satisfied=str(satisfied).lower()).inc()
         self.lco_steps.observe(steps)
         with self._lock:
             self._seen += 1
             self._satisfied += int(satisfied)
             self.satisfied_ratio.set(self._satisfied / self._seen)
+
+    def record_verification(self, positives: list[str], constrained: bool, verified: bool, source: str) -> None:
+        """Count one auditor verdict (service/verify.py) under each requested finding: verified, or
+        rejected (the image is made again or, past the bound, kept or dropped unverified)."""
+        for finding in requested_findings(positives, constrained):
+            self.verifications.labels(finding=finding, verified=str(verified).lower(), source=source).inc()
+
+
+def requested_findings(positives: list[str], constrained: bool) -> list[str]:
+    """The findings a request is counted under: its present ones, else "No Finding" or "unconditional"."""
+    return positives or [NO_FINDING if constrained else "unconditional"]
 
 
 def create_metrics() -> ServiceMetrics:
@@ -67,6 +78,10 @@ def create_metrics() -> ServiceMetrics:
         near_copies_dropped=prom.Counter(
             "cxrsynth_near_copies_dropped", "Images dropped as near-copies of the training set and replaced",
             ["source"],  # "generate" or "archive"
+        ),
+        verifications=prom.Counter(
+            "cxrsynth_verifications", "Auditor verdicts on LCO images by requested finding: verified=false is a "
+            "rejection", ["finding", "verified", "source"],  # source: "generate" or "archive"
         ),
         _lock=threading.Lock(),
     )
