@@ -65,14 +65,15 @@ def _near_copy_option(schema: dict) -> None:
 
 @functools.cache
 def _served_bundle_has_auditor() -> bool | None:
-    """Whether the bundle this process serves (CXRSYNTH_BUNDLE, else CXRSYNTH_MODEL_TAG) has an auditor;
-    None when it cannot be read here (the service still refuses `verify` on a bundle without one)."""
-    from service.bundle import BundleError, read_manifest, resolve_bundle_path
+    """Whether the bundle directory this process serves (CXRSYNTH_BUNDLE) has an auditor; None when
+    there is none to read here (a BentoML model tag: the service still refuses `verify` on a bundle
+    without an auditor, with a 400)."""
+    from service.bundle import BundleError, read_manifest
 
-    config = settings()
+    bundle = settings().bundle
     try:
-        return read_manifest(resolve_bundle_path(config.bundle or config.model_tag)).auditor is not None
-    except (BundleError, OSError, ImportError):
+        return None if bundle is None else read_manifest(bundle).auditor is not None
+    except (BundleError, OSError):
         return None
 
 
