@@ -81,7 +81,7 @@ def _verify_option(schema: dict) -> None:
     if _served_bundle_has_auditor() is False:
         for branch in schema.get("anyOf", [schema]):
             if branch.get("type") == "boolean":
-                branch["enum"] = [False]  # true needs an auditor this bundle does not have
+                branch["enum"] = [False, None]  # true needs an auditor this bundle does not have; null: the default
 
 
 def _destination_pattern(schema: dict) -> None:
