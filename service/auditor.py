@@ -1,9 +1,12 @@
-"""The independent auditor, read without torch: what ``training.cli export-auditor`` wrote.
+"""The independent auditor, read without torch: what ``training.cli export-auditor`` wrote, or the
+``auditor.onnx`` of a bundle (``export --auditor``).
 
 The auditor (another architecture and seed than the bundle's classifier, never used by LCO) judges
 whether an LCO image shows what was asked. Its directory holds ``classifier.onnx`` (image [B, 1, H, W]
 in [-1, 1] → logits [B, 14], embedding [B, E]) and ``auditor.json`` (thresholds, resolution,
-held-out real images; see training/export/auditor.py).
+held-out real images; see training/export/auditor.py). In a bundle the graph is ``auditor.onnx``, at
+the bundle's resolution, with its thresholds in the manifest's ``auditor`` section
+(service/bundle.py), checksummed like the other graphs; :meth:`Auditor.of_bundle` reads it.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from service.bundle import SessionTuning, sha256_file
+from service.bundle import Bundle, SessionTuning, sha256_file
 from service.labels import LABELS, NO_FINDING, parse_finding_labels
 from service.png import decode_png
 
@@ -69,6 +72,17 @@ class Auditor:
                    thresholds=np.array([meta["thresholds"][label] for label in LABELS], dtype=np.float32),
                    resolution=int(meta["resolution"]),
                    description=f"{meta['preset']} ({meta['arch']}, seed {meta['seed']})", held_out=held_out)
+
+    @classmethod
+    def of_bundle(cls, bundle: Bundle) -> Auditor | None:
+        """The auditor in ``bundle`` (its session, thresholds and the bundle's resolution), or None
+        when the bundle has none."""
+        info = bundle.manifest.auditor
+        if info is None:
+            return None
+        return cls(path=bundle.path, session=bundle.sessions["auditor"], thresholds=info.threshold_array,
+                   resolution=int(bundle.manifest.resolution),
+                   description=f"{info.preset} ({info.arch}, seed {info.seed})", held_out=[])
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """Probabilities [N, 14] for images [N, H, W] in [-1, 1] at the auditor's resolution."""

@@ -2,7 +2,10 @@
 
 A bundle is a directory (or the same files as a BentoML model) holding ``manifest.json``,
 ``generator.onnx``, ``classifier.onnx`` and ``lco_step.onnx`` (docs/ARCHITECTURE.md gives their
-inputs and outputs), and optionally ``acceptance.npz`` (service/acceptance.py). ``training.export`` writes it; this module is the only reader. It imports no
+inputs and outputs), and optionally ``auditor.onnx``: the independent auditor (its own network,
+seed and 14 thresholds, in the manifest's ``auditor`` section) that checks LCO's images and never
+steers them (service/verify.py); and optionally ``acceptance.npz`` (service/acceptance.py).
+``training.export`` writes it; this module is the only reader. It imports no
 torch: the service image carries onnxruntime, numpy and pydantic only.
 
 Nothing is loaded until everything checks out. ``verify_bundle`` validates the manifest against
@@ -47,7 +50,9 @@ GRAPH_IO = {
     "generator": (("z",), ("image",)),
     "classifier": (("image",), ("logits", "embedding")),
     "lco_step": (("z", "target", "mask"), ("loss", "grad_z", "probs", "image")),
+    "auditor": (("image",), ("logits", "embedding")),
 }
+AUDITOR_FILE = "auditor.onnx"  # optional; its inputs and outputs are the classifier's
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -116,6 +121,41 @@ class Provenance(_Strict):
     extra: dict[str, Any] = Field(default_factory=dict)
 
 
+class AuditorInfo(_Strict):
+    """The manifest's ``auditor`` section: the network in ``auditor.onnx`` and its own thresholds
+    (probabilities in (0, 1), Youden's J on the auditor's validation split), per-label AUROC on its
+    held-out split, and where it came from (preset, architecture, seed, data set)."""
+
+    thresholds: dict[str, float]
+    preset: str
+    arch: str
+    seed: int
+    dataset: str
+    auroc: dict[str, LabelMetric]
+    mean_auroc: float | None = None
+    source: str = ""
+
+    @model_validator(mode="after")
+    def _thresholds(self) -> AuditorInfo:
+        _check_thresholds(self.thresholds, "auditor.thresholds")
+        return self
+
+    @property
+    def threshold_array(self) -> np.ndarray:
+        """Per-label probability thresholds as float32 [14] in label order."""
+        return np.array([self.thresholds[label] for label in LABELS], dtype=np.float32)
+
+
+def _check_thresholds(thresholds: dict[str, float], field: str) -> None:
+    if set(thresholds) != set(LABELS):
+        missing = sorted(set(LABELS) - set(thresholds))
+        extra = sorted(set(thresholds) - set(LABELS))
+        raise ValueError(f"{field} must name every label once (missing {missing}, unknown {extra})")
+    for label, value in thresholds.items():
+        if not (math.isfinite(value) and 0.0 < value < 1.0):
+            raise ValueError(f"{field} for {label} must be a probability in (0, 1), got {value}")
+
+
 class Manifest(_Strict):
     """``manifest.json``: everything the service needs to know about a bundle."""
 
@@ -132,6 +172,7 @@ class Manifest(_Strict):
     pixel: PixelConvention
     files: dict[str, FileEntry]
     provenance: Provenance
+    auditor: AuditorInfo | None = None  # present exactly when files lists auditor.onnx
     manifest_sha256: str
 
     @field_validator("labels")
@@ -150,16 +191,13 @@ class Manifest(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> Manifest:
-        if set(self.thresholds) != set(LABELS):
-            missing = sorted(set(LABELS) - set(self.thresholds))
-            extra = sorted(set(self.thresholds) - set(LABELS))
-            raise ValueError(f"thresholds must name every label once (missing {missing}, unknown {extra})")
-        for label, value in self.thresholds.items():
-            if not (math.isfinite(value) and 0.0 < value < 1.0):
-                raise ValueError(f"threshold for {label} must be a probability in (0, 1), got {value}")
+        _check_thresholds(self.thresholds, "thresholds")
         missing_files = sorted(set(GRAPH_FILES.values()) - set(self.files))
         if missing_files:
             raise ValueError(f"files must list every graph; missing {missing_files}")
+        if (self.auditor is None) == (AUDITOR_FILE in self.files):
+            raise ValueError(f"an auditor section and a files entry for {AUDITOR_FILE} go together; "
+                             "the manifest has only one of them")
         for name in self.files:
             if name == MANIFEST_NAME or "/" in name or "\\" in name or name.startswith("."):
                 raise ValueError(f"files may only name plain files beside the manifest, got {name!r}")
@@ -352,6 +390,10 @@ class Bundle:
     def thresholds(self) -> np.ndarray:
         return self.manifest.threshold_array
 
+    @property
+    def has_auditor(self) -> bool:
+        return "auditor" in self.sessions
+
     def generate(self, z: np.ndarray) -> np.ndarray:
         """z [B, latent] → images [B, 1, H, W] in [-1, 1]."""
         return self.generator.run(["image"], {"z": self._latents(z)})[0]
@@ -411,7 +453,8 @@ def load_bundle(source: str | Path | Any, tuning: SessionTuning | None = None) -
     tuning = tuning or SessionTuning()
     providers = tuning.resolved_providers()
     sessions: dict[str, Any] = {}
-    for graph, filename in GRAPH_FILES.items():
+    graphs = {**GRAPH_FILES, **({"auditor": AUDITOR_FILE} if manifest.auditor is not None else {})}
+    for graph, filename in graphs.items():
         file = path / filename
         try:
             session = ort.InferenceSession(str(file), sess_options=tuning.session_options(), providers=providers)

@@ -11,7 +11,6 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from starlette.responses import JSONResponse
 
 from service.dicom import DicomPlacement, SyntheticOrigin, random_uid
@@ -23,6 +22,7 @@ from service.nearcopy import MAX_REPLACEMENTS, near_copy_limit_message
 from service.schemas import MAX_SEED, GeneratedImage, GenerateRequest, GenerateResponse, LabelSpec
 from service.settings import settings
 from service.sinks import S3Sink, SinkError, SinkKeyNotFound
+from service.verify import Verdict, Verifier, retry_seed
 
 if TYPE_CHECKING:
     from service.service import CXRSynth
@@ -63,18 +63,14 @@ class NearCopyLimit(RuntimeError):
     """An image stayed a near-copy of the training set through every replacement."""
 
 
-def retry_seed(seed: int, attempt: int) -> int:
-    """A fresh seed for a strict retry, derived from the image's seed and the attempt number."""
-    state = np.random.SeedSequence([seed, attempt]).generate_state(2, np.uint64)
-    return int((int(state[0]) << 11 ^ int(state[1])) % (MAX_SEED + 1))
-
-
 class GenerateJob:
     """One /generate request: its samples, strict retries, uploads, and clean-up on failure."""
 
     def __init__(self, service: CXRSynth, request: GenerateRequest, spec: LabelSpec, options: LCOOptions,
-                 request_id: str, base_seed: int, sink: S3Sink | None):
+                 request_id: str, base_seed: int, sink: S3Sink | None, verifier: Verifier | None = None):
+        """``verifier``: the bundle's auditor when this request verifies (service/verify.py), else None."""
         self.service = service
+        self.verifier = verifier
         self.request = request
         self.spec = spec
         self.options = options
@@ -112,6 +108,7 @@ class GenerateJob:
             format=self.request.format,
             exclusive=self.request.exclusive,
             satisfied=sum(image.satisfied for image in images),
+            verified=None if self.verifier is None else sum(bool(image.verified) for image in images),
             near_copies_dropped=self.near_copies_dropped,
             destination=self.sink.uri() if self.sink else None,
             images=list(images),
@@ -129,16 +126,23 @@ class GenerateJob:
     async def _image(self, index: int, seed: int, future: Any) -> GeneratedImage:
         result: SampleResult = await asyncio.wrap_future(future)
         attempts = 1
-        strict_retries = dropped = 0
+        strict_retries = verify_retries = dropped = 0
         near_copies = self.service.near_copies if self.request.drop_near_copies else None
         while True:
-            # A near-copy is replaced whatever strict says; strict retries have their own budget.
+            # A near-copy is replaced whatever strict says; strict retries and auditor rejections
+            # have budgets of their own. Past its verify budget an image is returned unverified.
+            verdict: Verdict | None = None
             if near_copies is not None and (await asyncio.to_thread(near_copies.near_copies, [result.image]))[0]:
                 dropped += 1
                 if dropped > MAX_REPLACEMENTS:
                     raise NearCopyLimit(near_copy_limit_message(seed))
             elif self.request.strict and not result.satisfied and strict_retries < self.request.retries:
                 strict_retries += 1
+            elif self.verifier is not None:
+                verdict = (await asyncio.to_thread(self.verifier.judge, [self._sample(result.seed)], [result]))[0]
+                if verdict.verified or verify_retries >= self.request.verify_retries:
+                    break
+                verify_retries += 1
             else:
                 break
             retry = self.service.batcher.submit([self._sample(retry_seed(seed, attempts))])[0]
@@ -171,6 +175,8 @@ class GenerateJob:
             accepted_without_steps=result.accepted_without_steps,
             candidates_scored=result.candidates_scored,
             attempts=attempts,
+            verified=None if verdict is None else verdict.verified,
+            auditor_probabilities=None if verdict is None else verdict.rounded(),
             media_type=MEDIA_TYPES[self.request.format],
         )
         if self.sink is None:
@@ -190,6 +196,8 @@ class GenerateJob:
             "accepted_without_steps": image.accepted_without_steps,
             "candidates_scored": image.candidates_scored,
             "attempts": attempts,
+            "verified": image.verified,
+            "auditor_probabilities": image.auditor_probabilities,
             "format": self.request.format,
             "lco": self.options.model_dump(),
             "model": self.service.model_ref.model_dump(),

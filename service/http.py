@@ -217,6 +217,12 @@ async def model_view(_: Request) -> JSONResponse:
         "latent_dim": manifest.latent_dim,
         "labels": list(manifest.labels),
         "thresholds": manifest.thresholds,
+        # the independent auditor that `verify` checks images with (service/verify.py); null: none
+        "auditor": None if manifest.auditor is None else {
+            "thresholds": manifest.auditor.thresholds, "preset": manifest.auditor.preset,
+            "arch": manifest.auditor.arch, "seed": manifest.auditor.seed, "dataset": manifest.auditor.dataset,
+            "mean_auroc": manifest.auditor.mean_auroc},
+        "verify_default": manifest.auditor is not None,
         "pixel": manifest.pixel.model_dump(),
         "provenance": {
             "dataset": provenance.dataset,

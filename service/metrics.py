@@ -30,6 +30,7 @@ class ServiceMetrics:
     near_copies_dropped: Any  # Counter{source}
     accepted_without_steps: Any  # Counter{source}
     edits: Any  # Counter{outcome}
+    verifications: Any  # Counter{finding, verified, source}
     _lock: threading.Lock
     _seen: int = 0
     _satisfied: int = 0
@@ -37,8 +38,7 @@ class ServiceMetrics:
     def record_image(self, positives: list[str], constrained: bool, satisfied: bool, steps: int,
                      accepted_without_steps: bool) -> None:
         """Count one returned image under each requested finding ("No Finding" / "unconditional")."""
-        findings = positives or [NO_FINDING if constrained else "unconditional"]
-        for finding in findings:
+        for finding in requested_findings(positives, constrained):
             self.images.labels(finding=finding, satisfied=str(satisfied).lower()).inc()
         self.lco_steps.observe(steps)
         if accepted_without_steps:
@@ -47,6 +47,17 @@ class ServiceMetrics:
             self._seen += 1
             self._satisfied += int(satisfied)
             self.satisfied_ratio.set(self._satisfied / self._seen)
+
+    def record_verification(self, positives: list[str], constrained: bool, verified: bool, source: str) -> None:
+        """Count one auditor verdict (service/verify.py) under each requested finding: verified, or
+        rejected (the image is made again or, past the bound, kept or dropped unverified)."""
+        for finding in requested_findings(positives, constrained):
+            self.verifications.labels(finding=finding, verified=str(verified).lower(), source=source).inc()
+
+
+def requested_findings(positives: list[str], constrained: bool) -> list[str]:
+    """The findings a request is counted under: its present ones, else "No Finding" or "unconditional"."""
+    return positives or [NO_FINDING if constrained else "unconditional"]
 
 
 def create_metrics() -> ServiceMetrics:
@@ -80,5 +91,9 @@ def create_metrics() -> ServiceMetrics:
         ),
         edits=prom.Counter("cxrsynth_edits", "POST /edit pairs made, by whether the edited image met the change",
                            ["outcome"]),  # "satisfied" or "unsatisfied"
+        verifications=prom.Counter(
+            "cxrsynth_verifications", "Auditor verdicts on LCO images by requested finding: verified=false is a "
+            "rejection", ["finding", "verified", "source"],  # source: "generate" or "archive"
+        ),
         _lock=threading.Lock(),
     )

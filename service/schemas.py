@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from service.counterfactual import DEFAULT_PULL, MAX_PULL, EditSpec, plan_edit
 from service.image_formats import ImageFormat
@@ -62,6 +63,27 @@ def _retries_bound(schema: dict) -> None:
 def _near_copy_option(schema: dict) -> None:
     if settings().near_copy_index is None:
         schema["enum"] = [False]  # true needs an index this service does not have
+
+
+@functools.cache
+def _served_bundle_has_auditor() -> bool | None:
+    """Whether the bundle directory this process serves (CXRSYNTH_BUNDLE) has an auditor; None when
+    there is none to read here (a BentoML model tag: the service still refuses `verify` on a bundle
+    without an auditor, with a 400)."""
+    from service.bundle import BundleError, read_manifest
+
+    bundle = settings().bundle
+    try:
+        return None if bundle is None else read_manifest(bundle).auditor is not None
+    except (BundleError, OSError):
+        return None
+
+
+def _verify_option(schema: dict) -> None:
+    if _served_bundle_has_auditor() is False:
+        for branch in schema.get("anyOf", [schema]):
+            if branch.get("type") == "boolean":
+                branch["enum"] = [False, None]  # true needs an auditor this bundle does not have; null: the default
 
 
 def _destination_pattern(schema: dict) -> None:
@@ -182,6 +204,13 @@ class GenerateRequest(BaseModel):
         json_schema_extra=_near_copy_option)
     retries: int = Field(3, ge=0, description="retries per image when strict, up to the configured maximum",
                          json_schema_extra=_retries_bound)
+    verify: bool | None = Field(
+        None, description="check each image with the bundle's independent auditor at its own thresholds and make "
+        "an image it disagrees with again from a derived seed (up to verify_retries times; past that the image "
+        "is returned with verified: false). Left out: on when the bundle has an auditor (GET /model: auditor); "
+        "true on a bundle without one is a 400", json_schema_extra=_verify_option)
+    verify_retries: int = Field(3, ge=0, description="retries per image the auditor rejects, up to the configured "
+                                "maximum (CXRSYNTH_MAX_RETRIES)", json_schema_extra=_retries_bound)
     lco: LCOOptions = Field(default_factory=LCOOptions, description="LCO options; those left out take their defaults")
 
     @field_validator("count")
@@ -192,12 +221,12 @@ class GenerateRequest(BaseModel):
             raise ValueError(f"count must be between 1 and {limit}; got {count}")
         return count
 
-    @field_validator("retries")
+    @field_validator("retries", "verify_retries")
     @classmethod
-    def _retries_in_range(cls, retries: int) -> int:
+    def _retries_in_range(cls, retries: int, info: ValidationInfo) -> int:
         limit = settings().max_retries
         if retries > limit:
-            raise ValueError(f"retries must be at most {limit}; got {retries}")
+            raise ValueError(f"{info.field_name} must be at most {limit}; got {retries}")
         return retries
 
     @field_validator("drop_near_copies")
@@ -244,7 +273,11 @@ class GeneratedImage(BaseModel):
     candidates_scored: int = Field(
         description="latents scored for this image before it was accepted or LCO started (lco.rejection_first, "
         "lco.max_candidates)")
-    attempts: int = Field(description="1, or more when strict retried with new seeds")
+    attempts: int = Field(description="1, or more when strict, verify or the near-copy filter retried with new seeds")
+    verified: bool | None = Field(None, description="the auditor agrees with every constrained label (null: the "
+                                  "request did not verify)")
+    auditor_probabilities: dict[str, float] | None = Field(
+        None, description="the auditor's probability for each of the 14 labels (null: the request did not verify)")
     uri: str | None = Field(None, description="s3:// URI of the image when a destination was given")
     sidecar_uri: str | None = None
     data: str | None = Field(None, description="base64 image (PNG or DICOM, see media_type) when no destination "
@@ -258,6 +291,7 @@ class GenerateResponse(BaseModel):
     format: str
     exclusive: bool
     satisfied: int = Field(description="how many of the images are satisfied")
+    verified: int | None = Field(None, description="how many of the images the auditor verified (null: not verified)")
     near_copies_dropped: int = Field(0, description="images dropped as near-copies of the training set and replaced")
     destination: str | None = None
     images: list[GeneratedImage]

@@ -40,13 +40,14 @@ from service.batching import Batcher
 from service.bundle import Bundle, load_bundle
 from service.edit import run_edit
 from service.generate import GenerateJob, s3_error_code, s3_error_response
-from service.http import OPEN_PATHS, info_app, install_middlewares, loading_response
+from service.http import OPEN_PATHS, error_response, info_app, install_middlewares, loading_response
 from service.lco import LCOEngine, LCOOptions
 from service.metrics import ServiceMetrics, create_metrics
 from service.nearcopy import NearCopyFilter
 from service.schemas import MAX_SEED, EditRequest, EditResponse, GenerateRequest, GenerateResponse, ModelRef
 from service.settings import settings
 from service.sinks import S3Sink, SinkError, parse_s3_uri
+from service.verify import Verifier
 
 logger = logging.getLogger("bentoml.service.cxrsynth")
 SETTINGS = settings()
@@ -77,6 +78,7 @@ class CXRSynth:
         self.engine = LCOEngine(self.bundle, LCOOptions(), max_batch=SETTINGS.max_batch,
                                 compute_batch=SETTINGS.compute_batch or None)
         self.metrics: ServiceMetrics = create_metrics()
+        self.verifier = Verifier.of_bundle(self.bundle, self.metrics, source="generate")  # None: no auditor
         self.batcher = Batcher(
             self.engine,
             max_wait_s=SETTINGS.batch_wait_ms / 1000.0,
@@ -121,6 +123,10 @@ class CXRSynth:
         """Make ``count`` chest x-rays showing the requested findings (see GenerateRequest)."""
         if not self.ready.is_set():
             return loading_response()
+        if request.verify and self.verifier is None:
+            return error_response(400, f"verify: this service's bundle ({self.model_ref.name} {self.model_ref.version}) "
+                                       "has no auditor; leave verify out or serve a bundle exported with --auditor")
+        verifier = self.verifier if request.verify is not False else None
         spec = request.label_spec()
         request_id = secrets.token_hex(8)
         base_seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1)
@@ -133,7 +139,7 @@ class CXRSynth:
             except SinkError as error:
                 self.metrics.s3_upload_errors.labels(code=s3_error_code(error)).inc()
                 return s3_error_response(error, bucket)
-        job = GenerateJob(self, request, spec, request.lco, request_id, base_seed, sink)
+        job = GenerateJob(self, request, spec, request.lco, request_id, base_seed, sink, verifier)
         return await job.run()
 
     @bentoml.api(route="/edit")

@@ -4,6 +4,8 @@
 - ``ci_models``: the `ci` PGGAN (32², the GAN's own preset) and the `ci` classifier, trained once.
 - ``ci_bundle``: those two exported by the ``export`` command into a bundle directory (read-only by
   convention: tests that damage a bundle copy it first, see ``copy_bundle``).
+- ``ci_auditor`` / ``ci_auditor_bundle``: a short `auditor-ci` run (another network, seed and phantom
+  stream than `ci`'s), and the `ci` networks exported with it as the bundle's ``auditor.onnx``.
 - ``demo_classifier`` / ``demo_auditor``: the demo LCO classifier and its independent auditor (64²).
 
 Training and export happen once per test session, whichever test asks first.
@@ -99,3 +101,26 @@ def demo_classifier(tmp_path_factory) -> TrainedClassifier:
 @pytest.fixture(scope="session")
 def demo_auditor(tmp_path_factory) -> TrainedClassifier:
     return train_preset("auditor", tmp_path_factory.mktemp("demo-auditor"))
+
+
+@pytest.fixture(scope="session")
+def ci_auditor(tmp_path_factory) -> Path:
+    """The run directory of the `auditor-ci` preset cut to a third of its images (seconds of CPU), trained
+    once: a weak auditor, which rejects enough of the ci bundle's LCO images for retries to happen."""
+    run_dir = tmp_path_factory.mktemp("ci-auditor") / "run"
+    config = get_preset("auditor-ci").override(["total_images=4000", "checkpoint_every=4000", "tick_images=2000",
+                                                "data.train_count=1000", "data.test_count=300"])
+    assert train_classifier(config, run_dir, progress=False, tensorboard=False) is not None
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def ci_auditor_bundle(ci_models, ci_auditor, tmp_path_factory) -> Path:
+    """The `ci` bundle with `auditor-ci` as its auditor, written by ``export --auditor``."""
+    out = tmp_path_factory.mktemp("ci-auditor-bundle") / "cxrsynth-ci-audited"
+    status = run_command("training.export.commands", [
+        "export", "--generator", str(ci_models.gan_run), "--classifier", str(ci_models.classifier_dir),
+        "--auditor", str(ci_auditor), "--out", str(out), "--name", "cxrsynth-ci-audited",
+    ])
+    assert status == 0
+    return out

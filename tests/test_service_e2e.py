@@ -168,6 +168,7 @@ def test_probes_model_and_labels(server, exported_bundle):
     status, model = call(server, "GET", "/model")
     manifest = json.loads((exported_bundle / "manifest.json").read_text())
     assert status == 200 and model["version"] == manifest["version"] and model["latent_dim"] == manifest["latent_dim"]
+    assert model["auditor"] is None and model["verify_default"] is False  # a bundle exported without --auditor
     status, labels = call(server, "GET", "/labels")
     names = [entry["name"] for entry in labels["labels"]]
     assert names == [*LABELS, "No Finding"]
@@ -292,6 +293,8 @@ def test_unknown_bucket_is_a_clear_404(server):
         ({"lco": {"steps": 100000}}, 400, "less than or equal to 1000"),
         ({"lco": {"lr": -1}}, 400, "greater than or equal to"),
         ({"lco": {"candidates": 1000}}, 400, "less than or equal to 64"),
+        ({"verify": True}, 400, "has no auditor"),
+        ({"verify_retries": 1000}, 400, "verify_retries must be at most"),
     ],
 )
 def test_bad_input_is_a_4xx_that_says_what_to_fix(server, body, status, fragment):

@@ -98,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--drop-near-copies", type=Path, metavar="INDEX", default=None,
                      help="replace near-copies of the training set, as the near-copy index file INDEX judges "
                           "(python -m training.evaluate.memorisation index)")
+    run.add_argument("--verify", action=argparse.BooleanOptionalAction, default=None,
+                     help="keep only images the bundle's auditor verifies, dropping those it rejects through every "
+                     "retry (default: on when the bundle has an auditor)")
+    run.add_argument("--verify-retries", type=int, default=3, help="retries per image the auditor rejects")
     run.add_argument("--upload-workers", type=int, default=4, help="0 uploads inline (no overlap)")
     run.add_argument("--max-pending", type=int, default=64, help="generated images waiting for upload, at most")
     run.add_argument("--verify-existing", action="store_true", help="re-hash committed images before skipping")
@@ -152,6 +156,8 @@ def _run(args: argparse.Namespace) -> int:
         chunk_size=args.chunk_size,
         batch_size=args.batch_size,
         drop_near_copies=args.drop_near_copies is not None,
+        verify=args.verify,
+        verify_retries=args.verify_retries,
     )
     options = RunOptions(
         upload_workers=args.upload_workers,
@@ -172,7 +178,8 @@ def _run(args: argparse.Namespace) -> int:
     result: dict[str, Any] = {"shard": report.as_dict()}
     if spec.shard_count == 1 and not args.no_merge:
         marker = merge_archive(sink, progress=options.progress)
-        result["archive"] = {k: marker[k] for k in ("images", "satisfied", "near_copies_dropped", "label_counts")}
+        result["archive"] = {k: marker[k] for k in ("images", "satisfied", "near_copies_dropped", "verification",
+                                                    "label_counts") if k in marker}
     print(json.dumps(result, indent=2))
     return 0
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from service.archive.manifest import decode_records
+from service.archive.manifest import decode_records, is_dropped
 from service.labels import LABELS, NO_FINDING, parse_finding_labels
 from service.sinks import Sink
 
@@ -35,6 +35,8 @@ def write_contact_sheet(sink: Sink, out: Path, per_row: int = 8, rows: int = 16,
     seen = 0
     for key in sink.list("manifests/"):
         for record in decode_records(sink.get(key), sink.uri(key)):
+            if is_dropped(record):
+                continue  # no image: the auditor rejected it through every retry
             label_set = record["finding_labels"]
             counts[label_set] = counts.get(label_set, 0) + 1
             if len(groups.setdefault(label_set, [])) < per_row:

@@ -116,6 +116,30 @@ def make_record(
     }
 
 
+def dropped_record(*, index: int, image_id: str, requested: dict[str, bool], target: np.ndarray, seed: int,
+                   attempts: int, verify_retries: int, auditor_probabilities: dict[str, float],
+                   model_version: str) -> dict[str, Any]:
+    """The record of an index whose image the auditor rejected through every retry: no image is stored
+    and Data_Entry.csv has no row for it; the index stays taken, so every other image keeps its key."""
+    return {
+        "id": image_id,
+        "index": index,
+        "dropped": "unverified",
+        "finding_labels": format_finding_labels(target),
+        "requested": requested,
+        "seed": int(seed),  # the last attempt's
+        "attempts": int(attempts),
+        "verify_retries": int(verify_retries),
+        "verified": False,
+        "auditor_probabilities": auditor_probabilities,
+        "model_version": model_version,
+    }
+
+
+def is_dropped(record: dict[str, Any]) -> bool:
+    return "dropped" in record
+
+
 def encode_records(records: Iterable[dict[str, Any]]) -> bytes:
     return b"".join(json.dumps(record, sort_keys=True).encode() + b"\n" for record in records)
 
@@ -129,7 +153,8 @@ def decode_records(data: bytes, where: str) -> list[dict[str, Any]]:
             record = json.loads(line)
         except json.JSONDecodeError as error:
             raise ArchiveError(f"{where}:{number}: not a JSON record ({error})") from None
-        if not isinstance(record, dict) or not {"id", "index", "image", "sha256", "bytes"} <= set(record):
+        if not isinstance(record, dict) or not {"id", "index"} <= set(record) or not (
+                is_dropped(record) or {"image", "sha256", "bytes"} <= set(record)):
             raise ArchiveError(f"{where}:{number}: record lacks id, index, image, sha256 or bytes")
         records.append(record)
     return records
@@ -172,6 +197,13 @@ class LabelCounter:
         self.satisfied = 0
         self.accepted_without_steps = 0
         self.near_copies_dropped = 0
+        self.verify_retries = 0  # auditor rejections made again, over kept and dropped images
+        self.unverified_dropped = 0
+
+    def add_dropped(self, record: dict[str, Any]) -> None:
+        """Count a dropped index's retries (its attempts, all rejected)."""
+        self.unverified_dropped += 1
+        self.verify_retries += int(record["verify_retries"])
 
     def add(self, record: dict[str, Any]) -> None:
         vector = parse_finding_labels(record["finding_labels"])
@@ -181,6 +213,7 @@ class LabelCounter:
         self.satisfied += int(bool(record.get("satisfied")))
         self.accepted_without_steps += int(bool(record.get("accepted_without_steps")))
         self.near_copies_dropped += int(record.get("near_copies_dropped", 0))
+        self.verify_retries += int(record.get("verify_retries", 0))
 
     def as_dict(self) -> dict[str, int]:
         result = {label: int(count) for label, count in zip(LABELS, self.counts)}
@@ -197,7 +230,10 @@ def marker_document(
     csv_sha256: str,
     image_bytes: int,
 ) -> dict[str, Any]:
+    verification = {"verification": {"retries": counter.verify_retries, "unverified_dropped": counter.unverified_dropped}
+                    } if "verify" in job else {}
     return {
+        **verification,
         "format": ARCHIVE_FORMAT,
         "job": job,
         "images": counter.images,

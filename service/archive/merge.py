@@ -28,6 +28,7 @@ from service.archive.manifest import (
     csv_header,
     csv_row,
     decode_records,
+    is_dropped,
     marker_document,
     sha256_hex,
 )
@@ -181,6 +182,9 @@ class _MergedRecords:
                 for number, chunk in enumerate(self.plan.chunks(shard)):
                     records = self._chunk_records(self.plan.chunk_key(shard, number), chunk)
                     for record in records:
+                        if is_dropped(record):  # no image, no row: the auditor rejected it through every retry
+                            self.counter.add_dropped(record)
+                            continue
                         self._check_image(record)
                         self.counter.add(record)
                         self._write(csv_file, csv_row(record, self.resolution))

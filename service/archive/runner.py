@@ -24,8 +24,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
-import numpy as np
-
 from service.archive.manifest import (
     JOB_KEY,
     MARKER_KEY,
@@ -34,7 +32,9 @@ from service.archive.manifest import (
     canonical_json,
     decode_records,
     describe_difference,
+    dropped_record,
     encode_records,
+    is_dropped,
     job_document,
     make_record,
     sha256_hex,
@@ -43,6 +43,7 @@ from service.archive.spec import ArchivePlan, ArchiveSpec, PlannedImage, image_k
 from service.nearcopy import MAX_REPLACEMENTS, NearCopyFilter, near_copy_limit_message
 from service.png import encode_png
 from service.sinks import S3Sink, Sink, SinkError, SinkKeyNotFound, sink_from_uri
+from service.verify import Accepted, NearCopyLimitReached, Verifier, generate_accepted
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,9 @@ class ShardReport:
     archive_complete: bool = False  # the commit marker was already there: nothing to do
     repaired: list[str] = field(default_factory=list)  # chunks found present but invalid, and redone
     near_copies_dropped: int = 0  # among generated: images replaced because they copied a training image
+    verified: int = 0  # among generated, with verify: images the auditor verified (kept)
+    verify_retries: int = 0  # among generated: images made again because the auditor rejected them
+    unverified_dropped: int = 0  # among generated: indices left without an image, rejected through every retry
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -109,14 +113,18 @@ class ShardReport:
 ProgressCallback = Callable[[int, int], None]
 
 
-def ensure_job(sink: Sink, spec: ArchiveSpec, model: ModelInfo, near_copy_index: str | None = None) -> dict[str, Any]:
+def ensure_job(sink: Sink, spec: ArchiveSpec, model: ModelInfo, near_copy_index: str | None = None,
+               verifying: bool = False) -> dict[str, Any]:
     """Write job.json, or check that the one there describes this very job (``near_copy_index``: the
-    sha256 of the index file a job that drops near-copies runs with, since another index drops others)."""
+    sha256 of the index file a job that drops near-copies runs with, since another index drops others;
+    ``verifying``: the job keeps only images the bundle's auditor verifies, with ``spec.verify_retries``)."""
     wanted = job_document(spec.identity(), model.name, model.version)
     wanted["model"]["resolution"] = model.resolution
     wanted["model"]["compute_batch"] = model.compute_batch
     if near_copy_index is not None:
         wanted["near_copy_index_sha256"] = near_copy_index
+    if verifying:  # only when on, so jobs written before verification existed still resume
+        wanted["verify"] = {"retries": spec.verify_retries}
     # The options in force, defaults included: new defaults would make different images.
     wanted["lco"] = spec.lco.model_dump()
     try:
@@ -181,7 +189,9 @@ class ShardRunner:
         cancel: threading.Event | None = None,
         on_progress: ProgressCallback | None = None,
         near_copies: NearCopyFilter | None = None,
+        metrics: Any = None,
     ):
+        """``metrics``: the service's ServiceMetrics, counting the auditor's verdicts (None: not counted)."""
         self.spec = spec
         self.plan = ArchivePlan(spec)
         self.engine = engine
@@ -195,6 +205,12 @@ class ShardRunner:
             raise ArchiveError("drop_near_copies needs the training set's near-copy index: pass --near-copy-index "
                                "PATH (or set CXRSYNTH_NEAR_COPY_INDEX for the service)")
         self.near_copies = near_copies if spec.drop_near_copies else None
+        bundle = getattr(engine, "bundle", None)
+        auditor = Verifier.of_bundle(bundle, metrics, source="archive") if bundle is not None else None
+        if spec.verify and auditor is None:
+            raise ArchiveError("verify: the bundle has no auditor; leave verify out (or false), or use a bundle "
+                               "exported with --auditor")
+        self.verifier = auditor if spec.verify is not False else None
 
     # -- resume ------------------------------------------------------------------------------
     def _stored_image_sizes(self) -> dict[str, int]:
@@ -219,6 +235,8 @@ class ShardRunner:
         if [record["index"] for record in records] != list(chunk):
             return "its records do not list exactly the chunk's images"
         for record in records:
+            if is_dropped(record):
+                continue  # no image: the auditor rejected it through every retry
             if record["image"] != image_key(record["index"]):
                 return f"record {record['id']} names {record['image']!r}"
             if stored.get(record["image"]) != record["bytes"]:
@@ -228,7 +246,16 @@ class ShardRunner:
         return None
 
     # -- generation ----------------------------------------------------------------------------
-    def _store(self, planned: PlannedImage, result: Any, near_copies_dropped: int | None = None) -> dict[str, Any]:
+    def _store(self, planned: PlannedImage, accepted: Accepted) -> dict[str, Any]:
+        """Store the image and return its record; with verify, an image the auditor still rejects is not
+        stored and its record says it was dropped."""
+        result, verdict = accepted.result, accepted.verdict
+        verify_retries = accepted.attempts - 1 - accepted.near_copies_dropped
+        if verdict is not None and not verdict.verified:
+            return dropped_record(index=planned.index, image_id=planned.id,
+                                  requested=labels_of(planned.target, planned.mask), target=planned.target,
+                                  seed=result.seed, attempts=accepted.attempts, verify_retries=verify_retries,
+                                  auditor_probabilities=verdict.rounded(), model_version=self.model.version)
         png = encode_png(result.image, self.spec.image_format)
         record = make_record(
             index=planned.index,
@@ -238,7 +265,7 @@ class ShardRunner:
             target=planned.target,
             probabilities=result.probabilities,
             satisfied=result.satisfied,
-            seed=result.seed,  # the planned seed, or the retry seed of a replaced near-copy
+            seed=result.seed,  # the planned seed, or the retry seed of a replaced or rejected image
             steps=result.steps,
             accepted_without_steps=result.accepted_without_steps,
             candidates_scored=result.candidates_scored,
@@ -246,8 +273,11 @@ class ShardRunner:
             image_format=self.spec.image_format,
             png=png,
         )
-        if near_copies_dropped is not None:
-            record["near_copies_dropped"] = near_copies_dropped
+        if self.near_copies is not None:
+            record["near_copies_dropped"] = accepted.near_copies_dropped
+        if verdict is not None:
+            record.update(attempts=accepted.attempts, verify_retries=verify_retries, verified=True,
+                          auditor_probabilities=verdict.rounded())
         metadata = {
             "sha256": record["sha256"],
             "seed": str(record["seed"]),
@@ -262,29 +292,17 @@ class ShardRunner:
 
         return [SampleRequest(p.target, p.mask, p.seed, self.lco) for p in batch]
 
-    def _replace_near_copies(self, batch: list[PlannedImage], results: list[Any]) -> tuple[list[Any], list[int | None]]:
-        """Each near-copy regenerated from the next retry seed (service.generate.retry_seed) until it is
-        none; the results and how many were dropped per image (None per image when the filter is off)."""
-        if self.near_copies is None:
-            return results, [None] * len(results)
-        from service.generate import retry_seed
-        from service.lco import SampleRequest
-
-        results = list(results)
-        dropped = [0] * len(results)
-        flagged = list(np.flatnonzero(self.near_copies.near_copies([r.image for r in results])))
-        while flagged:
-            for i in flagged:
-                dropped[i] += 1
-                if dropped[i] > MAX_REPLACEMENTS:
-                    raise ArchiveError(near_copy_limit_message(batch[i].seed))
-            retries = [SampleRequest(batch[i].target, batch[i].mask, retry_seed(batch[i].seed, dropped[i]), self.lco)
-                       for i in flagged]
-            for i, result in zip(flagged, self.engine.generate(retries), strict=True):
-                results[i] = result
-            copies = self.near_copies.near_copies([results[i].image for i in flagged])
-            flagged = [i for i, copy in zip(flagged, copies) if copy]
-        return results, dropped
+    def _accept(self, batch: list[PlannedImage]) -> list[Accepted]:
+        """The batch's images, each near-copy and each image the auditor rejects made again from the next
+        retry seed (service/verify.py); the seeds are a pure function of the planned seed and the attempt."""
+        try:
+            return generate_accepted(
+                self.engine.generate, self._requests(batch), verifier=self.verifier,
+                verify_retries=self.spec.verify_retries,
+                is_near_copy=self.near_copies.near_copies if self.near_copies is not None else None,
+                max_near_copy_replacements=MAX_REPLACEMENTS)
+        except NearCopyLimitReached as error:
+            raise ArchiveError(near_copy_limit_message(error.seed)) from None
 
     def _commit(self, uploader: _Uploader, chunk_key: str, futures: list[Future]) -> Future:
         """Once every image of a chunk is stored, write its manifest (through the pool)."""
@@ -314,7 +332,8 @@ class ShardRunner:
                 raise ArchiveError(f"the archive's batch_size is {spec.batch_size} but the LCO engine runs at most "
                                    f"{max_batch} images per batch; raise the engine's maximum batch")
             ensure_job(self.sink, spec, self.model,
-                       self.near_copies.index.sha256 if self.near_copies is not None else None)
+                       self.near_copies.index.sha256 if self.near_copies is not None else None,
+                       verifying=self.verifier is not None)
             if self.sink.exists(MARKER_KEY):
                 report.archive_complete, report.skipped = True, report.images
                 return report
@@ -373,13 +392,14 @@ class ShardRunner:
                     if uploader.error is not None:
                         raise uploader.error
                     batch = [self.plan.image(i) for i in indices]
-                    results = self.engine.generate(self._requests(batch))
-                    results, dropped = self._replace_near_copies(batch, results)
-                    for planned, result, copies in zip(batch, results, dropped, strict=True):
-                        futures.append(uploader.submit(self._store, planned, result, copies))
-                        report.satisfied += int(bool(result.satisfied))
-                        report.accepted_without_steps += int(result.accepted_without_steps)
-                        report.near_copies_dropped += copies or 0
+                    for planned, accepted in zip(batch, self._accept(batch), strict=True):
+                        futures.append(uploader.submit(self._store, planned, accepted))
+                        report.satisfied += int(bool(accepted.result.satisfied))
+                        report.accepted_without_steps += int(accepted.result.accepted_without_steps)
+                        report.near_copies_dropped += accepted.near_copies_dropped
+                        report.verify_retries += accepted.attempts - 1 - accepted.near_copies_dropped
+                        report.verified += int(bool(accepted.verified))
+                        report.unverified_dropped += int(accepted.verified is False)
                     report.generated += len(batch)
                     bar.update(len(batch))
                     bar.set_postfix(satisfied=f"{report.satisfied / report.generated:.0%}",

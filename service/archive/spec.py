@@ -31,6 +31,7 @@ MAX_COUNT = 100_000_000
 MAX_SEED = 2**63 - 1
 MAX_BATCH_SIZE = 256
 DEFAULT_BATCH_SIZE = 16
+MAX_VERIFY_RETRIES = 16
 # Independent random streams per index (SeedSequence spawn keys): one for labels, one for LCO.
 _LABEL_STREAM = 1
 _IMAGE_STREAM = 2
@@ -91,6 +92,12 @@ class ArchiveSpec(BaseModel):
         False, description="replace images that nearly copy a training image (the near-copy index: "
         "service/nearcopy.py) by images of the next retry seed; the count dropped goes in _COMPLETE.json",
     )
+    verify: bool | None = Field(
+        None, description="keep only images the bundle's auditor verifies (service/verify.py): one it rejects is "
+        "made again from the next retry seed, up to verify_retries times, then dropped (no image, a record marked "
+        "dropped). Left out: on when the bundle has an auditor; true on a bundle without one is an error",
+    )
+    verify_retries: int = Field(3, ge=0, le=MAX_VERIFY_RETRIES, description="retries per image the auditor rejects")
     batch_size: int | None = Field(
         None, ge=1, le=MAX_BATCH_SIZE,
         description="images handed to the LCO engine at once, a divisor of chunk_size "
@@ -134,7 +141,9 @@ class ArchiveSpec(BaseModel):
         """The fields that determine the archive's content (shared by all shards, any destination), less the
         LCO options, which job.json records in a section of their own."""
         # drop_near_copies only when on, so jobs written before the option existed still resume
-        unchanged = {"shard_index", "destination", "lco"} | (set() if self.drop_near_copies else {"drop_near_copies"})
+        # verify and verify_retries go in a section of their own (the effective verify depends on the bundle)
+        unchanged = ({"shard_index", "destination", "lco", "verify", "verify_retries"}
+                     | (set() if self.drop_near_copies else {"drop_near_copies"}))
         return self.model_dump(mode="json", exclude=unchanged)
 
 

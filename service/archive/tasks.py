@@ -52,6 +52,9 @@ class ArchiveTaskResult(BaseModel):
     skipped: int
     satisfied: int
     near_copies_dropped: int = 0
+    verified: int = 0  # with verify: images the auditor verified
+    verify_retries: int = 0  # images made again because the auditor rejected them
+    unverified_dropped: int = 0  # indices left without an image: rejected through every retry
     seconds: float
     committed: bool  # the archive's commit marker is written
     label_counts: dict[str, int] | None = None
@@ -112,7 +115,7 @@ class ArchiveJobs:
             near_copies: Any = None, metrics: Any = None) -> ArchiveTaskResult:
         """Run the job to the end; raise :class:`ArchiveTaskFailed` saying why when it cannot.
         ``near_copies``: the service's NearCopyFilter (service/nearcopy.py), if it has an index;
-        ``metrics``: its ServiceMetrics, counting the near-copies dropped."""
+        ``metrics``: its ServiceMetrics, counting the near-copies dropped and the auditor's verdicts."""
         spec = ArchiveSpec(**request.model_dump(exclude={"merge", "timeout_s"}))
         self._check_destination(spec.destination)
         job = _Job(task_id, spec.destination, total=len(ArchivePlan(spec).shard_range()))
@@ -135,6 +138,7 @@ class ArchiveJobs:
                     cancel=job.cancel,
                     on_progress=lambda done, _total: setattr(job, "done", done),
                     near_copies=near_copies,
+                    metrics=metrics,
                 )
                 if metrics is not None and report.near_copies_dropped:
                     metrics.near_copies_dropped.labels(source="archive").inc(report.near_copies_dropped)
@@ -154,6 +158,9 @@ class ArchiveJobs:
                 skipped=report.skipped,
                 satisfied=report.satisfied,
                 near_copies_dropped=report.near_copies_dropped,
+                verified=report.verified,
+                verify_retries=report.verify_retries,
+                unverified_dropped=report.unverified_dropped,
                 seconds=round(report.seconds, 3),
                 committed=marker is not None or report.archive_complete,
                 label_counts=marker["label_counts"] if marker else None,

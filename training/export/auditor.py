@@ -1,8 +1,9 @@
 """The auditor as files the service side reads without torch: ``classifier.onnx`` + ``auditor.json``.
 
-The auditor judges LCO's images and never steers them, so it is not part of the model bundle (whose
-classifier is the one LCO descends on). ``python -m service.demo --data nih:PATH`` reads it with ONNX
-Runtime (service/auditor.py):
+The auditor judges LCO's images and never steers them. In a bundle it is ``auditor.onnx``
+(``export --auditor``, training/export/bundle.py) for ``verify``; this directory form carries held-out
+real images besides, and ``python -m service.demo --data nih:PATH`` reads it with ONNX Runtime
+(service/auditor.py):
 
     python -m training.cli export-auditor --classifier runs/demo-real/auditor --out models/demo-real-auditor
 

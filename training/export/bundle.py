@@ -1,4 +1,5 @@
-"""Write a model bundle: the three ONNX graphs, a sealed manifest, and a parity check before release.
+"""Write a model bundle: the three ONNX graphs (and optionally the auditor's, ``auditor.onnx``), a
+sealed manifest, and a parity check before release.
 
 The bundle is assembled in a temporary sibling directory, checked (ONNX Runtime against eager torch
 on a few latents, through ``service.bundle.load_bundle`` exactly as the service will load it) and
@@ -23,6 +24,7 @@ from torch import nn
 
 from service.acceptance import ACCEPTANCE_FILE, measure_acceptance
 from service.bundle import (
+    AUDITOR_FILE,
     GRAPH_FILES,
     MANIFEST_NAME,
     SCHEMA_VERSION,
@@ -66,8 +68,9 @@ def git_commit(directory: Path | None = None) -> str:
 
 
 def check_parity(bundle_dir: Path, generator: nn.Module, classifier: nn.Module, batch: int = 4,
-                 atol: float = 1e-3, min_cosine: float = 0.999) -> dict[str, float]:
-    """Compare the bundle's graphs with eager torch on random latents; raise if they disagree."""
+                 atol: float = 1e-3, min_cosine: float = 0.999, auditor: nn.Module | None = None) -> dict[str, float]:
+    """Compare the bundle's graphs (``auditor``'s too when given) with eager torch on random latents;
+    raise ExportCheckError if they disagree."""
     bundle = load_bundle(bundle_dir, SessionTuning(providers=("CPUExecutionProvider",)))
     generator_rng = torch.Generator().manual_seed(12345)
     z = torch.randn(batch, bundle.manifest.latent_dim, generator=generator_rng)
@@ -90,6 +93,11 @@ def check_parity(bundle_dir: Path, generator: nn.Module, classifier: nn.Module, 
         "lco_probs_max_abs": float(np.abs(step.probs - probs.numpy()).max()),
         "lco_grad_cosine": cosine,
     }
+    if auditor is not None:
+        with torch.no_grad():
+            expected = auditor(image)[0].numpy()
+        onnx_auditor = bundle.sessions["auditor"].run(["logits"], {"image": image.numpy()})[0]
+        report["auditor_max_abs"] = float(np.abs(onnx_auditor - expected).max())
     failures = [f"{k}={v:.3g}" for k, v in report.items() if (k.endswith("max_abs") and v > atol)]
     if cosine < min_cosine:
         failures.append(f"lco_grad_cosine={cosine:.6f}")
@@ -110,8 +118,11 @@ def export_bundle(
     opset: int = OPSET,
     extra_provenance: dict[str, Any] | None = None,
     acceptance_samples: int = 0,
+    auditor: TrainedClassifier | None = None,
 ) -> Path:
-    """Export ``generator`` (the EMA weights) and ``classifier`` as a bundle at ``output_dir``.
+    """Export ``generator`` (the EMA weights) and ``classifier`` as a bundle at ``output_dir``; with
+    ``auditor`` also ``auditor.onnx`` (at the generator's resolution) and the manifest's ``auditor``
+    section (its thresholds, AUROC and origin), for ``verify`` (service/verify.py).
 
     ``acceptance_samples`` > 0 adds ``acceptance.npz``: the classifier's logits on that many
     unconditional generator samples and the measured cost of one LCO step, from which the engine sets
@@ -125,6 +136,7 @@ def export_bundle(
         raise FileExistsError(f"{output_dir} exists; choose another directory or pass overwrite")
     generator = generator.eval().requires_grad_(False).cpu()
     network = classifier.network.eval().requires_grad_(False).cpu()
+    auditor_network = auditor.network.eval().requires_grad_(False).cpu() if auditor is not None else None
     resolution = int(getattr(generator, "resolution", 0))
     if resolution < 4:
         raise TypeError("the generator must expose its output `resolution`")
@@ -143,8 +155,12 @@ def export_bundle(
         export_generator(generator, staging / GRAPH_FILES["generator"], opset)
         export_classifier(network, resolution, staging / GRAPH_FILES["classifier"], opset)
         export_lco_step(generator, network, staging / GRAPH_FILES["lco_step"], opset)
+        graph_files = list(GRAPH_FILES.values())
+        if auditor_network is not None:
+            export_classifier(auditor_network, resolution, staging / AUDITOR_FILE, opset)
+            graph_files.append(AUDITOR_FILE)
         files = {}
-        for filename in sorted(GRAPH_FILES.values()):
+        for filename in sorted(graph_files):
             path = staging / filename
             files[filename] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
         document = {
@@ -174,8 +190,10 @@ def export_bundle(
                 "extra": {**generator_info.extra, **(extra_provenance or {})},
             },
         }
+        if auditor is not None:
+            document["auditor"] = auditor_section(auditor)
         (staging / MANIFEST_NAME).write_bytes(seal_manifest(document))
-        check_parity(staging, generator, network)
+        check_parity(staging, generator, network, auditor=auditor_network)
         if acceptance_samples > 0:
             add_acceptance_table(staging, document, acceptance_samples)
         _move_into_place(staging, output_dir)
@@ -194,6 +212,20 @@ def add_acceptance_table(staging: Path, document: dict[str, Any], samples: int) 
     path.write_bytes(table.to_bytes())
     document["files"][ACCEPTANCE_FILE] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
     (staging / MANIFEST_NAME).write_bytes(seal_manifest(document))
+
+
+def auditor_section(auditor: TrainedClassifier) -> dict[str, Any]:
+    """The manifest's ``auditor`` section (service.bundle.AuditorInfo) for a trained auditor."""
+    return {
+        "thresholds": {label: float(t) for label, t in zip(LABELS, auditor.thresholds)},
+        "preset": auditor.preset,
+        "arch": auditor.spec.arch,
+        "seed": int(auditor.seed),
+        "dataset": auditor.dataset,
+        "auroc": {label: m.to_dict() for label, m in auditor.metrics.items()},
+        "mean_auroc": auditor.mean_auroc,
+        "source": str(auditor.extra.get("source", auditor.preset)),
+    }
 
 
 def _move_into_place(staging: Path, output_dir: Path) -> None:

@@ -1,11 +1,15 @@
 """CLI commands ``export`` and ``export-auditor`` (registered by training.cli):
 
     python -m training.cli export --generator RUN_DIR_OR_CHECKPOINT --classifier CLASSIFIER_DIR \
-        --out bundles/demo [--name cxrsynth-demo] [--version V] [--acceptance-samples N] [--model-store]
+        --out bundles/demo [--auditor AUDITOR_DIR] [--name cxrsynth-demo] [--version V] [--acceptance-samples N] [--model-store]
     python -m training.cli export-auditor --classifier AUDITOR_DIR --out models/demo-real-auditor
 
-``export-auditor`` writes the auditor alone for ONNX Runtime (training/export/auditor.py): it judges
-LCO's images and is never part of a bundle.
+``export --auditor`` adds the independent auditor to the bundle as ``auditor.onnx`` with its own
+thresholds, so the service can verify LCO's images (service/verify.py); LCO never steers by it.
+There is no command that adds an auditor to an existing bundle: a bundle's version names what it
+returns, and an auditor turns ``verify`` on by default, so a bundle with one is a new export (new
+version) from the same runs. ``export-auditor`` writes the auditor alone for ONNX Runtime
+(training/export/auditor.py), with held-out real images, for ``make demo-real``.
 
 Provenance comes from the runs, not the command line: the classifier's held-out AUROC from the trained
 classifier, the generator's Fréchet distance from the GAN run's metric record
@@ -36,6 +40,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--classifier", type=Path, required=True,
                         help="trained classifier directory (<run>/classifier) or its run directory")
     parser.add_argument("--out", type=Path, required=True, help="bundle directory to write")
+    parser.add_argument("--auditor", type=Path,
+                        help="trained auditor directory or run directory (another network and seed than --classifier): "
+                        "added as auditor.onnx, checking images when a request verifies")
     parser.add_argument("--name", default="cxrsynth", help="bundle name in the manifest and the model store")
     parser.add_argument("--version", help="bundle version (default: UTC time and commit)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing bundle directory")
@@ -69,12 +76,15 @@ def run_export(args: argparse.Namespace) -> int:
         generator = load_generator(checkpoint)
         info = generator_info(checkpoint, read_checkpoint(checkpoint).state)
         classifier = TrainedClassifier.load(args.classifier)
+        auditor = TrainedClassifier.load(args.auditor) if args.auditor is not None else None
     except (FileNotFoundError, ValueError, KeyError) as error:
         return _fail(str(error))
     classifier.extra.setdefault("source", str(args.classifier))
+    if auditor is not None:
+        auditor.extra.setdefault("source", str(args.auditor))
     try:
         bundle = export_bundle(generator, classifier, args.out, generator_info=info, name=args.name,
-                               version=args.version, overwrite=args.overwrite,
+                               version=args.version, overwrite=args.overwrite, auditor=auditor,
                                acceptance_samples=args.acceptance_samples)
     except (FileExistsError, ExportCheckError, BundleError, TypeError) as error:
         return _fail(str(error))
