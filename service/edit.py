@@ -70,7 +70,6 @@ async def run_edit(service: CXRSynth, request: EditRequest) -> EditResponse | JS
 
 def auditor_probabilities(service: CXRSynth, image: np.ndarray) -> dict[str, float] | None:
     """The bundle's auditor on one image [H, W], or None when the bundle has no auditor."""
-    auditor = getattr(service, "auditor", None)
-    if auditor is None:
+    if service.verifier is None:
         return None
-    return probabilities_by_label(auditor.probabilities(image[None])[0])
+    return probabilities_by_label(service.verifier.auditor.probabilities(image[None])[0])
