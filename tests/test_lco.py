@@ -500,3 +500,30 @@ def test_a_sample_started_from_a_latent_is_pulled_towards_it_and_judged_on_its_j
     untouched = engine.generate([SampleRequest(original.probabilities, np.ones(NUM_LABELS, np.float32), 8, None,
                                                start=original.latent, judged=np.zeros(NUM_LABELS, np.float32))])[0]
     assert untouched.steps == 0 and np.array_equal(untouched.image, original.image)
+
+
+def test_rejection_first_returns_the_first_latent_in_seed_order_that_meets_the_request(bundle):
+    """Against a plain loop over draw_latents, generator and classifier; the same whatever shares the
+    batch. (The `ci` bundle's version with its acceptance table: tests/test_rejection_first.py.)"""
+    options = LCOOptions(steps=30, candidates=4, margin=0.5)
+    engine = LCOEngine(bundle, options)
+    samples = [request(positives=[i % NUM_LABELS], seed=i) for i in range(12)]
+    results = engine.generate(samples)
+    trickled = LCOEngine(bundle, options, max_batch=3).generate(samples[::-1])[::-1]
+    positions = []
+    for sample, result, other in zip(samples, results, trickled):
+        budget = engine.rejection_budget(sample)
+        latents = draw_latents(sample.seed, budget, LATENT, None)
+        images = bundle.sessions["generator"].run(None, {"z": latents})[0]
+        logits = bundle.sessions["classifier"].run(["logits"], {"image": images})[0]
+        hits = np.flatnonzero(satisfied(1 / (1 + np.exp(-logits.astype(np.float64))), np.tile(sample.target, (budget, 1)),
+                                        np.tile(sample.mask, (budget, 1)), bundle.thresholds, 0.5))
+        assert np.array_equal(other.image, result.image) and other.steps == result.steps
+        if not len(hits):
+            assert not result.accepted_without_steps and result.candidates_scored == budget
+            continue
+        positions.append(hits[0])
+        assert result.accepted_without_steps and result.steps == 0
+        assert result.candidates_scored == hits[0] + 1
+        assert np.allclose(result.image, np.clip(images[hits[0], 0], -1, 1), atol=1e-6)
+    assert len(positions) >= 8 and max(positions) > 0, "the test cannot tell the first hit from any"
