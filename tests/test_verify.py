@@ -197,3 +197,21 @@ def test_generate_verifies_by_default_and_a_retried_image_is_its_derived_seed(au
     rejections = [line for line in metrics.splitlines() if line.startswith("cxrsynth_verifications_total{")
                   and 'finding="Pneumothorax"' in line and 'verified="false"' in line and 'source="generate"' in line]
     assert rejections and float(rejections[0].split()[-1]) >= len(retried)
+
+
+def test_bench_verify_writes_the_table_and_chart_per_request(ci_auditor_bundle, ci_auditor, tmp_path):
+    """Smoke run of benchmarks/bench_verify.py at one image per request and few LCO steps (the bundle's
+    own auditor standing in as the second one, so verified images must agree with it)."""
+    from benchmarks.bench_verify import main
+    from training.evaluate.labels import default_requests
+
+    out = tmp_path / "verify.md"
+    assert main(["--bundle", str(ci_auditor_bundle), "--second-auditor", str(ci_auditor), "--images", "1",
+                 "--steps", "8", "--candidates", "4", "--verify-retries", "1", "--out", str(out)]) == 0
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [row.split(" | ")[0].removeprefix("| ") for row in rows] == [title for title, _ in default_requests()]
+    for row in rows:
+        cells = row.split(" | ")
+        if cells[4].endswith("→ 100%"):  # verified: the same auditor in torch agrees
+            assert cells[6].startswith("100%"), row
+    assert out.with_suffix(".png").stat().st_size > 10_000
