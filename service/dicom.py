@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, SecondaryCaptureImageStorage
 
@@ -159,6 +160,21 @@ def encode_dicom(image: np.ndarray, origin: SyntheticOrigin, placement: DicomPla
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
+
+
+def decode_dicom(data: bytes) -> np.ndarray:
+    """The image of DICOM bytes :func:`encode_dicom` wrote: [H, W] float32 in [-1, 1] (-1 black), the
+    16-bit grey levels scaled as ``service.png.decode_png`` scales a 16-bit PNG.
+
+    Raises ``pydicom.errors.InvalidDicomError`` for bytes that are not DICOM and ValueError for an image
+    that is not one 16-bit MONOCHROME2 frame (another writer's file: read those with
+    ``training.data.dicom``, which applies the full grayscale pipeline).
+    """
+    ds = pydicom.dcmread(io.BytesIO(data))
+    if ds.get("PhotometricInterpretation") != "MONOCHROME2" or ds.get("BitsStored") != 16:
+        raise ValueError(f"expected the 16-bit MONOCHROME2 frame cxrsynth writes, got {ds.get('BitsStored')}-bit "
+                         f"{ds.get('PhotometricInterpretation')}")
+    return ds.pixel_array.astype(np.float32) / 65535.0 * 2.0 - 1.0
 
 
 def read_origin(ds: Dataset) -> SyntheticOrigin | None:

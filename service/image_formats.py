@@ -1,7 +1,8 @@
-"""The file formats /generate writes an image in: PNG (8- or 16-bit grey) or DICOM Secondary Capture.
+"""The file formats /generate and archive jobs write an image in: PNG (8- or 16-bit grey) or DICOM
+Secondary Capture.
 
-One place says, for each format name a request may give, how the image is encoded, its media type and
-its file suffix.
+One place says, for each format name a request or an archive spec may give, how the image is encoded
+and read back, its media type and its file suffix.
 """
 
 from __future__ import annotations
@@ -10,9 +11,9 @@ from typing import Literal
 
 import numpy as np
 
-from service.dicom import DicomPlacement, SyntheticOrigin, encode_dicom
+from service.dicom import DicomPlacement, SyntheticOrigin, decode_dicom, encode_dicom
 from service.nih_format import pixel_spacing_mm
-from service.png import encode_png
+from service.png import decode_png, encode_png
 
 ImageFormat = Literal["png8", "png16", "dicom"]
 IMAGE_FORMATS: tuple[str, ...] = ("png8", "png16", "dicom")
@@ -31,4 +32,20 @@ def encode_image(image: np.ndarray, image_format: str, origin: SyntheticOrigin,
         return encode_dicom(image, origin, placement, pixel_spacing_mm(image.shape[-1]))
     if image_format in ("png8", "png16"):
         return encode_png(image, image_format)
-    raise ValueError(f"unknown image format {image_format!r}; choose one of {', '.join(IMAGE_FORMATS)}")
+    raise _unknown(image_format)
+
+
+def decode_image(data: bytes, image_format: str) -> np.ndarray:
+    """The [H, W] float32 image in [-1, 1] of bytes :func:`encode_image` wrote in ``image_format``.
+
+    Raises ValueError for an unknown format, and what the format's reader raises for other bytes.
+    """
+    if image_format == "dicom":
+        return decode_dicom(data)
+    if image_format in ("png8", "png16"):
+        return decode_png(data)
+    raise _unknown(image_format)
+
+
+def _unknown(image_format: str) -> ValueError:
+    return ValueError(f"unknown image format {image_format!r}; choose one of {', '.join(IMAGE_FORMATS)}")

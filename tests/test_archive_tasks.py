@@ -5,9 +5,11 @@ The service serves the trained `ci` bundle of tests/bundle_fixtures.py; jobs ask
 
 from __future__ import annotations
 
+import io
 import json
 import time
 
+import pydicom
 import pytest
 
 from service.labels import LABELS
@@ -82,11 +84,26 @@ def test_a_bad_spec_fails_its_task_with_the_validation_message(server):
     for spec, reason in [
         ({"count": 4, "destination": "s3://bucket-ok/../x"}, "'..'"),
         ({"distribution": [{"labels": ["Tumour"], "count": 2}], "destination": "/tmp/x"}, "unknown label 'Tumour'"),
+        ({"count": 4, "destination": "s3://bucket-ok/x", "image_format": "tiff"}, "'png8', 'png16' or 'dicom'"),
     ]:
         task_id = submit(server, spec)
         assert wait_for(server, task_id)["status"] == "failed"
         status, body = call(server, "GET", f"/archive/get?task_id={task_id}")
         assert status == 400 and reason in str(body)
+
+
+def test_a_dicom_job_writes_dcm_files(server, s3_server):
+    bucket = s3_server.new_bucket()
+    task_id = submit(server, {"count": 4, "seed": 3, "chunk_size": 4, "image_format": "dicom",
+                              "destination": f"s3://{bucket}/dicom", "lco": FAST_LCO})
+    assert wait_for(server, task_id)["status"] == "completed"
+    assert call(server, "GET", f"/archive/get?task_id={task_id}")[1]["committed"]
+    sink = S3Sink(bucket, "dicom", client=s3_server.client())
+    keys = sink.list("images/")
+    assert keys == [f"images/{i:08d}_000.dcm" for i in range(1, 5)]
+    studies = {pydicom.dcmread(io.BytesIO(sink.get(key))).StudyInstanceUID for key in keys}
+    assert len(studies) == 1
+    assert "00000004_000.dcm" in sink.get("Data_Entry.csv").decode()
 
 
 def test_local_destinations_are_refused_by_default(server):

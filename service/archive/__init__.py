@@ -1,7 +1,7 @@
 """Archive jobs: many labelled synthetic x-rays written to S3 or a directory, resumable and shardable.
 
 - :mod:`service.archive.spec`      the job spec and its deterministic per-index plan
-- :mod:`service.archive.runner`    one shard: LCO, then PNG + upload in a bounded pool, chunk manifests
+- :mod:`service.archive.runner`    one shard: LCO, then PNG or DICOM + upload in a bounded pool, chunk manifests
 - :mod:`service.archive.merge`     checks every shard, writes Data_Entry.csv, then the commit marker
 - :mod:`service.archive.manifest`  the files besides the images, and the NIH CSV columns
 - :mod:`service.archive.tasks`     the BentoML task endpoints' logic

@@ -1,7 +1,7 @@
 """Command line for archive jobs.
 
     python -m service.archive run --bundle BUNDLE --count 100000 --distribution nih --seed 0 \\
-        --dest s3://bucket/prefix [--shard-index I --shard-count N]
+        --dest s3://bucket/prefix [--shard-index I --shard-count N] [--format png8|png16|dicom]
     python -m service.archive merge --dest s3://bucket/prefix [--wait 3600]
     python -m service.archive status --dest s3://bucket/prefix
     python -m service.archive contact --dest s3://bucket/prefix --out sheet.png
@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
+
+from service.image_formats import IMAGE_FORMATS
 
 EXIT_ERROR = 1
 EXIT_CANCELLED = 130
@@ -88,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="this shard (default: $JOB_COMPLETION_INDEX, else 0)")
     run.add_argument("--shard-count", type=int, default=_env_int("CXRSYNTH_SHARD_COUNT", 1),
                      help="shards in the job (default: $CXRSYNTH_SHARD_COUNT, else 1)")
-    run.add_argument("--format", dest="image_format", choices=("png8", "png16"), default="png8")
+    run.add_argument("--format", dest="image_format", choices=IMAGE_FORMATS, default="png8",
+                     help="png8 | png16 | dicom (Secondary Capture, .dcm files; service/dicom.py)")
     run.add_argument("--chunk-size", type=int, default=64, help="images per manifest object")
     run.add_argument("--lco", type=_lco_option, action="append", default=[], metavar="NAME=VALUE",
                      help="LCO option (steps, lr, candidates, truncation, margin, fallback_margin); repeatable")

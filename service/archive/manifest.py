@@ -3,7 +3,7 @@
 Layout under the destination::
 
     job.json                                         the spec, model and LCO options; written first
-    images/00000001_000.png                          one PNG per image
+    images/00000001_000.png                          one file per image (.dcm with image_format dicom)
     manifests/shard-00000-of-00004/chunk-000000.jsonl  one JSON record per image, one object per chunk
     Data_Entry.csv                                   NIH Data_Entry_2017 columns (merge)
     _COMPLETE.json                                   commit marker: counts and checksums (merge, last)
@@ -21,11 +21,14 @@ import hashlib
 import io
 import json
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
 
+from service.archive.spec import patient_id
+from service.dicom import DicomPlacement, uid_for
 from service.labels import LABELS, format_finding_labels, parse_finding_labels
 from service.nih_format import DATA_ENTRY_COLUMNS, pixel_spacing_mm
 
@@ -38,7 +41,7 @@ MARKER_KEY = "_COMPLETE.json"
 # patient-wise splits never put one generator sample on both sides), seen once (follow-up 0). The
 # generator is not conditioned on age, sex or view, so those columns carry neutral values that
 # ChestX-ray14 loaders accept: age 0, gender "O" (other/unknown), the PA view the NIH loaders keep by
-# default. The "original" size is the PNG itself; the pixel spacing is service.nih_format's.
+# default. The "original" size is the image itself; the pixel spacing is service.nih_format's.
 SYNTHETIC_AGE = 0
 SYNTHETIC_GENDER = "O"
 SYNTHETIC_VIEW = "PA"
@@ -68,6 +71,35 @@ def job_document(identity: dict[str, Any], model_name: str, model_version: str) 
     return {"format": ARCHIVE_FORMAT, "spec": identity, "model": {"name": model_name, "version": model_version}}
 
 
+@dataclass(frozen=True)
+class ArchiveUIDs:
+    """The DICOM UIDs of an archive's images: one study per job, one series per shard, one instance per
+    image, so viewers group them.
+
+    Each is a name-based UID under 2.25 (``service.dicom.uid_for``: a UUID from a hash of a name, as
+    DICOM PS3.5 B.2 allows) of the sha256 of the job document (job.json: spec, model, LCO options), so
+    every shard, rerun and resumed run of one job writes the same UIDs, and a job that makes other
+    images (another seed, model or option) gets others.
+    """
+
+    job_sha256: str
+
+    @classmethod
+    def of_job(cls, job: dict[str, Any]) -> ArchiveUIDs:
+        return cls(sha256_hex(canonical_json(job)))
+
+    def placement(self, shard_index: int, index: int) -> DicomPlacement:
+        """Image ``index`` of shard ``shard_index``: SeriesNumber shard + 1, InstanceNumber index + 1."""
+        name = f"cxrsynth-archive/{self.job_sha256}"
+        return DicomPlacement(
+            study_uid=uid_for(f"{name}/study"),
+            series_uid=uid_for(f"{name}/series/{shard_index}"),
+            instance_uid=uid_for(f"{name}/image/{index}"),
+            instance_number=index + 1,
+            series_number=shard_index + 1,
+        )
+
+
 def describe_difference(existing: dict[str, Any], wanted: dict[str, Any]) -> str:
     """Which top-level fields of two job documents differ, for the conflict message."""
     names = []
@@ -95,7 +127,7 @@ def make_record(
     candidates_scored: int,
     model_version: str,
     image_format: str,
-    png: bytes,
+    data: bytes,
 ) -> dict[str, Any]:
     return {
         "id": image_id,
@@ -111,8 +143,8 @@ def make_record(
         "candidates_scored": int(candidates_scored),
         "model_version": model_version,
         "format": image_format,
-        "bytes": len(png),
-        "sha256": sha256_hex(png),
+        "bytes": len(data),
+        "sha256": sha256_hex(data),
     }
 
 
@@ -170,10 +202,10 @@ def csv_row(record: dict[str, Any], resolution: int) -> bytes:
     """One Data_Entry row for a record, columns exactly as NIH's (see the module constants)."""
     spacing = f"{pixel_spacing_mm(resolution):.6f}"
     values = {
-        "Image Index": f"{record['id']}.png",
+        "Image Index": record["image"].rpartition("/")[2],  # "00000001_000.png" or ".dcm"
         "Finding Labels": record["finding_labels"],
         "Follow-up #": 0,
-        "Patient ID": record["index"] + 1,
+        "Patient ID": patient_id(record["index"]),
         "Patient Age": SYNTHETIC_AGE,
         "Patient Gender": SYNTHETIC_GENDER,
         "View Position": SYNTHETIC_VIEW,

@@ -1,4 +1,4 @@
-"""Run one shard of an archive job: LCO in the calling thread, PNG encoding and uploads in a pool.
+"""Run one shard of an archive job: LCO in the calling thread, encoding (PNG or DICOM) and uploads in a pool.
 
 Ordering guarantees (what makes a crash at any instant harmless):
 
@@ -29,6 +29,7 @@ from service.archive.manifest import (
     MARKER_KEY,
     ArchiveConflict,
     ArchiveError,
+    ArchiveUIDs,
     canonical_json,
     decode_records,
     describe_difference,
@@ -39,9 +40,10 @@ from service.archive.manifest import (
     make_record,
     sha256_hex,
 )
-from service.archive.spec import ArchivePlan, ArchiveSpec, PlannedImage, image_key, labels_of
+from service.archive.spec import ArchivePlan, ArchiveSpec, PlannedImage, labels_of, patient_id
+from service.dicom import SyntheticOrigin
+from service.image_formats import MEDIA_TYPES, encode_image
 from service.nearcopy import MAX_REPLACEMENTS, NearCopyFilter, near_copy_limit_message
-from service.png import encode_png
 from service.sinks import S3Sink, Sink, SinkError, SinkKeyNotFound, sink_from_uri
 from service.verify import Accepted, NearCopyLimitReached, Verifier, generate_accepted
 
@@ -113,10 +115,10 @@ class ShardReport:
 ProgressCallback = Callable[[int, int], None]
 
 
-def ensure_job(sink: Sink, spec: ArchiveSpec, model: ModelInfo, near_copy_index: str | None = None,
+def wanted_job(spec: ArchiveSpec, model: ModelInfo, near_copy_index: str | None = None,
                verifying: bool = False) -> dict[str, Any]:
-    """Write job.json, or check that the one there describes this very job (``near_copy_index``: the
-    sha256 of the index file a job that drops near-copies runs with, since another index drops others;
+    """The job document (job.json) of this job: everything its images depend on (``near_copy_index``:
+    the sha256 of the index file a job that drops near-copies runs with, since another index drops others;
     ``verifying``: the job keeps only images the bundle's auditor verifies, with ``spec.verify_retries``)."""
     wanted = job_document(spec.identity(), model.name, model.version)
     wanted["model"]["resolution"] = model.resolution
@@ -127,6 +129,11 @@ def ensure_job(sink: Sink, spec: ArchiveSpec, model: ModelInfo, near_copy_index:
         wanted["verify"] = {"retries": spec.verify_retries}
     # The options in force, defaults included: new defaults would make different images.
     wanted["lco"] = spec.lco.model_dump()
+    return wanted
+
+
+def ensure_job(sink: Sink, wanted: dict[str, Any]) -> dict[str, Any]:
+    """Write job.json, or check that the one there is ``wanted`` (:func:`wanted_job`)."""
     try:
         existing = json.loads(sink.get(JOB_KEY))
     except SinkKeyNotFound:
@@ -211,13 +218,16 @@ class ShardRunner:
             raise ArchiveError("verify: the bundle has no auditor; leave verify out (or false), or use a bundle "
                                "exported with --auditor")
         self.verifier = auditor if spec.verify is not False else None
+        self.job = wanted_job(spec, model, self.near_copies.index.sha256 if self.near_copies is not None else None,
+                              verifying=self.verifier is not None)
+        self.uids = ArchiveUIDs.of_job(self.job)
 
     # -- resume ------------------------------------------------------------------------------
     def _stored_image_sizes(self) -> dict[str, int]:
         """Sizes of the stored images of this shard, listed once (a key range, not the whole bucket)."""
         shard = self.plan.shard_range()
-        first, last = image_key(shard.start), image_key(shard.stop - 1)
-        start_after = image_key(shard.start - 1) if shard.start > 0 else ""
+        first, last = self.plan.image_key(shard.start), self.plan.image_key(shard.stop - 1)
+        start_after = self.plan.image_key(shard.start - 1) if shard.start > 0 else ""
         sizes: dict[str, int] = {}
         for key, size in self.sink.list_sizes("images/", start_after=start_after):
             if key > last:
@@ -237,7 +247,7 @@ class ShardRunner:
         for record in records:
             if is_dropped(record):
                 continue  # no image: the auditor rejected it through every retry
-            if record["image"] != image_key(record["index"]):
+            if record["image"] != self.plan.image_key(record["index"]):
                 return f"record {record['id']} names {record['image']!r}"
             if stored.get(record["image"]) != record["bytes"]:
                 return f"image {record['image']} is missing or has the wrong size"
@@ -251,17 +261,28 @@ class ShardRunner:
         stored and its record says it was dropped."""
         result, verdict = accepted.result, accepted.verdict
         verify_retries = accepted.attempts - 1 - accepted.near_copies_dropped
+        requested = labels_of(planned.target, planned.mask)
         if verdict is not None and not verdict.verified:
-            return dropped_record(index=planned.index, image_id=planned.id,
-                                  requested=labels_of(planned.target, planned.mask), target=planned.target,
-                                  seed=result.seed, attempts=accepted.attempts, verify_retries=verify_retries,
-                                  auditor_probabilities=verdict.rounded(), model_version=self.model.version)
-        png = encode_png(result.image, self.spec.image_format)
+            return dropped_record(index=planned.index, image_id=planned.id, requested=requested,
+                                  target=planned.target, seed=result.seed, attempts=accepted.attempts,
+                                  verify_retries=verify_retries, auditor_probabilities=verdict.rounded(),
+                                  model_version=self.model.version)
+        # What DICOM writes in its private block and patient module; PNG ignores both.
+        origin = SyntheticOrigin(
+            model_name=self.model.name,
+            model_version=self.model.version,
+            seed=result.seed,
+            requested=requested,
+            lco_options=self.lco.model_dump(),
+            synthetic_patient_id=str(patient_id(planned.index)),
+        )
+        placement = self.uids.placement(self.spec.shard_index, planned.index)
+        data = encode_image(result.image, self.spec.image_format, origin, placement)
         record = make_record(
             index=planned.index,
             image_id=planned.id,
             key=planned.key,
-            requested=labels_of(planned.target, planned.mask),
+            requested=requested,
             target=planned.target,
             probabilities=result.probabilities,
             satisfied=result.satisfied,
@@ -271,7 +292,7 @@ class ShardRunner:
             candidates_scored=result.candidates_scored,
             model_version=self.model.version,
             image_format=self.spec.image_format,
-            png=png,
+            data=data,
         )
         if self.near_copies is not None:
             record["near_copies_dropped"] = accepted.near_copies_dropped
@@ -284,7 +305,7 @@ class ShardRunner:
             "finding-labels": record["finding_labels"],
             "model-version": self.model.version,
         }
-        self.sink.put(planned.key, png, "image/png", metadata)
+        self.sink.put(planned.key, data, MEDIA_TYPES[self.spec.image_format], metadata)
         return record
 
     def _requests(self, batch: list[PlannedImage]) -> list[Any]:
@@ -331,9 +352,7 @@ class ShardRunner:
             if max_batch < spec.batch_size:
                 raise ArchiveError(f"the archive's batch_size is {spec.batch_size} but the LCO engine runs at most "
                                    f"{max_batch} images per batch; raise the engine's maximum batch")
-            ensure_job(self.sink, spec, self.model,
-                       self.near_copies.index.sha256 if self.near_copies is not None else None,
-                       verifying=self.verifier is not None)
+            ensure_job(self.sink, self.job)
             if self.sink.exists(MARKER_KEY):
                 report.archive_complete, report.skipped = True, report.images
                 return report

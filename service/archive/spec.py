@@ -21,6 +21,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from service.image_formats import SUFFIXES, ImageFormat
 from service.labels import LABELS, NUM_LABELS
 from service.lco import LCOOptions
 from service.prior import get_prior
@@ -85,7 +86,10 @@ class ArchiveSpec(BaseModel):
     destination: str = Field(description="s3://bucket/prefix or a local directory")
     shard_index: int = Field(0, ge=0)
     shard_count: int = Field(1, ge=1, le=100_000)
-    image_format: Literal["png8", "png16"] = "png8"
+    image_format: ImageFormat = Field(
+        "png8", description="png8, png16 or dicom (Secondary Capture, the png16 grey levels, one study per job and "
+        "one series per shard: service/dicom.py)",
+    )
     lco: LCOOptions = Field(default_factory=LCOOptions, description="LCO options (defaults for those left out)")
     chunk_size: int = Field(64, ge=1, le=10_000, description="images per manifest object")
     drop_near_copies: bool = Field(
@@ -147,13 +151,19 @@ class ArchiveSpec(BaseModel):
         return self.model_dump(mode="json", exclude=unchanged)
 
 
+def patient_id(index: int) -> int:
+    """The synthetic patient of image ``index`` (the NIH CSV's Patient ID): one patient per image, from 1."""
+    return index + 1
+
+
 def image_id(index: int) -> str:
     """NIH-style image name stem: one synthetic patient per image, follow-up 0 ("00000001_000")."""
-    return f"{index + 1:08d}_000"
+    return f"{patient_id(index):08d}_000"
 
 
-def image_key(index: int) -> str:
-    return f"images/{image_id(index)}.png"
+def image_key(index: int, image_format: str) -> str:
+    """The image's key under the destination: "images/00000001_000.png", or ".dcm" for DICOM."""
+    return f"images/{image_id(index)}{SUFFIXES[image_format]}"
 
 
 @dataclass(frozen=True)
@@ -162,14 +172,11 @@ class PlannedImage:
     seed: int
     target: np.ndarray  # [14] float32
     mask: np.ndarray  # [14] float32
+    key: str  # image_key(index, the spec's image_format)
 
     @property
     def id(self) -> str:
         return image_id(self.index)
-
-    @property
-    def key(self) -> str:
-        return image_key(self.index)
 
 
 class ArchivePlan:
@@ -209,7 +216,10 @@ class ArchivePlan:
         if not 0 <= index < self.count:
             raise IndexError(f"image index {index} outside 0..{self.count - 1}")
         target, mask = self.labels(index)
-        return PlannedImage(index, self.image_seed(index), target, mask)
+        return PlannedImage(index, self.image_seed(index), target, mask, self.image_key(index))
+
+    def image_key(self, index: int) -> str:
+        return image_key(index, self.spec.image_format)
 
     # -- layout --------------------------------------------------------------------------------
     def shard_range(self, shard_index: int | None = None) -> range:
