@@ -1,8 +1,10 @@
 """The main job on the embedded default: `python -m service.demo` (what `make demo` runs).
 
-1. Makes sure the demo bundle exists: if ``models/demo`` holds no valid bundle, trains one on
-   procedural phantoms with ``python -m training.demo_bundle`` (GAN, the LCO classifier ensemble,
-   export; each step a training CLI subprocess with its own progress bar).
+1. Makes sure the demo bundle exists. The repository ships one in ``models/demo`` and pins the sha256
+   of its manifest (which seals every graph's sha256) in ``models/demo.sha256``; a ``models/demo`` that
+   does not match its pin is refused. Without a valid bundle there it trains one on procedural phantoms
+   with ``python -m training.demo_bundle`` (what `make demo-bundle` runs: GAN, the LCO classifier,
+   export; each step a training CLI subprocess with its own progress bar) and pins it.
 2. Starts the service (``bentoml serve``) on localhost:3000 (``--port`` or ``CXRSYNTH_PORT``) with that
    bundle, after checking that the port is free (if not, it says which process holds it).
 3. Asks POST /generate once per finding (and for "No Finding").
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import hashlib
 import io
 import json
 import os
@@ -52,6 +55,7 @@ from service.settings import Settings, SettingsError, settings
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_BUNDLE = ROOT / "models" / "demo"
+DEMO_PIN = ROOT / "models" / "demo.sha256"  # sha256 of the shipped demo bundle's manifest.json
 DEFAULT_OUTPUT = ROOT / "demo-output"
 DEFAULT_RUNS = ROOT / "runs" / "demo"
 # --data nih:PATH: the real-data presets are sized for the NIH sample, hence the names
@@ -77,6 +81,21 @@ def bundle_is_valid(bundle: Path) -> bool:
     return True
 
 
+def manifest_sha256(bundle: Path) -> str:
+    """Hex sha256 of ``bundle``'s manifest.json, which holds the sha256 of every graph (a bundle's pin)."""
+    return hashlib.sha256((bundle / "manifest.json").read_bytes()).hexdigest()
+
+
+def check_pin(bundle: Path, pin: Path) -> None:
+    """SystemExit unless the sha256 of ``bundle``'s manifest.json is the one ``pin`` holds."""
+    expected = pin.read_text().strip()
+    actual = manifest_sha256(bundle)
+    if actual != expected:
+        raise SystemExit(f"{bundle} is not the demo bundle this repository ships: the sha256 of its manifest is "
+                         f"{actual}, {pin} pins {expected}. `git checkout -- models/demo models/demo.sha256` "
+                         "restores the shipped one; `make demo-bundle` trains a new one from nothing and pins it.")
+
+
 def auditor_is_valid(auditor: Path) -> bool:
     from service.auditor import Auditor, AuditorError
 
@@ -90,11 +109,13 @@ def auditor_is_valid(auditor: Path) -> bool:
     return True
 
 
-def train_bundle(bundle: Path, runs: Path, data: str = "phantoms", auditor: Path | None = None) -> None:
+def train_bundle(bundle: Path, runs: Path, data: str = "phantoms", auditor: Path | None = None,
+                 pin: Path | None = None) -> None:
     """Train the demo bundle with ``python -m training.demo_bundle`` (the training package's job); on
-    ``nih:PATH`` data also the auditor, exported to ``auditor``."""
+    ``nih:PATH`` data also the auditor, exported to ``auditor``; ``pin``: where to pin the result."""
     command = [sys.executable, "-m", "training.demo_bundle", "--bundle", str(bundle), "--runs", str(runs),
-               "--data", data, *(["--auditor", str(auditor)] if auditor else [])]
+               "--data", data, *(["--auditor", str(auditor)] if auditor else []),
+               *(["--pin", str(pin)] if pin else [])]
     returncode = run_step(command, cwd=ROOT)
     if returncode != 0:
         raise SystemExit(f"training the demo bundle failed with exit code {returncode}")
@@ -231,12 +252,15 @@ def print_agreement(agreement: list[dict], auditor: Path) -> None:
 def run_demo(args: argparse.Namespace) -> int:
     bundle = args.bundle.resolve()
     auditor = args.auditor.resolve() if args.data else None
+    pin = DEMO_PIN if bundle == DEFAULT_BUNDLE else None
     check_port_free(args.host, args.port, PORT_HINT)  # before training: an hour's work must not end here
     if not bundle_is_valid(bundle) or (auditor and not auditor_is_valid(auditor)):
         source = f"nih:{args.data}" if args.data else "phantoms"
         print(f"no demo bundle at {bundle}: training one on {source} (CPU, a while)")
-        train_bundle(bundle, args.runs.resolve(), source, auditor)
+        train_bundle(bundle, args.runs.resolve(), source, auditor, pin)
         check_port_free(args.host, args.port, PORT_HINT)
+    elif pin is not None and pin.is_file():
+        check_pin(bundle, pin)
     base_url = f"http://{args.host}:{args.port}"
     output = args.output.resolve()
     output.mkdir(parents=True, exist_ok=True)

@@ -219,3 +219,24 @@ def test_a_stopped_training_step_takes_its_own_children_with_it(tmp_path):
                  f"the step and its child ({family}) end")
     finally:
         stop_group(parent)
+
+
+def test_the_shipped_demo_bundle_is_whole_small_and_the_one_pinned():
+    from service.bundle import verify_bundle
+    from service.demo import DEFAULT_BUNDLE, DEMO_PIN, check_pin
+
+    verify_bundle(DEFAULT_BUNDLE)  # every graph's sha256 against the manifest
+    check_pin(DEFAULT_BUNDLE, DEMO_PIN)  # the manifest against the repository's pin
+    assert sum(path.stat().st_size for path in DEFAULT_BUNDLE.iterdir()) <= 20 * 2**20
+
+
+def test_a_bundle_that_is_not_the_pinned_one_is_refused_and_pinning_it_admits_it(ci_bundle, tmp_path):
+    from service.demo import check_pin
+    from training.demo_bundle import write_pin
+
+    pin = tmp_path / "demo.sha256"
+    pin.write_text("0" * 64 + "\n")
+    with pytest.raises(SystemExit, match="make demo-bundle"):
+        check_pin(ci_bundle, pin)
+    write_pin(ci_bundle, pin)
+    check_pin(ci_bundle, pin)

@@ -9,6 +9,10 @@ auditor (`auditor-nih-sample`) and its export for ONNX Runtime to ``--auditor``.
 service.demo`` runs this when its bundle directory holds no valid bundle; the service package itself
 never imports the trainer.
 
+``--pin FILE`` then writes the sha256 of the new bundle's manifest (which seals every graph's sha256)
+to FILE: `make demo-bundle` pins the demo bundle the repository ships (``models/demo.sha256``), and
+``python -m service.demo`` refuses a ``models/demo`` that does not match its pin.
+
 Exit status: 0 with a valid bundle at ``--bundle``; 1 naming the step that failed; 2 for bad arguments.
 """
 
@@ -19,6 +23,7 @@ import os
 import sys
 from pathlib import Path
 
+from service.demo import manifest_sha256
 from service.processes import Stopped, exit_on_signals, run_step
 from training.classifier.config import DEMO_MEMBERS, NIH_SAMPLE_MEMBERS
 
@@ -80,12 +85,20 @@ def train_bundle(bundle: Path, runs: Path, data: str = "phantoms", auditor: Path
     return 0
 
 
+def write_pin(bundle: Path, pin: Path) -> str:
+    """Write the sha256 of ``bundle``'s manifest.json to ``pin`` (one hex line); returns it."""
+    digest = manifest_sha256(bundle)
+    pin.write_text(digest + "\n")
+    return digest
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.demo_bundle", description=__doc__.split("\n")[0])
     parser.add_argument("--bundle", type=Path, default=ROOT / "models" / "demo", help="where to write the bundle")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "demo", help="training run directories")
     parser.add_argument("--data", default="phantoms", help="phantoms, or real radiographs in the NIH layout: nih:PATH")
     parser.add_argument("--auditor", type=Path, help="with --data nih:PATH: where to export the auditor")
+    parser.add_argument("--pin", type=Path, help="write the sha256 of the new bundle's manifest here")
     args = parser.parse_args(argv)
     kind, _, path = args.data.partition(":")
     if args.data != "phantoms" and not (kind == "nih" and Path(path).is_dir()):
@@ -95,8 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     with exit_on_signals():
         try:
             data = f"nih:{Path(path).resolve()}" if kind == "nih" else "phantoms"
-            return train_bundle(args.bundle.resolve(), args.runs.resolve(), data,
-                                args.auditor.resolve() if args.auditor else None)
+            status = train_bundle(args.bundle.resolve(), args.runs.resolve(), data,
+                                  args.auditor.resolve() if args.auditor else None)
+            if status == 0 and args.pin:
+                print(f"pinned {args.bundle}: manifest sha256 {write_pin(args.bundle, args.pin)} in {args.pin}")
+            return status
         except Stopped as stop:
             return stop.exit_code
 
