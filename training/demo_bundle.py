@@ -3,9 +3,10 @@
 The steps are the training CLI's own commands, each a ``python -m training.cli`` subprocess with its
 own progress bar: the PGGAN (data-parallel over two processes), the LCO steering classifier, and the
 export. On procedural phantoms (the default) these are the `demo` GAN preset and ``--classifier
-robust``: one adversarially trained CNN (``DEMO_STEERING``, one classifier pass per LCO step), or
-``--classifier ensemble``: the nine members of ``DEMO_MEMBERS`` and their ensemble (27 passes per
-step; docs/lco-quality.md compares them). On real radiographs in the NIH layout (``--data nih:PATH``, made for the 705-image
+ensemble`` (the default): the nine members of ``DEMO_MEMBERS`` and their ensemble, 27 classifier
+passes per LCO step; or ``--classifier robust``: one adversarially trained CNN (``DEMO_STEERING``, one
+pass per step), which does not yet reach the ensemble's label fidelity (docs/lco-quality.md). On real
+radiographs in the NIH layout (``--data nih:PATH``, made for the 705-image
 NIH sample) they are `nih-sample-64` and the ensemble of ``NIH_SAMPLE_MEMBERS``, and two steps follow: the independent
 auditor (`auditor-nih-sample`) and its export for ONNX Runtime to ``--auditor``. ``python -m
 service.demo`` runs this when its bundle directory holds no valid bundle; the service package itself
@@ -33,13 +34,13 @@ STEERING_CLASSIFIERS = ("robust", "ensemble")
 def training_steps(bundle: Path, runs: Path, data: str = "phantoms", auditor: Path | None = None,
                    classifier: str | None = None) -> list[tuple[str, bool, list[str]]]:
     """(title, data-parallel, training.cli arguments) of each step; ``data`` is "phantoms" or "nih:PATH"
-    (then ``auditor`` is where the auditor is exported); ``classifier`` is "robust" (the phantom
-    default) or "ensemble" (the only one on nih:PATH, which has no robust preset). Raises ValueError
-    for another combination."""
+    (then ``auditor`` is where the auditor is exported); ``classifier`` is "ensemble" (the default)
+    or "robust" (phantoms only: nih:PATH has no robust preset). Raises ValueError for another
+    combination."""
     real = data != "phantoms"
     if real and auditor is None:
         raise ValueError(f"--data {data} trains an auditor too: say where to export it (auditor=...)")
-    classifier = classifier or ("ensemble" if real else "robust")
+    classifier = classifier or "ensemble"
     if classifier not in STEERING_CLASSIFIERS or (real and classifier == "robust"):
         raise ValueError(f"--classifier {classifier}: use robust or ensemble on phantoms, ensemble on nih:PATH")
     gan_preset, members, name = ("nih-sample-64", NIH_SAMPLE_MEMBERS, "cxrsynth-nih-sample") if real else (
@@ -103,9 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "demo", help="training run directories")
     parser.add_argument("--data", default="phantoms", help="phantoms, or real radiographs in the NIH layout: nih:PATH")
     parser.add_argument("--auditor", type=Path, help="with --data nih:PATH: where to export the auditor")
-    parser.add_argument("--classifier", choices=STEERING_CLASSIFIERS, default=None,
-                        help="LCO's steering classifier: robust (one adversarially trained CNN; the phantom "
-                             "default) or ensemble (nine CNNs; the only one on nih:PATH)")
+    parser.add_argument("--classifier", choices=STEERING_CLASSIFIERS, default="ensemble",
+                        help="LCO's steering classifier: ensemble (the default: nine CNNs on phantoms, three "
+                             "on nih:PATH) or robust (phantoms only: one adversarially trained CNN, one pass "
+                             "per LCO step, lower label fidelity; docs/lco-quality.md)")
     args = parser.parse_args(argv)
     kind, _, path = args.data.partition(":")
     if args.data != "phantoms" and not (kind == "nih" and Path(path).is_dir()):

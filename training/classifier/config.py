@@ -5,10 +5,10 @@ Presets are TOML files in training/configs/classifier/ (each says what it is for
 (training/runtime/presets.py):
 
 - ``ci``, ``auditor-ci``: 32² phantoms, seconds; the test suite's classifier and its auditor.
-- ``demo-robust``: the demo bundle's steering classifier, one CNN trained adversarially
-  (``[adversarial]``, training/classifier/adversarial.py; why: docs/lco-quality.md).
-- ``demo``, ``demo-2`` … ``demo-9`` (``DEMO_MEMBERS``): the nine-member LCO ensemble the demo bundle
-  shipped before (``python -m training.demo_bundle --classifier ensemble``), 64² phantoms.
+- ``demo``, ``demo-2`` … ``demo-9`` (``DEMO_MEMBERS``): the demo bundle's LCO ensemble, 64² phantoms.
+- ``demo-robust`` (``DEMO_STEERING``): one CNN trained adversarially (``[adversarial]``,
+  training/classifier/adversarial.py) as the steering classifier instead of the ensemble
+  (``python -m training.demo_bundle --classifier robust``; how it compares: docs/lco-quality.md).
 - ``auditor``: the independent auditor for ``demo``, never used inside LCO.
 - ``chexnet``: DenseNet-121 at 224² on NIH ChestX-ray14.
 - ``nih-sample``, ``nih-sample-2``, ``nih-sample-3`` (``NIH_SAMPLE_MEMBERS``) and ``auditor-nih-sample``:
@@ -239,13 +239,12 @@ def _check_model(model: ClassifierSpec, checks: Checks) -> int | None:
     return final
 
 
-# The demo bundle's LCO steering classifier: one CNN trained adversarially, read once per LCO step
-# (docs/lco-quality.md); `python -m training.demo_bundle` trains it unless asked for the ensemble.
+# The one-CNN steering classifier `python -m training.demo_bundle --classifier robust` trains: read
+# once per LCO step instead of 27 passes; below the ensemble's label fidelity so far (docs/lco-quality.md).
 DEMO_STEERING = "demo-robust"
 
-# The nine-member LCO ensemble the demo bundle shipped before: `demo` and the presets that extend it,
-# each on its own phantom stream and seed, the two widths alternating (why nine: docs/lco-quality.md);
-# `python -m training.demo_bundle --classifier ensemble` trains them.
+# The demo bundle's LCO ensemble: `demo` and the presets that extend it, each on its own phantom stream
+# and seed, the two widths alternating (why nine: docs/lco-quality.md). service/demo.py trains these.
 DEMO_MEMBERS: tuple[str, ...] = ("demo", *(f"demo-{number}" for number in range(2, 10)))
 
 # `make demo-real`'s LCO ensemble on the NIH sample: three small CNNs (two seeds of the narrow one, one
