@@ -91,8 +91,8 @@ def test_adversarial_config_out_of_bounds_is_refused_with_the_fix(override, mess
 def test_l2_budget_scales_with_the_image_side_and_the_cli_names_it(capsys):
     validate(get_preset("demo-robust"))
     assert get_preset("demo-robust").adversarial.enabled and not get_preset("demo").adversarial.enabled
-    assert cli.main(["classifier", "train", "--preset", "demo-robust", "--set", "adversarial.epsilon=20",
-                     "--dry-run"]) == 2
+    assert cli.main(["classifier", "train", "--preset", "demo-robust", "--set", "adversarial.norm=l2",
+                     "--set", "adversarial.epsilon=20", "--dry-run"]) == 2
     printed = capsys.readouterr()
     assert printed.out == "" and len(printed.err.splitlines()) == 1
     assert "adversarial.epsilon=20.0 is past the L2 budget (0.25 × input side 64) of 16" in printed.err
