@@ -110,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     lines += [
         "",
         (f"Single findings: LCO satisfied ≥ 90% for {sum(r['lco'] >= 0.9 for r in singles)}/{len(singles)}, "
-         f"auditor agrees ≥ 70% for {sum(r['audit'] >= 0.7 for r in singles)}/{len(singles)}. "
+         f"auditor agrees ≥ 70% for {sum(r['audit'] >= 0.7 for r in singles)}/{len(singles)}, "
+         f"≥ 90% for {sum(r['audit'] >= 0.9 for r in singles)}/{len(singles)}. "
          f"Combination: LCO {rows[-1]['lco']:.0%}, auditor {rows[-1]['audit']:.0%}."),
         "",
     ]

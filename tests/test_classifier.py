@@ -123,7 +123,7 @@ def test_the_demo_trains_every_ensemble_member_on_its_own_phantom_stream():
 
     from training.demo_bundle import training_steps
 
-    steps = training_steps(Path("bundle"), Path("runs"))
+    steps = training_steps(Path("bundle"), Path("runs"), classifier="ensemble")
     members = [arguments[arguments.index("--preset") + 1] for _, _, arguments in steps
                if arguments[:2] == ["classifier", "train"]]
     ensemble = next(arguments for _, _, arguments in steps if arguments[:2] == ["classifier", "ensemble"])
@@ -133,6 +133,21 @@ def test_the_demo_trains_every_ensemble_member_on_its_own_phantom_stream():
     for first, second in itertools.combinations(streams, 2):
         assert not first & second
     assert len({get_preset(name).seed for name in members}) == len(members)
+
+
+def test_the_demo_steers_by_one_robust_classifier_when_asked():
+    from training.classifier.config import DEMO_STEERING
+    from training.demo_bundle import training_steps
+
+    assert any(arguments[:2] == ["classifier", "ensemble"]
+               for _, _, arguments in training_steps(Path("bundle"), Path("runs")))  # the default
+    steps = training_steps(Path("bundle"), Path("runs"), classifier="robust")
+    trained = [arguments for _, _, arguments in steps if arguments[:2] == ["classifier", "train"]]
+    assert trained == [["classifier", "train", "--preset", DEMO_STEERING, "--run-dir", "runs/classifier"]]
+    assert get_preset(DEMO_STEERING).adversarial.enabled
+    assert not any(arguments[:2] == ["classifier", "ensemble"] for _, _, arguments in steps)
+    with pytest.raises(ValueError, match="phantoms, ensemble on nih:PATH"):
+        training_steps(Path("bundle"), Path("runs"), "nih:/data", Path("auditor"), classifier="robust")
 
 
 def test_config_overrides_are_checked():

@@ -1,10 +1,13 @@
 """Train the demo bundle from nothing: ``python -m training.demo_bundle [--data nih:PATH]``.
 
 The steps are the training CLI's own commands, each a ``python -m training.cli`` subprocess with its
-own progress bar: the PGGAN (data-parallel over two processes), the LCO classifier ensemble's members,
-their ensemble, and the export. On procedural phantoms (the default) these are the `demo` presets
-(``DEMO_MEMBERS``). On real radiographs in the NIH layout (``--data nih:PATH``, made for the 705-image
-NIH sample) they are `nih-sample-64` and ``NIH_SAMPLE_MEMBERS``, and two steps follow: the independent
+own progress bar: the PGGAN (data-parallel over two processes), the LCO steering classifier, and the
+export. On procedural phantoms (the default) these are the `demo` GAN preset and ``--classifier
+ensemble`` (the default): the nine members of ``DEMO_MEMBERS`` and their ensemble, 27 classifier
+passes per LCO step; or ``--classifier robust``: one adversarially trained CNN (``DEMO_STEERING``, one
+pass per step), which does not yet reach the ensemble's label fidelity (docs/lco-quality.md). On real
+radiographs in the NIH layout (``--data nih:PATH``, made for the 705-image
+NIH sample) they are `nih-sample-64` and the ensemble of ``NIH_SAMPLE_MEMBERS``, and two steps follow: the independent
 auditor (`auditor-nih-sample`) and its export for ONNX Runtime to ``--auditor``. ``python -m
 service.demo`` runs this when its bundle directory holds no valid bundle; the service package itself
 never imports the trainer.
@@ -25,29 +28,43 @@ from pathlib import Path
 
 from service.demo import manifest_sha256
 from service.processes import Stopped, exit_on_signals, run_step
-from training.classifier.config import DEMO_MEMBERS, NIH_SAMPLE_MEMBERS
+from training.classifier.config import DEMO_MEMBERS, DEMO_STEERING, NIH_SAMPLE_MEMBERS
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def training_steps(bundle: Path, runs: Path, data: str = "phantoms",
-                   auditor: Path | None = None) -> list[tuple[str, bool, list[str]]]:
+STEERING_CLASSIFIERS = ("robust", "ensemble")
+
+
+def training_steps(bundle: Path, runs: Path, data: str = "phantoms", auditor: Path | None = None,
+                   classifier: str | None = None) -> list[tuple[str, bool, list[str]]]:
     """(title, data-parallel, training.cli arguments) of each step; ``data`` is "phantoms" or "nih:PATH"
-    (then ``auditor`` is where the auditor is exported)."""
+    (then ``auditor`` is where the auditor is exported); ``classifier`` is "ensemble" (the default)
+    or "robust" (phantoms only: nih:PATH has no robust preset). Raises ValueError for another
+    combination."""
     real = data != "phantoms"
     if real and auditor is None:
         raise ValueError(f"--data {data} trains an auditor too: say where to export it (auditor=...)")
+    classifier = classifier or "ensemble"
+    if classifier not in STEERING_CLASSIFIERS or (real and classifier == "robust"):
+        raise ValueError(f"--classifier {classifier}: use robust or ensemble on phantoms, ensemble on nih:PATH")
     gan_preset, members, name = ("nih-sample-64", NIH_SAMPLE_MEMBERS, "cxrsynth-nih-sample") if real else (
         "demo", DEMO_MEMBERS, "cxrsynth-demo")
     data_root = ["--set", f"data.root={data.partition(':')[2]}"] if real else []
     member_runs = [str(runs / f"classifier-{number}") for number in range(1, len(members) + 1)]
-    steps = [
-        ("PGGAN generator", True, ["train", "--config", gan_preset, "--data", data, "--run-dir", str(runs / "gan")]),
-        *((f"LCO classifier {number}/{len(members)}", False,
-           ["classifier", "train", "--preset", preset, *data_root, "--run-dir", run])
-          for number, (preset, run) in enumerate(zip(members, member_runs), start=1)),
-        ("LCO classifier ensemble", False, ["classifier", "ensemble", *member_runs, "--preset", members[0],
-                                            *data_root, "--run-dir", str(runs / "classifier")]),
+    steps = [("PGGAN generator", True, ["train", "--config", gan_preset, "--data", data, "--run-dir", str(runs / "gan")])]
+    if classifier == "robust":
+        steps.append(("LCO classifier (robust)", False,
+                      ["classifier", "train", "--preset", DEMO_STEERING, "--run-dir", str(runs / "classifier")]))
+    else:
+        steps += [
+            *((f"LCO classifier {number}/{len(members)}", False,
+               ["classifier", "train", "--preset", preset, *data_root, "--run-dir", run])
+              for number, (preset, run) in enumerate(zip(members, member_runs), start=1)),
+            ("LCO classifier ensemble", False, ["classifier", "ensemble", *member_runs, "--preset", members[0],
+                                                *data_root, "--run-dir", str(runs / "classifier")]),
+        ]
+    steps += [
         ("bundle export", False, ["export", "--generator", str(runs / "gan"), "--classifier", str(runs / "classifier"),
                                   "--out", str(bundle), "--name", name, "--overwrite"]),
     ]
@@ -70,8 +87,9 @@ def launcher(data_parallel: bool) -> list[str]:
     return ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
 
 
-def train_bundle(bundle: Path, runs: Path, data: str = "phantoms", auditor: Path | None = None) -> int:
-    steps = training_steps(bundle, runs, data, auditor)
+def train_bundle(bundle: Path, runs: Path, data: str = "phantoms", auditor: Path | None = None,
+                 classifier: str | None = None) -> int:
+    steps = training_steps(bundle, runs, data, auditor, classifier)
     # one thread per process, as torchrun sets for the GAN's: two on two shared cores ran up to 20×
     # slower (BENCHMARKS.md)
     single_threaded = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
@@ -99,17 +117,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default="phantoms", help="phantoms, or real radiographs in the NIH layout: nih:PATH")
     parser.add_argument("--auditor", type=Path, help="with --data nih:PATH: where to export the auditor")
     parser.add_argument("--pin", type=Path, help="write the sha256 of the new bundle's manifest here")
+    parser.add_argument("--classifier", choices=STEERING_CLASSIFIERS, default="ensemble",
+                        help="LCO's steering classifier: ensemble (the default: nine CNNs on phantoms, three "
+                             "on nih:PATH) or robust (phantoms only: one adversarially trained CNN, one pass "
+                             "per LCO step, lower label fidelity; docs/lco-quality.md)")
     args = parser.parse_args(argv)
     kind, _, path = args.data.partition(":")
     if args.data != "phantoms" and not (kind == "nih" and Path(path).is_dir()):
         parser.error(f"--data {args.data}: expected 'phantoms' or 'nih:PATH' with PATH a directory")
     if kind == "nih" and args.auditor is None:
         parser.error("--data nih:PATH trains an auditor too: say where to export it with --auditor DIR")
+    if kind == "nih" and args.classifier == "robust":
+        parser.error("--classifier robust has no preset for nih:PATH yet; use --classifier ensemble")
     with exit_on_signals():
         try:
             data = f"nih:{Path(path).resolve()}" if kind == "nih" else "phantoms"
             status = train_bundle(args.bundle.resolve(), args.runs.resolve(), data,
-                                  args.auditor.resolve() if args.auditor else None)
+                                  args.auditor.resolve() if args.auditor else None, args.classifier)
             if status == 0 and args.pin:
                 print(f"pinned {args.bundle}: manifest sha256 {write_pin(args.bundle, args.pin)} in {args.pin}")
             return status

@@ -6,6 +6,9 @@ Presets are TOML files in training/configs/classifier/ (each says what it is for
 
 - ``ci``, ``auditor-ci``: 32² phantoms, seconds; the test suite's classifier and its auditor.
 - ``demo``, ``demo-2`` … ``demo-9`` (``DEMO_MEMBERS``): the demo bundle's LCO ensemble, 64² phantoms.
+- ``demo-robust`` (``DEMO_STEERING``): one CNN trained adversarially (``[adversarial]``,
+  training/classifier/adversarial.py) as the steering classifier instead of the ensemble
+  (``python -m training.demo_bundle --classifier robust``; how it compares: docs/lco-quality.md).
 - ``auditor``: the independent auditor for ``demo``, never used inside LCO.
 - ``chexnet``: DenseNet-121 at 224² on NIH ChestX-ray14.
 - ``nih-sample``, ``nih-sample-2``, ``nih-sample-3`` (``NIH_SAMPLE_MEMBERS``) and ``auditor-nih-sample``:
@@ -53,11 +56,46 @@ class DataConfig:
     cache_in_memory: bool = True  # render procedural phantoms once instead of every epoch
 
 
+ADVERSARIAL_NORMS = ("none", "l2", "linf")
+# Budgets past these change what a radiograph shows rather than how a network reads it: an L∞ step of
+# 0.25 is an eighth of the [-1, 1] range on every pixel, and an L2 radius of 0.25·side a root-mean-square
+# change of 0.25 per pixel.
+MAX_LINF_EPSILON = 0.25
+MAX_L2_EPSILON_PER_SIDE = 0.25
+MAX_ADVERSARIAL_STEPS = 20
+
+
+@dataclass(frozen=True)
+class AdversarialConfig:
+    """Adversarial (robust) training: each batch is replaced by its PGD perturbation (Madry et al. 2018).
+
+    ``norm``: ``none`` (off, the default), ``l2`` or ``linf``. ``epsilon``: the perturbation budget in
+    pixel units of the [-1, 1] image: L∞ in (0, 0.25]; L2 in (0, 0.25·input_size] (a root-mean-square
+    change of at most 0.25 per pixel). ``steps``: PGD iterations, 1–20. ``step_size``: per iteration,
+    in (0, epsilon]; 0 picks 2.5·epsilon/steps (Madry et al.'s rule). training/classifier/adversarial.py
+    runs it.
+    """
+
+    norm: str = "none"
+    epsilon: float = 0.0
+    steps: int = 3
+    step_size: float = 0.0
+
+    @property
+    def enabled(self) -> bool:
+        return self.norm != "none"
+
+    @property
+    def resolved_step_size(self) -> float:
+        return self.step_size if self.step_size > 0 else 2.5 * self.epsilon / self.steps
+
+
 @dataclass(frozen=True)
 class ClassifierTrainConfig:
     name: str = "demo"
     data: DataConfig = field(default_factory=DataConfig)
     model: ClassifierSpec = field(default_factory=ClassifierSpec)
+    adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
     seed: int = 0
     batch_size: int = 64  # global, split over ranks
     total_images: int = 60_000
@@ -104,6 +142,7 @@ def problems(config: ClassifierTrainConfig, world_size: int | None = None) -> li
     checks = Checks()
     _check_data(config.data, world_size, checks)
     final_size = _check_model(config.model, checks)
+    _check_adversarial(config.adversarial, config.model.input_size, checks)
     checks.integer("seed", config.seed, 0, 2**32 - 1)  # numpy's seed range
     per_rank = None
     if checks.integer("batch_size", config.batch_size, 1) and world_size is not None:
@@ -154,6 +193,20 @@ def _check_data(data: DataConfig, world_size: int | None, checks: Checks) -> Non
     checks.choice("data.uncertain", data.uncertain, UNCERTAIN_POLICIES)
 
 
+def _check_adversarial(adversarial: AdversarialConfig, side: int, checks: Checks) -> None:
+    if not checks.choice("adversarial.norm", adversarial.norm, ADVERSARIAL_NORMS) or not adversarial.enabled:
+        return
+    limit = MAX_LINF_EPSILON if adversarial.norm == "linf" else MAX_L2_EPSILON_PER_SIDE * side
+    what = "L∞ budget" if adversarial.norm == "linf" else f"L2 budget (0.25 × input side {side})"
+    if checks.number("adversarial.epsilon", adversarial.epsilon, 0.0, above=True) and adversarial.epsilon > limit:
+        checks.add(f"adversarial.epsilon={show(adversarial.epsilon)} is past the {what} of {limit:g}; "
+                   "a larger perturbation changes what the image shows")
+    checks.integer("adversarial.steps", adversarial.steps, 1, MAX_ADVERSARIAL_STEPS)
+    if checks.number("adversarial.step_size", adversarial.step_size, 0.0) and adversarial.step_size > adversarial.epsilon:
+        checks.add(f"adversarial.step_size={show(adversarial.step_size)} must be at most adversarial.epsilon="
+                   f"{show(adversarial.epsilon)} (0 picks 2.5·epsilon/steps)")
+
+
 def _check_model(model: ClassifierSpec, checks: Checks) -> int | None:
     """Checks the model section; returns the side of its last feature map when that can be known."""
     if model.arch == "ensemble":
@@ -185,6 +238,10 @@ def _check_model(model: ClassifierSpec, checks: Checks) -> int | None:
         )
     return final
 
+
+# The one-CNN steering classifier `python -m training.demo_bundle --classifier robust` trains: read
+# once per LCO step instead of 27 passes; below the ensemble's label fidelity so far (docs/lco-quality.md).
+DEMO_STEERING = "demo-robust"
 
 # The demo bundle's LCO ensemble: `demo` and the presets that extend it, each on its own phantom stream
 # and seed, the two widths alternating (why nine: docs/lco-quality.md). service/demo.py trains these.

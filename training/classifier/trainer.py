@@ -5,6 +5,8 @@ One loop serves every data set and both roles (the LCO classifier and the indepe
 - loss: binary cross-entropy per label, masked to the labels that are known for each image, with
   each label's positives up-weighted by negatives/positives in the training split (capped), so rare
   findings are not drowned by "absent";
+- robustness (``[adversarial]``, off unless set): each batch replaced by its PGD perturbation within
+  an L2 or L∞ budget (Madry et al. 2018; training/classifier/adversarial.py);
 - schedule: AdamW, linear warm-up then cosine decay, all a function of images shown, so a resumed
   run follows the identical schedule;
 - operation: the runtime's atomic checkpoints with RNG states and the resumable sampler position
@@ -32,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from service.labels import LABELS
+from training.classifier.adversarial import pgd_perturb
 from training.classifier.artifact import TrainedClassifier
 from training.classifier.config import ClassifierTrainConfig, validate
 from training.classifier.metrics import LabelAUROC, mean_auroc, youden_thresholds
@@ -334,19 +337,26 @@ class ClassifierRun:
                                    keep_last=3)
 
     def step(self, images: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> float:
-        """One optimiser step on one batch (skipped when non-finite); returns this rank's loss."""
+        """One optimiser step on one batch (its PGD perturbation when ``[adversarial]`` is set; skipped
+        when non-finite); returns this rank's loss."""
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(self.config, self.images_shown)
         images, labels, mask = (t.to(self.device, non_blocking=True) for t in (images, labels, mask))
-        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.use_amp):
-            logits, _ = self.network(images.float())
-        loss = masked_weighted_bce(logits, labels, mask, self.pos_weight)
+        if self.config.adversarial.enabled:
+            images = pgd_perturb(images.float(), lambda batch: self._loss(batch, labels, mask), self.config.adversarial)
+        loss = self._loss(images, labels, mask)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         optimizer_step(self.optimizer, self.scaler, self.network.parameters(), self.guard,
                        checked=[loss.detach()], where=f"at {self.images_shown} images")
         self.images_shown += self.config.batch_size
         return float(loss.detach())
+
+    def _loss(self, images: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The training loss on one batch (masked, positive-weighted BCE), under autocast on CUDA."""
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.use_amp):
+            logits, _ = self.network(images.float())
+        return masked_weighted_bce(logits, labels, mask, self.pos_weight)
 
     def train(self, stop_after_images: int | None = None) -> bool:
         """Train until ``total_images`` (or ``stop_after_images``) or a signal, with a checkpoint at the end.
