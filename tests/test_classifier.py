@@ -124,8 +124,12 @@ def test_the_demo_trains_every_ensemble_member_on_its_own_phantom_stream():
     from training.demo_bundle import training_steps
 
     steps = training_steps(Path("bundle"), Path("runs"), classifier="ensemble")
-    members = [arguments[arguments.index("--preset") + 1] for _, _, arguments in steps
-               if arguments[:2] == ["classifier", "train"]]
+    members = [arguments[arguments.index("--preset") + 1] for title, _, arguments in steps
+               if arguments[:2] == ["classifier", "train"] and title.startswith("LCO classifier")]
+    auditor = next(arguments for title, _, arguments in steps if title == "auditor")
+    export = next(arguments for _, _, arguments in steps if arguments[0] == "export")
+    assert auditor[auditor.index("--preset") + 1] == "auditor"  # trained, and bundled with the export
+    assert export[export.index("--auditor") + 1] == auditor[auditor.index("--run-dir") + 1]
     ensemble = next(arguments for _, _, arguments in steps if arguments[:2] == ["classifier", "ensemble"])
     assert len(members) >= 3 and ensemble[2 : 2 + len(members)] == [f"runs/classifier-{n}"
                                                                    for n in range(1, len(members) + 1)]
@@ -142,7 +146,7 @@ def test_the_demo_steers_by_one_robust_classifier_when_asked():
     assert any(arguments[:2] == ["classifier", "ensemble"]
                for _, _, arguments in training_steps(Path("bundle"), Path("runs")))  # the default
     steps = training_steps(Path("bundle"), Path("runs"), classifier="robust")
-    trained = [arguments for _, _, arguments in steps if arguments[:2] == ["classifier", "train"]]
+    trained = [arguments for title, _, arguments in steps if title.startswith("LCO classifier")]
     assert trained == [["classifier", "train", "--preset", DEMO_STEERING, "--run-dir", "runs/classifier"]]
     assert get_preset(DEMO_STEERING).adversarial.enabled
     assert not any(arguments[:2] == ["classifier", "ensemble"] for _, _, arguments in steps)

@@ -57,7 +57,7 @@ def test_real_steps_use_the_real_presets_and_each_validates(nih_folder: Path, tm
             presets.append(arguments[arguments.index("--config" if arguments[0] == "train" else "--preset") + 1])
             assert cli.main([*arguments, "--dry-run"]) == 0, arguments
     assert presets == ["nih-sample-64", "nih-sample", "nih-sample-2", "nih-sample-3", "auditor-nih-sample"]
-    # the phantom demo is unchanged: no auditor, the demo presets
+    # the phantom demo ends with the export (its auditor trained before it and bundled)
     assert [title for title, _, _ in demo_bundle.training_steps(tmp_path / "b", tmp_path / "r")][-1] == "bundle export"
 
 

@@ -64,9 +64,13 @@ def training_steps(bundle: Path, runs: Path, data: str = "phantoms", auditor: Pa
             ("LCO classifier ensemble", False, ["classifier", "ensemble", *member_runs, "--preset", members[0],
                                                 *data_root, "--run-dir", str(runs / "classifier")]),
         ]
+    # On phantoms the bundle carries its auditor (verify on by default); on nih:PATH it is exported beside it.
+    bundled_auditor = [] if real else ["--auditor", str(runs / "auditor")]
+    if not real:
+        steps.append(("auditor", False, ["classifier", "train", "--preset", "auditor", "--run-dir", str(runs / "auditor")]))
     steps += [
         ("bundle export", False, ["export", "--generator", str(runs / "gan"), "--classifier", str(runs / "classifier"),
-                                  "--out", str(bundle), "--name", name, "--overwrite"]),
+                                  *bundled_auditor, "--out", str(bundle), "--name", name, "--overwrite"]),
     ]
     if real:
         steps += [
