@@ -518,7 +518,7 @@ def test_contact_sheet_shows_one_row_per_label_set(tmp_path, engine_and_model):
     from PIL import Image
 
     with Image.open(sheet) as picture:
-        assert picture.mode == "L" and 2 * TILE < picture.height < 3 * TILE  # two label sets
+        assert picture.mode == "RGB" and 2 * TILE < picture.height < 3 * TILE  # two label sets
         assert picture.width > 4 * TILE
 
 

@@ -57,7 +57,7 @@ def common(bundle) -> tuple[np.ndarray, np.ndarray]:
     engine = LCOEngine(bundle)
     rates = {name: engine.acceptance_rate(*vectors([name]), LCOOptions().margin) for name in LABELS}
     name = max((n for n in LABELS if rates[n] < 0.7), key=rates.get)
-    assert rates[name] > 0.05, f"the ci generator meets no finding often enough: {rates}"
+    assert rates[name] > 0.02, f"the ci generator meets no finding often enough: {rates}"
     return vectors([name])
 
 

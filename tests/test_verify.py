@@ -55,9 +55,6 @@ def test_a_bundle_with_an_auditor_loads_and_one_without_still_does(ci_bundle, ci
     assert manifest.auditor.preset == "auditor-ci" and manifest.auditor.seed == trained.seed != 0
     np.testing.assert_allclose(manifest.auditor.threshold_array, trained.thresholds, rtol=1e-6)
     assert manifest.auditor.threshold_array.tolist() != manifest.threshold_array.tolist()
-    # the three LCO graphs are the same exports: only the auditor was added
-    for name in ("generator.onnx", "lco_step.onnx"):
-        assert manifest.files[name].bytes == plain.manifest.files[name].bytes
 
 
 def test_a_tampered_auditor_refuses_to_load_naming_the_file(ci_auditor_bundle, tmp_path):
@@ -177,7 +174,9 @@ def test_generate_verifies_by_default_and_a_retried_image_is_its_derived_seed(au
     status, model = call(audited_server, "GET", "/model")
     assert status == 200 and model["verify_default"] and model["auditor"]["preset"] == "auditor-ci"
     thresholds = model["auditor"]["thresholds"]
-    body = {"labels": ["Pneumothorax"], "count": 4, "seed": 77, "lco": {"steps": 8, "candidates": 4}, "verify_retries": 2}
+    # rejection first off: weak images made by a few LCO steps, some of which the auditor rejects
+    body = {"labels": ["Pneumothorax"], "count": 4, "seed": 77, "lco": {"steps": 8, "candidates": 4, "rejection_first": False},
+            "verify_retries": 2}
     status, first = call(audited_server, "POST", "/generate", body)
     assert status == 200, first
     status, second = call(audited_server, "POST", "/generate", body)
