@@ -13,8 +13,9 @@ from z0 towards the changed request:
   exposure stay (service/lco.py runs it in the Adam graph, on the device).
 
 Latent proximity rather than a pixel or embedding distance: the generator maps nearby latents on its
-sphere to nearby images, the term costs nothing per step, and what it keeps is measured
-(docs/lco-quality.md, "Counterfactual pairs": the pair's SSIM against two unrelated images').
+sphere to nearby images and the term costs nothing per step (no second graph through the generator).
+What it keeps is measured by benchmarks/bench_edit.py: the auditor's verdict on the added finding, the
+other labels' sides, and the pair's SSIM against two unrelated images of the same request.
 The HTTP request around it: service/edit.py.
 """
 
@@ -29,7 +30,7 @@ from PIL import Image
 from service.labels import LABEL_INDEX, LABELS, NO_FINDING, NUM_LABELS, UnknownLabelError, parse_label
 from service.lco import LCOOptions, SampleRequest, SampleResult
 
-# The proximity weight /edit uses unless asked otherwise (docs/lco-quality.md: how it was chosen).
+# The proximity weight /edit uses unless asked otherwise; `bench_edit --proximity` measures others.
 DEFAULT_PULL = 0.05
 MAX_PULL = 10.0
 
