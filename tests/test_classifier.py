@@ -139,18 +139,37 @@ def test_the_demo_trains_every_ensemble_member_on_its_own_phantom_stream():
     assert len({get_preset(name).seed for name in members}) == len(members)
 
 
+def test_the_demo_steers_by_one_cnn_distilled_from_its_ensemble():
+    from training.classifier.config import DEMO_DISTILLED, DEMO_DISTILLED_INIT, DEMO_MEMBERS
+    from training.demo_bundle import training_steps
+
+    steps = training_steps(Path("bundle"), Path("runs"))  # the default
+    arguments = [arguments for _, _, arguments in steps]
+    ensemble = next(a for a in arguments if a[:2] == ["classifier", "ensemble"])
+    distill = next(a for a in arguments if a[:2] == ["classifier", "distill"])
+    export = next(a for a in arguments if a[0] == "export")
+    assert arguments.index(ensemble) < arguments.index(distill) < arguments.index(export)
+    assert distill[2] == ensemble[ensemble.index("--run-dir") + 1]  # the teacher is the ensemble just made
+    assert distill[distill.index("--preset") + 1] == DEMO_DISTILLED
+    assert distill[distill.index("--init") + 1] == f"runs/classifier-{DEMO_MEMBERS.index(DEMO_DISTILLED_INIT) + 1}"
+    assert export[export.index("--classifier") + 1] == distill[distill.index("--run-dir") + 1]
+    assert get_preset(DEMO_DISTILLED).model == get_preset(DEMO_DISTILLED_INIT).model  # --init must fit
+    assert get_preset(DEMO_DISTILLED).distill.enabled
+    ensemble_only = training_steps(Path("bundle"), Path("runs"), classifier="ensemble")
+    assert not any(a[:2] == ["classifier", "distill"] for _, _, a in ensemble_only)
+    assert next(a for _, _, a in ensemble_only if a[0] == "export")[4] == "runs/classifier"
+
+
 def test_the_demo_steers_by_one_robust_classifier_when_asked():
     from training.classifier.config import DEMO_STEERING
     from training.demo_bundle import training_steps
 
-    assert any(arguments[:2] == ["classifier", "ensemble"]
-               for _, _, arguments in training_steps(Path("bundle"), Path("runs")))  # the default
     steps = training_steps(Path("bundle"), Path("runs"), classifier="robust")
     trained = [arguments for title, _, arguments in steps if title.startswith("LCO classifier")]
     assert trained == [["classifier", "train", "--preset", DEMO_STEERING, "--run-dir", "runs/classifier"]]
     assert get_preset(DEMO_STEERING).adversarial.enabled
     assert not any(arguments[:2] == ["classifier", "ensemble"] for _, _, arguments in steps)
-    with pytest.raises(ValueError, match="phantoms, ensemble on nih:PATH"):
+    with pytest.raises(ValueError, match="ensemble on nih:PATH"):
         training_steps(Path("bundle"), Path("runs"), "nih:/data", Path("auditor"), classifier="robust")
 
 

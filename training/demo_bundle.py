@@ -3,9 +3,11 @@
 The steps are the training CLI's own commands, each a ``python -m training.cli`` subprocess with its
 own progress bar: the PGGAN (data-parallel over two processes), the LCO steering classifier, and the
 export. On procedural phantoms (the default) these are the `demo` GAN preset and ``--classifier
-ensemble`` (the default): the nine members of ``DEMO_MEMBERS`` and their ensemble, 27 classifier
-passes per LCO step; or ``--classifier robust``: one adversarially trained CNN (``DEMO_STEERING``, one
-pass per step), which does not yet reach the ensemble's label fidelity (docs/lco-quality.md). On real
+distilled`` (the default): the nine members of ``DEMO_MEMBERS``, their ensemble, and one CNN distilled
+from it on the generator's images and LCO's hard negatives (``DEMO_DISTILLED``: one classifier pass
+per LCO step); ``--classifier ensemble`` steers by the ensemble itself (27 passes per step);
+``--classifier robust`` by one adversarially trained CNN (``DEMO_STEERING``), which does not reach the
+ensemble's label fidelity (docs/lco-quality.md). On real
 radiographs in the NIH layout (``--data nih:PATH``, made for the 705-image
 NIH sample) they are `nih-sample-64` and the ensemble of ``NIH_SAMPLE_MEMBERS``, and two steps follow: the independent
 auditor (`auditor-nih-sample`) and its export for ONNX Runtime to ``--auditor``. ``python -m
@@ -28,12 +30,18 @@ from pathlib import Path
 
 from service.demo import manifest_sha256
 from service.processes import Stopped, exit_on_signals, run_step
-from training.classifier.config import DEMO_MEMBERS, DEMO_STEERING, NIH_SAMPLE_MEMBERS
+from training.classifier.config import (
+    DEMO_DISTILLED,
+    DEMO_DISTILLED_INIT,
+    DEMO_MEMBERS,
+    DEMO_STEERING,
+    NIH_SAMPLE_MEMBERS,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-STEERING_CLASSIFIERS = ("robust", "ensemble")
+STEERING_CLASSIFIERS = ("distilled", "ensemble", "robust")
 
 
 def training_steps(bundle: Path, runs: Path, data: str = "phantoms", auditor: Path | None = None,
@@ -45,9 +53,10 @@ def training_steps(bundle: Path, runs: Path, data: str = "phantoms", auditor: Pa
     real = data != "phantoms"
     if real and auditor is None:
         raise ValueError(f"--data {data} trains an auditor too: say where to export it (auditor=...)")
-    classifier = classifier or "ensemble"
-    if classifier not in STEERING_CLASSIFIERS or (real and classifier == "robust"):
-        raise ValueError(f"--classifier {classifier}: use robust or ensemble on phantoms, ensemble on nih:PATH")
+    classifier = classifier or ("ensemble" if real else "distilled")
+    if classifier not in STEERING_CLASSIFIERS or (real and classifier != "ensemble"):
+        raise ValueError(f"--classifier {classifier}: use distilled, ensemble or robust on phantoms, ensemble on "
+                         "nih:PATH")
     gan_preset, members, name = ("nih-sample-64", NIH_SAMPLE_MEMBERS, "cxrsynth-nih-sample") if real else (
         "demo", DEMO_MEMBERS, "cxrsynth-demo")
     data_root = ["--set", f"data.root={data.partition(':')[2]}"] if real else []
@@ -64,12 +73,19 @@ def training_steps(bundle: Path, runs: Path, data: str = "phantoms", auditor: Pa
             ("LCO classifier ensemble", False, ["classifier", "ensemble", *member_runs, "--preset", members[0],
                                                 *data_root, "--run-dir", str(runs / "classifier")]),
         ]
+    steering = runs / "classifier"
+    if classifier == "distilled":
+        steering = runs / "classifier-distilled"
+        steps.append(("LCO classifier (distilled from the ensemble)", False, [
+            "classifier", "distill", str(runs / "classifier"), "--generator", str(runs / "gan"),
+            "--init", member_runs[DEMO_MEMBERS.index(DEMO_DISTILLED_INIT)], "--preset", DEMO_DISTILLED,
+            "--run-dir", str(steering)]))
     # On phantoms the bundle carries its auditor (verify on by default); on nih:PATH it is exported beside it.
     bundled_auditor = [] if real else ["--auditor", str(runs / "auditor")]
     if not real:
         steps.append(("auditor", False, ["classifier", "train", "--preset", "auditor", "--run-dir", str(runs / "auditor")]))
     steps += [
-        ("bundle export", False, ["export", "--generator", str(runs / "gan"), "--classifier", str(runs / "classifier"),
+        ("bundle export", False, ["export", "--generator", str(runs / "gan"), "--classifier", str(steering),
                                   *bundled_auditor, "--out", str(bundle), "--name", name, "--overwrite"]),
     ]
     if real:
@@ -121,18 +137,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default="phantoms", help="phantoms, or real radiographs in the NIH layout: nih:PATH")
     parser.add_argument("--auditor", type=Path, help="with --data nih:PATH: where to export the auditor")
     parser.add_argument("--pin", type=Path, help="write the sha256 of the new bundle's manifest here")
-    parser.add_argument("--classifier", choices=STEERING_CLASSIFIERS, default="ensemble",
-                        help="LCO's steering classifier: ensemble (the default: nine CNNs on phantoms, three "
-                             "on nih:PATH) or robust (phantoms only: one adversarially trained CNN, one pass "
-                             "per LCO step, lower label fidelity; docs/lco-quality.md)")
+    parser.add_argument("--classifier", choices=STEERING_CLASSIFIERS, default=None,
+                        help="LCO's steering classifier: distilled (the default on phantoms: one CNN distilled "
+                             "from the nine-member ensemble, one pass per LCO step), ensemble (the nine CNNs "
+                             "themselves, 27 passes; the only choice on nih:PATH, three CNNs there) or robust "
+                             "(one adversarially trained CNN; lower label fidelity). docs/lco-quality.md")
     args = parser.parse_args(argv)
     kind, _, path = args.data.partition(":")
     if args.data != "phantoms" and not (kind == "nih" and Path(path).is_dir()):
         parser.error(f"--data {args.data}: expected 'phantoms' or 'nih:PATH' with PATH a directory")
     if kind == "nih" and args.auditor is None:
         parser.error("--data nih:PATH trains an auditor too: say where to export it with --auditor DIR")
-    if kind == "nih" and args.classifier == "robust":
-        parser.error("--classifier robust has no preset for nih:PATH yet; use --classifier ensemble")
+    if kind == "nih" and args.classifier not in (None, "ensemble"):
+        parser.error(f"--classifier {args.classifier} has no preset for nih:PATH yet; use --classifier ensemble")
     with exit_on_signals():
         try:
             data = f"nih:{Path(path).resolve()}" if kind == "nih" else "phantoms"

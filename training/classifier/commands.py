@@ -5,6 +5,7 @@
     python -m training.cli classifier train --preset my-preset.toml --dry-run
     python -m training.cli classifier resume RUN_DIR
     python -m training.cli classifier ensemble RUN_A RUN_B RUN_C --run-dir DIR [--preset demo]
+    python -m training.cli classifier distill TEACHER --generator GAN_RUN --preset demo-distilled --run-dir DIR
     python -m training.cli classifier evaluate CLASSIFIER_DIR [--preset auditor] [--bootstrap 1000]
 
 ``--preset`` takes a preset of training/configs/classifier/ or a TOML file (training/runtime/presets.py
@@ -62,6 +63,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ensemble.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                           help="override a value of the evaluation preset, e.g. bootstrap=200")
     ensemble.set_defaults(handler=run_ensemble)
+
+    distill = commands.add_parser(
+        "distill", help="distil a teacher (the LCO ensemble) into one CNN on the generator's images, hardened by "
+        "LCO's own hard negatives (training/classifier/distill.py)")
+    distill.add_argument("teacher", type=Path, help="trained classifier directory (or its run) to imitate")
+    distill.add_argument("--generator", type=Path, required=True, help="PGGAN run directory or checkpoint")
+    distill.add_argument("--preset", default="demo-distilled", help=f"{_PRESET_HELP} with a [distill] section")
+    distill.add_argument("--init", type=Path, default=None,
+                         help="trained classifier (same [model]) to start from, e.g. one of the teacher's members")
+    distill.add_argument("--run-dir", type=Path, required=True, help="directory to write <run>/classifier to")
+    distill.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                         help="override a value of the preset, e.g. distill.rounds=2")
+    distill.add_argument("--no-progress", action="store_true")
+    distill.set_defaults(handler=run_distill)
 
     evaluate = commands.add_parser("evaluate", help="per-label AUROC (bootstrap CIs) of a trained classifier")
     evaluate.add_argument("classifier", type=Path, help="trained classifier directory")
@@ -150,6 +165,29 @@ def run_ensemble(args: argparse.Namespace) -> int:
         return _fail(str(error))
     member_aurocs = ", ".join(f"{m.mean_auroc:.4f}" for m in members if m.mean_auroc is not None)
     print(f"mean AUROC {result.mean_auroc:.4f} on the held-out split (members: {member_aurocs}); "
+          f"saved {args.run_dir / 'classifier'}")
+    return 0
+
+
+def run_distill(args: argparse.Namespace) -> int:
+    from training.classifier.artifact import TrainedClassifier
+    from training.classifier.distill import distill
+    from training.gan.training_loop import load_generator
+    from training.runtime import latest_checkpoint
+
+    try:
+        config = get_preset(args.preset).override(args.overrides)
+        teacher = TrainedClassifier.load(args.teacher)
+        teacher.extra.setdefault("source", str(args.teacher))
+        checkpoint = latest_checkpoint(args.generator) if args.generator.is_dir() else args.generator
+        if checkpoint is None:
+            return _fail(f"{args.generator} holds no checkpoints")
+        generator = load_generator(checkpoint)
+        init = TrainedClassifier.load(args.init) if args.init else None
+        result = distill(config, teacher, generator, args.run_dir, init=init, progress=not args.no_progress)
+    except (ConfigError, FileNotFoundError, ValueError) as error:
+        return _fail(str(error))
+    print(f"mean AUROC {result.mean_auroc:.4f} on the held-out split (teacher: {teacher.mean_auroc:.4f}); "
           f"saved {args.run_dir / 'classifier'}")
     return 0
 

@@ -9,6 +9,8 @@ Presets are TOML files in training/configs/classifier/ (each says what it is for
 - ``demo-robust`` (``DEMO_STEERING``): one CNN trained adversarially (``[adversarial]``,
   training/classifier/adversarial.py) as the steering classifier instead of the ensemble
   (``python -m training.demo_bundle --classifier robust``; how it compares: docs/lco-quality.md).
+- ``demo-distilled`` (``DEMO_DISTILLED``): one CNN distilled from that ensemble on the demo generator's
+  images and LCO's hard negatives (``[distill]``, ``classifier distill``, training/classifier/distill.py).
 - ``auditor``: the independent auditor for ``demo``, never used inside LCO.
 - ``chexnet``: DenseNet-121 at 224² on NIH ChestX-ray14.
 - ``nih-sample``, ``nih-sample-2``, ``nih-sample-3`` (``NIH_SAMPLE_MEMBERS``) and ``auditor-nih-sample``:
@@ -91,11 +93,47 @@ class AdversarialConfig:
 
 
 @dataclass(frozen=True)
+class DistillConfig:
+    """On-manifold distillation of a trained (ensemble) teacher into this preset's network, hardened by
+    LCO's own hard negatives (``classifier distill``; training/classifier/distill.py has the recipe).
+
+    ``pool_images``: unconditional generator samples the teacher labels first (0: off, the default).
+    ``dataset_images``: images of the preset's training split (phantoms), labelled by the teacher too.
+    ``pool_epochs``: epochs on that pool before the first round. ``rounds``: rounds of LCO against the
+    current student, each adding its trajectories, labelled by the teacher, and ``fresh_images`` new
+    unconditional samples to the pool, then ``round_epochs`` epochs on the whole pool.
+    ``samples_per_request``: LCO samples per request and round (the requests: every single finding,
+    "No Finding", and ``prior_requests`` label sets drawn from ``data.prior`` with all 14 labels
+    constrained). ``lco_steps``, ``lco_candidates``: LCO's step cap and latents scored for its start
+    (its step size and margins are the service's, service.lco.LCOOptions). ``snapshot_every``: steps
+    between trajectory points kept. ``lr``: Adam's step size on the student.
+    """
+
+    pool_images: int = 0
+    dataset_images: int = 0
+    pool_epochs: int = 4
+    rounds: int = 3
+    samples_per_request: int = 16
+    prior_requests: int = 16
+    lco_steps: int = 100
+    lco_candidates: int = 8
+    snapshot_every: int = 15
+    fresh_images: int = 512
+    round_epochs: int = 3
+    lr: float = 1e-3
+
+    @property
+    def enabled(self) -> bool:
+        return self.pool_images > 0
+
+
+@dataclass(frozen=True)
 class ClassifierTrainConfig:
     name: str = "demo"
     data: DataConfig = field(default_factory=DataConfig)
     model: ClassifierSpec = field(default_factory=ClassifierSpec)
     adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     seed: int = 0
     batch_size: int = 64  # global, split over ranks
     total_images: int = 60_000
@@ -143,6 +181,7 @@ def problems(config: ClassifierTrainConfig, world_size: int | None = None) -> li
     _check_data(config.data, world_size, checks)
     final_size = _check_model(config.model, checks)
     _check_adversarial(config.adversarial, config.model.input_size, checks)
+    _check_distill(config.distill, checks)
     checks.integer("seed", config.seed, 0, 2**32 - 1)  # numpy's seed range
     per_rank = None
     if checks.integer("batch_size", config.batch_size, 1) and world_size is not None:
@@ -207,6 +246,17 @@ def _check_adversarial(adversarial: AdversarialConfig, side: int, checks: Checks
                    f"{show(adversarial.epsilon)} (0 picks 2.5·epsilon/steps)")
 
 
+def _check_distill(distill: DistillConfig, checks: Checks) -> None:
+    checks.integer("distill.pool_images", distill.pool_images, 0)
+    if not distill.enabled:
+        return
+    for key in ("dataset_images", "pool_epochs", "rounds", "prior_requests", "fresh_images", "round_epochs"):
+        checks.integer(f"distill.{key}", getattr(distill, key), 0)
+    for key in ("samples_per_request", "lco_steps", "lco_candidates", "snapshot_every"):
+        checks.integer(f"distill.{key}", getattr(distill, key), 1)
+    checks.number("distill.lr", distill.lr, 0.0, above=True)
+
+
 def _check_model(model: ClassifierSpec, checks: Checks) -> int | None:
     """Checks the model section; returns the side of its last feature map when that can be known."""
     if model.arch == "ensemble":
@@ -242,6 +292,12 @@ def _check_model(model: ClassifierSpec, checks: Checks) -> int | None:
 # The one-CNN steering classifier `python -m training.demo_bundle --classifier robust` trains: read
 # once per LCO step instead of 27 passes; below the ensemble's label fidelity so far (docs/lco-quality.md).
 DEMO_STEERING = "demo-robust"
+
+# The one-CNN steering classifier distilled from the demo ensemble (`python -m training.demo_bundle
+# --classifier distilled`, training/classifier/distill.py), and the member whose weights it starts from
+# (the preset extends that member's).
+DEMO_DISTILLED = "demo-distilled"
+DEMO_DISTILLED_INIT = "demo-3"
 
 # The demo bundle's LCO ensemble: `demo` and the presets that extend it, each on its own phantom stream
 # and seed, the two widths alternating (why nine: docs/lco-quality.md). service/demo.py trains these.

@@ -42,6 +42,7 @@ from training.metrics import MetricResult, compute_metric, report_metric
 from training.metrics.builtin import CLASSIFIER_AUROC, label_aurocs
 from training.networks.classifier import build_classifier
 from training.runtime import (
+    ConfigError,
     DistributedContext,
     NonFiniteGuard,
     ResumableBatchSampler,
@@ -264,6 +265,9 @@ def train_classifier(
         config = resumed_config(run_dir)
     # Before any data or process group: a value that cannot train is refused now, not mid-run.
     validate(config, world_size_from_env())
+    if config.distill.enabled:
+        raise ConfigError(f"preset {config.name!r} distils a teacher on generator images ([distill]): run "
+                          "`classifier distill TEACHER --generator GAN_RUN` instead of `classifier train`")
     context = init_distributed(config.device)
     run_dir = shared_run_dir(run_dir, runs_root, f"classifier-{config.name}", context)
     run_dir.mkdir(parents=True, exist_ok=True)
