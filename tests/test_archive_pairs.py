@@ -1,8 +1,9 @@
 """Counterfactual pairs in archive jobs (service/archive/pairs.py): files, Pairs.csv, reruns, bad specs.
 
-The bundle is `ci` with the weak `auditor-ci` as its auditor (tests/bundle_fixtures.py), so `verify` is
-on, some edits are rejected and every auditor column is filled; the S3 run uses the plain `ci` bundle
-through the command line. LCO is short (tests/test_archive.py's FAST_LCO).
+The bundle is `ci` with the weak `auditor-ci` as its auditor (tests/bundle_fixtures.py): the main
+archive runs with `verify` off, so every pair is kept and every auditor column filled, and one with it
+on drops the pairs the auditor does not verify; the S3 run uses the plain `ci` bundle through the
+command line. LCO is short (tests/test_archive.py's FAST_LCO).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from service.auditor import Auditor
 from service.bundle import load_bundle
 from service.counterfactual import edit_sample, plan_edit
 from service.labels import LABEL_INDEX, parse_finding_labels
-from service.lco import LCOEngine, LCOOptions, SampleRequest
+from service.lco import LCOEngine, LCOOptions, SampleRequest, satisfied
 from service.png import decode_png, encode_png
 from service.sinks import LocalSink, sink_from_uri
 from tests.test_archive import FAST_LCO, FAST_LCO_ARGS, QUIET, ROOT, _cli
@@ -37,7 +38,7 @@ COUNT = 4
 
 def pairs_spec(destination: Path | str, **fields) -> ArchiveSpec:
     return ArchiveSpec(**{"count": COUNT, "distribution": "nih", "seed": 21, "destination": str(destination),
-                          "chunk_size": 2, "lco": FAST_LCO, "verify_retries": 1,
+                          "chunk_size": 2, "lco": FAST_LCO, "verify": False,
                           "pairs": {"findings": FINDINGS}, **fields})
 
 
@@ -73,7 +74,7 @@ def archive(engine, tmp_path_factory):
 
 
 def test_every_pair_is_two_decodable_images_side_by_side_with_its_difference_map(archive):
-    root, report, marker = archive
+    root = archive[0]
     records = records_of(root)
     assert [r["index"] for r in records] == list(range(COUNT))
     kept = [(r, p) for r in records if "dropped" not in r for p in r["pairs"] if "dropped" not in p]
@@ -114,7 +115,7 @@ def test_pair_manifest_and_counts_equal_what_the_records_and_the_engine_report(a
     confirmed = sum(p["auditor_confirms"] for _, p in kept)
     assert marker["pairs"] == {"made": len(kept), "auditor_confirmed": confirmed, "dropped": len(pairs) - len(kept)}
     assert (report.pairs_made, report.pairs_confirmed, report.pairs_dropped) == tuple(marker["pairs"].values())
-    assert marker["pairs"]["dropped"] > 0, "the weak ci auditor rejects some edits"
+    assert marker["pairs"]["dropped"] == 0, "without verify every pair is kept"
     assert marker["files"][PAIRS_CSV_KEY] == hashlib.sha256((root / PAIRS_CSV_KEY).read_bytes()).hexdigest()
     # Data_Entry.csv: every stored image, counterfactuals as follow-ups of their reference's patient
     entries = read_csv(root / CSV_KEY)
@@ -136,16 +137,50 @@ def test_pair_manifest_and_counts_equal_what_the_records_and_the_engine_report(a
         edited = engine.generate([edit_sample(edit, original, 0.05, LCOOptions(**FAST_LCO))])[0]
         assert encode_png(edited.image, "png8") == (root / pair["image"]).read_bytes()
         finding = LABEL_INDEX[pair["finding"]]
-        audit = auditor.probabilities(np.stack([original.image, edited.image]))[:, finding]
-        threshold = auditor.thresholds[finding]
+        audit_all = np.concatenate([auditor.probabilities(x.image[None]) for x in (original, edited)])  # one a call
+        audit, threshold = audit_all[:, finding], auditor.thresholds[finding]
+        verified = [bool(satisfied(audit_all[[i]], t[None], m[None], auditor.thresholds, 0.0)[0])
+                    for i, (t, m) in enumerate([(target, mask), (edit.target, edit.judged)])]
         assert float(row["lco_probability_before"]) == pytest.approx(original.probabilities[finding], abs=1e-6)
         assert float(row["lco_probability_after"]) == pytest.approx(edited.probabilities[finding], abs=1e-6)
         assert float(row["auditor_probability_before"]) == pytest.approx(audit[0], abs=1e-5)
         assert float(row["auditor_probability_after"]) == pytest.approx(audit[1], abs=1e-5)
         assert float(row["latent_distance"]) == pytest.approx(np.linalg.norm(edited.latent - original.latent), abs=1e-5)
         assert row["auditor_confirms"] == str(bool(audit[0] < threshold <= audit[1])).lower()
-        assert (row["reference_verified"], row["counterfactual_verified"]) == ("true", "true")  # verify keeps only these
+        assert (row["reference_verified"], row["counterfactual_verified"]) == tuple(str(v).lower() for v in verified)
         assert row["lco_satisfied"] == str(edited.satisfied).lower() and int(row["steps"]) == edited.steps
+
+
+def test_the_contact_sheet_shows_each_reference_beside_its_pairs(archive, tmp_path):
+    from service.archive.contact import write_contact_sheet
+    from service.demo import TILE
+
+    sheet = write_contact_sheet(LocalSink(archive[0]), tmp_path / "pairs.png", rows=3)
+    with Image.open(sheet) as image:
+        width, height = image.size
+        # three rows; columns: reference + (counterfactual, difference) per finding, one caption column
+        assert height > 3 * TILE and height < 4 * TILE and width > (1 + 2 * len(FINDINGS)) * TILE
+        reference_tile = np.asarray(image.convert("L"))[6:6 + TILE, 190:190 + TILE]
+    assert reference_tile.std() > 5, "the reference tile shows an image, not a blank"
+
+
+def test_with_verify_only_pairs_the_auditor_verifies_are_kept(engine, tmp_path):
+    from service.archive.runner import ModelInfo
+
+    report = run_shard(pairs_spec(tmp_path, verify=True, verify_retries=1), engine, ModelInfo.from_engine(engine),
+                       options=QUIET)
+    marker = merge_archive(LocalSink(tmp_path), progress=False)
+    pairs = [(r, p) for r in records_of(tmp_path) for p in r["pairs"]]
+    kept = [p for _, p in pairs if "dropped" not in p]
+    dropped = [(r, p) for r, p in pairs if "dropped" in p]
+    assert all(p["verified"] and p["reference_verified"] and p["auditor_confirms"] for p in kept)
+    for reference, pair in dropped:
+        assert pair["dropped"] == ("reference_unverified" if "dropped" in reference else "unverified")
+        assert not (tmp_path / "images" / f"{pair['pair_id']}.png").exists()
+        assert not (tmp_path / "differences" / f"{pair['pair_id']}.png").exists()
+    assert marker["pairs"] == {"made": len(kept), "auditor_confirmed": len(kept), "dropped": len(dropped)}
+    assert report.pairs_dropped == len(dropped) and len(pairs) == COUNT * len(FINDINGS)
+    assert len(read_csv(tmp_path / PAIRS_CSV_KEY)) == len(kept)
 
 
 def test_a_rerun_is_byte_identical_and_a_lost_counterfactual_is_remade(archive, engine, tmp_path):
@@ -157,7 +192,7 @@ def test_a_rerun_is_byte_identical_and_a_lost_counterfactual_is_remade(archive, 
     merge_archive(LocalSink(tmp_path / "b"), progress=False)
     assert files_of(tmp_path / "b") == files_of(root)
     # lose one counterfactual and one difference map: the rerun redoes their chunk and only it
-    lost = sorted((tmp_path / "b" / "differences").iterdir())[-1]
+    lost = max((tmp_path / "b" / "differences").iterdir())
     lost.unlink()
     (tmp_path / "b" / "images" / lost.name).unlink()
     (tmp_path / "b" / MARKER_KEY).unlink()
