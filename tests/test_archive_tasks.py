@@ -86,7 +86,7 @@ def test_a_bad_spec_fails_its_task_with_the_validation_message(server):
         ({"distribution": [{"labels": ["Tumour"], "count": 2}], "destination": "/tmp/x"}, "unknown label 'Tumour'"),
         ({"count": 4, "destination": "s3://bucket-ok/x", "image_format": "tiff"}, "'png8', 'png16' or 'dicom'"),
         ({"count": 4, "destination": "s3://bucket-ok/x", "pairs": {"findings": ["No Finding"]}},
-         "\"No Finding\" cannot be a pair's finding"),
+         "cannot be a pair"),
     ]:
         task_id = submit(server, spec)
         assert wait_for(server, task_id)["status"] == "failed"
