@@ -29,7 +29,7 @@ from service.counterfactual import edit_sample, plan_edit
 from service.labels import LABEL_INDEX, parse_finding_labels
 from service.lco import LCOEngine, LCOOptions, SampleRequest, satisfied
 from service.png import decode_png, encode_png
-from service.sinks import LocalSink, sink_from_uri
+from service.sinks import LocalSink, S3Sink
 from tests.test_archive import FAST_LCO, FAST_LCO_ARGS, QUIET, ROOT, _cli
 
 FINDINGS = ["Nodule", "Effusion"]  # kept in LABELS order: Effusion is follow-up 1, Nodule follow-up 2
@@ -230,7 +230,7 @@ def test_cli_pairs_to_s3_and_its_bad_input(s3_server, ci_bundle, tmp_path):
     out, err = run.communicate(timeout=300)
     assert run.returncode == 0, err
     assert json.loads(out)["archive"]["pairs"] == {"made": 2, "auditor_confirmed": 0, "dropped": 0}
-    sink = sink_from_uri(dest, endpoint_url=s3_server.endpoint_url, region="us-east-1")
+    sink = S3Sink(bucket, "pairs", client=s3_server.client())
     rows = list(csv.DictReader(io.StringIO(sink.get(PAIRS_CSV_KEY).decode())))
     assert [(row["finding"], row["counterfactual_image"]) for row in rows] == [
         ("Effusion", "images/00000001_001.png"), ("Effusion", "images/00000002_001.png")]
