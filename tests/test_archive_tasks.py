@@ -85,6 +85,8 @@ def test_a_bad_spec_fails_its_task_with_the_validation_message(server):
         ({"count": 4, "destination": "s3://bucket-ok/../x"}, "'..'"),
         ({"distribution": [{"labels": ["Tumour"], "count": 2}], "destination": "/tmp/x"}, "unknown label 'Tumour'"),
         ({"count": 4, "destination": "s3://bucket-ok/x", "image_format": "tiff"}, "'png8', 'png16' or 'dicom'"),
+        ({"count": 4, "destination": "s3://bucket-ok/x", "pairs": {"findings": ["No Finding"]}},
+         "cannot be a pair"),
     ]:
         task_id = submit(server, spec)
         assert wait_for(server, task_id)["status"] == "failed"
@@ -104,6 +106,21 @@ def test_a_dicom_job_writes_dcm_files(server, s3_server):
     studies = {pydicom.dcmread(io.BytesIO(sink.get(key))).StudyInstanceUID for key in keys}
     assert len(studies) == 1
     assert "00000004_000.dcm" in sink.get("Data_Entry.csv").decode()
+
+
+def test_a_pairs_job_writes_pairs_and_counts_them(server, s3_server):
+    bucket = s3_server.new_bucket()
+    task_id = submit(server, {"count": 2, "seed": 4, "chunk_size": 2, "destination": f"s3://{bucket}/pairs",
+                              "lco": FAST_LCO, "pairs": {"findings": ["Nodule", "Mass"]}})
+    assert wait_for(server, task_id)["status"] == "completed"
+    result = call(server, "GET", f"/archive/get?task_id={task_id}")[1]
+    assert (result["committed"], result["pairs_made"], result["pairs_dropped"]) == (True, 4, 0)
+    sink = S3Sink(bucket, "pairs", client=s3_server.client())
+    assert sink.list("images/") == [f"images/0000000{i}_00{k}.png" for i in (1, 2) for k in (0, 1, 2)]
+    assert len(sink.list("differences/")) == 4
+    pairs_csv = sink.get("Pairs.csv").decode().splitlines()
+    assert [line.split(",")[:2] for line in pairs_csv[1:]] == [
+        ["00000001_001", "Mass"], ["00000001_002", "Nodule"], ["00000002_001", "Mass"], ["00000002_002", "Nodule"]]
 
 
 def test_local_destinations_are_refused_by_default(server):

@@ -4,6 +4,7 @@
 - :mod:`service.archive.runner`    one shard: LCO, then PNG or DICOM + upload in a bounded pool, chunk manifests
 - :mod:`service.archive.merge`     checks every shard, writes Data_Entry.csv, then the commit marker
 - :mod:`service.archive.manifest`  the files besides the images, and the NIH CSV columns
+- :mod:`service.archive.pairs`     counterfactual pairs: each reference's edits, their records, Pairs.csv
 - :mod:`service.archive.tasks`     the BentoML task endpoints' logic
 - ``python -m service.archive``    the command line (run, merge, status)
 """

@@ -2,6 +2,7 @@
 
     python -m service.archive run --bundle BUNDLE --count 100000 --distribution nih --seed 0 \\
         --dest s3://bucket/prefix [--shard-index I --shard-count N] [--format png8|png16|dicom]
+        [--pairs Effusion,Nodule [--pairs-proximity 0.05] [--no-difference-maps]]
     python -m service.archive merge --dest s3://bucket/prefix [--wait 3600]
     python -m service.archive status --dest s3://bucket/prefix
     python -m service.archive contact --dest s3://bucket/prefix --out sheet.png
@@ -105,6 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="keep only images the bundle's auditor verifies, dropping those it rejects through every "
                      "retry (default: on when the bundle has an auditor)")
     run.add_argument("--verify-retries", type=int, default=3, help="retries per image the auditor rejects")
+    run.add_argument("--pairs", type=lambda text: [name for name in text.split(",") if name.strip()], default=None,
+                     metavar="FINDING,...", help="counterfactual pairs: each image is a reference without these findings, "
+                     "and one edit per finding adds it (Pairs.csv; service/archive/pairs.py)")
+    run.add_argument("--pairs-proximity", type=float, default=None,
+                     help="with --pairs: the edits' pull towards the reference's latent (as POST /edit's proximity)")
+    run.add_argument("--no-difference-maps", action="store_true", help="with --pairs: write no difference maps")
     run.add_argument("--upload-workers", type=int, default=4, help="0 uploads inline (no overlap)")
     run.add_argument("--max-pending", type=int, default=64, help="generated images waiting for upload, at most")
     run.add_argument("--verify-existing", action="store_true", help="re-hash committed images before skipping")
@@ -147,6 +154,11 @@ def _run(args: argparse.Namespace) -> int:
 
     if not args.bundle:
         raise ValueError("no bundle: pass --bundle DIR_OR_TAG or set CXRSYNTH_BUNDLE")
+    if args.pairs is None and (args.pairs_proximity is not None or args.no_difference_maps):
+        raise ValueError("--pairs-proximity and --no-difference-maps go with --pairs FINDING,...")
+    pairs = None if args.pairs is None else {
+        "findings": args.pairs, "difference_maps": not args.no_difference_maps,
+        **({"proximity": args.pairs_proximity} if args.pairs_proximity is not None else {})}
     spec = ArchiveSpec(
         count=args.count,
         distribution=args.distribution,
@@ -161,6 +173,7 @@ def _run(args: argparse.Namespace) -> int:
         drop_near_copies=args.drop_near_copies is not None,
         verify=args.verify,
         verify_retries=args.verify_retries,
+        pairs=pairs,
     )
     options = RunOptions(
         upload_workers=args.upload_workers,
@@ -182,7 +195,7 @@ def _run(args: argparse.Namespace) -> int:
     if spec.shard_count == 1 and not args.no_merge:
         marker = merge_archive(sink, progress=options.progress)
         result["archive"] = {k: marker[k] for k in ("images", "satisfied", "near_copies_dropped", "verification",
-                                                    "label_counts") if k in marker}
+                                                    "pairs", "label_counts") if k in marker}
     print(json.dumps(result, indent=2))
     return 0
 

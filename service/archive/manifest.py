@@ -6,6 +6,7 @@ Layout under the destination::
     images/00000001_000.png                          one file per image (.dcm with image_format dicom)
     manifests/shard-00000-of-00004/chunk-000000.jsonl  one JSON record per image, one object per chunk
     Data_Entry.csv                                   NIH Data_Entry_2017 columns (merge)
+    Pairs.csv, differences/                          a pairs job's pair manifest and difference maps
     _COMPLETE.json                                   commit marker: counts and checksums (merge, last)
 
 S3 has no append, so a shard's manifest is a series of whole objects, one per chunk of images, each
@@ -20,7 +21,7 @@ import csv
 import hashlib
 import io
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -35,6 +36,7 @@ from service.nih_format import DATA_ENTRY_COLUMNS, pixel_spacing_mm
 ARCHIVE_FORMAT = "cxrsynth-archive/1"
 JOB_KEY = "job.json"
 CSV_KEY = "Data_Entry.csv"
+PAIRS_CSV_KEY = "Pairs.csv"  # a pairs job's pair manifest (service/archive/pairs.py)
 MARKER_KEY = "_COMPLETE.json"
 
 # Synthetic patient columns of the merged CSV. Every image is its own synthetic patient (so
@@ -172,6 +174,18 @@ def is_dropped(record: dict[str, Any]) -> bool:
     return "dropped" in record
 
 
+def stored_files(record: dict[str, Any]) -> Iterator[tuple[str, int, str]]:
+    """(key, bytes, sha256) of every file a kept record names, in key order within its kind: its image,
+    then its pairs' counterfactual images, then their difference maps (a pairs job)."""
+    yield record["image"], record["bytes"], record["sha256"]
+    kept = [pair for pair in record.get("pairs", []) if not is_dropped(pair)]
+    for pair in kept:
+        yield pair["image"], pair["bytes"], pair["sha256"]
+    for pair in kept:
+        if "difference" in pair:
+            yield pair["difference"], pair["difference_bytes"], pair["difference_sha256"]
+
+
 def encode_records(records: Iterable[dict[str, Any]]) -> bytes:
     return b"".join(json.dumps(record, sort_keys=True).encode() + b"\n" for record in records)
 
@@ -199,12 +213,12 @@ def csv_header() -> bytes:
 
 
 def csv_row(record: dict[str, Any], resolution: int) -> bytes:
-    """One Data_Entry row for a record, columns exactly as NIH's (see the module constants)."""
+    """One Data_Entry row for an image's record (or a pair's), columns exactly as NIH's (see the module constants)."""
     spacing = f"{pixel_spacing_mm(resolution):.6f}"
     values = {
         "Image Index": record["image"].rpartition("/")[2],  # "00000001_000.png" or ".dcm"
         "Finding Labels": record["finding_labels"],
-        "Follow-up #": 0,
+        "Follow-up #": record.get("follow_up", 0),  # a pairs job's counterfactuals: 1, 2, …
         "Patient ID": patient_id(record["index"]),
         "Patient Age": SYNTHETIC_AGE,
         "Patient Gender": SYNTHETIC_GENDER,
@@ -231,6 +245,17 @@ class LabelCounter:
         self.near_copies_dropped = 0
         self.verify_retries = 0  # auditor rejections made again, over kept and dropped images
         self.unverified_dropped = 0
+        self.pairs_made = 0  # a pairs job's counterfactuals stored
+        self.pairs_confirmed = 0  # of those, the auditor sees the finding absent before and present after
+        self.pairs_dropped = 0  # edits the auditor did not verify, and the pairs of dropped references
+
+    def add_pairs(self, record: dict[str, Any]) -> None:
+        """Count an index's pairs (none outside a pairs job)."""
+        for pair in record.get("pairs", []):
+            kept = not is_dropped(pair)
+            self.pairs_made += int(kept)
+            self.pairs_confirmed += int(kept and bool(pair.get("auditor_confirms")))
+            self.pairs_dropped += int(not kept)
 
     def add_dropped(self, record: dict[str, Any]) -> None:
         """Count a dropped index's retries (its attempts, all rejected)."""
@@ -261,11 +286,17 @@ def marker_document(
     manifests: dict[str, str],
     csv_sha256: str,
     image_bytes: int,
+    pairs_csv_sha256: str | None = None,
 ) -> dict[str, Any]:
+    """The commit marker; ``pairs_csv_sha256``: Pairs.csv's, in a pairs job (which also gets a ``pairs`` count)."""
     verification = {"verification": {"retries": counter.verify_retries, "unverified_dropped": counter.unverified_dropped}
                     } if "verify" in job else {}
+    pairs = {"pairs": {"made": counter.pairs_made, "auditor_confirmed": counter.pairs_confirmed,
+                       "dropped": counter.pairs_dropped}} if pairs_csv_sha256 is not None else {}
+    files = {CSV_KEY: csv_sha256, **({PAIRS_CSV_KEY: pairs_csv_sha256} if pairs_csv_sha256 is not None else {})}
     return {
         **verification,
+        **pairs,
         "format": ARCHIVE_FORMAT,
         "job": job,
         "images": counter.images,
@@ -275,7 +306,7 @@ def marker_document(
         "image_bytes": image_bytes,
         "shards": shard_count,
         "label_counts": counter.as_dict(),
-        "files": {CSV_KEY: csv_sha256},
+        "files": files,
         "manifests": manifests,
         "completed": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

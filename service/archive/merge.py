@@ -21,6 +21,7 @@ from service.archive.manifest import (
     CSV_KEY,
     JOB_KEY,
     MARKER_KEY,
+    PAIRS_CSV_KEY,
     ArchiveError,
     ArchiveIncomplete,
     LabelCounter,
@@ -31,7 +32,9 @@ from service.archive.manifest import (
     is_dropped,
     marker_document,
     sha256_hex,
+    stored_files,
 )
+from service.archive.pairs import pairs_csv_header, pairs_csv_row
 from service.archive.spec import ArchivePlan, ArchiveSpec
 from service.sinks import Sink, SinkError, SinkKeyNotFound
 
@@ -120,15 +123,20 @@ def merge_archive(
         job, plan = read_job(sink)
         _wait_for_shards(sink, plan, wait_seconds, poll_seconds)
         merged = _MergedRecords(sink, plan, int(job["model"]["resolution"]), verify_images)
-        with tempfile.NamedTemporaryFile("wb", suffix=".csv", delete=False) as csv_file:
-            csv_path = csv_file.name
+        paths = []
         try:
-            with open(csv_path, "wb") as csv_file:
-                merged.write_csv(csv_file, progress)
+            for _ in range(2):
+                with tempfile.NamedTemporaryFile("wb", suffix=".csv", delete=False) as csv_file:
+                    paths.append(csv_file.name)
+            with open(paths[0], "wb") as csv_file, open(paths[1], "wb") as pairs_file:
+                merged.write_csv(csv_file, pairs_file, progress)
             merged.raise_on_problems()
-            sink.put_file(CSV_KEY, csv_path, "text/csv")
+            sink.put_file(CSV_KEY, paths[0], "text/csv")
+            if plan.spec.pairs is not None:
+                sink.put_file(PAIRS_CSV_KEY, paths[1], "text/csv")
         finally:
-            os.unlink(csv_path)
+            for path in paths:
+                os.unlink(path)
         marker = marker_document(
             job=job,
             counter=merged.counter,
@@ -136,6 +144,7 @@ def merge_archive(
             manifests=merged.manifests,
             csv_sha256=merged.csv_hash.hexdigest(),
             image_bytes=merged.images.total_bytes,
+            pairs_csv_sha256=merged.pairs_csv_hash.hexdigest() if plan.spec.pairs is not None else None,
         )
         sink.put(MARKER_KEY, canonical_json(marker), "application/json")
         return marker
@@ -171,25 +180,35 @@ class _MergedRecords:
         self.problems: list[str] = []
         self.orphans: list[str] = []
         self.images = _ImageListing(sink.list_sizes("images/"))
+        # A pairs job's difference maps, joined the same way; an ordinary job lists nothing more.
+        self.differences = _ImageListing(sink.list_sizes("differences/") if plan.spec.pairs else iter(()))
         self.csv_hash = hashlib.sha256()
+        self.pairs_csv_hash = hashlib.sha256()
 
-    def write_csv(self, csv_file: BinaryIO, progress: bool) -> None:
+    def write_csv(self, csv_file: BinaryIO, pairs_file: BinaryIO, progress: bool) -> None:
+        """Data_Entry.csv to ``csv_file`` (one row per stored image) and, in a pairs job, Pairs.csv to
+        ``pairs_file`` (one row per pair kept)."""
         from tqdm import tqdm
 
         self._write(csv_file, csv_header())
+        self._write_pair(pairs_file, pairs_csv_header())
         with tqdm(total=self.plan.count, unit="img", desc="merge", disable=not progress, dynamic_ncols=True) as bar:
             for shard in range(self.plan.spec.shard_count):
                 for number, chunk in enumerate(self.plan.chunks(shard)):
                     records = self._chunk_records(self.plan.chunk_key(shard, number), chunk)
                     for record in records:
+                        self.counter.add_pairs(record)
                         if is_dropped(record):  # no image, no row: the auditor rejected it through every retry
                             self.counter.add_dropped(record)
                             continue
-                        self._check_image(record)
-                        self.counter.add(record)
-                        self._write(csv_file, csv_row(record, self.resolution))
+                        self._check_files(record)
+                        for image in [record, *(p for p in record.get("pairs", []) if not is_dropped(p))]:
+                            self.counter.add(image)
+                            self._write(csv_file, csv_row(image, self.resolution))
+                            if image is not record:
+                                self._write_pair(pairs_file, pairs_csv_row(record, image))
                     bar.update(len(records))
-        self.orphans += self.images.rest()
+        self.orphans += self.images.rest() + self.differences.rest()
 
     def raise_on_problems(self) -> None:
         if self.problems:
@@ -207,6 +226,10 @@ class _MergedRecords:
         csv_file.write(data)
         self.csv_hash.update(data)
 
+    def _write_pair(self, pairs_file: BinaryIO, data: bytes) -> None:
+        pairs_file.write(data)
+        self.pairs_csv_hash.update(data)
+
     def _chunk_records(self, key: str, chunk: range) -> list[dict[str, Any]]:
         """The chunk's records, or none (with the problem noted) when its manifest is unusable."""
         data = self.sink.get(key)
@@ -221,11 +244,14 @@ class _MergedRecords:
             return []
         return records
 
-    def _check_image(self, record: dict[str, Any]) -> None:
-        size = self.images.take(record["image"], self.orphans)
-        if size is None:
-            self.problems.append(f"{record['image']} is missing")
-        elif size != record["bytes"]:
-            self.problems.append(f"{record['image']} has {size} bytes, its record says {record['bytes']}")
-        elif self.verify_images and sha256_hex(self.sink.get(record["image"])) != record["sha256"]:
-            self.problems.append(f"{record['image']} does not match its sha256")
+    def _check_files(self, record: dict[str, Any]) -> None:
+        """Every file the record names is stored with its recorded size (and sha256, with verify_images)."""
+        for key, expected, digest in stored_files(record):
+            listing = self.differences if key.startswith("differences/") else self.images
+            size = listing.take(key, self.orphans)
+            if size is None:
+                self.problems.append(f"{key} is missing")
+            elif size != expected:
+                self.problems.append(f"{key} has {size} bytes, its record says {expected}")
+            elif self.verify_images and sha256_hex(self.sink.get(key)) != digest:
+                self.problems.append(f"{key} does not match its sha256")

@@ -39,8 +39,11 @@ from service.archive.manifest import (
     job_document,
     make_record,
     sha256_hex,
+    stored_files,
 )
-from service.archive.spec import ArchivePlan, ArchiveSpec, PlannedImage, labels_of, patient_id
+from service.archive.pairs import Pair, make_pairs
+from service.archive.spec import ArchivePlan, ArchiveSpec, PlannedImage, difference_key, labels_of, patient_id
+from service.counterfactual import difference_png
 from service.dicom import SyntheticOrigin
 from service.image_formats import MEDIA_TYPES, encode_image
 from service.nearcopy import MAX_REPLACEMENTS, NearCopyFilter, near_copy_limit_message
@@ -107,6 +110,9 @@ class ShardReport:
     verified: int = 0  # among generated, with verify: images the auditor verified (kept)
     verify_retries: int = 0  # among generated: images made again because the auditor rejected them
     unverified_dropped: int = 0  # among generated: indices left without an image, rejected through every retry
+    pairs_made: int = 0  # among generated, in a pairs job: counterfactuals stored
+    pairs_confirmed: int = 0  # of those, the auditor sees the finding absent before and present after
+    pairs_dropped: int = 0  # pairs not stored: the auditor did not verify the edit, or its reference was dropped
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -218,6 +224,8 @@ class ShardRunner:
             raise ArchiveError("verify: the bundle has no auditor; leave verify out (or false), or use a bundle "
                                "exported with --auditor")
         self.verifier = auditor if spec.verify is not False else None
+        # Pairs report the auditor's view of both images whenever the bundle has one; verify decides drops.
+        self.pair_judge = self.verifier or (Verifier(auditor.auditor) if auditor is not None else None)
         self.job = wanted_job(spec, model, self.near_copies.index.sha256 if self.near_copies is not None else None,
                               verifying=self.verifier is not None)
         self.uids = ArchiveUIDs.of_job(self.job)
@@ -226,13 +234,20 @@ class ShardRunner:
     def _stored_image_sizes(self) -> dict[str, int]:
         """Sizes of the stored images of this shard, listed once (a key range, not the whole bucket)."""
         shard = self.plan.shard_range()
-        first, last = self.plan.image_key(shard.start), self.plan.image_key(shard.stop - 1)
+        # The next index's reference key sorts after every follow-up of the shard's last index.
+        first, last = self.plan.image_key(shard.start), self.plan.image_key(shard.stop)
         start_after = self.plan.image_key(shard.start - 1) if shard.start > 0 else ""
         sizes: dict[str, int] = {}
         for key, size in self.sink.list_sizes("images/", start_after=start_after):
             if key > last:
                 break
             if key >= first:
+                sizes[key] = size
+        if self.spec.pairs is not None:
+            first, last = difference_key(shard.start, 0), difference_key(shard.stop, 0)
+            for key, size in self.sink.list_sizes("differences/", start_after=first):
+                if key > last:
+                    break
                 sizes[key] = size
         return sizes
 
@@ -249,24 +264,30 @@ class ShardRunner:
                 continue  # no image: the auditor rejected it through every retry
             if record["image"] != self.plan.image_key(record["index"]):
                 return f"record {record['id']} names {record['image']!r}"
-            if stored.get(record["image"]) != record["bytes"]:
-                return f"image {record['image']} is missing or has the wrong size"
-            if self.options.verify_existing and sha256_hex(self.sink.get(record["image"])) != record["sha256"]:
-                return f"image {record['image']} does not match its sha256"
+            if [pair["follow_up"] for pair in record.get("pairs", [])] != self.plan.follow_ups():
+                return f"record {record['id']} does not list the job's pairs"
+            for file_key, size, digest in stored_files(record):
+                if stored.get(file_key) != size:
+                    return f"{file_key} is missing or has the wrong size"
+                if self.options.verify_existing and sha256_hex(self.sink.get(file_key)) != digest:
+                    return f"{file_key} does not match its sha256"
         return None
 
     # -- generation ----------------------------------------------------------------------------
-    def _store(self, planned: PlannedImage, accepted: Accepted) -> dict[str, Any]:
-        """Store the image and return its record; with verify, an image the auditor still rejects is not
-        stored and its record says it was dropped."""
+    def _store(self, planned: PlannedImage, accepted: Accepted, pairs: list[Pair]) -> dict[str, Any]:
+        """Store the image (and its pairs') and return its record; with verify, an image the auditor still
+        rejects is not stored and its record says it was dropped."""
         result, verdict = accepted.result, accepted.verdict
         verify_retries = accepted.attempts - 1 - accepted.near_copies_dropped
         requested = labels_of(planned.target, planned.mask)
         if verdict is not None and not verdict.verified:
-            return dropped_record(index=planned.index, image_id=planned.id, requested=requested,
-                                  target=planned.target, seed=result.seed, attempts=accepted.attempts,
-                                  verify_retries=verify_retries, auditor_probabilities=verdict.rounded(),
-                                  model_version=self.model.version)
+            record = dropped_record(index=planned.index, image_id=planned.id, requested=requested,
+                                    target=planned.target, seed=result.seed, attempts=accepted.attempts,
+                                    verify_retries=verify_retries, auditor_probabilities=verdict.rounded(),
+                                    model_version=self.model.version)
+            if self.spec.pairs is not None:
+                record["pairs"] = [pair.record(planned.index) for pair in pairs]
+            return record
         # What DICOM writes in its private block and patient module; PNG ignores both.
         origin = SyntheticOrigin(
             model_name=self.model.name,
@@ -306,12 +327,38 @@ class ShardRunner:
             "model-version": self.model.version,
         }
         self.sink.put(planned.key, data, MEDIA_TYPES[self.spec.image_format], metadata)
+        if self.spec.pairs is not None:
+            record["pairs"] = [self._store_pair(planned, pair) for pair in pairs]
+        return record
+
+    def _store_pair(self, planned: PlannedImage, pair: Pair) -> dict[str, Any]:
+        """Store a kept pair's counterfactual (and difference map) and return the pair's record."""
+        record = pair.record(planned.index)
+        if pair.dropped is not None:
+            return record
+        key = self.plan.image_key(planned.index, pair.follow_up)
+        data = encode_image(pair.result.image, self.spec.image_format, None, None)  # PNG: no DICOM origin
+        record.update(image=key, format=self.spec.image_format, bytes=len(data), sha256=sha256_hex(data))
+        self.sink.put(key, data, MEDIA_TYPES[self.spec.image_format],
+                      {"sha256": record["sha256"], "seed": str(record["seed"]),
+                       "finding-labels": record["finding_labels"], "model-version": self.model.version})
+        if self.spec.pairs.difference_maps:
+            difference, scale = difference_png(pair.reference.image, pair.result.image)
+            record.update(difference=difference_key(planned.index, pair.follow_up), difference_bytes=len(difference),
+                          difference_sha256=sha256_hex(difference), difference_scale=round(scale, 6))
+            self.sink.put(record["difference"], difference, "image/png", {"sha256": record["difference_sha256"]})
         return record
 
     def _requests(self, batch: list[PlannedImage]) -> list[Any]:
         from service.lco import SampleRequest
 
         return [SampleRequest(p.target, p.mask, p.seed, self.lco) for p in batch]
+
+    def _pairs(self, batch: list[PlannedImage], accepted: list[Accepted]) -> list[list[Pair]]:
+        if self.spec.pairs is None:
+            return [[] for _ in batch]
+        return make_pairs(self.engine.generate, batch, accepted, self.spec.pairs, self.lco, self.pair_judge,
+                          verifying=self.verifier is not None)
 
     def _accept(self, batch: list[PlannedImage]) -> list[Accepted]:
         """The batch's images, each near-copy and each image the auditor rejects made again from the next
@@ -411,8 +458,13 @@ class ShardRunner:
                     if uploader.error is not None:
                         raise uploader.error
                     batch = [self.plan.image(i) for i in indices]
-                    for planned, accepted in zip(batch, self._accept(batch), strict=True):
-                        futures.append(uploader.submit(self._store, planned, accepted))
+                    references = self._accept(batch)
+                    for planned, accepted, pairs in zip(batch, references, self._pairs(batch, references), strict=True):
+                        futures.append(uploader.submit(self._store, planned, accepted, pairs))
+                        report.pairs_made += sum(pair.dropped is None for pair in pairs)
+                        report.pairs_confirmed += sum(pair.dropped is None and bool(pair.auditor_confirms)
+                                                      for pair in pairs)
+                        report.pairs_dropped += sum(pair.dropped is not None for pair in pairs)
                         report.satisfied += int(bool(accepted.result.satisfied))
                         report.accepted_without_steps += int(accepted.result.accepted_without_steps)
                         report.near_copies_dropped += accepted.near_copies_dropped

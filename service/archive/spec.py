@@ -21,8 +21,9 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from service.counterfactual import DEFAULT_PULL, MAX_PULL
 from service.image_formats import SUFFIXES, ImageFormat
-from service.labels import LABELS, NUM_LABELS
+from service.labels import LABEL_INDEX, LABELS, NO_FINDING, NUM_LABELS, UnknownLabelError, parse_label
 from service.lco import LCOOptions
 from service.prior import get_prior
 from service.schemas import resolve_labels
@@ -73,6 +74,44 @@ def labels_to_target(labels: dict[str, bool] | list[str], exclusive: bool) -> tu
     return spec.target, spec.mask
 
 
+class PairsOptions(BaseModel):
+    """Counterfactual pairs (service/counterfactual.py): each index's reference lacks every one of
+    ``findings``, and one edit per finding adds it from the reference's latent.
+
+    ``findings`` are NIH labels (any case, the usual aliases), kept in ``service.labels.LABELS`` order:
+    the counterfactual adding ``findings[k]`` is follow-up k + 1 of the reference's synthetic patient.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    findings: list[str] = Field(min_length=1, max_length=NUM_LABELS,
+                                description="the findings each reference is edited to show, one pair each")
+    proximity: float = Field(DEFAULT_PULL, ge=0.0, le=MAX_PULL, allow_inf_nan=False,
+                             description="weight of |z - z_reference|^2 / 2 in each edit's loss, as POST /edit's")
+    difference_maps: bool = Field(True, description="also write each pair's signed difference map (RGB PNG)")
+
+    @field_validator("findings")
+    @classmethod
+    def _canonical_findings(cls, findings: list[str]) -> list[str]:
+        names = []
+        for raw in findings:
+            try:
+                name = parse_label(raw)
+            except UnknownLabelError as error:
+                raise ValueError(str(error)) from None
+            if name == NO_FINDING:
+                raise ValueError('"No Finding" cannot be a pair\'s finding: a pair adds a finding to a reference '
+                                 "without it; name findings such as Effusion")
+            if name in names:
+                raise ValueError(f"{name} is named twice in pairs.findings; name it once")
+            names.append(name)
+        return sorted(names, key=LABEL_INDEX.__getitem__)
+
+    def indices(self) -> list[int]:
+        """The findings' positions in ``LABELS``."""
+        return [LABEL_INDEX[name] for name in self.findings]
+
+
 class ArchiveSpec(BaseModel):
     """One archive job. Shards of one job share every field except ``shard_index``."""
 
@@ -102,6 +141,10 @@ class ArchiveSpec(BaseModel):
         "dropped). Left out: on when the bundle has an auditor; true on a bundle without one is an error",
     )
     verify_retries: int = Field(3, ge=0, le=MAX_VERIFY_RETRIES, description="retries per image the auditor rejects")
+    pairs: PairsOptions | None = Field(
+        None, description="counterfactual pairs: each index's image is a reference without the findings named, "
+        "and one edited image per finding adds it (images/<id>_00k.png, a pair row in Pairs.csv)",
+    )
     batch_size: int | None = Field(
         None, ge=1, le=MAX_BATCH_SIZE,
         description="images handed to the LCO engine at once, a divisor of chunk_size "
@@ -135,11 +178,29 @@ class ArchiveSpec(BaseModel):
             raise ValueError(f"chunk_size {self.chunk_size} must be a multiple of batch_size {self.batch_size}")
         if self.shard_index >= self.shard_count:
             raise ValueError(f"shard_index {self.shard_index} must be below shard_count {self.shard_count}")
+        if self.pairs is not None:
+            self._check_pairs(self.pairs)
         batches = -(-self.count // self.batch_size)
         if self.shard_count > batches:
             raise ValueError(f"shard_count {self.shard_count} exceeds the job's {batches} LCO batches "
                              f"({self.count} images / batch_size {self.batch_size}); use fewer shards or a smaller batch_size")
         return self
+
+    def _check_pairs(self, pairs: PairsOptions) -> None:
+        """What a pairs job cannot be combined with, each saying what to change."""
+        if self.image_format == "dicom":
+            raise ValueError("pairs are written as png8 or png16; DICOM pairs are not supported: drop image_format "
+                             "dicom or pairs")
+        if self.drop_near_copies:
+            raise ValueError("pairs cannot drop near-copies yet (an edited image has no retry seed to replace it "
+                             "from): drop drop_near_copies or pairs")
+        if isinstance(self.distribution, list):
+            for number, group in enumerate(self.distribution, start=1):
+                target, mask = group.target_and_mask()
+                present = [name for name, i in zip(pairs.findings, pairs.indices()) if mask[i] > 0.5 and target[i] > 0.5]
+                if present:
+                    raise ValueError(f"label group {number} requests {', '.join(present)} present, but a pair's "
+                                     "reference lacks the finding its edit adds: drop it from the group or from pairs")
 
     def identity(self) -> dict[str, Any]:
         """The fields that determine the archive's content (shared by all shards, any destination), less the
@@ -147,7 +208,8 @@ class ArchiveSpec(BaseModel):
         # drop_near_copies only when on, so jobs written before the option existed still resume
         # verify and verify_retries go in a section of their own (the effective verify depends on the bundle)
         unchanged = ({"shard_index", "destination", "lco", "verify", "verify_retries"}
-                     | (set() if self.drop_near_copies else {"drop_near_copies"}))
+                     | (set() if self.drop_near_copies else {"drop_near_copies"})
+                     | (set() if self.pairs else {"pairs"}))
         return self.model_dump(mode="json", exclude=unchanged)
 
 
@@ -156,14 +218,20 @@ def patient_id(index: int) -> int:
     return index + 1
 
 
-def image_id(index: int) -> str:
-    """NIH-style image name stem: one synthetic patient per image, follow-up 0 ("00000001_000")."""
-    return f"{patient_id(index):08d}_000"
+def image_id(index: int, follow_up: int = 0) -> str:
+    """NIH-style image name stem: the synthetic patient of ``index`` and the follow-up ("00000001_000");
+    a pairs job's counterfactuals are follow-ups 1, 2, … of their reference's patient."""
+    return f"{patient_id(index):08d}_{follow_up:03d}"
 
 
-def image_key(index: int, image_format: str) -> str:
+def image_key(index: int, image_format: str, follow_up: int = 0) -> str:
     """The image's key under the destination: "images/00000001_000.png", or ".dcm" for DICOM."""
-    return f"images/{image_id(index)}{SUFFIXES[image_format]}"
+    return f"images/{image_id(index, follow_up)}{SUFFIXES[image_format]}"
+
+
+def difference_key(index: int, follow_up: int) -> str:
+    """The key of a pair's difference map (RGB PNG): "differences/00000001_001.png"."""
+    return f"differences/{image_id(index, follow_up)}.png"
 
 
 @dataclass(frozen=True)
@@ -205,6 +273,14 @@ class ArchivePlan:
         return int(state[0] >> np.uint64(1))  # 63 bits: fits every signed 64-bit consumer
 
     def labels(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """target[14], mask[14] of image ``index``; in a pairs job, the reference's: every pair finding absent."""
+        target, mask = self._drawn_labels(index)
+        if self.spec.pairs is not None:
+            target, mask = target.copy(), mask.copy()
+            target[self.spec.pairs.indices()], mask[self.spec.pairs.indices()] = 0.0, 1.0
+        return target, mask
+
+    def _drawn_labels(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         if self._prior is not None:
             target = self._prior.sample(1, self._rng(_LABEL_STREAM, index))[0].astype(np.float32)
             # A prior draw is a whole label set: the named findings present, every other one absent.
@@ -218,8 +294,12 @@ class ArchivePlan:
         target, mask = self.labels(index)
         return PlannedImage(index, self.image_seed(index), target, mask, self.image_key(index))
 
-    def image_key(self, index: int) -> str:
-        return image_key(index, self.spec.image_format)
+    def image_key(self, index: int, follow_up: int = 0) -> str:
+        return image_key(index, self.spec.image_format, follow_up)
+
+    def follow_ups(self) -> list[int]:
+        """The follow-up numbers of each index's counterfactuals (none outside a pairs job)."""
+        return list(range(1, len(self.spec.pairs.findings) + 1)) if self.spec.pairs is not None else []
 
     # -- layout --------------------------------------------------------------------------------
     def shard_range(self, shard_index: int | None = None) -> range:

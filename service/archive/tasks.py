@@ -55,6 +55,9 @@ class ArchiveTaskResult(BaseModel):
     verified: int = 0  # with verify: images the auditor verified
     verify_retries: int = 0  # images made again because the auditor rejected them
     unverified_dropped: int = 0  # indices left without an image: rejected through every retry
+    pairs_made: int = 0  # a pairs job: counterfactuals stored
+    pairs_confirmed: int = 0  # of those, the auditor sees the finding absent before and present after
+    pairs_dropped: int = 0  # edits the auditor did not verify, and the pairs of dropped references
     seconds: float
     committed: bool  # the archive's commit marker is written
     label_counts: dict[str, int] | None = None
@@ -161,6 +164,9 @@ class ArchiveJobs:
                 verified=report.verified,
                 verify_retries=report.verify_retries,
                 unverified_dropped=report.unverified_dropped,
+                pairs_made=report.pairs_made,
+                pairs_confirmed=report.pairs_confirmed,
+                pairs_dropped=report.pairs_dropped,
                 seconds=round(report.seconds, 3),
                 committed=marker is not None or report.archive_complete,
                 label_counts=marker["label_counts"] if marker else None,
