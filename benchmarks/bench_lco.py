@@ -274,11 +274,12 @@ def cost_section(engine: LCOEngine, ratio: float, scale: float, steps: int, cand
         # No hit in the whole budget: rejection costs at least the budget per hit (a lower bound).
         base_fpe = base.fpe_per_hit if base.hits else base.fpe
         base_seconds = base.seconds_per_hit if base.hits else base.seconds
-        bound = "" if base.hits else ">"
+        at_least = "" if base.hits else ">"
         for row in rows:
             if row.hits:
                 fpe, secs = f"{row.fpe_per_hit:.1f}", f"{row.seconds_per_hit:.3g}"
-                gains = f"{bound}{base_fpe / row.fpe_per_hit:.1f}x | {bound}{base_seconds / row.seconds_per_hit:.1f}x"
+                gains = (f"{at_least}{base_fpe / row.fpe_per_hit:.1f}x | "
+                         f"{at_least}{base_seconds / row.seconds_per_hit:.1f}x")
             else:
                 fpe, secs, gains = f">{row.fpe:.0f}", f">{row.seconds:.3g}", "- | -"
             if row is base:
