@@ -139,11 +139,11 @@ def test_the_demo_trains_every_ensemble_member_on_its_own_phantom_stream():
     assert len({get_preset(name).seed for name in members}) == len(members)
 
 
-def test_the_demo_steers_by_one_cnn_distilled_from_its_ensemble():
+def test_the_demo_steers_by_one_cnn_distilled_from_its_ensemble_when_asked():
     from training.classifier.config import DEMO_DISTILLED, DEMO_DISTILLED_INIT, DEMO_MEMBERS
     from training.demo_bundle import training_steps
 
-    steps = training_steps(Path("bundle"), Path("runs"))  # the default
+    steps = training_steps(Path("bundle"), Path("runs"), classifier="distilled")
     arguments = [arguments for _, _, arguments in steps]
     ensemble = next(a for a in arguments if a[:2] == ["classifier", "ensemble"])
     distill = next(a for a in arguments if a[:2] == ["classifier", "distill"])
@@ -155,7 +155,7 @@ def test_the_demo_steers_by_one_cnn_distilled_from_its_ensemble():
     assert export[export.index("--classifier") + 1] == distill[distill.index("--run-dir") + 1]
     assert get_preset(DEMO_DISTILLED).model == get_preset(DEMO_DISTILLED_INIT).model  # --init must fit
     assert get_preset(DEMO_DISTILLED).distill.enabled
-    ensemble_only = training_steps(Path("bundle"), Path("runs"), classifier="ensemble")
+    ensemble_only = training_steps(Path("bundle"), Path("runs"))  # the default
     assert not any(a[:2] == ["classifier", "distill"] for _, _, a in ensemble_only)
     assert next(a for _, _, a in ensemble_only if a[0] == "export")[4] == "runs/classifier"
 

@@ -3,11 +3,11 @@
 The steps are the training CLI's own commands, each a ``python -m training.cli`` subprocess with its
 own progress bar: the PGGAN (data-parallel over two processes), the LCO steering classifier, and the
 export. On procedural phantoms (the default) these are the `demo` GAN preset and ``--classifier
-distilled`` (the default): the nine members of ``DEMO_MEMBERS``, their ensemble, and one CNN distilled
-from it on the generator's images and LCO's hard negatives (``DEMO_DISTILLED``: one classifier pass
-per LCO step); ``--classifier ensemble`` steers by the ensemble itself (27 passes per step);
-``--classifier robust`` by one adversarially trained CNN (``DEMO_STEERING``), which does not reach the
-ensemble's label fidelity (docs/lco-quality.md). On real
+ensemble`` (the default): the nine members of ``DEMO_MEMBERS`` and their ensemble, 27 classifier passes
+per LCO step. ``--classifier distilled`` adds one CNN distilled from that ensemble on the generator's
+images and LCO's hard negatives (``DEMO_DISTILLED``) and steers by it, one pass per step;
+``--classifier robust`` steers by one adversarially trained CNN (``DEMO_STEERING``). Neither reaches
+the ensemble's label fidelity yet (docs/lco-quality.md). On real
 radiographs in the NIH layout (``--data nih:PATH``, made for the 705-image
 NIH sample) they are `nih-sample-64` and the ensemble of ``NIH_SAMPLE_MEMBERS``, and two steps follow: the independent
 auditor (`auditor-nih-sample`) and its export for ONNX Runtime to ``--auditor``. ``python -m
@@ -53,7 +53,7 @@ def training_steps(bundle: Path, runs: Path, data: str = "phantoms", auditor: Pa
     real = data != "phantoms"
     if real and auditor is None:
         raise ValueError(f"--data {data} trains an auditor too: say where to export it (auditor=...)")
-    classifier = classifier or ("ensemble" if real else "distilled")
+    classifier = classifier or "ensemble"
     if classifier not in STEERING_CLASSIFIERS or (real and classifier != "ensemble"):
         raise ValueError(f"--classifier {classifier}: use distilled, ensemble or robust on phantoms, ensemble on "
                          "nih:PATH")
@@ -138,10 +138,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--auditor", type=Path, help="with --data nih:PATH: where to export the auditor")
     parser.add_argument("--pin", type=Path, help="write the sha256 of the new bundle's manifest here")
     parser.add_argument("--classifier", choices=STEERING_CLASSIFIERS, default=None,
-                        help="LCO's steering classifier: distilled (the default on phantoms: one CNN distilled "
-                             "from the nine-member ensemble, one pass per LCO step), ensemble (the nine CNNs "
-                             "themselves, 27 passes; the only choice on nih:PATH, three CNNs there) or robust "
-                             "(one adversarially trained CNN; lower label fidelity). docs/lco-quality.md")
+                        help="LCO's steering classifier: ensemble (the default: nine CNNs on phantoms, 27 "
+                             "passes per LCO step; three on nih:PATH, the only choice there), distilled (one CNN "
+                             "distilled from the ensemble, one pass per step) or robust (one adversarially "
+                             "trained CNN). The one-pass choices are below the ensemble's label fidelity: "
+                             "docs/lco-quality.md")
     args = parser.parse_args(argv)
     kind, _, path = args.data.partition(":")
     if args.data != "phantoms" and not (kind == "nih" and Path(path).is_dir()):
