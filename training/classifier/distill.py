@@ -49,6 +49,7 @@ from service.lco import LCOOptions
 from service.prior import get_prior
 from training.classifier.artifact import TrainedClassifier
 from training.classifier.config import ClassifierTrainConfig, DistillConfig, validate
+from training.export.lco import masked_bce
 from training.runtime import ConfigError
 
 # The student's logits are the teacher's centred scale: the decision threshold is logit 0.
@@ -87,11 +88,6 @@ def met(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, margin: 
     (service.lco.satisfied's rule, for centred logits)."""
     good = torch.where(target > 0.5, logits >= margin, logits < -margin) | (mask < 0.5)
     return good.all(dim=1)
-
-
-def masked_bce(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
-    return (bce * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
 
 
 def lco_trajectories(generator: Callable[[torch.Tensor], torch.Tensor], latent_dim: int, classifier: nn.Module,
@@ -263,9 +259,9 @@ def distill(config: ClassifierTrainConfig, teacher: TrainedClassifier, generator
     stage (pool, each round). Raises ConfigError when ``config`` has no ``[distill]`` section or cannot
     train, ValueError when ``init`` has another architecture.
     """
-    from training.classifier.trainer import build_splits, predict, save_roc_picture
-    from training.metrics import compute_metric, report_metric
-    from training.metrics.builtin import CLASSIFIER_AUROC, label_aurocs
+    from training.classifier.trainer import build_splits, held_out_auroc, save_roc_picture
+    from training.metrics import report_metric
+    from training.metrics.builtin import label_aurocs
     from training.networks.classifier import build_classifier
     from training.runtime.monitor import TrainingMonitor, write_json_atomic
 
@@ -309,12 +305,7 @@ def distill(config: ClassifierTrainConfig, teacher: TrainedClassifier, generator
              "teacher_agreement_at_fallback_margin": firm_agreement, "pool": len(run.images), "mse": loss,
              "seconds": time.perf_counter() - started})
 
-    if config.data.kind == "phantoms":  # only the test split is read: draw no training or validation set
-        config = config.override(["data.train_count=1", "data.val_count=1"])
-    splits = build_splits(config)
-    probabilities, labels, mask = predict(student, splits.test, torch.device("cpu"))
-    metric = compute_metric(CLASSIFIER_AUROC, probabilities=probabilities, labels=labels, mask=mask,
-                            bootstrap=config.bootstrap, seed=config.seed, split="test", dataset=splits.description)
+    metric, splits = held_out_auroc(student, config)
     metrics = label_aurocs(metric)
     images_shown = len(run.images) * settings.round_epochs
     result = TrainedClassifier(

@@ -57,19 +57,14 @@ def build_ensemble(members: Sequence[TrainedClassifier], config: ClassifierTrain
     """Combine ``members``, evaluate on ``config``'s held-out splits; save to ``run_dir``/classifier
     (with ``run_dir``/roc.png and the AUROC in ``run_dir``/metric-classifier_auroc.jsonl), as
     ``classifier train`` does."""
-    from training.classifier.trainer import build_splits, predict, save_roc_picture
-    from training.metrics import compute_metric, report_metric
-    from training.metrics.builtin import CLASSIFIER_AUROC, label_aurocs
+    from training.classifier.trainer import held_out_auroc, save_roc_picture
+    from training.metrics import report_metric
+    from training.metrics.builtin import label_aurocs
 
     if not members:
         raise ValueError("an ensemble needs at least one member classifier")
     network = combine(members, shifts, vote_clip)
-    if config.data.kind == "phantoms":  # only the test split is read: draw no training or validation set
-        config = config.override(["data.train_count=1", "data.val_count=1"])
-    splits = build_splits(config)
-    probabilities, labels, mask = predict(network, splits.test, torch.device("cpu"))
-    metric = compute_metric(CLASSIFIER_AUROC, probabilities=probabilities, labels=labels, mask=mask,
-                            bootstrap=config.bootstrap, seed=config.seed, split="test", dataset=splits.description)
+    metric, splits = held_out_auroc(network, config)
     metrics = label_aurocs(metric)
     thresholds = np.full(NUM_LABELS, 0.5, np.float32)  # a mean vote of 0 (see the module docstring)
     images_shown = sum(member.images_shown for member in members)

@@ -188,6 +188,19 @@ def evaluate(network: torch.nn.Module, val: Dataset, test: Dataset, device: torc
     return thresholds, result
 
 
+def held_out_auroc(network: torch.nn.Module, config: ClassifierTrainConfig) -> tuple[MetricResult, Splits]:
+    """The ``classifier_auroc`` metric of ``network`` on ``config``'s test split (phantom presets draw no
+    training or validation set for it), and the splits read. For classifiers not trained on those data
+    (ensembles, distilled students): their thresholds come from elsewhere."""
+    if config.data.kind == "phantoms":
+        config = config.override(["data.train_count=1", "data.val_count=1"])
+    splits = build_splits(config)
+    probabilities, labels, mask = predict(network, splits.test, torch.device("cpu"))
+    metric = compute_metric(CLASSIFIER_AUROC, probabilities=probabilities, labels=labels, mask=mask,
+                            bootstrap=config.bootstrap, seed=config.seed, split="test", dataset=splits.description)
+    return metric, splits
+
+
 def save_roc_picture(network: torch.nn.Module, test: Dataset, device: torch.device,
                      metrics: dict[str, LabelAUROC], path: Path, title: str) -> None:
     """One ROC curve per label with its AUROC and 95% CI, as a PNG a person can look at."""
