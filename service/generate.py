@@ -19,7 +19,14 @@ from service.image_formats import MEDIA_TYPES, SUFFIXES, encode_image
 from service.labels import LABELS
 from service.lco import LCOOptions, SampleRequest, SampleResult
 from service.nearcopy import MAX_REPLACEMENTS, near_copy_limit_message
-from service.schemas import MAX_SEED, GeneratedImage, GenerateRequest, GenerateResponse, LabelSpec
+from service.schemas import (
+    MAX_SEED,
+    GeneratedImage,
+    GenerateRequest,
+    GenerateResponse,
+    LabelSpec,
+    WithheldImage,
+)
 from service.settings import settings
 from service.sinks import S3Sink, SinkError, SinkKeyNotFound
 from service.verify import Verdict, Verifier, retry_seed
@@ -91,7 +98,7 @@ class GenerateJob:
         tasks = [asyncio.create_task(self._image(index, seed, future)) for index, (seed, future)
                  in enumerate(zip(seeds, futures))]
         try:
-            images = await asyncio.gather(*tasks)
+            outcomes = await asyncio.gather(*tasks)
         except SinkError as error:
             await self._abandon(tasks)
             assert self.sink is not None
@@ -102,19 +109,21 @@ class GenerateJob:
         except BaseException:
             await self._abandon(tasks)
             raise
+        images = [outcome for outcome in outcomes if isinstance(outcome, GeneratedImage)]
         return GenerateResponse(
             request_id=self.request_id,
             model=self.service.model_ref,
             format=self.request.format,
             exclusive=self.request.exclusive,
             satisfied=sum(image.satisfied for image in images),
-            verified=None if self.verifier is None else sum(bool(image.verified) for image in images),
+            verified=None if self.verifier is None else len(images),
+            withheld=[outcome for outcome in outcomes if isinstance(outcome, WithheldImage)],
             near_copies_dropped=self.near_copies_dropped,
             destination=self.sink.uri() if self.sink else None,
-            images=list(images),
+            images=images,
         )
 
-    async def _abandon(self, tasks: list[asyncio.Task[GeneratedImage]]) -> None:
+    async def _abandon(self, tasks: list[asyncio.Task[GeneratedImage | WithheldImage]]) -> None:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -123,14 +132,14 @@ class GenerateJob:
     def _sample(self, seed: int) -> SampleRequest:
         return SampleRequest(self.spec.target, self.spec.mask, seed, self.options)
 
-    async def _image(self, index: int, seed: int, future: Any) -> GeneratedImage:
+    async def _image(self, index: int, seed: int, future: Any) -> GeneratedImage | WithheldImage:
         result: SampleResult = await asyncio.wrap_future(future)
         attempts = 1
         strict_retries = verify_retries = dropped = 0
         near_copies = self.service.near_copies if self.request.drop_near_copies else None
         while True:
             # A near-copy is replaced whatever strict says; strict retries and auditor rejections
-            # have budgets of their own. Past its verify budget an image is returned unverified.
+            # have budgets of their own. Past its verify budget an image is withheld.
             verdict: Verdict | None = None
             if near_copies is not None and (await asyncio.to_thread(near_copies.near_copies, [result.image]))[0]:
                 dropped += 1
@@ -151,6 +160,10 @@ class GenerateJob:
         if dropped:
             self.near_copies_dropped += dropped
             self.service.metrics.near_copies_dropped.labels(source="generate").inc(dropped)
+        probabilities = {name: round(float(p), 6) for name, p in zip(LABELS, result.probabilities)}
+        if verdict is not None and not verdict.verified:
+            return WithheldImage(index=index, seed=result.seed, attempts=attempts, probabilities=probabilities,
+                                 auditor_probabilities=verdict.rounded())
         self.service.metrics.record_image(self.spec.positives, bool(self.spec.mask.any()), result.satisfied,
                                           result.steps, result.accepted_without_steps)
         image_id = f"{self.request_id}-{index:04d}"
@@ -169,7 +182,7 @@ class GenerateJob:
             index=index,
             seed=result.seed,
             labels=self.spec.constraints,
-            probabilities={name: round(float(p), 6) for name, p in zip(LABELS, result.probabilities)},
+            probabilities=probabilities,
             satisfied=result.satisfied,
             steps=result.steps,
             accepted_without_steps=result.accepted_without_steps,

@@ -207,8 +207,9 @@ class GenerateRequest(BaseModel):
     verify: bool | None = Field(
         None, description="check each image with the bundle's independent auditor at its own thresholds and make "
         "an image it disagrees with again from a derived seed (up to verify_retries times; past that the image "
-        "is returned with verified: false). Left out: on when the bundle has an auditor (GET /model: auditor); "
-        "true on a bundle without one is a 400", json_schema_extra=_verify_option)
+        "is withheld: listed under withheld, not returned, so every returned image is verified). Left out: on "
+        "when the bundle has an auditor (GET /model: auditor); true on a bundle without one is a 400",
+        json_schema_extra=_verify_option)
     verify_retries: int = Field(3, ge=0, description="retries per image the auditor rejects, up to the configured "
                                 "maximum (CXRSYNTH_MAX_RETRIES)", json_schema_extra=_retries_bound)
     lco: LCOOptions = Field(default_factory=LCOOptions, description="LCO options; those left out take their defaults")
@@ -285,13 +286,29 @@ class GeneratedImage(BaseModel):
     media_type: str = Field("image/png", description="image/png or application/dicom")
 
 
+class WithheldImage(BaseModel):
+    """An image the auditor rejected through every verify retry: not returned, only described."""
+
+    index: int
+    seed: int = Field(description="the last attempt's seed: the same request with verify false and this seed "
+                      "makes the image the auditor rejected")
+    attempts: int = Field(description="1 + verify_retries (and any strict or near-copy retries)")
+    probabilities: dict[str, float] = Field(description="the LCO classifier's probability for each of the 14 "
+                                            "labels on the last attempt")
+    auditor_probabilities: dict[str, float] = Field(description="the auditor's, on the last attempt")
+
+
 class GenerateResponse(BaseModel):
     request_id: str
     model: ModelRef
     format: str
     exclusive: bool
     satisfied: int = Field(description="how many of the images are satisfied")
-    verified: int | None = Field(None, description="how many of the images the auditor verified (null: not verified)")
+    verified: int | None = Field(None, description="how many of the images the auditor verified: all those returned "
+                                 "(null: not verified)")
+    withheld: list[WithheldImage] = Field(
+        default_factory=list, description="with verify: the indices the auditor rejected through every retry, "
+        "not returned (count = returned + withheld)")
     near_copies_dropped: int = Field(0, description="images dropped as near-copies of the training set and replaced")
     destination: str | None = None
     images: list[GeneratedImage]

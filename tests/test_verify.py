@@ -181,17 +181,27 @@ def test_generate_verifies_by_default_and_a_retried_image_is_its_derived_seed(au
     assert status == 200, first
     status, second = call(audited_server, "POST", "/generate", body)
     assert [i["data"] for i in first["images"]] == [i["data"] for i in second["images"]]
-    for image in first["images"]:
-        agrees = image["auditor_probabilities"]["Pneumothorax"] >= thresholds["Pneumothorax"]
-        assert image["verified"] == agrees
-        assert image["verified"] or image["attempts"] == 3
-    assert first["verified"] == sum(i["verified"] for i in first["images"])
+    for image in first["images"]:  # every returned image is one the auditor agrees with
+        assert image["verified"] is True
+        assert image["auditor_probabilities"]["Pneumothorax"] >= thresholds["Pneumothorax"]
+    for withheld in first["withheld"]:  # rejected through both retries: described, not returned
+        assert withheld["attempts"] == 3 and "data" not in withheld
+        assert withheld["auditor_probabilities"]["Pneumothorax"] < thresholds["Pneumothorax"]
+    assert first["verified"] == len(first["images"])
+    assert sorted(i["index"] for i in first["images"] + first["withheld"]) == [0, 1, 2, 3]
     retried = [image for image in first["images"] if image["attempts"] > 1]
     assert retried, "the ci auditor should reject some of these weak images"
     alone = {**body, "count": 1, "seed": retried[0]["seed"], "verify": False}
     status, remade = call(audited_server, "POST", "/generate", alone)
     assert status == 200 and remade["verified"] is None and remade["images"][0]["verified"] is None
     assert base64.b64decode(remade["images"][0]["data"]) == base64.b64decode(retried[0]["data"])
+    # no retries: the images rejected at their first attempt are the ones withheld
+    status, unretried = call(audited_server, "POST", "/generate", {**body, "verify_retries": 0})
+    assert status == 200 and unretried["withheld"], "the retried images above were rejected at their first attempt"
+    first_attempts = {image["index"] for image in first["images"] + first["withheld"] if image["attempts"] > 1}
+    assert {w["index"] for w in unretried["withheld"]} == first_attempts
+    assert all(w["attempts"] == 1 and w["seed"] == 77 + w["index"] for w in unretried["withheld"])
+    assert unretried["verified"] == len(unretried["images"]) == 4 - len(first_attempts)
     status, metrics = call(audited_server, "GET", "/metrics")
     rejections = [line for line in metrics.splitlines() if line.startswith("cxrsynth_verifications_total{")
                   and 'finding="Pneumothorax"' in line and 'verified="false"' in line and 'source="generate"' in line]
