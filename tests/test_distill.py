@@ -12,7 +12,15 @@ from service.labels import NUM_LABELS
 from service.lco import LCOOptions
 from tests.bundle_fixtures import run_command
 from training.classifier import TrainedClassifier, get_preset
-from training.classifier.distill import Request, distill, lco_trajectories, met, round_requests, to_sphere
+from training.classifier.distill import (
+    Request,
+    distill,
+    lco_trajectories,
+    met,
+    round_requests,
+    to_sphere,
+    unclip,
+)
 from training.runtime import ConfigError
 
 # The `ci` preset with a [distill] section cut to seconds.
@@ -82,6 +90,27 @@ def test_distill_brings_the_student_towards_the_teacher(ci_models, tmp_path):
     assert [s["stage"] for s in stages] == ["pool", "round 1"]
     assert 0.0 <= stages[1]["teacher_agreement"] <= 1.0 and stages[1]["pool"] > stages[0]["pool"]
     assert (run_dir / "roc.png").stat().st_size > 0
+
+
+def test_a_clipped_student_regresses_unclipped_targets_and_reads_on_the_teachers_scale(ci_models, tmp_path):
+    """output_clip: the saved student is the CNN as a one-member, one-view ensemble clipped at ±c, and
+    its raw logits learnt c·atanh(t / c) of the teacher's (held within the bound)."""
+    config = get_preset("ci").override([*TINY, "distill.output_clip=2"])
+    teacher = _centred_teacher(ci_models.classifier)
+    result = distill(config, teacher, ci_models.generator, tmp_path / "clipped", progress=False)
+    saved = TrainedClassifier.load(tmp_path / "clipped" / "classifier")
+    assert saved.spec.arch == "ensemble" and saved.spec.members == (config.model,)
+    assert saved.spec.shifts == () and saved.spec.vote_clip == 2.0
+    probe = to_sphere(torch.randn(64, ci_models.generator.latent_dim, generator=torch.Generator().manual_seed(5)))
+    with torch.no_grad():
+        images = generate(ci_models)(probe)
+        raw = saved.network.members[0](images)[0]
+        logits = saved.network(images)[0]
+        assert torch.allclose(result.network(images)[0], logits, atol=1e-5)
+    assert torch.allclose(logits, 2.0 * torch.tanh(raw / 2.0), atol=1e-5)
+    assert logits.abs().max() < 2.0
+    t = torch.tensor([-1.999, -1.8, 0.0, 1.5, 1.999])
+    assert torch.allclose(2.0 * torch.tanh(unclip(t, 2.0) / 2.0), t.clamp(-1.96, 1.96), atol=1e-5)
 
 
 def test_the_commands_refuse_the_wrong_kind_of_preset(ci_models, tmp_path, capsys):

@@ -106,7 +106,11 @@ class DistillConfig:
     "No Finding", and ``prior_requests`` label sets drawn from ``data.prior`` with all 14 labels
     constrained). ``lco_steps``, ``lco_candidates``: LCO's step cap and latents scored for its start
     (its step size and margins are the service's, service.lco.LCOOptions). ``snapshot_every``: steps
-    between trajectory points kept. ``lr``: Adam's step size on the student.
+    between trajectory points kept. ``lr``: Adam's step size on the student. ``output_clip``: c > 0
+    soft-clips the student's output to c·tanh(raw / c), the scale of the ensemble's clipped votes, and
+    regresses the raw output on the teacher's logits unclipped (c·atanh(t / c)), so the region near the
+    margin, which the clip compresses, weighs in the loss as much as the rest (0: the raw output
+    regresses the teacher's logits).
     """
 
     pool_images: int = 0
@@ -121,6 +125,7 @@ class DistillConfig:
     fresh_images: int = 512
     round_epochs: int = 3
     lr: float = 1e-3
+    output_clip: float = 0.0
 
     @property
     def enabled(self) -> bool:
@@ -255,6 +260,7 @@ def _check_distill(distill: DistillConfig, checks: Checks) -> None:
     for key in ("samples_per_request", "lco_steps", "lco_candidates", "snapshot_every"):
         checks.integer(f"distill.{key}", getattr(distill, key), 1)
     checks.number("distill.lr", distill.lr, 0.0, above=True)
+    checks.number("distill.output_clip", distill.output_clip, 0.0)
 
 
 def _check_model(model: ClassifierSpec, checks: Checks) -> int | None:

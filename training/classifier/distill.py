@@ -23,6 +23,13 @@ training data:
    labelled by the teacher and join the pool, with ``fresh_images`` new unconditional samples: where
    LCO fooled the student, the teacher's logits say so. The student then trains on the whole pool.
 
+With ``output_clip`` = c the student's output is soft-clipped as an ensemble member's vote is,
+c·tanh(raw / c) (a one-member, one-view ``ClassifierEnsemble``, so it exports like any classifier), and
+the raw output regresses c·atanh(t / c) of the teacher's logit t. The teacher's mean clipped vote
+saturates towards ±c, and LCO's margin sits in that saturated region: in plain logits a student
+error there is a few hundredths of a logit of squared error yet decides whether LCO stops; unclipped,
+the same error weighs as much as one anywhere else.
+
 Only the teacher labels: the auditor never enters, so it stays an independent judge. Each round logs
 how often the teacher agrees with what LCO drew against the student (``teacher_agreement``, the
 share of samples whose every constrained label the teacher puts on the requested side of its
@@ -50,11 +57,30 @@ from service.prior import get_prior
 from training.classifier.artifact import TrainedClassifier
 from training.classifier.config import ClassifierTrainConfig, DistillConfig, validate
 from training.export.lco import masked_bce
+from training.networks.classifier import ClassifierEnsemble, ClassifierSpec
 from training.runtime import ConfigError
 
 # The student's logits are the teacher's centred scale: the decision threshold is logit 0.
 STUDENT_THRESHOLD = 0.5
 BATCH = 64
+# Unclipped targets stop at c·atanh(0.98) (|t| ≤ 0.98 c): past it the teacher is sure either way and
+# atanh would give its saturated logits unbounded weight.
+UNCLIP_BOUND = 0.98
+
+
+def unclip(logits: torch.Tensor, clip: float) -> torch.Tensor:
+    """c·atanh(t / c) of logits t soft-clipped at ±c (the inverse of c·tanh(raw / c)), |t / c| bounded
+    by ``UNCLIP_BOUND``."""
+    return clip * torch.atanh((logits / clip).clamp(-UNCLIP_BOUND, UNCLIP_BOUND))
+
+
+def clipped_student(network: nn.Module, spec: ClassifierSpec, clip: float) -> ClassifierEnsemble:
+    """``network`` read as one ensemble member on one view, its output soft-clipped at ±``clip``
+    (centre 0: the student's threshold is logit 0). Shares ``network``'s parameters."""
+    wrapper = ClassifierEnsemble(ClassifierSpec(arch="ensemble", input_size=spec.input_size, members=(spec,),
+                                                shifts=(), vote_clip=float(clip)))
+    wrapper.members[0] = network
+    return wrapper
 
 
 @dataclass(frozen=True)
@@ -147,8 +173,12 @@ class Distillation:
 
     def __init__(self, config: ClassifierTrainConfig, teacher: TrainedClassifier, generator: nn.Module,
                  student: nn.Module, progress: bool = True) -> None:
+        """``student``: the CNN trained; LCO steers by ``self.steering`` (the CNN itself, or the CNN with
+        its output clipped when ``output_clip`` > 0)."""
         self.config, self.settings = config, config.distill
         self.teacher, self.student = teacher.network.eval(), student
+        clip = self.settings.output_clip
+        self.steering = clipped_student(student, config.model, clip) if clip > 0 else student
         self.pggan = generator.eval().requires_grad_(False)
         self.options = LCOOptions()
         self.progress = progress
@@ -194,7 +224,8 @@ class Distillation:
         return to_sphere(torch.randn(count, self.pggan.latent_dim, generator=self.latents))
 
     def fit(self, epochs: int, title: str) -> float:
-        """``epochs`` passes over the pool (MSE between student and teacher logits); the last epoch's loss."""
+        """``epochs`` passes over the pool (MSE between the student's raw logits and the teacher's, unclipped
+        when ``output_clip`` > 0); the last epoch's loss."""
         self.student.train()
         loss_sum = 0.0
         for _ in range(epochs):
@@ -203,7 +234,10 @@ class Distillation:
             for start in tqdm(range(0, len(order), BATCH), desc=title, unit="batch", disable=not self.progress,
                               leave=False):
                 rows = order[start:start + BATCH]
-                loss = F.mse_loss(self.student(self.images[rows])[0], self.logits[rows])
+                target = self.logits[rows]
+                if self.settings.output_clip > 0:
+                    target = unclip(target, self.settings.output_clip)
+                loss = F.mse_loss(self.student(self.images[rows])[0], target)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.optimizer.step()
@@ -236,7 +270,7 @@ class Distillation:
         self.student.requires_grad_(False)
         for request in tqdm(requests, desc=title, unit="request", disable=not self.progress, leave=False):
             returned, trajectory = lco_trajectories(
-                self.generate, self.pggan.latent_dim, self.student, request, settings.samples_per_request, settings.lco_steps,
+                self.generate, self.pggan.latent_dim, self.steering, request, settings.samples_per_request, settings.lco_steps,
                 settings.lco_candidates, settings.snapshot_every, self.options, self.latents)
             teacher = self.label(self.draw(returned))
             agreed += int(met(teacher, request.target, request.mask, 0.0).sum())
@@ -305,11 +339,12 @@ def distill(config: ClassifierTrainConfig, teacher: TrainedClassifier, generator
              "teacher_agreement_at_fallback_margin": firm_agreement, "pool": len(run.images), "mse": loss,
              "seconds": time.perf_counter() - started})
 
-    metric, splits = held_out_auroc(student, config)
+    steering = run.steering.eval()
+    metric, splits = held_out_auroc(steering, config)
     metrics = label_aurocs(metric)
     images_shown = len(run.images) * settings.round_epochs
     result = TrainedClassifier(
-        network=student.eval(), spec=config.model, thresholds=np.full(NUM_LABELS, STUDENT_THRESHOLD, np.float32),
+        network=steering, spec=steering.spec, thresholds=np.full(NUM_LABELS, STUDENT_THRESHOLD, np.float32),
         metrics=metrics, dataset=f"{len(run.images)} generator images labelled by the teacher",
         images_shown=images_shown, preset=config.name, seed=config.seed,
         extra={"source": str(run_dir / "classifier"), "teacher": str(teacher.extra.get("source", "")),
@@ -317,7 +352,7 @@ def distill(config: ClassifierTrainConfig, teacher: TrainedClassifier, generator
     )
     result.save(run_dir / "classifier")
     report_metric(metric, run_dir, images_shown=images_shown, snapshot=run_dir / "classifier")
-    save_roc_picture(student, splits.test, torch.device("cpu"), metrics, run_dir / "roc.png",
+    save_roc_picture(steering, splits.test, torch.device("cpu"), metrics, run_dir / "roc.png",
                      f"{config.name}: distilled from the teacher on generator images")
     monitor.message(f"mean AUROC {result.mean_auroc:.4f} on the held-out split; saved {run_dir / 'classifier'}")
     monitor.close()
