@@ -7,7 +7,9 @@ image is made again from ``retry_seed(seed, attempt)``, up to ``--verify-retries
 
 - how many images needed a retry, the mean attempts, and the extra cost in LCO steps (steps of every
   attempt after the first, per image and as a share of the first attempts' steps);
-- the share the bundle's auditor verified in the end (below 100% only where the bound was reached);
+- the share the bundle's auditor verified at the first attempt, and the images withheld (rejected
+  through every retry: ``POST /generate`` does not return them, an archive drops them), so every
+  image returned is verified;
 - a *second* auditor (``--second-auditor``: a classifier run trained on another phantom stream and
   seed, e.g. the `auditor-2` preset, in no bundle): its agreement with the first attempts' images
   (what LCO returns without verify) and with the verified images, side by side.
@@ -62,7 +64,7 @@ def measure(engine: LCOEngine, verifier: Verifier, second: TrainedClassifier, im
             "mean_attempts": float(attempts.mean()),
             "extra_steps_per_image": float(extra_steps.mean()),
             "extra_steps_share": float(extra_steps.sum() / max(first_steps.sum(), 1)),
-            "verified": float(verified.mean()),
+            "withheld": int((~verified).sum()),
             "first_verified": float(np.mean([bool(a.first_verdict and a.first_verdict.verified) for a in accepted])),
             "second_unverified": float(first_agree.mean()),
             "second_verified": float(verified_agree.mean()) if final else float("nan"),
@@ -73,14 +75,15 @@ def measure(engine: LCOEngine, verifier: Verifier, second: TrainedClassifier, im
 
 def table(rows: list[dict], caption: str) -> str:
     lines = [caption, "",
-             ("| request | needed a retry | mean attempts | extra LCO steps / image (share) | bundle auditor: first "
-              "attempt → returned | second auditor: unverified (first attempts) | second auditor: verified |"),
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             ("| request | needed a retry | mean attempts | extra LCO steps / image (share) | bundle auditor agrees "
+              "at the first attempt | withheld (rejected through every retry) | second auditor: unverified (first "
+              "attempts) | second auditor: verified (returned) |"),
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in rows:
         lines.append(
             f"| {row['request']} | {row['retried']}/{row['images']} | {row['mean_attempts']:.2f} | "
-            f"{row['extra_steps_per_image']:.0f} ({row['extra_steps_share']:.0%}) | {row['first_verified']:.0%} → "
-            f"{row['verified']:.0%} | {row['second_unverified']:.0%} | {row['second_verified']:.0%} "
+            f"{row['extra_steps_per_image']:.0f} ({row['extra_steps_share']:.0%}) | {row['first_verified']:.0%} | "
+            f"{row['withheld']}/{row['images']} | {row['second_unverified']:.0%} | {row['second_verified']:.0%} "
             f"(n={row['verified_images']}) |")
     at_least = sum(row["second_verified"] >= row["second_unverified"] for row in rows)
     lines += ["", (f"The second auditor agrees with verified images at least as often as with unverified ones "

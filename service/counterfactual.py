@@ -9,6 +9,9 @@ from z0 towards the changed request:
   satisfied, and stops, when each lies past its threshold on the requested side (the usual margin);
 - every other label is steered towards the probability the classifier gave the original (a soft
   target in the same masked BCE), so findings the edit does not name stay where they were;
+- the named labels weigh in that BCE as much as all the others together: held at weight 1 each, the
+  13 soft targets outweighed an added finding thirteen to one and, with the pull, kept the edit from
+  drawing it (docs/lco-quality.md, "Counterfactual edits");
 - a proximity term (pull / 2) * |z - z0|^2 keeps the latent near z0, so anatomy, position and
   exposure stay (service/lco.py runs it in the Adam graph, on the device).
 
@@ -89,10 +92,14 @@ def plan_edit(reference_target: np.ndarray, reference_mask: np.ndarray, add: lis
 
 def edit_sample(spec: EditSpec, original: SampleResult, pull: float, options: LCOOptions | None) -> SampleRequest:
     """The LCO sample that edits ``original``: starts at its latent, judged on ``spec``, every label the
-    edit does not judge steered towards the original's probability."""
+    edit does not judge steered towards the original's probability; the named labels' loss weights
+    sum to the others' (mask values above 1, ``SampleRequest``)."""
     target = np.where(spec.judged > 0.5, spec.target, original.probabilities).astype(np.float32)
-    return SampleRequest(target, np.ones(NUM_LABELS, np.float32), original.seed, options,
-                         start=original.latent, pull=pull, judged=spec.judged)
+    named = np.isin(np.asarray(LABELS), spec.add + spec.remove)
+    weights = np.ones(NUM_LABELS, np.float32)
+    weights[named] = (NUM_LABELS - named.sum()) / named.sum()
+    return SampleRequest(target, weights, original.seed, options, start=original.latent, pull=pull,
+                         judged=spec.judged)
 
 
 def difference_png(before: np.ndarray, after: np.ndarray) -> tuple[bytes, float]:

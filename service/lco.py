@@ -126,8 +126,9 @@ class SampleRequest:
     """One image to make: target[14] and mask[14] in ``service.labels.LABELS`` order.
 
     mask[i] = 1 constrains label i to target[i] (1 present, 0 absent; a value in between steers the
-    label's probability towards it); mask[i] = 0 leaves it free. ``options`` overrides the engine's
-    default options for this sample.
+    label's probability towards it); mask[i] = 0 leaves it free. A mask value above 1 is that label's
+    weight in the loss (the masked BCE is a weighted mean; POST /edit weighs the labels it changes).
+    ``options`` overrides the engine's default options for this sample.
 
     ``start`` [latent_dim], on the sphere, replaces the candidates and the rejection search: LCO starts
     from it (POST /edit starts from an earlier image's latent), and ``pull`` adds

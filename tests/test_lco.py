@@ -13,6 +13,7 @@ import itertools
 import math
 import threading
 from concurrent.futures import CancelledError
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -22,7 +23,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from service.batching import Batcher, SampleFuture
-from service.labels import NUM_LABELS
+from service.counterfactual import edit_sample, plan_edit
+from service.labels import LABELS, NUM_LABELS
 from service.lco import (
     ADAM_BETA1,
     ADAM_BETA2,
@@ -500,6 +502,27 @@ def test_a_sample_started_from_a_latent_is_pulled_towards_it_and_judged_on_its_j
     untouched = engine.generate([SampleRequest(original.probabilities, np.ones(NUM_LABELS, np.float32), 8, None,
                                                start=original.latent, judged=np.zeros(NUM_LABELS, np.float32))])[0]
     assert untouched.steps == 0 and np.array_equal(untouched.image, original.image)
+
+
+def test_an_edit_weighs_the_labels_it_changes_as_much_as_all_the_others(bundle):
+    """service.counterfactual.edit_sample: mask values above 1 are loss weights; the named finding's
+    weight equals the 13 held labels' together, so the edit draws it in fewer steps than at weight 1."""
+    engine = LCOEngine(bundle, LCOOptions(steps=100, candidates=1, margin=1.0))
+    reference = request(negatives=[4], seed=8)
+    original = engine.generate([reference])[0]
+    spec = plan_edit(reference.target, reference.mask, [LABELS[4]], [])
+    weighted = edit_sample(spec, original, 0.1, None)
+    assert weighted.mask[4] == NUM_LABELS - 1 and np.delete(weighted.mask, 4).tolist() == [1.0] * (NUM_LABELS - 1)
+    unweighted = replace(weighted, mask=np.ones(NUM_LABELS, np.float32))
+    heavy, light = engine.generate([weighted, unweighted])
+    assert heavy.satisfied and heavy.probabilities[4] >= 0.5 > original.probabilities[4]
+    assert heavy.steps < light.steps, (heavy.steps, light.steps)
+    # the loss the engine ranks points by is the weighted mean
+    logits = np.linspace(-3, 3, NUM_LABELS, dtype=np.float32)[None]
+    per_label = masked_bce(logits, weighted.target[None], np.eye(NUM_LABELS, dtype=np.float32)[4][None])
+    expected = (13 * per_label + (masked_bce(logits, weighted.target[None], np.ones((1, NUM_LABELS), np.float32))
+                                  * NUM_LABELS - per_label)) / (2 * (NUM_LABELS - 1))
+    assert np.allclose(masked_bce(logits, weighted.target[None], weighted.mask[None]), expected, rtol=1e-5)
 
 
 def test_rejection_first_returns_the_first_latent_in_seed_order_that_meets_the_request(bundle):
