@@ -124,14 +124,18 @@ def test_the_accepted_latent_is_the_first_in_seed_order_that_meets_the_rule(bund
     assert budget > options.candidates, "a common request should get a rejection budget beyond the pool"
     positions = []
     for sample, result in zip(samples, engine.generate(samples)):
+        # the budget follows the step cost timed at export, so a seed may find no hit within it
         hit = first_hit(bundle, sample, options, budget)
-        assert hit is not None, "a common request found no hit in its budget; pick another"
+        if hit is None:
+            assert not result.accepted_without_steps and result.candidates_scored == budget
+            continue
         position, image, probs = hit
         positions.append(position)
         assert result.accepted_without_steps and result.steps == 0 and result.satisfied
         assert result.candidates_scored == position + 1
         assert np.array_equal(result.image, np.clip(image, -1, 1))
         np.testing.assert_allclose(result.probabilities, probs, atol=1e-5)
+    assert len(positions) >= 4, "a common request should mostly be met within its budget; pick another"
     assert max(positions) > 0, "every first latent met the request: the test cannot tell first from any"
 
 
