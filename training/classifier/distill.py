@@ -227,6 +227,8 @@ class Distillation:
         """``epochs`` passes over the pool (MSE between the student's raw logits and the teacher's, unclipped
         when ``output_clip`` > 0); the last epoch's loss."""
         self.student.train()
+        clip = self.settings.output_clip
+        targets = unclip(self.logits, clip) if clip > 0 else self.logits
         loss_sum = 0.0
         for _ in range(epochs):
             order = torch.randperm(len(self.images), generator=self.latents)
@@ -234,10 +236,7 @@ class Distillation:
             for start in tqdm(range(0, len(order), BATCH), desc=title, unit="batch", disable=not self.progress,
                               leave=False):
                 rows = order[start:start + BATCH]
-                target = self.logits[rows]
-                if self.settings.output_clip > 0:
-                    target = unclip(target, self.settings.output_clip)
-                loss = F.mse_loss(self.student(self.images[rows])[0], target)
+                loss = F.mse_loss(self.student(self.images[rows])[0], targets[rows])
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.optimizer.step()
