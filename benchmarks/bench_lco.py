@@ -55,6 +55,7 @@ from service.bundle import SessionTuning, load_bundle
 from service.labels import LABEL_INDEX, NUM_LABELS
 from service.lco import LCOEngine, LCOOptions, SampleRequest, draw_latents, project_to_sphere, satisfied
 from service.prior import nih_prior
+from service.step_graph import lco_step_feeds
 
 # Older engines (benchmarks.compare_revisions) have no rejection first: its rows are left out there.
 REJECTION_FIRST = "rejection_first" in LCOOptions.model_fields
@@ -94,14 +95,14 @@ def step_cost_ratio(engine: LCOEngine, batch: int = 32, repeats: int = 5) -> flo
     target = np.zeros((batch, NUM_LABELS), np.float32)
     mask = np.ones_like(target)
     engine.score(z)
-    engine.lco_step.run(None, {"z": z, "target": target, "mask": mask})
+    engine.lco_step.run(None, lco_step_feeds(engine.lco_step, z, target, mask))
     start = time.perf_counter()
     for _ in range(repeats):
         engine.score(z)
     forward = time.perf_counter() - start
     start = time.perf_counter()
     for _ in range(repeats):
-        engine.lco_step.run(None, {"z": z, "target": target, "mask": mask})
+        engine.lco_step.run(None, lco_step_feeds(engine.lco_step, z, target, mask))
     return (time.perf_counter() - start) / forward
 
 

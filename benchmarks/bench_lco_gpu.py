@@ -43,6 +43,7 @@ import numpy as np
 
 from benchmarks.bench_paper_scale import build_networks, peak_rss, reset_peak_rss, step_inputs
 from service.labels import LABELS, NUM_LABELS
+from service.step_graph import lco_step_feeds
 
 # Dense peak FLOP/s per precision (NVIDIA data sheets; fp32 on CUDA cores, fp16 on tensor cores, no sparsity).
 PEAK_FLOPS = {
@@ -139,7 +140,7 @@ def time_steps(session, device: str, batch: int, latent_dim: int, seconds: float
 
     ort_device = "cuda" if device == "cuda" else "cpu"
     binding = session.io_binding()
-    for name, value in step_inputs(batch, latent_dim).items():
+    for name, value in lco_step_feeds(session, **step_inputs(batch, latent_dim)).items():
         binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, ort_device, 0))
     for output in session.get_outputs():
         binding.bind_output(output.name, ort_device)

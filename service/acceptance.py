@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from service.labels import NUM_LABELS
+from service.step_graph import lco_step_feeds
 
 ACCEPTANCE_FILE = "acceptance.npz"
 # Latents of the table come from seeds ACCEPTANCE_SEED + i, one per sample (service.lco.draw_latents).
@@ -134,6 +135,6 @@ def measure_acceptance(generator: Any, classifier: Any, lco_step: Any, latent_di
             times.append(time.perf_counter() - start)
         return float(np.median(times))
 
-    step_cost = (seconds(lambda: lco_step.run(None, {"z": probe, "target": target, "mask": mask}))
+    step_cost = (seconds(lambda: lco_step.run(None, lco_step_feeds(lco_step, probe, target, mask)))
                  / seconds(lambda: forward(probe)))
     return AcceptanceTable(np.concatenate(logits).astype(np.float32), step_cost)

@@ -42,6 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from service.acceptance import ACCEPTANCE_FILE, AcceptanceTable
 from service.labels import LABELS
+from service.step_graph import lco_step_feeds
 
 MANIFEST_NAME = "manifest.json"
 SCHEMA_VERSION = 1
@@ -49,9 +50,11 @@ GRAPH_FILES = {"generator": "generator.onnx", "classifier": "classifier.onnx", "
 GRAPH_IO = {
     "generator": (("z",), ("image",)),
     "classifier": (("image",), ("logits", "embedding")),
-    "lco_step": (("z", "target", "mask"), ("loss", "grad_z", "probs", "image")),
+    "lco_step": (("z", "target", "mask", "reference", "image_pull"), ("loss", "grad_z", "probs", "image")),
     "auditor": (("image",), ("logits", "embedding")),
 }
+# The step graph of bundles exported before its image proximity term (they load; they cannot edit with it).
+LEGACY_LCO_STEP_INPUTS = ("z", "target", "mask")
 AUDITOR_FILE = "auditor.onnx"  # optional; its inputs and outputs are the classifier's
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -403,13 +406,11 @@ class Bundle:
         logits, embedding = self.classifier.run(["logits", "embedding"], {"image": np.ascontiguousarray(image, np.float32)})
         return logits, embedding
 
-    def lco_step(self, z: np.ndarray, target: np.ndarray, mask: np.ndarray) -> LCOStepOutput:
-        """One LCO gradient evaluation: masked BCE of the classifier on G(z), and its gradient in z."""
-        feeds = {
-            "z": self._latents(z),
-            "target": np.ascontiguousarray(target, np.float32),
-            "mask": np.ascontiguousarray(mask, np.float32),
-        }
+    def lco_step(self, z: np.ndarray, target: np.ndarray, mask: np.ndarray, reference: np.ndarray | None = None,
+                 image_pull: np.ndarray | None = None) -> LCOStepOutput:
+        """One LCO gradient evaluation: masked BCE of the classifier on G(z) (plus image_pull [B, 1] times
+        the mean squared difference to reference [B, 1, H, W], zeros if not given), and its gradient in z."""
+        feeds = lco_step_feeds(self.lco_session, self._latents(z), target, mask, reference, image_pull)
         loss, grad_z, probs, image = self.lco_session.run(["loss", "grad_z", "probs", "image"], feeds)
         return LCOStepOutput(loss, grad_z, probs, image)
 
@@ -462,7 +463,8 @@ def load_bundle(source: str | Path | Any, tuning: SessionTuning | None = None) -
             raise BundleError(file, f"ONNX Runtime cannot load this graph: {error}") from None
         inputs = tuple(i.name for i in session.get_inputs())
         outputs = tuple(o.name for o in session.get_outputs())
-        if (inputs, outputs) != GRAPH_IO[graph]:
+        legacy = graph == "lco_step" and inputs == LEGACY_LCO_STEP_INPUTS
+        if (inputs, outputs) != GRAPH_IO[graph] and not (legacy and outputs == GRAPH_IO[graph][1]):
             raise BundleError(file, f"expected inputs {GRAPH_IO[graph][0]} and outputs {GRAPH_IO[graph][1]}, "
                                     f"found {inputs} and {outputs}")
         sessions[graph] = session

@@ -12,11 +12,17 @@ from z0 towards the changed request:
 - the named labels weigh in that BCE as much as all the others together: held at weight 1 each, the
   13 soft targets outweighed an added finding thirteen to one and, with the pull, kept the edit from
   drawing it (docs/lco-quality.md, "Counterfactual edits");
-- a proximity term (pull / 2) * |z - z0|^2 keeps the latent near z0, so anatomy, position and
-  exposure stay (service/lco.py runs it in the Adam graph, on the device).
+- an image proximity term, image_pull times the mean squared pixel difference between the edited
+  image and the original, keeps what the change does not need where it was (anatomy, position,
+  exposure, texture); it is part of the LCO step graph, whose gradient runs back through the
+  generator (training/export/lco.py);
+- optionally a latent proximity term (pull / 2) * |z - z0|^2 (service/lco.py runs it in the Adam
+  graph, on the device).
 
-Latent proximity rather than a pixel or embedding distance: the generator maps nearby latents on its
-sphere to nearby images and the term costs nothing per step (no second graph through the generator).
+Why pixels rather than the latent alone: the generator is not disentangled, so a latent pull strong
+enough to keep the pair close also keeps the finding from being drawn, and one weak enough to let it
+be drawn lets texture and exposure drift everywhere (docs/lco-quality.md, "Counterfactual edits"); the
+image term lets the latent move as far as the finding needs while charging every pixel that changes.
 What it keeps is measured by benchmarks/bench_edit.py: the auditor's verdict on the added finding, the
 other labels' sides, and the pair's SSIM against two unrelated images of the same request.
 The HTTP request around it: service/edit.py.
@@ -33,9 +39,12 @@ from PIL import Image
 from service.labels import LABEL_INDEX, LABELS, NO_FINDING, NUM_LABELS, UnknownLabelError, parse_label
 from service.lco import LCOOptions, SampleRequest, SampleResult
 
-# The proximity weight /edit uses unless asked otherwise; `bench_edit --proximity` measures others.
-DEFAULT_PULL = 0.05
+# The proximity weights /edit uses unless asked otherwise (latent, image); `bench_edit --proximity
+# --image-proximity` measures others (docs/lco-quality.md).
+DEFAULT_PULL = 0.0
 MAX_PULL = 10.0
+DEFAULT_IMAGE_PULL = 10.0
+MAX_IMAGE_PULL = 1000.0
 
 
 class EditError(ValueError):
@@ -90,16 +99,19 @@ def plan_edit(reference_target: np.ndarray, reference_mask: np.ndarray, add: lis
     return EditSpec(target, judged, tuple(n for n, p in named.items() if p), tuple(n for n, p in named.items() if not p))
 
 
-def edit_sample(spec: EditSpec, original: SampleResult, pull: float, options: LCOOptions | None) -> SampleRequest:
+def edit_sample(spec: EditSpec, original: SampleResult, pull: float, image_pull: float,
+                options: LCOOptions | None) -> SampleRequest:
     """The LCO sample that edits ``original``: starts at its latent, judged on ``spec``, every label the
     edit does not judge steered towards the original's probability; the named labels' loss weights
-    sum to the others' (mask values above 1, ``SampleRequest``)."""
+    sum to the others' (mask values above 1, ``SampleRequest``); ``pull`` and ``image_pull`` weigh the
+    latent and the image proximity to the original."""
     target = np.where(spec.judged > 0.5, spec.target, original.probabilities).astype(np.float32)
     named = np.isin(np.asarray(LABELS), spec.add + spec.remove)
     weights = np.ones(NUM_LABELS, np.float32)
     weights[named] = (NUM_LABELS - named.sum()) / named.sum()
     return SampleRequest(target, weights, original.seed, options, start=original.latent, pull=pull,
-                         judged=spec.judged)
+                         judged=spec.judged, reference=original.image if image_pull > 0 else None,
+                         image_pull=image_pull)
 
 
 def difference_png(before: np.ndarray, after: np.ndarray) -> tuple[bytes, float]:

@@ -35,12 +35,17 @@ async def run_edit(service: CXRSynth, request: EditRequest) -> EditResponse | JS
                               f"this service runs {service.model_ref.name} version {loaded}: edit images of the "
                               "model that is loaded", {"reference_version": request.reference.model_version,
                                                         "loaded_version": loaded})
+    if request.image_proximity > 0 and not service.engine.image_proximity:
+        return error_response(409, f"model version {loaded} was exported before the image proximity term, so it "
+                              "cannot keep an edit near the original's pixels: export the bundle again, or send "
+                              '"image_proximity": 0', {"loaded_version": loaded})
     reference = request.reference.label_spec()
     spec = request.edit_spec()
     original_sample = SampleRequest(reference.target, reference.mask, request.reference.seed, request.reference.lco)
     original: SampleResult = await asyncio.wrap_future(service.batcher.submit([original_sample])[0])
     edited: SampleResult = await asyncio.wrap_future(
-        service.batcher.submit([edit_sample(spec, original, request.proximity, request.lco)])[0])
+        service.batcher.submit([edit_sample(spec, original, request.proximity, request.image_proximity,
+                                             request.lco)])[0])
     service.metrics.edits.labels(outcome="satisfied" if edited.satisfied else "unsatisfied").inc()
 
     request_id = secrets.token_hex(8)

@@ -132,9 +132,11 @@ class SampleRequest:
 
     ``start`` [latent_dim], on the sphere, replaces the candidates and the rejection search: LCO starts
     from it (POST /edit starts from an earlier image's latent), and ``pull`` adds
-    (pull / 2) * |z - start|^2 to the loss so that z stays near it. ``judged`` [14] names the labels
-    whose side of the threshold decides "satisfied" and when the sample stops (default: ``mask``);
-    labels constrained but not judged are only steered.
+    (pull / 2) * |z - start|^2 to the loss so that z stays near it. ``reference`` [H, W] in [-1, 1]
+    with ``image_pull`` adds image_pull * mean((G(z) - reference)^2) over pixels, computed in the step
+    graph (a bundle whose graph takes no reference refuses it: ``LCOEngine.image_proximity``).
+    ``judged`` [14] names the labels whose side of the threshold decides "satisfied" and when the
+    sample stops (default: ``mask``); labels constrained but not judged are only steered.
     """
 
     target: np.ndarray
@@ -144,6 +146,8 @@ class SampleRequest:
     start: np.ndarray | None = None
     pull: float = 0.0
     judged: np.ndarray | None = None
+    reference: np.ndarray | None = None
+    image_pull: float = 0.0
 
     @property
     def judged_labels(self) -> np.ndarray:
@@ -311,6 +315,12 @@ class LCOEngine:
         self.generator = bundle.sessions["generator"]
         self.classifier = bundle.sessions["classifier"]
         self.lco_step = bundle.sessions["lco_step"]
+        # bundles exported before the image proximity term have a step graph of (z, target, mask) only
+        step_inputs = {i.name: i.shape for i in self.lco_step.get_inputs()}
+        self.image_proximity = "reference" in step_inputs
+        # the reference's [H, W]: the step graph's static image size (None without the term)
+        self.reference_shape = tuple(step_inputs["reference"][2:]) if self.image_proximity else None
+        self._zero_reference: ort.OrtValue | None = None
         self.thresholds = np.asarray(bundle.thresholds, dtype=np.float32)
         if self.thresholds.shape != (NUM_LABELS,):
             raise ValueError(f"bundle thresholds must have {NUM_LABELS} entries, got {self.thresholds.shape}")
@@ -459,7 +469,7 @@ class LCOEngine:
     def run_step_graph(self, chunk: dict[str, ort.OrtValue]) -> tuple[ort.OrtValue, np.ndarray, ort.OrtValue]:
         """lco_step on one chunk's device tensors: (grad_z on the device, probs [S, 14], image on the device)."""
         binding = self.lco_step.io_binding()
-        for name in ("z", "target", "mask"):
+        for name in ("z", "target", "mask", *(("reference", "image_pull") if self.image_proximity else ())):
             binding.bind_ortvalue_input(name, chunk[name])
         for name in ("loss", "grad_z", "probs", "image"):
             binding.bind_output(name, self.device_type, self.device_id)
@@ -467,6 +477,35 @@ class LCOEngine:
         _, grad, probs, image = binding.get_outputs()
         self.stats.add(step=self.compute_batch)
         return grad, probs.numpy(), image
+
+    def check_image_proximity(self, sample: SampleRequest) -> None:
+        """ValueError unless ``sample``'s image proximity term can run: a reference [H, W] of the step
+        graph's image size with a finite pull ≥ 0, on a bundle whose step graph takes one."""
+        if sample.image_pull == 0:
+            return
+        if not (math.isfinite(sample.image_pull) and sample.image_pull > 0):
+            raise ValueError(f"image_pull must be a finite number ≥ 0, got {sample.image_pull}")
+        if not self.image_proximity:
+            raise ValueError("this bundle's lco_step graph takes no reference image (it was exported before the "
+                             "image proximity term): export the bundle again to use image_pull")
+        shape = self.reference_shape
+        if sample.reference is None or np.shape(sample.reference) != shape:
+            got = None if sample.reference is None else list(np.shape(sample.reference))
+            raise ValueError(f"image_pull needs a reference image of shape {list(shape)}, got {got}")
+
+    def references(self, images: list[np.ndarray | None]) -> ort.OrtValue:
+        """One chunk's reference images [compute_batch, 1, H, W] on the device: zeros where a row has
+        none (a chunk without any shares one cached zero tensor, uploaded once)."""
+        shape = (self.compute_batch, 1, *self.reference_shape)
+        if all(image is None for image in images):
+            if self._zero_reference is None:
+                self._zero_reference = self.to_device(np.zeros(shape, np.float32))
+            return self._zero_reference
+        stacked = np.zeros(shape, np.float32)
+        for row, image in enumerate(images):
+            if image is not None:
+                stacked[row, 0] = image
+        return self.to_device(stacked)
 
     def run_adam(self, chunk: dict[str, ort.OrtValue], grad: ort.OrtValue, step_size: np.ndarray,
                  eps_hat: np.ndarray) -> None:
@@ -504,6 +543,8 @@ class _Rows:
     judged: np.ndarray  # [N, 14], the labels that decide "satisfied"
     anchor: np.ndarray  # [N, d], the start point the proximity term pulls towards
     pull: np.ndarray  # float32 [N, 1], the proximity weight (0: plain LCO)
+    references: list[np.ndarray | None]  # [H, W] images the image proximity term pulls towards
+    image_pull: np.ndarray  # float32 [N, 1], its weight (0: plain LCO)
     # The point returned if the sample runs out of steps: the earliest past the fallback margin
     # (``settled``), else the fewest constrained labels on the wrong side of their thresholds, then
     # the lowest loss.
@@ -516,12 +557,15 @@ class _Rows:
     @classmethod
     def start(cls, *, tags: list[Any], seeds: np.ndarray, scored: np.ndarray, z: np.ndarray, lr: np.ndarray,
               cap: np.ndarray, margin: np.ndarray, fallback_margin: np.ndarray, target: np.ndarray,
-              mask: np.ndarray, judged: np.ndarray, pull: np.ndarray) -> _Rows:
-        """Rows about to take their first step: zero Adam state, no best point yet, anchored where they start."""
+              mask: np.ndarray, judged: np.ndarray, pull: np.ndarray,
+              references: list[np.ndarray | None] | None = None, image_pull: np.ndarray | None = None) -> _Rows:
+        """Rows about to take their first step: zero Adam state, no best point yet, anchored where they
+        start (no reference image unless given)."""
         n = len(z)
         return cls(tags=tags, seeds=seeds, scored=scored, z=z, m=np.zeros_like(z), v=np.zeros_like(z), t=np.zeros(n, np.int64),
                    lr=lr, cap=cap, margin=margin, fallback_margin=fallback_margin, target=target, mask=mask,
-                   judged=judged, anchor=z.copy(), pull=pull,
+                   judged=judged, anchor=z.copy(), pull=pull, references=references or [None] * n,
+                   image_pull=np.zeros((n, 1), np.float32) if image_pull is None else image_pull,
                    settled=np.zeros(n, bool), best_off=np.full(n, NUM_LABELS + 1, np.int64),
                    best_loss=np.full(n, np.inf), best_z=z.copy(), best_probs=np.zeros((n, NUM_LABELS), np.float32))
 
@@ -535,15 +579,16 @@ class _Rows:
 
     def select(self, keep: np.ndarray) -> _Rows:
         index = np.flatnonzero(keep)
-        return _Rows(tags=[self.tags[i] for i in index], **{f: getattr(self, f)[index] for f in _ARRAY_FIELDS})
+        return _Rows(tags=[self.tags[i] for i in index], references=[self.references[i] for i in index],
+                     **{f: getattr(self, f)[index] for f in _ARRAY_FIELDS})
 
     def extend(self, other: _Rows) -> _Rows:
-        return _Rows(tags=self.tags + other.tags,
+        return _Rows(tags=self.tags + other.tags, references=self.references + other.references,
                      **{f: np.concatenate([getattr(self, f), getattr(other, f)]) for f in _ARRAY_FIELDS})
 
 
 _ARRAY_FIELDS = ("seeds", "scored", "z", "m", "v", "t", "lr", "cap", "margin", "fallback_margin", "target", "mask",
-                 "judged", "anchor", "pull", "settled", "best_off", "best_loss", "best_z", "best_probs")
+                 "judged", "anchor", "pull", "image_pull", "settled", "best_off", "best_loss", "best_z", "best_probs")
 _DEVICE_FIELDS = ("z", "m", "v", "target", "mask", "anchor", "pull")
 
 
@@ -578,7 +623,8 @@ class LCOBatch:
         self.engine = engine
         self.rows = _Rows.empty(engine.latent_dim)
         self.searching: list[_Search] = []
-        # Per chunk of compute_batch rows: z, m, v, target, mask, anchor and pull on the device.
+        # Per chunk of compute_batch rows: z, m, v, target, mask, anchor and pull on the device (and the
+        # reference images and image_pull, for a step graph that takes them).
         self._device: list[dict[str, ort.OrtValue]] | None = None
 
     def __len__(self) -> int:
@@ -593,6 +639,8 @@ class LCOBatch:
         """Start ``samples``. Rejection-first ones join the search, scored from the next :meth:`step`;
         the others score their ``candidates`` now, and those already satisfied finish at once."""
         engine = self.engine
+        for sample in samples:
+            engine.check_image_proximity(sample)
         searches = [(s.options or engine.options).rejection_first and s.start is None for s in samples]
         at_once = [(s, t) for s, t, search in zip(samples, tags, searches) if not search]
         for sample, tag, search in zip(samples, tags, searches):
@@ -658,6 +706,8 @@ class LCOBatch:
                 mask=masks[joining],
                 judged=judged[joining],
                 pull=np.array([[samples[i].pull] for i in joining], np.float32),
+                references=[samples[i].reference if samples[i].image_pull > 0 else None for i in joining],
+                image_pull=np.array([[samples[i].image_pull] for i in joining], np.float32),
             ))
         return finished
 
@@ -821,6 +871,12 @@ class LCOBatch:
             per_field = {name: engine.chunks(getattr(self.rows, name)) for name in _DEVICE_FIELDS}
             self._device = [{name: engine.to_device(per_field[name][i]) for name in _DEVICE_FIELDS}
                             for i in range(len(per_field["z"]))]
+            if engine.image_proximity:
+                size, references = engine.compute_batch, self.rows.references
+                for number, (chunk, pulls) in enumerate(zip(self._device, engine.chunks(self.rows.image_pull))):
+                    chunk["image_pull"] = engine.to_device(pulls)
+                    rows = references[number * size:(number + 1) * size]
+                    chunk["reference"] = engine.references(rows + rows[:1] * (size - len(rows)))
         return self._device
 
     def _sync_to_host(self) -> None:

@@ -9,7 +9,14 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from service.counterfactual import DEFAULT_PULL, MAX_PULL, EditSpec, plan_edit
+from service.counterfactual import (
+    DEFAULT_IMAGE_PULL,
+    DEFAULT_PULL,
+    MAX_IMAGE_PULL,
+    MAX_PULL,
+    EditSpec,
+    plan_edit,
+)
 from service.image_formats import ImageFormat
 from service.labels import LABEL_INDEX, LABELS, NO_FINDING, NUM_LABELS, UnknownLabelError, parse_label
 from service.lco import LCOOptions
@@ -362,8 +369,11 @@ class EditRequest(BaseModel):
     reference: ImageReference
     change: LabelChange = Field(description='e.g. {"add": ["Effusion"], "remove": ["Nodule"]}')
     proximity: float = Field(DEFAULT_PULL, ge=0.0, le=MAX_PULL, allow_inf_nan=False,
-                             description="weight of |z - z_reference|^2 / 2 in the edit's loss: higher keeps "
-                             "more of the original and changes it less")
+                             description="weight of |z - z_reference|^2 / 2 in the edit's loss (latent proximity)")
+    image_proximity: float = Field(DEFAULT_IMAGE_PULL, ge=0.0, le=MAX_IMAGE_PULL, allow_inf_nan=False,
+                                   description="weight of the mean squared pixel difference to the reference "
+                                   "image in the edit's loss: higher keeps more of the original and changes "
+                                   "it less (0: off; a bundle exported before this term needs 0)")
     lco: LCOOptions = Field(default_factory=LCOOptions, description="LCO options of the edit (steps, lr, margin)")
     format: ImageFormat = Field("png8", description="png8, png16 or dicom, as for /generate")
 

@@ -25,7 +25,7 @@ from service.archive.manifest import CSV_KEY, MARKER_KEY, PAIRS_CSV_KEY
 from service.archive.pairs import PAIR_COLUMNS
 from service.auditor import Auditor
 from service.bundle import load_bundle
-from service.counterfactual import edit_sample, plan_edit
+from service.counterfactual import DEFAULT_IMAGE_PULL, DEFAULT_PULL, edit_sample, plan_edit
 from service.labels import LABEL_INDEX, parse_finding_labels
 from service.lco import LCOEngine, LCOOptions, SampleRequest, satisfied
 from service.png import decode_png, encode_png
@@ -134,7 +134,7 @@ def test_pair_manifest_and_counts_equal_what_the_records_and_the_engine_report(a
         mask = np.ones_like(target)
         original = engine.generate([SampleRequest(target, mask, pair["seed"], LCOOptions(**FAST_LCO))])[0]
         edit = plan_edit(target, mask, [pair["finding"]], [])
-        edited = engine.generate([edit_sample(edit, original, 0.05, LCOOptions(**FAST_LCO))])[0]
+        edited = engine.generate([edit_sample(edit, original, DEFAULT_PULL, DEFAULT_IMAGE_PULL, LCOOptions(**FAST_LCO))])[0]
         assert encode_png(edited.image, "png8") == (root / pair["image"]).read_bytes()
         finding = LABEL_INDEX[pair["finding"]]
         audit_all = np.concatenate([auditor.probabilities(x.image[None]) for x in (original, edited)])  # one a call

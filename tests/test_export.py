@@ -16,6 +16,7 @@ import torch
 from service.acceptance import ACCEPTANCE_FILE
 from service.bundle import GRAPH_FILES, LCOStepOutput, SessionTuning, load_bundle, verify_bundle
 from service.labels import LABELS, NUM_LABELS
+from service.step_graph import lco_step_feeds
 from training.export import (
     GeneratorInfo,
     GradientAgreement,
@@ -111,6 +112,24 @@ def test_lco_step_loss_is_masked_bce_over_constrained_labels(loaded):
     np.testing.assert_allclose(step.probs, 1 / (1 + np.exp(-logits)), atol=1e-5)
 
 
+def test_lco_step_adds_the_image_proximity_term_and_its_gradient(loaded, ci_models):
+    """loss = masked BCE + image_pull · mean((G(z) − reference)²), its gradient through the generator as
+    torch's autograd has it; an image pull of 0 leaves loss and gradient exactly as without a reference."""
+    batch, latent_dim = 4, loaded.manifest.latent_dim
+    z = _latents(batch, latent_dim, seed=21)
+    target, mask = _requests(batch, seed=21)
+    reference = torch.from_numpy(loaded.generate(_latents(batch, latent_dim, seed=22).numpy()))
+    image_pull = torch.tensor([[0.0], [1.0], [10.0], [100.0]])
+    plain = loaded.lco_step(z.numpy(), target.numpy(), mask.numpy())
+    step = loaded.lco_step(z.numpy(), target.numpy(), mask.numpy(), reference.numpy(), image_pull.numpy())
+    distance = ((step.image.astype(np.float64) - reference.numpy()) ** 2).mean(axis=(1, 2, 3))
+    np.testing.assert_allclose(step.loss, plain.loss + image_pull.numpy()[:, 0] * distance, rtol=1e-4, atol=1e-6)
+    assert np.array_equal(step.loss[0], plain.loss[0]) and np.array_equal(step.grad_z[0], plain.grad_z[0])
+    objective = LCOObjective(ci_models.generator, ci_models.classifier.network).eval()
+    _assert_step_matches(step, reference_lco_step(objective, z, target, mask, reference, image_pull), batch)
+    assert not np.allclose(step.grad_z[3], plain.grad_z[3])  # the term moves the gradient
+
+
 def test_manifest_records_the_training_it_came_from(ci_bundle, ci_models):
     manifest = verify_bundle(ci_bundle)
     assert manifest.name == "cxrsynth-ci" and manifest.resolution == 32
@@ -141,7 +160,7 @@ def _export_and_compare_step(generator, network, tmp_path, batches) -> set[str]:
     for batch in batches:
         z = _latents(batch, generator.latent_dim, seed=batch)
         target, mask = _requests(batch, seed=batch)
-        outputs = session.run(None, {"z": z.numpy(), "target": target.numpy(), "mask": mask.numpy()})
+        outputs = session.run(None, lco_step_feeds(session, z.numpy(), target.numpy(), mask.numpy()))
         _assert_step_matches(LCOStepOutput(*outputs), reference_lco_step(objective, z, target, mask), batch)
     return {node.op_type for node in onnx.load(str(path)).graph.node}
 
@@ -165,12 +184,11 @@ def test_densenet_classifier_with_resize_exports_its_gradient(ci_models, tmp_pat
     assert order_dependent_sums(onnx.load(str(path))) == []
     objective = LCOObjective(ci_models.generator, network).eval()
     z, (target, mask) = _latents(2, ci_models.generator.latent_dim, seed=5), _requests(2, seed=5)
-    feeds = {"z": z.numpy(), "target": target.numpy(), "mask": mask.numpy()}
     runs = []
     for threads in (1, 2, 2):
         tuning = SessionTuning(providers=("CPUExecutionProvider",), intra_op_threads=threads)
-        runs.append(ort.InferenceSession(str(path), tuning.session_options(), providers=["CPUExecutionProvider"])
-                    .run(None, feeds))
+        session = ort.InferenceSession(str(path), tuning.session_options(), providers=["CPUExecutionProvider"])
+        runs.append(session.run(None, lco_step_feeds(session, z.numpy(), target.numpy(), mask.numpy())))
     assert all(np.array_equal(a, b) for run in runs[1:] for a, b in zip(runs[0], run, strict=True))
     agreement = GradientAgreement.of(runs[0][1], reference_lco_step(objective, z, target, mask)[1])
     assert agreement.max_error <= 1e-4 and agreement.cosine >= 0.99999, agreement

@@ -511,7 +511,7 @@ def test_an_edit_weighs_the_labels_it_changes_as_much_as_all_the_others(bundle):
     reference = request(negatives=[4], seed=8)
     original = engine.generate([reference])[0]
     spec = plan_edit(reference.target, reference.mask, [LABELS[4]], [])
-    weighted = edit_sample(spec, original, 0.1, None)
+    weighted = edit_sample(spec, original, 0.1, 0.0, None)
     assert weighted.mask[4] == NUM_LABELS - 1 and np.delete(weighted.mask, 4).tolist() == [1.0] * (NUM_LABELS - 1)
     unweighted = replace(weighted, mask=np.ones(NUM_LABELS, np.float32))
     heavy, light = engine.generate([weighted, unweighted])
@@ -523,6 +523,20 @@ def test_an_edit_weighs_the_labels_it_changes_as_much_as_all_the_others(bundle):
     expected = (13 * per_label + (masked_bce(logits, weighted.target[None], np.ones((1, NUM_LABELS), np.float32))
                                   * NUM_LABELS - per_label)) / (2 * (NUM_LABELS - 1))
     assert np.allclose(masked_bce(logits, weighted.target[None], weighted.mask[None]), expected, rtol=1e-5)
+
+
+def test_a_bundle_exported_before_the_image_term_refuses_an_image_pull_and_edits_without(bundle):
+    """The test bundle's step graph takes (z, target, mask) only, as bundles exported before the image
+    proximity term: it loads and edits with the latent pull; an image pull is a ValueError saying to
+    export again."""
+    engine = LCOEngine(bundle, LCOOptions(steps=20, candidates=1))
+    assert not engine.image_proximity
+    reference = request(negatives=[4], seed=8)
+    original = engine.generate([reference])[0]
+    spec = plan_edit(reference.target, reference.mask, [LABELS[4]], [])
+    assert engine.generate([edit_sample(spec, original, 0.1, 0.0, None)])[0].steps >= 0
+    with pytest.raises(ValueError, match="export the bundle again"):
+        engine.generate([edit_sample(spec, original, 0.0, 10.0, None)])
 
 
 def test_rejection_first_returns_the_first_latent_in_seed_order_that_meets_the_request(bundle):

@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 
 from service.bundle import load_bundle
+from service.counterfactual import MAX_IMAGE_PULL, edit_sample, plan_edit
 from service.labels import LABEL_INDEX, NUM_LABELS
-from service.lco import LCOEngine, LCOOptions, SampleRequest
+from service.lco import MAX_MARGIN, LCOEngine, LCOOptions, SampleRequest
 from service.png import encode_png
 
 # Four findings present and the rest absent: hard enough that every sample takes many steps.
@@ -76,3 +77,28 @@ def test_pinned_images_are_byte_for_byte_what_they_were(bundle):
     results = LCOEngine(bundle, LCOOptions(rejection_first=False)).generate(samples)
     got = [(r.steps, hashlib.sha256(encode_png(r.image, "png16")).hexdigest()) for r in results]
     assert got == [(steps, digest) for *_, steps, digest in PINNED]
+
+
+@pytest.mark.parametrize("compute_batch", [1, 4])
+def test_an_edit_pulled_towards_the_originals_pixels_stays_closer_and_is_a_function_of_its_request(bundle,
+                                                                                                     compute_batch):
+    """POST /edit's image proximity on the real step graph: the edited image lies nearer the original's
+    pixels than the same edit without the term, and it is the same image alone, beside plain samples
+    (whose chunk holds no reference) and at another place in the batch."""
+    engine = LCOEngine(bundle, compute_batch=compute_batch)
+    options = LCOOptions(steps=40, candidates=1, margin=MAX_MARGIN, rejection_first=False)  # 40 steps each
+    reference = exclusive(3, ("Effusion",), options)
+    original = engine.generate([reference])[0]
+    spec = plan_edit(reference.target, reference.mask, ["Mass"], [])
+    latent_only, pixels = (edit_sample(spec, original, 0.0, image_pull, options) for image_pull in (0.0, MAX_IMAGE_PULL))
+    free, held = engine.generate([latent_only, pixels])
+    assert free.steps == held.steps == 40
+
+    def distance(result):
+        return float(np.mean((result.image - original.image) ** 2))
+
+    assert distance(held) < 0.5 * distance(free), (distance(held), distance(free))
+    beside = engine.generate([exclusive(seed, ("Cardiomegaly",), options) for seed in range(5)] + [pixels])[-1]
+    first = LCOEngine(bundle, compute_batch=compute_batch).generate([pixels, latent_only])[0]
+    for other in (beside, first):
+        assert np.array_equal(other.image, held.image) and other.steps == held.steps

@@ -2,7 +2,7 @@
 
     python -m service.archive run --bundle BUNDLE --count 100000 --distribution nih --seed 0 \\
         --dest s3://bucket/prefix [--shard-index I --shard-count N] [--format png8|png16|dicom]
-        [--pairs Effusion,Nodule [--pairs-proximity 0.05] [--no-difference-maps]]
+        [--pairs Effusion,Nodule [--pairs-proximity 0] [--pairs-image-proximity 10] [--no-difference-maps]]
     python -m service.archive merge --dest s3://bucket/prefix [--wait 3600]
     python -m service.archive status --dest s3://bucket/prefix
     python -m service.archive contact --dest s3://bucket/prefix --out sheet.png
@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "and one edit per finding adds it (Pairs.csv; service/archive/pairs.py)")
     run.add_argument("--pairs-proximity", type=float, default=None,
                      help="with --pairs: the edits' pull towards the reference's latent (as POST /edit's proximity)")
+    run.add_argument("--pairs-image-proximity", type=float, default=None,
+                     help="with --pairs: the edits' pull towards the reference's pixels (as POST /edit's "
+                     "image_proximity)")
     run.add_argument("--no-difference-maps", action="store_true", help="with --pairs: write no difference maps")
     run.add_argument("--upload-workers", type=int, default=4, help="0 uploads inline (no overlap)")
     run.add_argument("--max-pending", type=int, default=64, help="generated images waiting for upload, at most")
@@ -154,11 +157,12 @@ def _run(args: argparse.Namespace) -> int:
 
     if not args.bundle:
         raise ValueError("no bundle: pass --bundle DIR_OR_TAG or set CXRSYNTH_BUNDLE")
-    if args.pairs is None and (args.pairs_proximity is not None or args.no_difference_maps):
-        raise ValueError("--pairs-proximity and --no-difference-maps go with --pairs FINDING,...")
+    weights = {name: value for name, value in (("proximity", args.pairs_proximity),
+                                               ("image_proximity", args.pairs_image_proximity)) if value is not None}
+    if args.pairs is None and (weights or args.no_difference_maps):
+        raise ValueError("--pairs-proximity, --pairs-image-proximity and --no-difference-maps go with --pairs FINDING,...")
     pairs = None if args.pairs is None else {
-        "findings": args.pairs, "difference_maps": not args.no_difference_maps,
-        **({"proximity": args.pairs_proximity} if args.pairs_proximity is not None else {})}
+        "findings": args.pairs, "difference_maps": not args.no_difference_maps, **weights}
     spec = ArchiveSpec(
         count=args.count,
         distribution=args.distribution,

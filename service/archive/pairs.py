@@ -128,7 +128,7 @@ def make_pairs(
         for follow_up, finding in enumerate(options.findings, start=1):
             edits.append((row, follow_up, finding, plan_edit(planned.target, planned.mask, [finding], [])))
     kept = [edit for edit in edits if accepted[edit[0]].verified is not False]
-    results = generate([edit_sample(spec, accepted[row].result, options.proximity, lco) for row, _, _, spec in kept])
+    results = generate([edit_sample(spec, accepted[row].result, options.proximity, options.image_proximity, lco) for row, _, _, spec in kept])
     verdicts: list[Verdict | None] = [None] * len(kept)
     reference_verdicts: list[Verdict | None] = [a.verdict for a in accepted]
     if judge is not None:

@@ -21,7 +21,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from service.counterfactual import DEFAULT_PULL, MAX_PULL
+from service.counterfactual import DEFAULT_IMAGE_PULL, DEFAULT_PULL, MAX_IMAGE_PULL, MAX_PULL
 from service.image_formats import SUFFIXES, ImageFormat
 from service.labels import LABEL_INDEX, LABELS, NO_FINDING, NUM_LABELS, UnknownLabelError, parse_label
 from service.lco import LCOOptions
@@ -88,6 +88,9 @@ class PairsOptions(BaseModel):
                                 description="the findings each reference is edited to show, one pair each")
     proximity: float = Field(DEFAULT_PULL, ge=0.0, le=MAX_PULL, allow_inf_nan=False,
                              description="weight of |z - z_reference|^2 / 2 in each edit's loss, as POST /edit's")
+    image_proximity: float = Field(DEFAULT_IMAGE_PULL, ge=0.0, le=MAX_IMAGE_PULL, allow_inf_nan=False,
+                                   description="weight of the mean squared pixel difference to the reference in "
+                                   "each edit's loss, as POST /edit's")
     difference_maps: bool = Field(True, description="also write each pair's signed difference map (RGB PNG)")
 
     @field_validator("findings")

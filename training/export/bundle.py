@@ -77,12 +77,15 @@ def check_parity(bundle_dir: Path, generator: nn.Module, classifier: nn.Module, 
     target = (torch.rand(batch, len(LABELS), generator=generator_rng) > 0.5).float()
     mask = (torch.rand(batch, len(LABELS), generator=generator_rng) > 0.3).float()
     objective = LCOObjective(generator, classifier).eval()
-    loss, grad_z, probs, image = reference_lco_step(objective, z, target, mask)
+    with torch.no_grad():
+        reference = generator(torch.randn(batch, bundle.manifest.latent_dim, generator=generator_rng)).clamp(-1, 1)
+    image_pull = (torch.arange(batch, dtype=torch.float32) % 2 * 5.0)[:, None]  # the term off and on
+    loss, grad_z, probs, image = reference_lco_step(objective, z, target, mask, reference, image_pull)
     with torch.no_grad():
         logits, embedding = classifier(image)
     onnx_image = bundle.generate(z.numpy())
     onnx_logits, onnx_embedding = bundle.classify(image.numpy())
-    step = bundle.lco_step(z.numpy(), target.numpy(), mask.numpy())
+    step = bundle.lco_step(z.numpy(), target.numpy(), mask.numpy(), reference.numpy(), image_pull.numpy())
     grad = grad_z.numpy().ravel()
     cosine = float(np.dot(step.grad_z.ravel(), grad) / (np.linalg.norm(step.grad_z) * np.linalg.norm(grad) + 1e-30))
     report = {

@@ -64,24 +64,40 @@ def masked_bce(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -
     return (bce * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
 
 
+def image_distance(image: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean squared pixel difference [B] of images [B, 1, H, W] in [-1, 1]."""
+    return (image - reference).square().mean(dim=(1, 2, 3))
+
+
 class LCOObjective(nn.Module):
-    """(z, target, mask) → (loss [B], probs [B, 14], image [B, 1, H, W]) through G then C."""
+    """(z, target, mask[, reference, image_pull]) → (loss [B], probs [B, 14], image [B, 1, H, W]) through
+    G then C.
+
+    The loss is the masked BCE plus image_pull [B, 1] times the mean squared pixel difference between
+    G(z) and reference [B, 1, H, W] (POST /edit keeps the edited image near the original; an image
+    pull of 0 adds exactly nothing, so plain LCO is unchanged). Without them, the BCE alone.
+    """
 
     def __init__(self, generator: nn.Module, classifier: nn.Module):
         super().__init__()
         self.generator = GeneratorGraph(generator)
         self.classifier = classifier
 
-    def forward(self, z: torch.Tensor, target: torch.Tensor, mask: torch.Tensor):
+    def forward(self, z: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
+                reference: torch.Tensor | None = None, image_pull: torch.Tensor | None = None):
         image = self.generator(z)
         logits, _ = self.classifier(image)
-        return masked_bce(logits, target, mask), torch.sigmoid(logits), image
+        loss = masked_bce(logits, target, mask)
+        if reference is not None and image_pull is not None:
+            loss = loss + image_pull[:, 0] * image_distance(image, reference)
+        return loss, torch.sigmoid(logits), image
 
 
-def reference_lco_step(objective: LCOObjective, z: torch.Tensor, target: torch.Tensor, mask: torch.Tensor):
+def reference_lco_step(objective: LCOObjective, z: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
+                       reference: torch.Tensor | None = None, image_pull: torch.Tensor | None = None):
     """Eager torch autograd: the ground truth ``lco_step.onnx`` is checked against."""
     z = z.detach().clone().requires_grad_(True)
-    loss, probs, image = objective(z, target, mask)
+    loss, probs, image = objective(z, target, mask, reference, image_pull)
     (grad_z,) = torch.autograd.grad(loss.sum(), z)
     return loss.detach(), grad_z, probs.detach(), image.detach()
 
@@ -253,16 +269,24 @@ class LCOStepModule(nn.Module):
         super().__init__()
         self.graph_module = graph
 
-    def forward(self, z: torch.Tensor, target: torch.Tensor, mask: torch.Tensor):
-        loss, grad_z, probs, image = self.graph_module(z, target, mask)
+    def forward(self, z: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, reference: torch.Tensor,
+                image_pull: torch.Tensor):
+        loss, grad_z, probs, image = self.graph_module(z, target, mask, reference, image_pull)
         return loss, grad_z, probs, image
 
 
+def lco_step_example(latent_dim: int, num_labels: int, resolution: int, batch: int) -> tuple[torch.Tensor, ...]:
+    """Example inputs (z, target, mask, reference, image_pull) of the LCO step for tracing and export."""
+    return (torch.randn(batch, latent_dim), torch.zeros(batch, num_labels), torch.ones(batch, num_labels),
+            torch.zeros(batch, 1, resolution, resolution), torch.zeros(batch, 1))
+
+
 def trace_lco_step(objective: LCOObjective, example_batch: int = 3) -> LCOStepModule:
-    """Trace (z, target, mask) → (loss, grad_z, probs, image) into one forward-only graph.
+    """Trace (z, target, mask, reference, image_pull) → (loss, grad_z, probs, image) into one
+    forward-only graph.
 
     ``objective`` must be in eval mode (BatchNorm running statistics, no dropout). The weights enter
-    as real tensors (graph constants with static shapes); only z, target and mask are symbolic, so
+    as real tensors (graph constants with static shapes); only the five inputs are symbolic, so
     the batch dimension stays dynamic whatever its example size.
     """
     if objective.training:
@@ -270,21 +294,28 @@ def trace_lco_step(objective: LCOObjective, example_batch: int = 3) -> LCOStepMo
     weights = {name: tensor.detach() for name, tensor in
                (*objective.named_parameters(), *objective.named_buffers())}
 
-    def step(z: torch.Tensor, target: torch.Tensor, mask: torch.Tensor):
+    def step(z: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, reference: torch.Tensor,
+             image_pull: torch.Tensor):
         def loss_of(latent: torch.Tensor):
-            loss, probs, image = torch.func.functional_call(objective, weights, (latent, target, mask))
+            loss, probs, image = torch.func.functional_call(objective, weights,
+                                                            (latent, target, mask, reference, image_pull))
             return loss.sum(), (loss, probs, image)
 
         grad_z, (loss, probs, image) = torch.func.grad(loss_of, has_aux=True)(z)
         return loss, grad_z, probs, image
 
-    latent_dim = _latent_dim(objective.generator.generator)
-    num_labels = objective.classifier.spec.num_labels
-    example = (torch.randn(example_batch, latent_dim), torch.zeros(example_batch, num_labels),
-               torch.ones(example_batch, num_labels))
+    generator = objective.generator.generator
+    example = lco_step_example(_latent_dim(generator), objective.classifier.spec.num_labels,
+                               generator_resolution(generator), example_batch)
     graph = make_fx(step, decomposition_table=BACKWARD_DECOMPOSITIONS, tracing_mode="symbolic",
                     _allow_non_fake_inputs=True)(*example)
     return LCOStepModule(graph)
+
+
+def generator_resolution(generator: nn.Module) -> int:
+    """Side of the generator's images (one forward pass of one latent)."""
+    with torch.no_grad():
+        return int(generator(torch.zeros(1, _latent_dim(generator))).shape[-1])
 
 
 def _latent_dim(generator: nn.Module) -> int:

@@ -18,8 +18,16 @@ import torch
 from onnx import TensorProto, helper
 from torch import nn
 
+from service.bundle import GRAPH_IO
 from service.lco import ADAM_BETA1, ADAM_BETA2
-from training.export.lco import ClassifierGraph, GeneratorGraph, LCOObjective, trace_lco_step
+from training.export.lco import (
+    ClassifierGraph,
+    GeneratorGraph,
+    LCOObjective,
+    generator_resolution,
+    lco_step_example,
+    trace_lco_step,
+)
 
 OPSET = 18
 MAX_BATCH = 4096
@@ -57,16 +65,13 @@ def export_classifier(classifier: nn.Module, resolution: int, path: Path, opset:
 
 
 def export_lco_step(generator: nn.Module, classifier: nn.Module, path: Path, opset: int = OPSET) -> None:
-    """``lco_step.onnx``: (z, target, mask) → loss [B], grad_z [B, latent], probs [B, 14], image."""
+    """``lco_step.onnx``: (z, target, mask, reference, image_pull) → loss [B], grad_z [B, latent],
+    probs [B, 14], image (training.export.lco.LCOObjective)."""
     objective = LCOObjective(generator, classifier).eval()
     step = trace_lco_step(objective, example_batch=_EXAMPLE_BATCH)
-    num_labels = classifier.spec.num_labels
-    example = (
-        torch.randn(_EXAMPLE_BATCH, generator.latent_dim),
-        torch.zeros(_EXAMPLE_BATCH, num_labels),
-        torch.ones(_EXAMPLE_BATCH, num_labels),
-    )
-    _export(step, example, ["z", "target", "mask"], ["loss", "grad_z", "probs", "image"], path, opset)
+    example = lco_step_example(generator.latent_dim, classifier.spec.num_labels, generator_resolution(generator),
+                               _EXAMPLE_BATCH)
+    _export(step, example, *map(list, GRAPH_IO["lco_step"]), path, opset)
 
 
 # Operations whose result ONNX Runtime may add up in an order its threads (or a GPU's blocks) decide:
