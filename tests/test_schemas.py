@@ -11,9 +11,10 @@ import pytest
 from openapi_schema_validator import OAS30Validator
 from pydantic import ValidationError
 
+from service.counterfactual import DEFAULT_IMAGE_PULL, DEFAULT_PULL
 from service.labels import LABEL_INDEX, LABELS, NO_FINDING, NUM_LABELS
 from service.lco import LCOOptions
-from service.schemas import MAX_SEED, S3_URI_PATTERN, GenerateRequest, resolve_labels, settings
+from service.schemas import MAX_SEED, S3_URI_PATTERN, EditRequest, GenerateRequest, resolve_labels, settings
 from tests.openapi_requests import inline_refs, invalid_instance, valid_instance
 
 
@@ -157,3 +158,19 @@ def test_requests_drawn_from_the_schema_are_accepted_and_broken_ones_refused():
         assert not validator.is_valid(broken), (where, broken)
         with pytest.raises(ValidationError):
             GenerateRequest.model_validate_json(json.dumps(broken))
+
+
+@pytest.mark.parametrize(("weights", "fragment"), [
+    ({"image_proximity": -1.0}, "image_proximity"),
+    ({"image_proximity": 1e9}, "image_proximity"),
+    ({"proximity": -0.5}, "proximity"),
+])
+def test_edit_proximity_weights_out_of_bounds_are_refused(weights, fragment):
+    body = {"reference": {"model_version": "20261201.000000-0000000", "seed": 1, "labels": {"Effusion": False}},
+            "change": {"add": ["Effusion"]}, **weights}
+    with pytest.raises(ValidationError) as info:
+        EditRequest.model_validate(body)
+    message = str(info.value)
+    assert fragment in message and ("greater than or equal" in message or "less than or equal" in message), message
+    default = EditRequest.model_validate({key: value for key, value in body.items() if key not in weights})
+    assert (default.proximity, default.image_proximity) == (DEFAULT_PULL, DEFAULT_IMAGE_PULL)
