@@ -641,7 +641,10 @@ class LCOBatch:
         engine = self.engine
         for sample in samples:
             engine.check_image_proximity(sample)
-        searches = [(s.options or engine.options).rejection_first and s.start is None for s in samples]
+        # a sample with a start, or pulled towards a reference image, skips the search: the first latent
+        # to meet the request would ignore both
+        searches = [(s.options or engine.options).rejection_first and s.start is None and s.image_pull == 0
+                    for s in samples]
         at_once = [(s, t) for s, t, search in zip(samples, tags, searches) if not search]
         for sample, tag, search in zip(samples, tags, searches):
             options = sample.options or engine.options
