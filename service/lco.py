@@ -59,6 +59,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from service.acceptance import DEFAULT_STEP_COST, AcceptanceTable, prior_rate, rejection_budget
 from service.labels import NUM_LABELS
 from service.openapi import openapi_30_nullable
+from service.step_graph import reference_shape
 
 ADAM_BETA1 = 0.9
 ADAM_BETA2 = 0.999
@@ -315,11 +316,9 @@ class LCOEngine:
         self.generator = bundle.sessions["generator"]
         self.classifier = bundle.sessions["classifier"]
         self.lco_step = bundle.sessions["lco_step"]
-        # bundles exported before the image proximity term have a step graph of (z, target, mask) only
-        step_inputs = {i.name: i.shape for i in self.lco_step.get_inputs()}
-        self.image_proximity = "reference" in step_inputs
-        # the reference's [H, W]: the step graph's static image size (None without the term)
-        self.reference_shape = tuple(step_inputs["reference"][2:]) if self.image_proximity else None
+        # the reference's [H, W] (None: a step graph exported before the image proximity term)
+        self.reference_shape = reference_shape(self.lco_step)
+        self.image_proximity = self.reference_shape is not None
         self._zero_reference: ort.OrtValue | None = None
         self.thresholds = np.asarray(bundle.thresholds, dtype=np.float32)
         if self.thresholds.shape != (NUM_LABELS,):
