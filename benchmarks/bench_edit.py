@@ -8,13 +8,20 @@ code /edit runs). Per finding:
   reference);
 - the rest kept: every label the edit does not name stays on its side of the threshold, per pair
   (all 13) and per label, by the auditor and by the LCO classifier;
+- the yardstick: the same numbers for ``--phantom-pairs`` phantoms drawn without and with F
+  (training/phantoms: the anatomy and every other finding's placement do not depend on the labels, so
+  these are perfect counterfactuals): how often this auditor itself sees a label move when only F
+  was added. Their labels come from ``--prior`` (the demo generator's phantom prior) with F absent;
 - closeness: SSIM of the pair (torchmetrics, Wang et al. 2004) against the SSIM of two unrelated
   images of the same request (the references of seeds s and s + 1), and the latent distance.
 
 Writes a Markdown table and beside it a contact sheet (same name, .png): per finding three pairs as
 reference | edited | difference (red brighter, blue darker).
 
-    python -m benchmarks.bench_edit --bundle models/demo --auditor runs/demo/auditor --pairs 16
+    python -m benchmarks.bench_edit --bundle models/demo --pairs 16
+
+The auditor is the bundle's own (``auditor.onnx``) unless ``--auditor`` names another: a classifier run
+or an exported auditor directory (``training.cli export-auditor``).
 """
 
 from __future__ import annotations
@@ -32,11 +39,13 @@ from PIL import Image
 from torchmetrics.functional.image import structural_similarity_index_measure
 from tqdm import tqdm
 
+from service.auditor import Auditor
 from service.bundle import load_bundle
 from service.counterfactual import DEFAULT_IMAGE_PULL, DEFAULT_PULL, difference_png, edit_sample, plan_edit
 from service.demo import contact_sheet
 from service.labels import LABEL_INDEX, LABELS
 from service.lco import LCOEngine, LCOOptions, SampleRequest
+from service.prior import get_prior
 from service.schemas import resolve_labels
 from training.classifier.artifact import TrainedClassifier
 from training.evaluate.labels import auditor_probabilities
@@ -54,13 +63,52 @@ def ssim(first: np.ndarray, second: np.ndarray) -> np.ndarray:
 
 
 def kept(before: np.ndarray, after: np.ndarray, thresholds: np.ndarray,
-         labels: np.ndarray) -> tuple[float, float, float, str]:
+         labels: np.ndarray) -> tuple[float, float, np.ndarray]:
     """Share of pairs whose ``labels`` all stay on their side of the threshold, share of (pair, label)
-    that do, and the label kept in the fewest pairs with its share; probabilities [N, 14]."""
+    that do, and per label [len(labels)] the share of pairs it stays in; probabilities [N, 14]."""
     same = (before[:, labels] >= thresholds[labels]) == (after[:, labels] >= thresholds[labels])
-    per_label = same.mean(axis=0)
-    worst = int(np.argmin(per_label))
-    return float(same.all(axis=1).mean()), float(same.mean()), float(per_label[worst]), LABELS[labels[worst]]
+    return float(same.all(axis=1).mean()), float(same.mean()), same.mean(axis=0)
+
+
+class Judge:
+    """An auditor read either way: the bundle's or an exported one (ONNX), or a classifier run (torch)."""
+
+    def __init__(self, bundle, path: Path | None):
+        if path is None or (path / "auditor.json").is_file():
+            onnx = Auditor.of_bundle(bundle) if path is None else Auditor.load(path)
+            if onnx is None:
+                raise SystemExit(f"{bundle.path} has no auditor: name one with --auditor RUN")
+            self.thresholds, self.description = onnx.thresholds, onnx.description
+            self.probabilities = onnx.probabilities
+        else:
+            trained = TrainedClassifier.load(path)
+            self.thresholds = trained.thresholds
+            self.description = f"{trained.preset} ({trained.spec.arch}, seed {trained.seed})"
+            self.probabilities = lambda images: auditor_probabilities(trained, images[:, None])
+
+
+def count(rows: list[dict], key: str, bar: float) -> str:
+    return f"{sum(r[key] >= bar for r in rows)}/{len(rows)}"
+
+
+def phantom_pairs(finding: str, count: int, size: int, prior: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``count`` phantoms [count, size, size] in [-1, 1] drawn without ``finding`` and the same ones with it;
+    labels from ``prior`` conditioned on ``finding`` absent (drawn again until it is)."""
+    from training.phantoms import render_phantom
+
+    rng = np.random.default_rng(seed)
+    index = LABEL_INDEX[finding]
+    before, after = [], []
+    while len(before) < count:
+        labels = get_prior(prior).sample(1, rng)[0].astype(np.float32)
+        if labels[index] > 0.5:
+            continue
+        image_seed = int(rng.integers(0, 2**63 - 1))
+        with_finding = labels.copy()
+        with_finding[index] = 1.0
+        before.append(render_phantom(labels, size, image_seed))
+        after.append(render_phantom(with_finding, size, image_seed))
+    return np.stack(before) * 2.0 - 1.0, np.stack(after) * 2.0 - 1.0
 
 
 def to_tile(image: np.ndarray) -> Image.Image:
@@ -70,9 +118,12 @@ def to_tile(image: np.ndarray) -> Image.Image:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_edit", description=__doc__.split("\n")[0])
     parser.add_argument("--bundle", default="models/demo")
-    parser.add_argument("--auditor", default="runs/demo/auditor", help="auditor run or classifier directory")
+    parser.add_argument("--auditor", type=Path, default=None,
+                        help="auditor run or exported auditor directory (default: the bundle's auditor)")
     parser.add_argument("--pairs", type=int, default=16, help="pairs per finding")
     parser.add_argument("--findings", nargs="+", default=list(FINDINGS))
+    parser.add_argument("--prior", default="nih-boosted", help="label prior of the phantom pairs")
+    parser.add_argument("--phantom-pairs", type=int, default=64, help="phantom pairs per finding")
     parser.add_argument("--proximity", type=float, default=DEFAULT_PULL,
                         help="the edit's pull towards the reference's latent")
     parser.add_argument("--image-proximity", type=float, default=DEFAULT_IMAGE_PULL,
@@ -83,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
 
     bundle = load_bundle(args.bundle)
     engine = LCOEngine(bundle, LCOOptions())
-    auditor = TrainedClassifier.load(args.auditor)
+    auditor = Judge(bundle, args.auditor)
     rows, sheet_rows = [], []
     started = time.perf_counter()
     for number, finding in enumerate(tqdm(args.findings, desc="findings", unit="finding")):
@@ -96,14 +147,17 @@ def main(argv: list[str] | None = None) -> int:
                                   for original in originals[:-1]])
         before = np.stack([o.image for o in originals[:-1]])
         after = np.stack([e.image for e in edited])
-        audit_before, audit_after = (auditor_probabilities(auditor, x[:, None]) for x in (before, after))
+        audit_before, audit_after = (auditor.probabilities(x) for x in (before, after))
         clf_before = np.stack([o.probabilities for o in originals[:-1]])
         clf_after = np.stack([e.probabilities for e in edited])
         others = np.array([i for i in range(len(LABELS)) if i != index])
 
-        audit_kept_pairs, audit_kept_labels, audit_worst, audit_worst_label = kept(
-            audit_before, audit_after, auditor.thresholds, others)
-        clf_kept_pairs, clf_kept_labels, _, _ = kept(clf_before, clf_after, engine.thresholds, others)
+        audit_kept_pairs, audit_kept_labels, audit_per_label = kept(audit_before, audit_after, auditor.thresholds, others)
+        clf_kept_pairs, clf_kept_labels, _ = kept(clf_before, clf_after, engine.thresholds, others)
+        truth_before, truth_after = (auditor.probabilities(x.astype(np.float32)) for x in phantom_pairs(
+            finding, args.phantom_pairs, bundle.manifest.resolution, args.prior, seed=seeds[0]))
+        truth_kept_pairs, truth_kept_labels, truth_per_label = kept(truth_before, truth_after, auditor.thresholds, others)
+        worst = int(np.argmin(audit_per_label))
         present_after = audit_after[:, index] >= auditor.thresholds[index]
         absent_before = audit_before[:, index] < auditor.thresholds[index]
         pair_ssim = ssim(before, after)
@@ -113,8 +167,12 @@ def main(argv: list[str] | None = None) -> int:
             "lco": float(np.mean([e.satisfied for e in edited])),
             "confirmed": float(present_after.mean()),
             "flipped": float((present_after & absent_before).mean()),
+            "truth_confirmed": float((truth_after[:, index] >= auditor.thresholds[index]).mean()),
+            "truth_kept_pairs": float(truth_kept_pairs), "truth_kept_labels": float(truth_kept_labels),
+            "truth_worst": float(truth_per_label.min()),
             "audit_kept_pairs": float(audit_kept_pairs), "audit_kept_labels": float(audit_kept_labels),
-            "audit_worst": audit_worst, "audit_worst_label": audit_worst_label,
+            "audit_worst": float(audit_per_label[worst]), "audit_worst_label": LABELS[others[worst]],
+            "truth_of_worst": float(truth_per_label[worst]),
             "clf_kept_pairs": float(clf_kept_pairs), "clf_kept_labels": float(clf_kept_labels),
             "pair_ssim": float(pair_ssim.mean()), "unrelated_ssim": float(unrelated_ssim.mean()),
             "latent": float(np.mean([np.linalg.norm(e.latent - o.latent) for e, o in zip(edited, originals)])),
@@ -133,29 +191,34 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         "# Counterfactual pairs",
         "",
-        (f"Bundle `{manifest.name}` {manifest.version}; auditor `{auditor.preset}` ({auditor.spec.arch}, seed "
-         f"{auditor.seed}). {args.pairs} pairs per finding: reference {{F: absent}}, edit adds F from its latent, "
+        (f"Bundle `{manifest.name}` {manifest.version}; auditor {auditor.description}. {args.pairs} pairs per finding: reference {{F: absent}}, edit adds F from its latent, "
          f"proximity: latent {args.proximity:g}, image {args.image_proximity:g}; LCO options {engine.options}. Written by `python -m benchmarks.bench_edit` "
          f"in {elapsed:.0f} s."),
         "",
-        ("| finding added | LCO satisfied | auditor sees it after | absent before, present after "
-         "| others kept, all 13 (auditor / LCO clf) | others kept, per label (auditor / LCO clf) "
-         "| label kept least (auditor) | SSIM pair | SSIM unrelated | latent distance | mean steps |"),
+        ("| finding added | LCO satisfied | auditor sees it after (phantom pairs) | absent before, present after "
+         "| others kept, all 13: auditor / LCO clf (phantom pairs) | others kept, per label: auditor / LCO clf (phantom pairs) "
+         "| label kept least: auditor (phantom pairs) | SSIM pair | SSIM unrelated | latent distance | mean steps |"),
         "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         lines.append(
-            f"| {r['finding']} | {r['lco']:.0%} | {r['confirmed']:.0%} | {r['flipped']:.0%} "
-            f"| {r['audit_kept_pairs']:.0%} / {r['clf_kept_pairs']:.0%} "
-            f"| {r['audit_kept_labels']:.1%} / {r['clf_kept_labels']:.1%} "
-            f"| {r['audit_worst_label']} {r['audit_worst']:.0%} "
+            f"| {r['finding']} | {r['lco']:.0%} | {r['confirmed']:.0%} ({r['truth_confirmed']:.0%}) | {r['flipped']:.0%} "
+            f"| {r['audit_kept_pairs']:.0%} / {r['clf_kept_pairs']:.0%} ({r['truth_kept_pairs']:.0%}) "
+            f"| {r['audit_kept_labels']:.1%} / {r['clf_kept_labels']:.1%} ({r['truth_kept_labels']:.1%}) "
+            f"| {r['audit_worst_label']} {r['audit_worst']:.0%} ({r['truth_of_worst']:.0%}) "
             f"| {r['pair_ssim']:.3f} | {r['unrelated_ssim']:.3f} | {r['latent']:.2f} | {r['steps']:.1f} |")
     lines += [
         "",
-        (f"Auditor confirms the change in ≥ 80% of pairs for {sum(r['confirmed'] >= 0.8 for r in rows)}/{len(rows)} "
-         f"findings; every label not named stays on its side (auditor) in ≥ 90% of pairs for "
-         f"{sum(r['audit_worst'] >= 0.9 for r in rows)}/{len(rows)}, all 13 at once in ≥ 90% of pairs for "
-         f"{sum(r['audit_kept_pairs'] >= 0.9 for r in rows)}/{len(rows)}."),
+        (f"Phantom pairs ({args.phantom_pairs} per finding, labels from the `{args.prior}` prior with the finding "
+         "absent): the same phantom drawn without and with the finding, the anatomy and every other finding in "
+         "place: perfect counterfactuals, and what this auditor says of them."),
+        "",
+        (f"Auditor confirms the change in ≥ 80% of pairs for {count(rows, 'confirmed', 0.8)} findings "
+         f"(phantom pairs {count(rows, 'truth_confirmed', 0.8)}). Labels not named on their side in ≥ 90% of pairs: "
+         f"every one of them for {count(rows, 'audit_worst', 0.9)} (phantom pairs {count(rows, 'truth_worst', 0.9)}), "
+         f"all 13 at once for {count(rows, 'audit_kept_pairs', 0.9)} (phantom pairs "
+         f"{count(rows, 'truth_kept_pairs', 0.9)}), per (pair, label) for {count(rows, 'audit_kept_labels', 0.9)} "
+         f"(phantom pairs {count(rows, 'truth_kept_labels', 0.9)})."),
         "",
     ]
     text = "\n".join(lines)
