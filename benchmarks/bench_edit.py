@@ -88,7 +88,14 @@ class Judge:
 
 
 def count(rows: list[dict], key: str, bar: float) -> str:
+    """How many of ``rows`` reach ``bar`` in ``key``, as "k/n" ("–" when none was measured)."""
+    if all(np.isnan(r[key]) for r in rows):
+        return "–"
     return f"{sum(r[key] >= bar for r in rows)}/{len(rows)}"
+
+
+def percent(share: float, digits: int = 0) -> str:
+    return "–" if np.isnan(share) else f"{share:.{digits}%}"
 
 
 def phantom_pairs(finding: str, count: int, size: int, prior: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -154,8 +161,11 @@ def main(argv: list[str] | None = None) -> int:
 
         audit_kept_pairs, audit_kept_labels, audit_per_label = kept(audit_before, audit_after, auditor.thresholds, others)
         clf_kept_pairs, clf_kept_labels, _ = kept(clf_before, clf_after, engine.thresholds, others)
-        truth_before, truth_after = (auditor.probabilities(x.astype(np.float32)) for x in phantom_pairs(
-            finding, args.phantom_pairs, bundle.manifest.resolution, args.prior, seed=seeds[0]))
+        if args.phantom_pairs:
+            truth_before, truth_after = (auditor.probabilities(x.astype(np.float32)) for x in phantom_pairs(
+                finding, args.phantom_pairs, bundle.manifest.resolution, args.prior, seed=seeds[0]))
+        else:  # a bundle of real radiographs: phantoms are not its auditor's domain
+            truth_before = truth_after = np.full((1, len(LABELS)), np.nan, np.float32)
         truth_kept_pairs, truth_kept_labels, truth_per_label = kept(truth_before, truth_after, auditor.thresholds, others)
         worst = int(np.argmin(audit_per_label))
         present_after = audit_after[:, index] >= auditor.thresholds[index]
@@ -202,16 +212,18 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for r in rows:
         lines.append(
-            f"| {r['finding']} | {r['lco']:.0%} | {r['confirmed']:.0%} ({r['truth_confirmed']:.0%}) | {r['flipped']:.0%} "
-            f"| {r['audit_kept_pairs']:.0%} / {r['clf_kept_pairs']:.0%} ({r['truth_kept_pairs']:.0%}) "
-            f"| {r['audit_kept_labels']:.1%} / {r['clf_kept_labels']:.1%} ({r['truth_kept_labels']:.1%}) "
-            f"| {r['audit_worst_label']} {r['audit_worst']:.0%} ({r['truth_of_worst']:.0%}) "
+            f"| {r['finding']} | {r['lco']:.0%} | {r['confirmed']:.0%} ({percent(r['truth_confirmed'])}) "
+            f"| {r['flipped']:.0%} "
+            f"| {r['audit_kept_pairs']:.0%} / {r['clf_kept_pairs']:.0%} ({percent(r['truth_kept_pairs'])}) "
+            f"| {r['audit_kept_labels']:.1%} / {r['clf_kept_labels']:.1%} ({percent(r['truth_kept_labels'], 1)}) "
+            f"| {r['audit_worst_label']} {r['audit_worst']:.0%} ({percent(r['truth_of_worst'])}) "
             f"| {r['pair_ssim']:.3f} | {r['unrelated_ssim']:.3f} | {r['latent']:.2f} | {r['steps']:.1f} |")
     lines += [
         "",
         (f"Phantom pairs ({args.phantom_pairs} per finding, labels from the `{args.prior}` prior with the finding "
          "absent): the same phantom drawn without and with the finding, the anatomy and every other finding in "
-         "place: perfect counterfactuals, and what this auditor says of them."),
+         "place: perfect counterfactuals, and what this auditor says of them." if args.phantom_pairs else
+         "No phantom pairs (--phantom-pairs 0)."),
         "",
         (f"Auditor confirms the change in ≥ 80% of pairs for {count(rows, 'confirmed', 0.8)} findings "
          f"(phantom pairs {count(rows, 'truth_confirmed', 0.8)}). Labels not named on their side in ≥ 90% of pairs: "
