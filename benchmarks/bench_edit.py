@@ -161,13 +161,17 @@ def main(argv: list[str] | None = None) -> int:
 
         audit_kept_pairs, audit_kept_labels, audit_per_label = kept(audit_before, audit_after, auditor.thresholds, others)
         clf_kept_pairs, clf_kept_labels, _ = kept(clf_before, clf_after, engine.thresholds, others)
+        worst = int(np.argmin(audit_per_label))
+        truth = dict.fromkeys(("truth_confirmed", "truth_kept_pairs", "truth_kept_labels", "truth_worst",
+                               "truth_of_worst"), float("nan"))  # a bundle of real radiographs: no phantom pairs
         if args.phantom_pairs:
             truth_before, truth_after = (auditor.probabilities(x.astype(np.float32)) for x in phantom_pairs(
                 finding, args.phantom_pairs, bundle.manifest.resolution, args.prior, seed=seeds[0]))
-        else:  # a bundle of real radiographs: phantoms are not its auditor's domain
-            truth_before = truth_after = np.full((1, len(LABELS)), np.nan, np.float32)
-        truth_kept_pairs, truth_kept_labels, truth_per_label = kept(truth_before, truth_after, auditor.thresholds, others)
-        worst = int(np.argmin(audit_per_label))
+            truth_kept_pairs, truth_kept_labels, truth_per_label = kept(truth_before, truth_after, auditor.thresholds,
+                                                                        others)
+            truth = {"truth_confirmed": float((truth_after[:, index] >= auditor.thresholds[index]).mean()),
+                     "truth_kept_pairs": truth_kept_pairs, "truth_kept_labels": truth_kept_labels,
+                     "truth_worst": float(truth_per_label.min()), "truth_of_worst": float(truth_per_label[worst])}
         present_after = audit_after[:, index] >= auditor.thresholds[index]
         absent_before = audit_before[:, index] < auditor.thresholds[index]
         pair_ssim = ssim(before, after)
@@ -177,12 +181,9 @@ def main(argv: list[str] | None = None) -> int:
             "lco": float(np.mean([e.satisfied for e in edited])),
             "confirmed": float(present_after.mean()),
             "flipped": float((present_after & absent_before).mean()),
-            "truth_confirmed": float((truth_after[:, index] >= auditor.thresholds[index]).mean()),
-            "truth_kept_pairs": float(truth_kept_pairs), "truth_kept_labels": float(truth_kept_labels),
-            "truth_worst": float(truth_per_label.min()),
             "audit_kept_pairs": float(audit_kept_pairs), "audit_kept_labels": float(audit_kept_labels),
             "audit_worst": float(audit_per_label[worst]), "audit_worst_label": LABELS[others[worst]],
-            "truth_of_worst": float(truth_per_label[worst]),
+            **truth,
             "clf_kept_pairs": float(clf_kept_pairs), "clf_kept_labels": float(clf_kept_labels),
             "pair_ssim": float(pair_ssim.mean()), "unrelated_ssim": float(unrelated_ssim.mean()),
             "latent": float(np.mean([np.linalg.norm(e.latent - o.latent) for e, o in zip(edited, originals)])),
