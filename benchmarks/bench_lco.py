@@ -15,8 +15,10 @@
    ratio it prints (a lower bound) can show that much.
 2. NIH distribution archive: images/s of the engine making images whose labels are drawn from the
    NIH prior exactly as an archive job plans them (service/archive: all 14 labels constrained, the
-   job's seeds, batches of its batch_size), with rejection first off (the engine before it) and on,
-   the same images and LCO options otherwise, one after the other.
+   job's seeds, batches of its batch_size), one engine after the other on the same images: rejection
+   first off with one margin for both sides (the engine before either), rejection first at that one
+   margin, and the job's defaults (labels requested absent at ``absent_margin``); beside each, how
+   often the bundle's auditor agrees with its images.
 3. Throughput (images/s) of the service's batcher with 1, 4 and 16 concurrent clients, each asking
    for one image at a time, with and without cross-request batching.
 
@@ -59,6 +61,8 @@ from service.step_graph import lco_step_feeds
 
 # Older engines (benchmarks.compare_revisions) have no rejection first: its rows are left out there.
 REJECTION_FIRST = "rejection_first" in LCOOptions.model_fields
+# ... nor a margin of its own for labels requested absent (the rule is then one margin for both sides).
+ABSENT_MARGIN = "absent_margin" in LCOOptions.model_fields
 
 COMBINATION = {"Effusion": True, "Atelectasis": True, "Pneumothorax": False}
 
@@ -106,9 +110,15 @@ def step_cost_ratio(engine: LCOEngine, batch: int = 32, repeats: int = 5) -> flo
     return (time.perf_counter() - start) / forward
 
 
+def absent_rule(options: LCOOptions) -> dict[str, float]:
+    """The absent labels' margin of ``options`` as keyword arguments of the rule (none on older engines)."""
+    return {"absent_margin": options.absent_margin} if ABSENT_MARGIN else {}
+
+
 def rejection(engine: LCOEngine, target: np.ndarray, mask: np.ndarray, want_hits: int, budget: int, margin: float,
-              batch: int = 256, seed: int = 10_000_000) -> Cost:
-    """Draws until ``want_hits`` meet the request ``margin`` logits past each threshold, or ``budget``."""
+              rule: dict[str, float], batch: int = 256, seed: int = 10_000_000) -> Cost:
+    """Draws until ``want_hits`` meet the request ``margin`` logits past each threshold (``rule``: the
+    absent labels' margin), or ``budget``."""
     hits = draws = 0
     rng = np.random.default_rng(seed)
     start = time.perf_counter()
@@ -117,7 +127,8 @@ def rejection(engine: LCOEngine, target: np.ndarray, mask: np.ndarray, want_hits
             z = project_to_sphere(rng.standard_normal((batch, engine.latent_dim), dtype=np.float32))
             _, logits = engine.score(z, keep_images=False)
             probs = 1 / (1 + np.exp(-logits))
-            ok = satisfied(probs, np.tile(target, (batch, 1)), np.tile(mask, (batch, 1)), engine.thresholds, margin)
+            ok = satisfied(probs, np.tile(target, (batch, 1)), np.tile(mask, (batch, 1)), engine.thresholds, margin,
+                           **rule)
             draws += batch
             hits += int(ok.sum())
             bar.update(int(ok.sum()))
@@ -251,8 +262,9 @@ def cost_section(engine: LCOEngine, ratio: float, scale: float, steps: int, cand
         ("combination", "Effusion+Atelectasis -Pneumothorax", COMBINATION)) if name in chosen}
 
     print("## Cost per satisfied image (FPE = forward-pass equivalents)\n")
-    margin = LCOOptions().margin
-    print(f"(acceptance rule: every constrained label past its threshold by {margin} logits, LCO's margin)\n")
+    margin, rule = LCOOptions().margin, absent_rule(LCOOptions())
+    absent = f", a label requested absent by {rule['absent_margin']}" if rule else ""
+    print(f"(acceptance rule: every constrained label past its threshold by {margin} logits{absent}: LCO's own)\n")
     print("| request | method | images | satisfied | FPE / satisfied | s / satisfied | FPE vs rejection | time vs rejection |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for title, constraints in requests.items():
@@ -265,12 +277,12 @@ def cost_section(engine: LCOEngine, ratio: float, scale: float, steps: int, cand
             # Where rejection pays, an image costs about 1/rate forwards: more images for a steadier mean.
             images = n(256) if budget > candidates else n(32)
             rows.append(lco(engine, target, mask, images, candidates, ratio, steps, rejection_first=True))
-            rate = engine.acceptance_rate(target, mask, margin)
+            rate = engine.acceptance_rate(target, mask, margin, *rule.values())
             print(f"| {title} | (acceptance rate {rate:.4f} under the bundle, rejection budget {budget}) | | | | | | |")
             figures[f"cost {title} acceptance rate"] = rate
         cheapest = min(row.fpe_per_hit for row in rows)
         budget = max(n(20_000), round(bound * cheapest)) if np.isfinite(cheapest) else n(20_000)
-        rows.insert(0, rejection(engine, target, mask, want_hits=n(16), budget=budget, margin=margin))
+        rows.insert(0, rejection(engine, target, mask, want_hits=n(16), budget=budget, margin=margin, rule=rule))
         base = rows[0]
         # No hit in the whole budget: rejection costs at least the budget per hit (a lower bound).
         base_fpe = base.fpe_per_hit if base.hits else base.fpe
@@ -294,42 +306,79 @@ def cost_section(engine: LCOEngine, ratio: float, scale: float, steps: int, cand
 
 
 def archive_section(engine: LCOEngine, images: int, figures: dict[str, float]) -> None:
-    """Images/s for the first ``images`` of a ``distribution: nih`` archive job, without and with
-    rejection first (the job's default LCO options otherwise)."""
+    """Images/s for the first ``images`` of a ``distribution: nih`` archive job under the engine before
+    rejection first, rejection first at one margin for both sides, and (where the engine has it) the
+    job's default LCO options, whose absent labels need only ``absent_margin``; with the bundle's auditor
+    on each engine's images, so that speed bought with labels would show."""
     from service.archive.spec import ArchivePlan, ArchiveSpec
 
     spec = ArchiveSpec(count=images, distribution="nih", seed=0, destination="s3://bench-only/unused")
     plan = ArchivePlan(spec)
     planned = [plan.image(index) for index in range(images)]
+    one_margin = {"absent_margin": spec.lco.margin} if ABSENT_MARGIN else {}
+    engines = {"today's (rejection first off)": {"rejection_first": False, **one_margin},
+               "rejection first, one margin": {"rejection_first": True, **one_margin}}
+    if ABSENT_MARGIN:
+        engines[f"rejection first, absent labels at {spec.lco.absent_margin} (the default)"] = {}
+    auditor = _auditor(engine)
     print(f"## NIH distribution archive ({images} images per engine, labels from the NIH prior as an archive "
           f"job plans them, all 14 constrained, batches of {spec.batch_size})\n")
-    print("| engine | images/s | s / image | without steps | mean steps | satisfied | vs today |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    rates = {}
-    for rejection_first in (False, True):
-        options = spec.lco.model_copy(update={"rejection_first": rejection_first})
+    judged = f" | auditor agrees: image / present labels / absent labels ({auditor.description})" if auditor else ""
+    print(f"| engine | images/s | s / image | without steps | mean steps | satisfied | vs today{judged} |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---:" + (" | ---:" if auditor else "") + " |")
+    rates: dict[str, float] = {}
+    for name, update in engines.items():
+        options = spec.lco.model_copy(update=update)
+        samples = [SampleRequest(p.target, p.mask, p.seed, options) for p in planned]
         results = []
         start = time.perf_counter()
-        name = "rejection first + LCO" if rejection_first else "today's (rejection first off)"
-        for batch in tqdm([planned[i : i + spec.batch_size] for i in range(0, images, spec.batch_size)],
+        for batch in tqdm([samples[i : i + spec.batch_size] for i in range(0, images, spec.batch_size)],
                           desc=f"  archive, {name}", unit="batch", leave=False):
-            results += engine.generate([SampleRequest(p.target, p.mask, p.seed, options) for p in batch])
+            results += engine.generate(batch)
         seconds = time.perf_counter() - start
-        rates[rejection_first] = images / seconds
+        rates[name] = images / seconds
         without = sum(r.accepted_without_steps for r in results)
         steps = float(np.mean([r.steps for r in results]))
-        gain = f"{rates[True] / rates[False]:.2f}x" if rejection_first else "1.00x"
-        print(f"| {name} | {rates[rejection_first]:.4f} | {seconds / images:.2f} | {without}/{images} | {steps:.1f} | "
-              f"{sum(r.satisfied for r in results)}/{images} | {gain} |")
-        key = "rejection first" if rejection_first else "today"
-        figures[f"archive nih {key} img/s"] = rates[rejection_first]
-        figures[f"archive nih {key} accepted without steps"] = without / images
-    # What the mix asks for: the share of requests the bundle's generator meets at the margin.
-    margin = spec.lco.margin
-    reachable = [engine.acceptance_rate(p.target, p.mask, margin) for p in planned]
-    print(f"\n(the mix under the bundle's acceptance table: mean acceptance rate {np.mean(reachable):.3f}; "
-          f"{np.mean(np.array(reachable) == 0):.0%} of the requests never met in the table, "
-          f"so they go to LCO)\n")
+        gain = rates[name] / next(iter(rates.values()))
+        verdict = ""
+        if auditor:
+            image_share, present, absent = _auditor_agreement(auditor, samples, results)
+            verdict = f" | {image_share:.0%} / {present:.0%} / {absent:.1%}"
+            figures[f"archive nih {name} auditor agrees"] = image_share
+        print(f"| {name} | {rates[name]:.4f} | {seconds / images:.2f} | {without}/{images} | {steps:.1f} | "
+              f"{sum(r.satisfied for r in results)}/{images} | {gain:.2f}x{verdict} |")
+        figures[f"archive nih {name} img/s"] = rates[name]
+        figures[f"archive nih {name} accepted without steps"] = without / images
+    # What the mix asks for: the share of requests the bundle's generator meets at the rule.
+    for name, update in engines.items():
+        options = spec.lco.model_copy(update=update)
+        reachable = np.array([engine.acceptance_rate(p.target, p.mask, options.margin, *absent_rule(options).values())
+                              for p in planned])
+        print(f"\n({name}: mean acceptance rate of the mix under the bundle's table {reachable.mean():.3f}; "
+              f"{np.mean(reachable == 0):.0%} of the requests never met in the table, so they go to LCO)")
+    print()
+
+
+def _auditor(engine: LCOEngine):
+    """The bundle's auditor (service/auditor.py), or None when it has none or this engine predates it."""
+    try:
+        from service.auditor import Auditor
+    except ImportError:
+        return None
+    return Auditor.of_bundle(engine.bundle) if hasattr(engine, "bundle") else None
+
+
+def _auditor_agreement(auditor, samples: list[SampleRequest], results: list) -> tuple[float, float, float]:
+    """Shares in [0, 1]: images whose every constrained label the auditor puts on the requested side, and,
+    over all (image, label) pairs, labels requested present it sees and labels requested absent it does not."""
+    probs = np.concatenate([auditor.probabilities(r.image[None]) for r in results])
+    seen = probs >= auditor.thresholds[None, :]
+    target = np.stack([s.target for s in samples]) > 0.5
+    mask = np.stack([s.mask for s in samples]) > 0.5
+    agree = (seen == target) | ~mask
+    present, absent = mask & target, mask & ~target
+    return (float(agree.all(axis=1).mean()), float(agree[present].mean()) if present.any() else float("nan"),
+            float(agree[absent].mean()))
 
 
 def throughput_section(engine: LCOEngine, repeats: int, figures: dict[str, float]) -> None:

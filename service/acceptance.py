@@ -48,15 +48,16 @@ class AcceptanceTable:
     logits: np.ndarray  # float32 [N, 14]
     step_cost: float
 
-    def rate(self, target: np.ndarray, mask: np.ndarray, thresholds: np.ndarray, margin: float) -> float:
+    def rate(self, target: np.ndarray, mask: np.ndarray, thresholds: np.ndarray, margin: float,
+             absent_margin: float | None = None) -> float:
         """Share in [0, 1] of the samples meeting target[14] on mask[14] past each threshold by
-        ``margin`` logits (``service.lco.satisfied``)."""
+        ``margin`` logits, absent labels by ``absent_margin`` where smaller (``service.lco.satisfied``)."""
         from service.lco import satisfied
 
         count = len(self.logits)
         probs = 1.0 / (1.0 + np.exp(-self.logits.astype(np.float64)))
         hits = satisfied(probs, np.broadcast_to(target, (count, NUM_LABELS)), np.broadcast_to(mask, (count, NUM_LABELS)),
-                         thresholds, margin)
+                         thresholds, margin, absent_margin)
         return float(hits.mean())
 
     def to_bytes(self) -> bytes:

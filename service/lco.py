@@ -14,8 +14,8 @@ LCO runs Adam on ``z`` against the masked binary cross-entropy between the class
 G(z) and the target labels, computed together with its gradient by ``lco_step.onnx``. After every
 step ``z`` is projected back onto the sphere of radius sqrt(latent_dim): the PGGAN generator
 pixel-normalises its input, so that sphere is where the prior puts its mass. A sample stops as soon
-as every constrained label is past its decision threshold (by ``margin`` logits), or when its step
-cap is reached.
+as every constrained label is past its decision threshold (by ``margin`` logits; a label requested
+absent by ``absent_margin``, where that is smaller), or when its step cap is reached.
 
 Why the LCO start is the best of the first ``candidates`` and not of every latent scored: the start,
 and so every image that needs LCO, stays what it was before rejection first and does not move when
@@ -95,6 +95,12 @@ class LCOOptions(BaseModel):
         1.8, ge=0.0, le=MAX_MARGIN,
         description="a sample stops once each constrained label's logit is this far past its threshold's "
         "logit (0: at the threshold); 'satisfied' is always judged at the threshold",
+    )
+    absent_margin: float = Field(
+        1.0, ge=0.0, le=MAX_MARGIN,
+        description="a label requested absent needs to lie only this far below its threshold's logit (or "
+        "the margin in force, margin or fallback_margin, where that is smaller): a classifier of clipped votes "
+        "rarely puts every absent label as far below as it puts a present one above",
     )
     fallback_margin: float = Field(
         1.5, ge=0.0, le=MAX_MARGIN,
@@ -243,23 +249,28 @@ def masked_bce(logits: np.ndarray, target: np.ndarray, mask: np.ndarray) -> np.n
 
 
 def labels_off_target(
-    probs: np.ndarray, target: np.ndarray, mask: np.ndarray, thresholds: np.ndarray, margin: np.ndarray | float
+    probs: np.ndarray, target: np.ndarray, mask: np.ndarray, thresholds: np.ndarray, margin: np.ndarray | float,
+    absent_margin: np.ndarray | float | None = None,
 ) -> np.ndarray:
-    """Per row, how many constrained labels are not past their threshold by ``margin`` logits."""
+    """Per row, how many constrained labels are not past their threshold by ``margin`` logits (labels
+    requested absent: by ``absent_margin`` where that is smaller; None: ``margin`` for both sides)."""
     logits = _logit(probs)
     threshold_logits = _logit(thresholds)[None, :]
     margin = np.asarray(margin, dtype=np.float32).reshape(-1, 1)
+    below = margin if absent_margin is None else np.minimum(margin, np.asarray(absent_margin, np.float32).reshape(-1, 1))
     positive_ok = logits >= threshold_logits + margin
-    negative_ok = logits < threshold_logits - margin
+    negative_ok = logits < threshold_logits - below
     ok = np.where(target > 0.5, positive_ok, negative_ok)
     return np.sum(~ok & (mask > 0.5), axis=1)
 
 
 def satisfied(
-    probs: np.ndarray, target: np.ndarray, mask: np.ndarray, thresholds: np.ndarray, margin: np.ndarray | float
+    probs: np.ndarray, target: np.ndarray, mask: np.ndarray, thresholds: np.ndarray, margin: np.ndarray | float,
+    absent_margin: np.ndarray | float | None = None,
 ) -> np.ndarray:
-    """Rows whose every constrained label lies past its threshold by ``margin`` logits."""
-    return labels_off_target(probs, target, mask, thresholds, margin) == 0
+    """Rows whose every constrained label lies past its threshold by ``margin`` logits (absent labels:
+    ``absent_margin`` where smaller; ``labels_off_target``)."""
+    return labels_off_target(probs, target, mask, thresholds, margin, absent_margin) == 0
 
 
 def _logit(p: np.ndarray) -> np.ndarray:
@@ -342,12 +353,14 @@ class LCOEngine:
         self.stats = EngineStats()
         self.lock = threading.Lock()
 
-    def acceptance_rate(self, target: np.ndarray, mask: np.ndarray, margin: float) -> float:
-        """Share in [0, 1] of the generator's samples that meet target[14] on mask[14] at ``margin``:
-        from the bundle's acceptance table, else the request's share of the NIH label table."""
+    def acceptance_rate(self, target: np.ndarray, mask: np.ndarray, margin: float,
+                        absent_margin: float | None = None) -> float:
+        """Share in [0, 1] of the generator's samples that meet target[14] on mask[14] at ``margin``
+        (absent labels at ``absent_margin`` where smaller): from the bundle's acceptance table, else the
+        request's share of the NIH label table."""
         if self.acceptance is None:
             return prior_rate(target, mask)
-        return self.acceptance.rate(target, mask, self.thresholds, margin)
+        return self.acceptance.rate(target, mask, self.thresholds, margin, absent_margin)
 
     @property
     def step_cost(self) -> float:
@@ -362,7 +375,7 @@ class LCOEngine:
             return options.candidates
         target = np.asarray(sample.target, np.float32).reshape(NUM_LABELS)
         mask = np.asarray(sample.mask, np.float32).reshape(NUM_LABELS)
-        rate = self.acceptance_rate(target, mask, options.margin)
+        rate = self.acceptance_rate(target, mask, options.margin, options.absent_margin)
         return rejection_budget(rate, options.steps, self.step_cost, options.candidates, options.max_candidates)
 
     def generate(self, samples: Sequence[SampleRequest]) -> list[SampleResult]:
@@ -536,6 +549,7 @@ class _Rows:
     lr: np.ndarray  # float64 [N]
     cap: np.ndarray  # int64 [N]
     margin: np.ndarray  # float32 [N]
+    absent_margin: np.ndarray  # float32 [N]
     fallback_margin: np.ndarray  # float32 [N]
     target: np.ndarray  # [N, 14]
     mask: np.ndarray  # [N, 14]
@@ -555,14 +569,16 @@ class _Rows:
 
     @classmethod
     def start(cls, *, tags: list[Any], seeds: np.ndarray, scored: np.ndarray, z: np.ndarray, lr: np.ndarray,
-              cap: np.ndarray, margin: np.ndarray, fallback_margin: np.ndarray, target: np.ndarray,
+              cap: np.ndarray, margin: np.ndarray, absent_margin: np.ndarray, fallback_margin: np.ndarray,
+              target: np.ndarray,
               mask: np.ndarray, judged: np.ndarray, pull: np.ndarray,
               references: list[np.ndarray | None] | None = None, image_pull: np.ndarray | None = None) -> _Rows:
         """Rows about to take their first step: zero Adam state, no best point yet, anchored where they
         start (no reference image unless given)."""
         n = len(z)
         return cls(tags=tags, seeds=seeds, scored=scored, z=z, m=np.zeros_like(z), v=np.zeros_like(z), t=np.zeros(n, np.int64),
-                   lr=lr, cap=cap, margin=margin, fallback_margin=fallback_margin, target=target, mask=mask,
+                   lr=lr, cap=cap, margin=margin, absent_margin=absent_margin, fallback_margin=fallback_margin,
+                   target=target, mask=mask,
                    judged=judged, anchor=z.copy(), pull=pull, references=references or [None] * n,
                    image_pull=np.zeros((n, 1), np.float32) if image_pull is None else image_pull,
                    settled=np.zeros(n, bool), best_off=np.full(n, NUM_LABELS + 1, np.int64),
@@ -573,7 +589,7 @@ class _Rows:
         labels = np.zeros((0, NUM_LABELS), np.float32)
         return cls.start(tags=[], seeds=np.zeros(0, np.int64), scored=np.zeros(0, np.int64), z=np.zeros((0, latent_dim), np.float32),
                          lr=np.zeros(0), cap=np.zeros(0, np.int64), margin=np.zeros(0, np.float32),
-                         fallback_margin=np.zeros(0, np.float32), target=labels, mask=labels, judged=labels,
+                         absent_margin=np.zeros(0, np.float32), fallback_margin=np.zeros(0, np.float32), target=labels, mask=labels, judged=labels,
                          pull=np.zeros((0, 1), np.float32))
 
     def select(self, keep: np.ndarray) -> _Rows:
@@ -586,7 +602,7 @@ class _Rows:
                      **{f: np.concatenate([getattr(self, f), getattr(other, f)]) for f in _ARRAY_FIELDS})
 
 
-_ARRAY_FIELDS = ("seeds", "scored", "z", "m", "v", "t", "lr", "cap", "margin", "fallback_margin", "target", "mask",
+_ARRAY_FIELDS = ("seeds", "scored", "z", "m", "v", "t", "lr", "cap", "margin", "absent_margin", "fallback_margin", "target", "mask",
                  "judged", "anchor", "pull", "image_pull", "settled", "best_off", "best_loss", "best_z", "best_probs")
 _DEVICE_FIELDS = ("z", "m", "v", "target", "mask", "anchor", "pull")
 
@@ -681,8 +697,9 @@ class LCOBatch:
         best = np.array([start + int(np.argmin(losses[start : start + k])) for start, k in zip(starts, counts)])
         probs = _sigmoid(logits[best])
         margins = np.array([o.margin for o in options], np.float32)
+        absent_margins = np.array([o.absent_margin for o in options], np.float32)
         caps = np.array([o.steps for o in options], np.int64)
-        accepted = satisfied(probs, targets, judged, engine.thresholds, margins)
+        accepted = satisfied(probs, targets, judged, engine.thresholds, margins, absent_margins)
         done = accepted | (caps == 0) | (judged.sum(1) == 0)
 
         finished_rows = np.flatnonzero(done)
@@ -703,6 +720,7 @@ class LCOBatch:
                 lr=np.array([options[i].lr for i in joining], np.float64),
                 cap=caps[joining],
                 margin=margins[joining],
+                absent_margin=absent_margins[joining],
                 fallback_margin=np.array([options[i].fallback_margin for i in joining], np.float32),
                 target=targets[joining],
                 mask=masks[joining],
@@ -732,8 +750,9 @@ class LCOBatch:
         masks = np.stack([search.mask for search in searching])[owner]
         judged = np.stack([search.judged for search in searching])[owner]
         margins = np.array([search.options.margin for search in searching], np.float32)[owner]
+        absent_margins = np.array([search.options.absent_margin for search in searching], np.float32)[owner]
         probs = _sigmoid(logits)
-        hits = satisfied(probs, targets, judged, engine.thresholds, margins)
+        hits = satisfied(probs, targets, judged, engine.thresholds, margins, absent_margins)
         losses = masked_bce(logits, targets, masks)
 
         accepted: list[tuple[_Search, np.ndarray, np.ndarray, int]] = []  # search, z, probs, position
@@ -773,6 +792,7 @@ class LCOBatch:
                 lr=np.array([search.options.lr for search in starting], np.float64),
                 cap=np.array([search.options.steps for search in starting], np.int64),
                 margin=np.array([search.options.margin for search in starting], np.float32),
+                absent_margin=np.array([search.options.absent_margin for search in starting], np.float32),
                 fallback_margin=np.array([search.options.fallback_margin for search in starting], np.float32),
                 target=np.stack([search.target for search in starting]),
                 mask=np.stack([search.mask for search in starting]),
@@ -801,7 +821,7 @@ class LCOBatch:
             outputs = [engine.run_step_graph(chunk) for chunk in device]
         probs = np.concatenate([p for _, p, _ in outputs])[:count]
 
-        finished_ok = satisfied(probs, rows.target, rows.judged, engine.thresholds, rows.margin)
+        finished_ok = satisfied(probs, rows.target, rows.judged, engine.thresholds, rows.margin, rows.absent_margin)
         finished = finished_ok | (rows.t >= rows.cap)
         improved = self._record_best_point(probs, device)
         # the z each finishing sample's image was made from, before Adam moves it
@@ -857,7 +877,8 @@ class LCOBatch:
         rows, engine = self.rows, self.engine
         off = labels_off_target(probs, rows.target, rows.judged, engine.thresholds, 0.0)
         loss = masked_bce(_logit(probs), rows.target, rows.mask)
-        settles = satisfied(probs, rows.target, rows.judged, engine.thresholds, rows.fallback_margin)
+        settles = satisfied(probs, rows.target, rows.judged, engine.thresholds, rows.fallback_margin,
+                            rows.absent_margin)
         improved = ~rows.settled & (settles | (off < rows.best_off) | ((off == rows.best_off) & (loss < rows.best_loss)))
         if improved.any():
             z_now = np.concatenate([chunk["z"].numpy() for chunk in device])[: len(self.rows.tags)]

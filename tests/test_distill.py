@@ -62,7 +62,8 @@ def test_lco_trajectories_follow_the_stopping_rule_and_are_deterministic(ci_mode
     assert len(trajectory) >= 2 * len(returned)  # the starts and the returned points, at least
     with torch.no_grad():
         logits = centred(generate(ci_models)(returned))[0]
-    fallback = met(logits, request.target.expand(6, -1), request.mask.expand(6, -1), options.fallback_margin)
+    fallback = met(logits, request.target.expand(6, -1), request.mask.expand(6, -1), options.fallback_margin,
+                   options.absent_margin)
     assert fallback.float().mean() >= 0.5  # Infiltration is the ci generator's most common finding
 
 

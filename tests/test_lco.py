@@ -229,6 +229,24 @@ def test_satisfied_respects_sides_margin_and_free_labels():
     assert not satisfied(probs, target, mask, thresholds, 0.0)[0]
 
 
+def test_a_label_requested_absent_needs_only_the_absent_margin_or_the_margin_if_smaller():
+    thresholds = np.full(NUM_LABELS, 0.5, np.float32)
+    probs = np.full((1, NUM_LABELS), 0.5, np.float32)
+    probs[0, 0], probs[0, 1] = 0.9, 0.25  # logits 2.20 and -1.10
+    target = np.zeros((1, NUM_LABELS), np.float32)
+    target[0, 0] = 1
+    mask = np.zeros_like(target)
+    mask[0, [0, 1]] = 1
+    assert not satisfied(probs, target, mask, thresholds, 1.8)[0]  # one margin for both sides
+    assert satisfied(probs, target, mask, thresholds, 1.8, absent_margin=1.0)[0]
+    assert not satisfied(probs, target, mask, thresholds, 1.8, absent_margin=1.2)[0]
+    assert satisfied(probs, target, mask, thresholds, 0.5, absent_margin=1.2)[0]  # the margin is smaller
+    assert not satisfied(probs, target, mask, thresholds, 2.5, absent_margin=0.0)[0]  # present still at 2.5
+    rows = np.repeat(probs, 2, axis=0)
+    np.testing.assert_array_equal(satisfied(rows, np.repeat(target, 2, 0), np.repeat(mask, 2, 0), thresholds,
+                                            np.float32([1.8, 1.8]), np.float32([1.0, 1.2])), [True, False])
+
+
 def test_engine_reaches_targets_and_reports_every_label(bundle):
     engine = LCOEngine(bundle, LCOOptions(steps=300, candidates=1, margin=0.5, rejection_first=False))
     samples = [request(positives=[i % NUM_LABELS], negatives=[(i + 5) % NUM_LABELS], seed=i) for i in range(20)]

@@ -70,7 +70,8 @@ def first_hit(bundle, sample: SampleRequest, options: LCOOptions, budget: int):
     for position, z in enumerate(draw_latents(sample.seed, budget, bundle.manifest.latent_dim, options.truncation)):
         image = bundle.generate(z[None])
         probs = 1 / (1 + np.exp(-bundle.classify(image)[0].astype(np.float64)))
-        if satisfied(probs, sample.target[None], sample.mask[None], bundle.thresholds, options.margin)[0]:
+        if satisfied(probs, sample.target[None], sample.mask[None], bundle.thresholds, options.margin,
+                     options.absent_margin)[0]:
             return position, image[0, 0], probs[0]
     return None
 
@@ -137,6 +138,27 @@ def test_the_accepted_latent_is_the_first_in_seed_order_that_meets_the_rule(bund
         np.testing.assert_allclose(result.probabilities, probs, atol=1e-5)
     assert len(positions) >= 4, "a common request should mostly be met within its budget; pick another"
     assert max(positions) > 0, "every first latent met the request: the test cannot tell first from any"
+
+
+def test_labels_requested_absent_are_met_at_the_absent_margin_in_the_table_and_the_search(bundle):
+    """"No Finding" (all 14 absent): the nearer absent margin is met by more of the table's samples,
+    and rejection first returns the first latent that meets it (a plain loop at that rule agrees)."""
+    engine = LCOEngine(bundle)
+    no_finding = vectors(exclusive=True)
+    rates = [engine.acceptance_rate(*no_finding, 1.8, absent) for absent in (1.8, 1.0, 0.3)]
+    assert rates == sorted(rates) and rates[-1] > rates[0] and rates[-1] > 0.05, rates
+    options = LCOOptions(**FAST, absent_margin=0.3)
+    engine = LCOEngine(bundle, options)
+    samples = [SampleRequest(*no_finding, seed) for seed in range(6)]
+    budget = engine.rejection_budget(samples[0])
+    relaxed = 0
+    for sample, result in zip(samples, engine.generate(samples)):
+        hit = first_hit(bundle, sample, options, budget)
+        assert hit is not None and result.accepted_without_steps and result.candidates_scored == hit[0] + 1
+        assert np.array_equal(result.image, np.clip(hit[1], -1, 1))
+        relaxed += not satisfied(result.probabilities[None], sample.target[None], sample.mask[None],
+                                 bundle.thresholds, 1.8)[0]
+    assert relaxed, "every accepted image met the full margin too: the test cannot tell the two rules apart"
 
 
 def test_a_request_no_latent_meets_goes_to_lco_from_the_best_of_the_pool_as_before(bundle):

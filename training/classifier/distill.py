@@ -109,10 +109,12 @@ def to_sphere(z: torch.Tensor) -> torch.Tensor:
     return z * (math.sqrt(z.shape[1]) / z.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
 
-def met(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, margin: float) -> torch.Tensor:
-    """Rows [B] (bool) whose every constrained label is past logit 0 by ``margin`` on its requested side
-    (service.lco.satisfied's rule, for centred logits)."""
-    good = torch.where(target > 0.5, logits >= margin, logits < -margin) | (mask < 0.5)
+def met(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, margin: float,
+        absent_margin: float | None = None) -> torch.Tensor:
+    """Rows [B] (bool) whose every constrained label is past logit 0 by ``margin`` on its requested side,
+    an absent one by ``absent_margin`` where smaller (service.lco.satisfied's rule, for centred logits)."""
+    below = margin if absent_margin is None else min(margin, absent_margin)
+    good = torch.where(target > 0.5, logits >= margin, logits < -below) | (mask < 0.5)
     return good.all(dim=1)
 
 
@@ -145,10 +147,10 @@ def lco_trajectories(generator: Callable[[torch.Tensor], torch.Tensor], latent_d
     for step in range(steps + 1):
         logits = classifier(generator(z))[0]
         with torch.no_grad():
-            hit = met(logits, target, mask, options.margin) & ~done
+            hit = met(logits, target, mask, options.margin, options.absent_margin) & ~done
             returned[hit] = z.detach()[hit]
             done |= hit
-            first_fallback = met(logits, target, mask, options.fallback_margin) & ~fallback_reached
+            first_fallback = met(logits, target, mask, options.fallback_margin, options.absent_margin) & ~fallback_reached
             fallback[first_fallback] = z.detach()[first_fallback]
             fallback_reached |= first_fallback
         if done.all() or step == steps:
@@ -273,7 +275,7 @@ class Distillation:
                 settings.lco_candidates, settings.snapshot_every, self.options, self.latents)
             teacher = self.label(self.draw(returned))
             agreed += int(met(teacher, request.target, request.mask, 0.0).sum())
-            firm += int(met(teacher, request.target, request.mask, self.options.fallback_margin).sum())
+            firm += int(met(teacher, request.target, request.mask, self.options.fallback_margin, self.options.absent_margin).sum())
             total += len(returned)
             trajectories.append(trajectory)
         self.student.requires_grad_(True)
