@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -46,9 +47,18 @@ def vectors(present=(), absent=(), exclusive=False) -> tuple[np.ndarray, np.ndar
     return target, mask
 
 
+def steady(table):
+    """The acceptance table with the documented step cost in place of the one the export timed: that
+    timing follows the machine's load (1.1–1.6 forward passes on a busy 2-core CPU), and with it the
+    budgets, so a test that needs a budget beyond the pool fixes it."""
+    return replace(table, step_cost=DEFAULT_STEP_COST)
+
+
 @pytest.fixture(scope="module")
 def bundle(ci_bundle):
-    return load_bundle(ci_bundle)
+    bundle = load_bundle(ci_bundle)
+    bundle.acceptance = steady(bundle.acceptance)
+    return bundle
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +112,7 @@ def test_without_a_table_the_rates_come_from_the_nih_prior(bundle):
 def test_the_export_writes_an_acceptance_table_that_the_bundle_lists_and_a_bundle_without_it_loads(
         bundle, ci_bundle, tmp_path):
     assert ACCEPTANCE_FILE in bundle.manifest.files
-    table = bundle.acceptance
+    table = load_bundle(ci_bundle).acceptance  # as the export wrote it, its timed step cost included
     assert table.logits.shape == (2048, NUM_LABELS) and 0 < table.step_cost < 1000
     # its rows are the classifier's logits on the generator's samples of the documented seeds
     z = np.concatenate([draw_latents(ACCEPTANCE_SEED + i, 1, bundle.manifest.latent_dim, None) for i in (0, 777)])
@@ -225,6 +235,7 @@ def test_a_search_scores_one_chunk_per_round_and_does_not_hold_up_the_samples_st
 
 def test_archive_records_and_marker_say_which_images_were_accepted_without_steps(ci_bundle, common, tmp_path):
     engine, model = load_engine(str(ci_bundle), max_batch=16)
+    engine.acceptance = steady(engine.acceptance)
     present = [LABELS[i] for i in np.flatnonzero(common[0])]
     spec = ArchiveSpec(destination=str(tmp_path), seed=3, lco=FAST, chunk_size=4,
                        distribution=[{"labels": present, "count": 4}, {"labels": list(HARD), "count": 2,
