@@ -320,12 +320,13 @@ def archive_section(engine: LCOEngine, images: int, figures: dict[str, float]) -
                "rejection first, one margin": {"rejection_first": True, **one_margin}}
     if ABSENT_MARGIN:
         engines[f"rejection first, absent labels at {spec.lco.absent_margin} (the default)"] = {}
-    auditor = _auditor(engine)
+    verifier = _verifier(engine)
     print(f"## NIH distribution archive ({images} images per engine, labels from the NIH prior as an archive "
           f"job plans them, all 14 constrained, batches of {spec.batch_size})\n")
-    judged = f" | auditor agrees: image / present labels / absent labels ({auditor.description})" if auditor else ""
+    judged = (f" | auditor agrees: image / present labels / absent labels ({verifier.auditor.description})"
+              if verifier else "")
     print(f"| engine | images/s | s / image | without steps | mean steps | satisfied | vs today{judged} |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---:" + (" | ---:" if auditor else "") + " |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---:" + (" | ---:" if verifier else "") + " |")
     rates: dict[str, float] = {}
     for name, update in engines.items():
         options = spec.lco.model_copy(update=update)
@@ -341,8 +342,8 @@ def archive_section(engine: LCOEngine, images: int, figures: dict[str, float]) -
         steps = float(np.mean([r.steps for r in results]))
         gain = rates[name] / next(iter(rates.values()))
         verdict = ""
-        if auditor:
-            image_share, present, absent = _auditor_agreement(auditor, samples, results)
+        if verifier:
+            image_share, present, absent = _auditor_agreement(verifier, samples, results)
             verdict = f" | {image_share:.0%} / {present:.0%} / {absent:.1%}"
             figures[f"archive nih {name} auditor agrees"] = image_share
         print(f"| {name} | {rates[name]:.4f} | {seconds / images:.2f} | {without}/{images} | {steps:.1f} | "
@@ -359,26 +360,27 @@ def archive_section(engine: LCOEngine, images: int, figures: dict[str, float]) -
     print()
 
 
-def _auditor(engine: LCOEngine):
-    """The bundle's auditor (service/auditor.py), or None when it has none or this engine predates it."""
+def _verifier(engine: LCOEngine):
+    """The verifier of the bundle's auditor (service/verify.py), or None when the bundle has none or
+    this engine predates it."""
     try:
-        from service.auditor import Auditor
+        from service.verify import Verifier
     except ImportError:
         return None
-    return Auditor.of_bundle(engine.bundle) if hasattr(engine, "bundle") else None
+    return Verifier.of_bundle(engine.bundle) if hasattr(engine, "bundle") else None
 
 
-def _auditor_agreement(auditor, samples: list[SampleRequest], results: list) -> tuple[float, float, float]:
-    """Shares in [0, 1]: images whose every constrained label the auditor puts on the requested side, and,
+def _auditor_agreement(verifier, samples: list[SampleRequest], results: list) -> tuple[float, float, float]:
+    """Shares in [0, 1]: images the auditor verifies (every constrained label on the requested side), and,
     over all (image, label) pairs, labels requested present it sees and labels requested absent it does not."""
-    probs = np.concatenate([auditor.probabilities(r.image[None]) for r in results])
-    seen = probs >= auditor.thresholds[None, :]
+    verdicts = verifier.judge(samples, results)
+    seen = np.stack([v.probabilities for v in verdicts]) >= verifier.auditor.thresholds[None, :]
     target = np.stack([s.target for s in samples]) > 0.5
     mask = np.stack([s.mask for s in samples]) > 0.5
-    agree = (seen == target) | ~mask
+    agree = seen == target
     present, absent = mask & target, mask & ~target
-    return (float(agree.all(axis=1).mean()), float(agree[present].mean()) if present.any() else float("nan"),
-            float(agree[absent].mean()))
+    return (float(np.mean([v.verified for v in verdicts])),
+            float(agree[present].mean()) if present.any() else float("nan"), float(agree[absent].mean()))
 
 
 def throughput_section(engine: LCOEngine, repeats: int, figures: dict[str, float]) -> None:
