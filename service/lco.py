@@ -107,6 +107,12 @@ class LCOOptions(BaseModel):
         description="a sample out of steps before reaching margin returns the earliest point of its "
         "trajectory this far past the threshold (else its best point)",
     )
+    balance_sides: bool = Field(
+        True,
+        description="labels requested present weigh as much in the loss, together, as labels requested absent "
+        "(each present label #absent/#present): a finding is not one fourteenth of an exclusive request's loss "
+        "(false: every constrained label weighs 1; a mask that carries its own weights, POST /edit's, is used as given)",
+    )
     rejection_first: bool = Field(
         True,
         description="score the sample's latents in seed order and return the first that meets the request at "
@@ -155,6 +161,10 @@ class SampleRequest:
     judged: np.ndarray | None = None
     reference: np.ndarray | None = None
     image_pull: float = 0.0
+
+    def loss_weights(self, options: LCOOptions) -> np.ndarray:
+        """[14] float32: each label's weight in the masked BCE (``loss_weights``)."""
+        return loss_weights(self.target, self.mask, options.balance_sides)
 
     @property
     def judged_labels(self) -> np.ndarray:
@@ -239,6 +249,21 @@ def draw_latents(seed: int, count: int, latent_dim: int, truncation: float | Non
 def project_to_sphere(z: np.ndarray) -> np.ndarray:
     norm = np.linalg.norm(z, axis=1, keepdims=True)
     return (z * (math.sqrt(z.shape[1]) / np.maximum(norm, 1e-12))).astype(np.float32)
+
+
+def loss_weights(target: np.ndarray, mask: np.ndarray, balance_sides: bool) -> np.ndarray:
+    """[14] float32: each label's weight in the masked BCE. ``mask`` itself, except that with
+    ``balance_sides`` a mask of 0s and 1s constraining labels on both sides weighs each present label
+    #absent/#present, so that the two sides weigh the same (``LCOOptions.balance_sides``)."""
+    weights = np.asarray(mask, np.float32).reshape(NUM_LABELS).copy()
+    if not balance_sides or weights.max(initial=0.0) > 1.0:
+        return weights
+    constrained = weights > 0.5
+    present = constrained & (np.asarray(target, np.float32).reshape(NUM_LABELS) > 0.5)
+    absent = constrained & ~present
+    if present.any() and absent.any():
+        weights[present] = absent.sum() / present.sum()
+    return weights
 
 
 def masked_bce(logits: np.ndarray, target: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -667,7 +692,7 @@ class LCOBatch:
                 self.searching.append(_Search(
                     tag=tag, seed=sample.seed, options=options,
                     target=np.asarray(sample.target, np.float32).reshape(NUM_LABELS),
-                    mask=np.asarray(sample.mask, np.float32).reshape(NUM_LABELS), judged=sample.judged_labels,
+                    mask=sample.loss_weights(options), judged=sample.judged_labels,
                     stream=LatentStream(sample.seed, engine.latent_dim, options.truncation),
                     budget=engine.rejection_budget(sample)))
         return self._add_best_of_candidates([s for s, _ in at_once], [t for _, t in at_once])
@@ -681,7 +706,7 @@ class LCOBatch:
             return []
         options = [s.options or engine.options for s in samples]
         targets = np.stack([np.asarray(s.target, np.float32).reshape(NUM_LABELS) for s in samples])
-        masks = np.stack([np.asarray(s.mask, np.float32).reshape(NUM_LABELS) for s in samples])
+        masks = np.stack([s.loss_weights(o) for s, o in zip(samples, options)])
         judged = np.stack([s.judged_labels for s in samples])
         counts = [1 if s.start is not None else o.candidates for s, o in zip(samples, options)]
         latents = np.concatenate([

@@ -29,6 +29,7 @@ from service.lco import (
     ADAM_BETA1,
     ADAM_BETA2,
     ADAM_EPS,
+    MAX_MARGIN,
     LCOBatch,
     LCOEngine,
     LCOOptions,
@@ -37,6 +38,7 @@ from service.lco import (
     adam_graph_bytes,
     draw_latents,
     labels_off_target,
+    loss_weights,
     masked_bce,
     satisfied,
 )
@@ -541,6 +543,35 @@ def test_an_edit_weighs_the_labels_it_changes_as_much_as_all_the_others(bundle):
     expected = (13 * per_label + (masked_bce(logits, weighted.target[None], np.ones((1, NUM_LABELS), np.float32))
                                   * NUM_LABELS - per_label)) / (2 * (NUM_LABELS - 1))
     assert np.allclose(masked_bce(logits, weighted.target[None], weighted.mask[None]), expected, rtol=1e-5)
+
+
+def test_present_labels_weigh_as_much_as_absent_ones_unless_the_mask_weighs_them_itself():
+    """LCOOptions.balance_sides: an exclusive one-finding request weighs its finding 13, two findings
+    among 12 absent 6 each; one-sided, unconstrained and self-weighted masks are used as given."""
+    one = request(positives=[3], negatives=[i for i in range(NUM_LABELS) if i != 3])
+    weights = one.loss_weights(LCOOptions())
+    assert weights[3] == NUM_LABELS - 1 and np.delete(weights, 3).tolist() == [1.0] * (NUM_LABELS - 1)
+    assert one.loss_weights(LCOOptions(balance_sides=False)).tolist() == [1.0] * NUM_LABELS
+    two = request(positives=[0, 9], negatives=[i for i in range(NUM_LABELS) if i not in (0, 9)])
+    assert two.loss_weights(LCOOptions())[[0, 9]].tolist() == [6.0, 6.0]
+    assert loss_weights(two.target, two.mask, True)[two.target < 0.5].tolist() == [1.0] * (NUM_LABELS - 2)
+    for as_given in (request(positives=[2, 5]), request(negatives=list(range(NUM_LABELS))), request(),
+                     replace(one, mask=np.where(one.target > 0.5, 4.0, 1.0).astype(np.float32))):
+        assert as_given.loss_weights(LCOOptions()).tolist() == as_given.mask.tolist()
+    assert one.mask.tolist() == [1.0] * NUM_LABELS  # the request itself is left alone
+
+
+def test_a_balanced_request_steers_harder_towards_its_finding(bundle):
+    """The engine steers by the balanced weights: after the same steps, an exclusive request for one
+    finding has moved it further towards present than the same request with every label at weight 1."""
+    options = {"steps": 10, "candidates": 1, "margin": MAX_MARGIN, "rejection_first": False}
+    engine = LCOEngine(bundle)
+    for seed, finding in ((5, 4), (6, 11), (7, 0)):
+        sample = request(positives=[finding], negatives=[i for i in range(NUM_LABELS) if i != finding], seed=seed)
+        balanced, flat = engine.generate([replace(sample, options=LCOOptions(**options)),
+                                          replace(sample, options=LCOOptions(**options, balance_sides=False))])
+        assert balanced.steps == flat.steps == 10
+        assert balanced.probabilities[finding] > flat.probabilities[finding], (seed, finding)
 
 
 def test_a_bundle_exported_before_the_image_term_refuses_an_image_pull_and_edits_without(bundle):

@@ -52,7 +52,7 @@ from torch import nn
 from tqdm import tqdm
 
 from service.labels import LABELS, NUM_LABELS
-from service.lco import LCOOptions
+from service.lco import LCOOptions, loss_weights
 from service.prior import get_prior
 from training.classifier.artifact import TrainedClassifier
 from training.classifier.config import ClassifierTrainConfig, DistillConfig, validate
@@ -131,10 +131,12 @@ def lco_trajectories(generator: Callable[[torch.Tensor], torch.Tensor], latent_d
     """
     target = request.target.expand(samples, -1)
     mask = request.mask.expand(samples, -1)
+    weights = torch.from_numpy(loss_weights(request.target.numpy(), request.mask.numpy(),
+                                            options.balance_sides)).expand(samples, -1)
     with torch.no_grad():
         pool = to_sphere(torch.randn(samples * candidates, latent_dim, generator=rng))
         logits = classifier(generator(pool))[0]
-        losses = masked_bce(logits, target.repeat_interleave(candidates, 0), mask.repeat_interleave(candidates, 0))
+        losses = masked_bce(logits, target.repeat_interleave(candidates, 0), weights.repeat_interleave(candidates, 0))
         best = losses.view(samples, candidates).argmin(dim=1)
         z = pool.view(samples, candidates, latent_dim)[torch.arange(samples), best].clone()
     z.requires_grad_(True)
@@ -155,7 +157,7 @@ def lco_trajectories(generator: Callable[[torch.Tensor], torch.Tensor], latent_d
             fallback_reached |= first_fallback
         if done.all() or step == steps:
             break
-        loss = (masked_bce(logits, target, mask) * ~done).sum()
+        loss = (masked_bce(logits, target, weights) * ~done).sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -56,7 +56,7 @@ class ClassifierGraph(nn.Module):
 
 
 def masked_bce(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per-sample BCE over the constrained labels (mask = 1), averaged over their number.
+    """Per-sample BCE over the constrained labels, weighted by mask (0 free, 1 constrained, more: weightier).
 
     A sample with no constrained label has loss 0 and gradient 0.
     """
