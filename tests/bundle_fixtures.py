@@ -6,7 +6,6 @@
   convention: tests that damage a bundle copy it first, see ``copy_bundle``).
 - ``ci_auditor`` / ``ci_auditor_bundle``: a short `auditor-ci` run (another network, seed and phantom
   stream than `ci`'s), and the `ci` networks exported with it as the bundle's ``auditor.onnx``.
-- ``demo_classifier`` / ``demo_auditor``: the demo LCO classifier and its independent auditor (64²).
 
 Training and export happen once per test session, whichever test asks first.
 """
@@ -91,16 +90,6 @@ def ci_bundle(ci_models, tmp_path_factory) -> Path:
     ])
     assert status == 0
     return out
-
-
-@pytest.fixture(scope="session")
-def demo_classifier(tmp_path_factory) -> TrainedClassifier:
-    return train_preset("demo", tmp_path_factory.mktemp("demo-classifier"))
-
-
-@pytest.fixture(scope="session")
-def demo_auditor(tmp_path_factory) -> TrainedClassifier:
-    return train_preset("auditor", tmp_path_factory.mktemp("demo-auditor"))
 
 
 @pytest.fixture(scope="session")

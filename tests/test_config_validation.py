@@ -351,3 +351,29 @@ def test_classifier_commands_refuse_before_any_work(tmp_path, capsys):
     assert "tick_images=0" in capsys.readouterr().err
     assert list_checkpoints(run_dir) == [checkpoint]
     assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints"]
+
+
+# ------------------------------------------------------------------------------------ the CLI
+def test_each_command_module_registers_exactly_the_commands_the_cli_lists_for_it():
+    """training.cli imports only the module of the command about to run, found by COMMAND_MODULES."""
+    import argparse
+    import importlib
+
+    from training.cli import COMMAND_MODULES, build_parser
+
+    for name, commands in COMMAND_MODULES.items():
+        parser = argparse.ArgumentParser()
+        subparsers = parser.add_subparsers(dest="command")
+        importlib.import_module(name).register(subparsers)
+        assert tuple(subparsers.choices) == commands, name
+    every = build_parser()._subparsers._group_actions[0].choices
+    assert list(every) == [command for commands in COMMAND_MODULES.values() for command in commands]
+    assert list(build_parser("export")._subparsers._group_actions[0].choices) == ["export", "export-auditor"]
+
+
+def test_a_command_imports_only_its_own_module():
+    probe = ("import sys\nfrom training.cli import build_parser\nbuild_parser('convert')\n"
+             "print(sorted(m for m in ('onnx', 'training.gan.commands', 'training.export.commands', "
+             "'training.evaluate.commands', 'training.data.commands') if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, check=True)
+    assert loaded.stdout.strip() == "['training.data.commands']", loaded.stdout
