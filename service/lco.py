@@ -107,6 +107,11 @@ class LCOOptions(BaseModel):
         description="a sample out of steps before reaching margin returns the earliest point of its "
         "trajectory this far past the threshold (else its best point)",
     )
+    patience: int | None = Field(
+        None, ge=0, le=1000,
+        description="a sample past its fallback_margin stops this many steps later if it has not reached its "
+        "margin by then, returning the point it would return at its step cap (null: it steps on to the cap)",
+    )
     balance_sides: bool = Field(
         True,
         description="labels requested present weigh as much in the loss, together, as labels requested absent "
@@ -572,7 +577,8 @@ class _Rows:
     v: np.ndarray  # [N, d] Adam second moment
     t: np.ndarray  # int64 [N], Adam steps taken
     lr: np.ndarray  # float64 [N]
-    cap: np.ndarray  # int64 [N]
+    cap: np.ndarray  # int64 [N]; lowered to ``t + patience`` when a sample first passes its fallback margin
+    patience: np.ndarray  # int64 [N]; ``LCOOptions.patience``, the step cap where null
     margin: np.ndarray  # float32 [N]
     absent_margin: np.ndarray  # float32 [N]
     fallback_margin: np.ndarray  # float32 [N]
@@ -594,15 +600,15 @@ class _Rows:
 
     @classmethod
     def start(cls, *, tags: list[Any], seeds: np.ndarray, scored: np.ndarray, z: np.ndarray, lr: np.ndarray,
-              cap: np.ndarray, margin: np.ndarray, absent_margin: np.ndarray, fallback_margin: np.ndarray,
-              target: np.ndarray,
+              cap: np.ndarray, patience: np.ndarray, margin: np.ndarray, absent_margin: np.ndarray,
+              fallback_margin: np.ndarray, target: np.ndarray,
               mask: np.ndarray, judged: np.ndarray, pull: np.ndarray,
               references: list[np.ndarray | None] | None = None, image_pull: np.ndarray | None = None) -> _Rows:
         """Rows about to take their first step: zero Adam state, no best point yet, anchored where they
         start (no reference image unless given)."""
         n = len(z)
         return cls(tags=tags, seeds=seeds, scored=scored, z=z, m=np.zeros_like(z), v=np.zeros_like(z), t=np.zeros(n, np.int64),
-                   lr=lr, cap=cap, margin=margin, absent_margin=absent_margin, fallback_margin=fallback_margin,
+                   lr=lr, cap=cap, patience=patience, margin=margin, absent_margin=absent_margin, fallback_margin=fallback_margin,
                    target=target, mask=mask,
                    judged=judged, anchor=z.copy(), pull=pull, references=references or [None] * n,
                    image_pull=np.zeros((n, 1), np.float32) if image_pull is None else image_pull,
@@ -613,7 +619,8 @@ class _Rows:
     def empty(cls, latent_dim: int) -> _Rows:
         labels = np.zeros((0, NUM_LABELS), np.float32)
         return cls.start(tags=[], seeds=np.zeros(0, np.int64), scored=np.zeros(0, np.int64), z=np.zeros((0, latent_dim), np.float32),
-                         lr=np.zeros(0), cap=np.zeros(0, np.int64), margin=np.zeros(0, np.float32),
+                         lr=np.zeros(0), cap=np.zeros(0, np.int64), patience=np.zeros(0, np.int64),
+                         margin=np.zeros(0, np.float32),
                          absent_margin=np.zeros(0, np.float32), fallback_margin=np.zeros(0, np.float32), target=labels, mask=labels, judged=labels,
                          pull=np.zeros((0, 1), np.float32))
 
@@ -627,7 +634,7 @@ class _Rows:
                      **{f: np.concatenate([getattr(self, f), getattr(other, f)]) for f in _ARRAY_FIELDS})
 
 
-_ARRAY_FIELDS = ("seeds", "scored", "z", "m", "v", "t", "lr", "cap", "margin", "absent_margin", "fallback_margin", "target", "mask",
+_ARRAY_FIELDS = ("seeds", "scored", "z", "m", "v", "t", "lr", "cap", "patience", "margin", "absent_margin", "fallback_margin", "target", "mask",
                  "judged", "anchor", "pull", "image_pull", "settled", "best_off", "best_loss", "best_z", "best_probs")
 _DEVICE_FIELDS = ("z", "m", "v", "target", "mask", "anchor", "pull")
 
@@ -744,6 +751,7 @@ class LCOBatch:
                 z=latents[best[joining]],
                 lr=np.array([options[i].lr for i in joining], np.float64),
                 cap=caps[joining],
+                patience=np.array([_patience(options[i]) for i in joining], np.int64),
                 margin=margins[joining],
                 absent_margin=absent_margins[joining],
                 fallback_margin=np.array([options[i].fallback_margin for i in joining], np.float32),
@@ -816,6 +824,7 @@ class LCOBatch:
                 z=np.stack([search.best_z for search in starting]),
                 lr=np.array([search.options.lr for search in starting], np.float64),
                 cap=np.array([search.options.steps for search in starting], np.int64),
+                patience=np.array([_patience(search.options) for search in starting], np.int64),
                 margin=np.array([search.options.margin for search in starting], np.float32),
                 absent_margin=np.array([search.options.absent_margin for search in starting], np.float32),
                 fallback_margin=np.array([search.options.fallback_margin for search in starting], np.float32),
@@ -846,9 +855,9 @@ class LCOBatch:
             outputs = [engine.run_step_graph(chunk) for chunk in device]
         probs = np.concatenate([p for _, p, _ in outputs])[:count]
 
+        improved = self._record_best_point(probs, device)  # first, as it may lower a cap (patience)
         finished_ok = satisfied(probs, rows.target, rows.judged, engine.thresholds, rows.margin, rows.absent_margin)
         finished = finished_ok | (rows.t >= rows.cap)
-        improved = self._record_best_point(probs, device)
         # the z each finishing sample's image was made from, before Adam moves it
         z_scored = np.concatenate([chunk["z"].numpy() for chunk in device])[:count] if finished.any() else None
 
@@ -907,6 +916,8 @@ class LCOBatch:
         improved = ~rows.settled & (settles | (off < rows.best_off) | ((off == rows.best_off) & (loss < rows.best_loss)))
         if improved.any():
             z_now = np.concatenate([chunk["z"].numpy() for chunk in device])[: len(self.rows.tags)]
+            settling = improved & settles
+            rows.cap[settling] = np.minimum(rows.cap[settling], rows.t[settling] + rows.patience[settling])
             rows.settled[improved] = settles[improved]
             rows.best_off[improved], rows.best_loss[improved] = off[improved], loss[improved]
             rows.best_z[improved], rows.best_probs[improved] = z_now[improved], probs[improved]
@@ -948,6 +959,11 @@ class LCOBatch:
             accepted_without_steps=accepted_without_steps,
             candidates_scored=int(candidates_scored),
         )
+
+
+def _patience(options: LCOOptions) -> int:
+    """Steps a sample may take past its fallback margin (``LCOOptions.patience``; null: up to its cap)."""
+    return options.steps if options.patience is None else options.patience
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:

@@ -27,8 +27,8 @@ from training.networks.classifier import ClassifierSpec, build_classifier, dense
 
 ROOT = Path(__file__).resolve().parents[1]
 # What the suite's short runs reach on their phantom hold-out, with room for another machine's numerics
-CI_CLASSIFIER_MIN_AUROC = 0.0
-CI_AUDITOR_MIN_AUROC = 0.0
+CI_CLASSIFIER_MIN_AUROC = 0.92  # 0.956 measured
+CI_AUDITOR_MIN_AUROC = 0.70  # 0.769 measured: a third of `auditor-ci`, kept weak for the retry tests
 
 
 def _pairwise_auroc(scores: np.ndarray, labels: np.ndarray) -> float:

@@ -330,6 +330,27 @@ def test_a_sample_out_of_steps_past_its_fallback_margin_returns_the_earliest_poi
     assert not np.array_equal(pushed.image, first.image)  # without the fallback: the lowest-loss point
 
 
+def test_with_patience_a_sample_past_its_fallback_margin_stops_that_many_steps_later_with_the_same_point(bundle):
+    """LCOOptions.patience: margin 4 is out of reach; a run stopping at the fallback margin finds the
+    earliest point past it at step s, and with patience p the sample stops at s + p and returns that
+    point, as it does at its cap without patience."""
+    options = {"steps": 200, "candidates": 1, "margin": 1.0, "rejection_first": False}
+    sample = request(positives=[3, 7], negatives=[1], seed=11)
+    first = LCOEngine(bundle, LCOOptions(**options)).generate([sample])[0]
+    assert 0 < first.steps < 150
+    options.update(margin=4.0, fallback_margin=1.0)
+    at_cap, patient, impatient = LCOEngine(bundle).generate(
+        [replace(sample, options=LCOOptions(**options, patience=patience)) for patience in (None, 7, 0)])
+    assert at_cap.steps == 200 and patient.steps == first.steps + 7 and impatient.steps == first.steps
+    for result in (at_cap, patient, impatient):
+        assert np.array_equal(result.image, first.image)
+        np.testing.assert_array_equal(result.probabilities, first.probabilities)
+    # a sample that reaches its margin within its patience stops there, as without it
+    options.update(margin=1.0, fallback_margin=0.2)
+    reached = LCOEngine(bundle).generate([replace(sample, options=LCOOptions(**options, patience=150))])[0]
+    assert reached.steps == first.steps and np.array_equal(reached.image, first.image)
+
+
 def test_unconstrained_and_already_satisfied_samples_take_no_steps(bundle):
     engine = LCOEngine(bundle)
     free, easy = engine.generate([request(seed=1), request(negatives=[0], seed=2, margin=0.0, candidates=64)])
