@@ -37,7 +37,7 @@ import numpy as np
 from PIL import Image
 
 from service.labels import LABEL_INDEX, LABELS, NO_FINDING, NUM_LABELS, UnknownLabelError, parse_label
-from service.lco import LCOOptions, SampleRequest, SampleResult
+from service.lco import LCOOptions, SampleRequest, SampleResult, weigh_equally
 
 # The proximity weights /edit uses unless asked otherwise (latent, image); `bench_edit --proximity
 # --image-proximity` measures others (docs/lco-quality.md).
@@ -107,8 +107,7 @@ def edit_sample(spec: EditSpec, original: SampleResult, pull: float, image_pull:
     latent and the image proximity to the original."""
     target = np.where(spec.judged > 0.5, spec.target, original.probabilities).astype(np.float32)
     named = np.isin(np.asarray(LABELS), spec.add + spec.remove)
-    weights = np.ones(NUM_LABELS, np.float32)
-    weights[named] = (NUM_LABELS - named.sum()) / named.sum()
+    weights = weigh_equally(np.ones(NUM_LABELS, bool), named)
     return SampleRequest(target, weights, original.seed, options, start=original.latent, pull=pull,
                          judged=spec.judged, reference=original.image if image_pull > 0 else None,
                          image_pull=image_pull)

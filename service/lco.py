@@ -256,19 +256,24 @@ def project_to_sphere(z: np.ndarray) -> np.ndarray:
     return (z * (math.sqrt(z.shape[1]) / np.maximum(norm, 1e-12))).astype(np.float32)
 
 
+def weigh_equally(constrained: np.ndarray, heavy: np.ndarray) -> np.ndarray:
+    """[14] float32 loss weights: 1 for each ``constrained`` label, (#constrained others)/#heavy for
+    each ``heavy`` one, so the heavy labels together weigh as much as the rest (0 for free labels)."""
+    weights = constrained.astype(np.float32)
+    if heavy.any() and (constrained & ~heavy).any():
+        weights[heavy] = (constrained & ~heavy).sum() / heavy.sum()
+    return weights
+
+
 def loss_weights(target: np.ndarray, mask: np.ndarray, balance_sides: bool) -> np.ndarray:
     """[14] float32: each label's weight in the masked BCE. ``mask`` itself, except that with
-    ``balance_sides`` a mask of 0s and 1s constraining labels on both sides weighs each present label
-    #absent/#present, so that the two sides weigh the same (``LCOOptions.balance_sides``)."""
+    ``balance_sides`` a mask of 0s and 1s constraining labels on both sides weighs the present ones as
+    much as the absent ones (``weigh_equally``; ``LCOOptions.balance_sides``)."""
     weights = np.asarray(mask, np.float32).reshape(NUM_LABELS).copy()
     if not balance_sides or weights.max(initial=0.0) > 1.0:
         return weights
     constrained = weights > 0.5
-    present = constrained & (np.asarray(target, np.float32).reshape(NUM_LABELS) > 0.5)
-    absent = constrained & ~present
-    if present.any() and absent.any():
-        weights[present] = absent.sum() / present.sum()
-    return weights
+    return weigh_equally(constrained, constrained & (np.asarray(target, np.float32).reshape(NUM_LABELS) > 0.5))
 
 
 def masked_bce(logits: np.ndarray, target: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -583,7 +588,7 @@ class _Rows:
     absent_margin: np.ndarray  # float32 [N]
     fallback_margin: np.ndarray  # float32 [N]
     target: np.ndarray  # [N, 14]
-    mask: np.ndarray  # [N, 14]
+    mask: np.ndarray  # [N, 14], the loss weights (SampleRequest.loss_weights)
     judged: np.ndarray  # [N, 14], the labels that decide "satisfied"
     anchor: np.ndarray  # [N, d], the start point the proximity term pulls towards
     pull: np.ndarray  # float32 [N, 1], the proximity weight (0: plain LCO)
@@ -647,7 +652,7 @@ class _Search:
     seed: int
     options: LCOOptions
     target: np.ndarray  # [14]
-    mask: np.ndarray  # [14]
+    mask: np.ndarray  # [14], the loss weights (SampleRequest.loss_weights)
     judged: np.ndarray  # [14]
     stream: LatentStream
     budget: int  # latents it may score
