@@ -211,6 +211,41 @@ def test_max_pool_gradient_is_autograds_without_a_scatter(size, kernel, stride, 
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
 
 
+def test_tiling_max_pool_gradient_gives_ties_to_the_window_torch_recorded():
+    """2×2 tiles after a ReLU tie often (all-zero windows, equal values): the decomposition that never
+    reads the indices gives each window's gradient to the same input pixel torch's forward recorded."""
+    from training.export.lco import BACKWARD_DECOMPOSITIONS
+
+    torch.manual_seed(0)
+    x = torch.relu(torch.randn(2, 3, 8, 10, dtype=torch.float64).round()).requires_grad_(True)
+    pooled, indices = torch.nn.functional.max_pool2d(x, 2, 2, return_indices=True)
+    grad_output = torch.randn_like(pooled)
+    (expected,) = torch.autograd.grad(pooled, x, grad_output)
+    backward = BACKWARD_DECOMPOSITIONS[torch.ops.aten.max_pool2d_with_indices_backward.default]
+    got = backward(grad_output, x, [2], [2], [0], [1], False, indices.zero_())  # indices unread
+    assert (x.detach().reshape(2, 3, 4, 2, 5, 2) == 0).all(5).all(3).any()  # all-zero windows are there
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu"])
+def test_activation_gradients_are_autograds(activation):
+    """ReLU's and leaky ReLU's gradients written as products with their masks give autograd's values,
+    zeros and the negative slope included."""
+    from training.export.lco import BACKWARD_DECOMPOSITIONS
+
+    torch.manual_seed(1)
+    x = torch.randn(4, 5, 6).round().requires_grad_(True)  # exact zeros among the inputs
+    grad_output = torch.randn(4, 5, 6)
+    if activation == "relu":
+        y = torch.relu(x)
+        got = BACKWARD_DECOMPOSITIONS[torch.ops.aten.threshold_backward.default](grad_output, y.detach(), 0)
+    else:
+        y = torch.nn.functional.leaky_relu(x, 0.2)
+        got = BACKWARD_DECOMPOSITIONS[torch.ops.aten.leaky_relu_backward.default](grad_output, x.detach(), 0.2, False)
+    (expected,) = torch.autograd.grad(y, x, grad_output)
+    assert torch.equal(got, expected)
+
+
 def test_ensemble_classifier_exports_its_gradient(ci_models, tmp_path):
     """An ensemble (two members, shifted views) traces and exports like one network."""
     from training.classifier.artifact import TrainedClassifier

@@ -19,6 +19,7 @@ the ONNX graph itself. The route:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -208,13 +209,9 @@ def _max_pool2d_with_indices_backward(grad_output, input, kernel_size, stride, p
     pad = list(padding) if len(padding) == 2 else [padding[0]] * 2
     dil = list(dilation) if len(dilation) == 2 else [dilation[0]] * 2
     out_height, out_width = grad_output.shape[2], grad_output.shape[3]
-    if kernel == step and not any(pad) and out_height * step[0] == height and out_width * step[1] == width:
-        # windows that tile the input (2×2, stride 2): one piece, an equality mask at full size
-        def repeat(x):
-            return x.repeat_interleave(kernel[0], dim=2).repeat_interleave(kernel[1], dim=3)
-
-        position = torch.arange(height * width, device=input.device).view(1, 1, height, width)
-        return torch.where(repeat(indices) == position, repeat(grad_output), grad_output.new_zeros(()))
+    tiling = kernel == step and not any(pad) and dil == [1, 1]
+    if tiling and out_height * step[0] == height and out_width * step[1] == width:
+        return _tiling_max_pool_backward(grad_output, input, kernel)
     rows = torch.arange(out_height, device=input.device).view(1, 1, out_height, 1) * step[0] - pad[0]
     columns = torch.arange(out_width, device=input.device).view(1, 1, 1, out_width) * step[1] - pad[1]
     # the padded canvas: input row r sits at canvas row r + pad; large enough for every shifted piece
@@ -233,6 +230,29 @@ def _max_pool2d_with_indices_backward(grad_output, input, kernel_size, stride, p
     return grad_input
 
 
+def _tiling_max_pool_backward(grad_output: torch.Tensor, input: torch.Tensor, kernel: list[int]) -> torch.Tensor:
+    """The max-pool gradient for windows that tile the input (2×2, stride 2), without the indices.
+
+    Each window offset (ki, kj) is a strided slice of ``input`` at the pooled size; the first offset in
+    the window's row-major order that equals the window's maximum takes the gradient, as torch's
+    forward records ties. The pieces are interleaved back onto the input grid. Never reading the
+    indices lets ONNX Runtime run its plain MaxPool, and nothing works at full size until the last
+    interleave (the LCO step's cost: BENCHMARKS.md).
+    """
+    offsets = [[input[:, :, ki::kernel[0], kj::kernel[1]] for kj in range(kernel[1])] for ki in range(kernel[0])]
+    window_max = functools.reduce(torch.maximum, (view for row in offsets for view in row))
+    taken = None
+    pieces = []
+    for row in offsets:
+        pieces.append([])
+        for view in row:
+            first = view == window_max if taken is None else (view == window_max) & ~taken
+            taken = first if taken is None else taken | first
+            pieces[-1].append(grad_output * first.to(grad_output.dtype))
+    rows = [torch.stack(row, dim=-1).flatten(-2) for row in pieces]  # [B, C, Ho, W]
+    return torch.stack(rows, dim=-2).flatten(-3, -2)  # [B, C, H, W]
+
+
 def _spread_over_stride(x: torch.Tensor, stride: list[int]) -> torch.Tensor:
     """[B, C, h, w] → [B, C, h·sh, w·sw]: each value at the top-left of its stride cell, zeros elsewhere."""
     if stride[1] > 1:
@@ -240,6 +260,18 @@ def _spread_over_stride(x: torch.Tensor, stride: list[int]) -> torch.Tensor:
     if stride[0] > 1:
         x = torch.stack([x] + [torch.zeros_like(x)] * (stride[0] - 1), dim=-2).flatten(-3, -2)
     return x
+
+
+def _threshold_backward(grad_output, output, threshold):
+    """ReLU's gradient as a product with its 0/1 mask: ONNX Runtime's Where is several times slower
+    than Mul on CPU, and every classifier layer has one."""
+    return grad_output * (output > threshold).to(grad_output.dtype)
+
+
+def _leaky_relu_backward(grad_output, input, negative_slope, self_is_result):
+    """Leaky ReLU's gradient as products with its 0/1 mask (exactly the values Where would pick)."""
+    positive = (input > 0).to(grad_output.dtype)
+    return grad_output * positive + (grad_output * negative_slope) * (1 - positive)
 
 
 def _pow_tensor_scalar(x, exponent):
@@ -259,6 +291,8 @@ BACKWARD_DECOMPOSITIONS: dict[Any, Callable] = {
     aten.convolution_backward.default: _convolution_backward,
     aten.avg_pool2d_backward.default: _avg_pool2d_backward,
     aten.max_pool2d_with_indices_backward.default: _max_pool2d_with_indices_backward,
+    aten.threshold_backward.default: _threshold_backward,
+    aten.leaky_relu_backward.default: _leaky_relu_backward,
 }
 
 
