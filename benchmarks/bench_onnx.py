@@ -1,6 +1,6 @@
 """ONNX Runtime (the service) vs eager torch (training) for the generator and one LCO step.
 
-    python -m benchmarks.bench_onnx [--bundle DIR --generator CKPT --classifier DIR]
+    python -m benchmarks.bench_onnx [--bundle DIR --generator CKPT --classifier DIR [--against DIR]]
                                     [--gan-config demo] [--classifier-preset demo]
                                     [--batches 1 16 64] [--rounds 15] [--threads 2]
 
@@ -12,6 +12,10 @@ For each batch size, torch and ONNX Runtime run alternately (one call each per r
 warm-up), so both see the same machine load; the medians and their ratio are printed. torch uses
 ``--threads`` intra-op threads and ONNX Runtime the same number. "LCO step" is one evaluation of
 loss and ∂loss/∂z (torch: forward + autograd backward; ONNX: one ``lco_step.onnx`` run).
+
+``--against DIR``: a bundle of the same networks exported by another revision (say, the one before a
+change to the step graph's export): its ``lco_step.onnx`` is timed against ``--bundle``'s the same
+way, and the two graphs' outputs are compared (equal bytes, or the largest difference).
 """
 
 from __future__ import annotations
@@ -75,6 +79,7 @@ def main() -> None:
     parser.add_argument("--bundle", help="an exported bundle (then --generator and --classifier are required)")
     parser.add_argument("--generator", help="the PGGAN checkpoint the bundle came from")
     parser.add_argument("--classifier", help="the classifier directory the bundle came from")
+    parser.add_argument("--against", help="with --bundle: a bundle of the same networks from another revision")
     parser.add_argument("--gan-config", default="demo")
     parser.add_argument("--classifier-preset", default="demo")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
@@ -83,13 +88,16 @@ def main() -> None:
     args = parser.parse_args()
     if args.bundle and not (args.generator and args.classifier):
         parser.error("--bundle needs --generator and --classifier (the torch side to compare with)")
+    if args.against and not args.bundle:
+        parser.error("--against compares with --bundle: give both")
 
     from training.export import LCOObjective, reference_lco_step
 
     torch.set_num_threads(args.threads)
     generator, classifier, bundle_dir = build_models(args)
-    bundle = load_bundle(bundle_dir, SessionTuning(providers=("CPUExecutionProvider",),
-                                                    intra_op_threads=args.threads))
+    tuning = SessionTuning(providers=("CPUExecutionProvider",), intra_op_threads=args.threads)
+    bundle = load_bundle(bundle_dir, tuning)
+    other = load_bundle(args.against, tuning) if args.against else None
     objective = LCOObjective(generator, classifier).eval()
     latent, resolution = bundle.manifest.latent_dim, bundle.manifest.resolution
     print(f"{resolution}² generator, latent {latent}; {args.threads} thread(s) each; "
@@ -117,6 +125,19 @@ def main() -> None:
             torch_s, onnx_s = median_times(torch_call, onnx_call, args.rounds)
             print(f"{batch:>5}  {what:<14} {torch_s * 1e3:>10.2f} {onnx_s * 1e3:>10.2f} {torch_s / onnx_s:>9.2f}×",
                   flush=True)
+        if other is not None:
+            def other_step(z=z, t=target, m=mask):
+                return other.lco_step(z, t, m)
+
+            def this_step(z=z, t=target, m=mask):
+                return bundle.lco_step(z, t, m)
+
+            pairs = zip(vars(other_step()).values(), vars(this_step()).values())
+            largest = max(float(np.abs(a - b).max()) for a, b in pairs)
+            other_s, this_s = median_times(other_step, this_step, args.rounds)
+            print(f"{batch:>5}  {'step: against':<14} {other_s * 1e3:>10.2f} {this_s * 1e3:>10.2f} "
+                  f"{other_s / this_s:>9.2f}×  (--against ms, --bundle ms; outputs "
+                  f"{'equal' if largest == 0 else f'differ by up to {largest:.3g}'})", flush=True)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -376,6 +376,8 @@ class Bundle:
     providers: list[str] = field(default_factory=list)
     # the optional acceptance table (service/acceptance.py); None: rates from the NIH prior
     acceptance: AcceptanceTable | None = None
+    tuning: SessionTuning = field(default_factory=SessionTuning)  # what the sessions were opened with
+    _single_thread: dict[str, Any] | None = field(default=None, repr=False)
 
     @property
     def generator(self) -> Any:
@@ -396,6 +398,20 @@ class Bundle:
     @property
     def has_auditor(self) -> bool:
         return "auditor" in self.sessions
+
+    def single_thread_sessions(self) -> dict[str, Any]:
+        """Sessions of the generator, classifier and step graphs with one intra-op thread each (made on
+        first use, then kept), for calls that run side by side on the CPU (service.lco.LCOEngine)."""
+        if self._single_thread is None and self.tuning.session_options().intra_op_num_threads == 1:
+            self._single_thread = {graph: self.sessions[graph] for graph in ("generator", "classifier", "lco_step")}
+        if self._single_thread is None:
+            import onnxruntime as ort
+
+            options = replace(self.tuning, intra_op_threads=1).session_options()
+            self._single_thread = {graph: ort.InferenceSession(str(self.path / GRAPH_FILES[graph]), sess_options=options,
+                                                               providers=self.sessions[graph].get_providers())
+                                   for graph in ("generator", "classifier", "lco_step")}
+        return self._single_thread
 
     def generate(self, z: np.ndarray) -> np.ndarray:
         """z [B, latent] → images [B, 1, H, W] in [-1, 1]."""
@@ -475,4 +491,5 @@ def load_bundle(source: str | Path | Any, tuning: SessionTuning | None = None) -
             acceptance = AcceptanceTable.from_bytes((path / ACCEPTANCE_FILE).read_bytes())
         except ValueError as error:
             raise BundleError(path / ACCEPTANCE_FILE, str(error)) from None
-    return Bundle(path=path, manifest=manifest, sessions=sessions, providers=active, acceptance=acceptance)
+    return Bundle(path=path, manifest=manifest, sessions=sessions, providers=active, acceptance=acceptance,
+                  tuning=tuning)

@@ -47,7 +47,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import CancelledError
+from concurrent.futures import CancelledError, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Protocol, TypeAlias
@@ -57,6 +57,7 @@ import onnxruntime as ort
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from service.acceptance import DEFAULT_STEP_COST, AcceptanceTable, prior_rate, rejection_budget
+from service.bundle import available_cpus
 from service.labels import NUM_LABELS
 from service.openapi import openapi_30_nullable
 from service.step_graph import reference_shape
@@ -337,6 +338,15 @@ Take: TypeAlias = Callable[[int], "list[tuple[SampleRequest, Any]] | None"]
 Fail: TypeAlias = Callable[[list[Any], BaseException], None]
 
 
+@dataclass(frozen=True)
+class Graphs:
+    """The ONNX Runtime sessions one graph call runs on."""
+
+    generator: Any
+    classifier: Any
+    lco_step: Any
+
+
 class LCOEngine:
     """Latent class optimisation over a loaded bundle. Thread-safe: graph calls are serialised.
 
@@ -349,10 +359,11 @@ class LCOEngine:
     """
 
     def __init__(self, bundle: BundleLike, options: LCOOptions | None = None, max_batch: int = 64,
-                 compute_batch: int | None = None):
+                 compute_batch: int | None = None, parallel_chunks: int | None = None):
         """``max_batch``: most samples in one running batch. ``compute_batch``: rows per graph call
         (None: 1 on the CPU, where batching gains nothing on the demo bundle, ``CUDA_COMPUTE_BATCH``
-        on CUDA). ValueError if either is below 1."""
+        on CUDA). ``parallel_chunks``: graph calls of one pass run side by side on that many threads
+        (None: the CPUs this process may use on the CPU, 1 on CUDA). ValueError if any is below 1."""
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         self.bundle = bundle
@@ -375,6 +386,18 @@ class LCOEngine:
         if compute_batch < 1:
             raise ValueError(f"compute_batch must be at least 1, got {compute_batch}")
         self.compute_batch = compute_batch
+        if parallel_chunks is None:
+            parallel_chunks = 1 if self.device_type == "cuda" else available_cpus()
+        if parallel_chunks < 1:
+            raise ValueError(f"parallel_chunks must be at least 1, got {parallel_chunks}")
+        self.parallel_chunks = parallel_chunks
+        self._chunk_threads = (ThreadPoolExecutor(parallel_chunks, thread_name_prefix="lco-chunk")
+                               if parallel_chunks > 1 else None)
+        self.graphs = Graphs(self.generator, self.classifier, self.lco_step)
+        # Calls side by side each on one thread: two sessions' threads would contend for the same cores.
+        single_thread = getattr(bundle, "single_thread_sessions", None)
+        self.parallel_graphs = (Graphs(**single_thread()) if self._chunk_threads is not None
+                                and self.device_type == "cpu" and single_thread is not None else self.graphs)
         providers = self.lco_step.get_providers()
         provider_options = [self.lco_step.get_provider_options().get(p, {}) for p in providers]
         self.adam = ort.InferenceSession(
@@ -490,16 +513,28 @@ class LCOEngine:
         return pieces
 
     # -- graph calls -------------------------------------------------------------------------
+    def map_chunks(self, function: Callable[..., Any], *chunks: Sequence[Any]) -> list[Any]:
+        """``function(graphs, *chunk)`` for the chunks (zipped like ``map``), results in order.
+
+        Several chunks run side by side on ``parallel_chunks`` threads, each on the bundle's
+        single-threaded sessions (``parallel_graphs``); a lone chunk on the sessions as loaded, which
+        may use every intra-op thread. A chunk's outputs depend on its rows alone (one fixed shape per
+        call, no thread-dependent sums in the graphs), so this changes no value. On the 2-core CPU two
+        single-threaded calls at once do about 1.7× the work of one call on two threads (BENCHMARKS.md).
+        """
+        if self._chunk_threads is None or len(chunks[0]) < 2:
+            return [function(self.graphs, *chunk) for chunk in zip(*chunks)]
+        return list(self._chunk_threads.map(lambda *chunk: function(self.parallel_graphs, *chunk), *chunks))
+
     def score(self, latents: np.ndarray, keep_images: bool = True) -> tuple[np.ndarray | None, np.ndarray]:
         """Images [N, H, W] (None unless ``keep_images``) and classifier logits [N, 14] of ``latents``
         (forward passes only). Candidates are scored without keeping their images: at 1024², 32
         candidates for 64 samples would hold 8 GB of pixels."""
-        images, logits = [], []
-        for z in self.chunks(latents):
-            image = self.generator.run(["image"], {"z": z})[0]
-            logits.append(self.classifier.run(["logits"], {"image": image})[0])
-            if keep_images:
-                images.append(image[:, 0])
+        def score_chunk(graphs: Graphs, z: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+            image = graphs.generator.run(["image"], {"z": z})[0]
+            return (image[:, 0] if keep_images else None), graphs.classifier.run(["logits"], {"image": image})[0]
+
+        images, logits = zip(*self.map_chunks(score_chunk, self.chunks(latents)))
         self.stats.add(forward=self.padded_rows(len(latents)))
         count = len(latents)
         kept = np.concatenate(images)[:count] if keep_images else None
@@ -507,20 +542,21 @@ class LCOEngine:
 
     def render(self, latents: np.ndarray) -> np.ndarray:
         """Images [N, H, W] of ``latents`` (generator only)."""
-        images = [self.generator.run(["image"], {"z": z})[0][:, 0] for z in self.chunks(latents)]
+        images = self.map_chunks(lambda graphs, z: graphs.generator.run(["image"], {"z": z})[0][:, 0],
+                                 self.chunks(latents))
         return np.concatenate(images)[: len(latents)]
 
     def to_device(self, array: np.ndarray) -> ort.OrtValue:
         return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device_type, self.device_id)
 
-    def run_step_graph(self, chunk: dict[str, ort.OrtValue]) -> tuple[ort.OrtValue, np.ndarray, ort.OrtValue]:
+    def run_step_graph(self, graphs: Graphs, chunk: dict[str, ort.OrtValue]) -> tuple[ort.OrtValue, np.ndarray, ort.OrtValue]:
         """lco_step on one chunk's device tensors: (grad_z on the device, probs [S, 14], image on the device)."""
-        binding = self.lco_step.io_binding()
+        binding = graphs.lco_step.io_binding()
         for name in ("z", "target", "mask", *(("reference", "image_pull") if self.image_proximity else ())):
             binding.bind_ortvalue_input(name, chunk[name])
         for name in ("loss", "grad_z", "probs", "image"):
             binding.bind_output(name, self.device_type, self.device_id)
-        self.lco_step.run_with_iobinding(binding)
+        graphs.lco_step.run_with_iobinding(binding)
         _, grad, probs, image = binding.get_outputs()
         self.stats.add(step=self.compute_batch)
         return grad, probs.numpy(), image
@@ -857,7 +893,7 @@ class LCOBatch:
         engine, rows, count = self.engine, self.rows, len(self.rows.tags)
         device = self._upload()
         with engine.lock:
-            outputs = [engine.run_step_graph(chunk) for chunk in device]
+            outputs = engine.map_chunks(engine.run_step_graph, device)
         probs = np.concatenate([p for _, p, _ in outputs])[:count]
 
         improved = self._record_best_point(probs, device)  # first, as it may lower a cap (patience)
@@ -873,9 +909,8 @@ class LCOBatch:
         step_size[:count, 0] = rows.lr * correction2 / (1.0 - ADAM_BETA1**t_next)
         eps_hat[:count, 0] = ADAM_EPS * correction2
         with engine.lock:
-            for chunk, (grad, _, _), size, eps in zip(device, outputs, engine.chunks(step_size),
-                                                      engine.chunks(eps_hat)):
-                engine.run_adam(chunk, grad, size, eps)
+            engine.map_chunks(lambda _, *chunk: engine.run_adam(*chunk), device, [grad for grad, _, _ in outputs],
+                              engine.chunks(step_size), engine.chunks(eps_hat))
         rows.t = np.where(finished, rows.t, t_next)
 
         if not finished.any():

@@ -76,7 +76,8 @@ class CXRSynth:
         manifest = self.bundle.manifest
         self.model_ref = ModelRef(name=manifest.name, version=manifest.version)
         self.engine = LCOEngine(self.bundle, LCOOptions(), max_batch=SETTINGS.max_batch,
-                                compute_batch=SETTINGS.compute_batch or None)
+                                compute_batch=SETTINGS.compute_batch or None,
+                                parallel_chunks=SETTINGS.parallel_chunks or None)
         self.metrics: ServiceMetrics = create_metrics()
         self.verifier = Verifier.of_bundle(self.bundle, self.metrics, source="generate")  # None: no auditor
         self.batcher = Batcher(

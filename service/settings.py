@@ -35,6 +35,10 @@ class Settings(BaseSettings):
         0, ge=0, le=4_096,
         description="rows per ONNX Runtime call, fixed for the process (0: 1 on the CPU, 16 on CUDA); an image "
         "depends on it, so replicas that must agree share it")
+    parallel_chunks: int = Field(
+        0, ge=0, le=256,
+        description="ONNX Runtime calls of one LCO pass run side by side (0: one per CPU on the CPU, 1 on CUDA); "
+        "images do not depend on it")
     batch_wait_ms: int = Field(10, ge=0, le=10_000,
                                description="how long an idle batcher waits for more requests before starting")
     batching: bool = Field(True, description="false runs each request's samples on their own (no cross-request batching)")

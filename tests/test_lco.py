@@ -483,12 +483,13 @@ def test_batcher_fails_the_samples_of_a_broken_step_and_keeps_serving(bundle):
 
 @pytest.mark.parametrize("compute_batch", [1, 4])
 def test_a_fixed_compute_shape_gives_each_seed_the_same_bytes_anywhere_in_any_batch(bundle, compute_batch):
+    """... and whether the chunks of a pass run one after another or side by side on threads."""
     samples = [request(positives=[i % NUM_LABELS], negatives=[(i + 3) % NUM_LABELS], seed=500 + i, steps=40,
                        margin=1.0) for i in range(13)]
-    engine = LCOEngine(bundle, max_batch=16, compute_batch=compute_batch)
+    engine = LCOEngine(bundle, max_batch=16, compute_batch=compute_batch, parallel_chunks=3)
     together = engine.generate(samples)
     reversed_order = engine.generate(samples[::-1])[::-1]
-    trickled = LCOEngine(bundle, max_batch=3, compute_batch=compute_batch).generate(samples)
+    trickled = LCOEngine(bundle, max_batch=3, compute_batch=compute_batch, parallel_chunks=1).generate(samples)
     for index, want in enumerate(together):
         alone = engine.generate([samples[index]])[0]
         for got in (alone, reversed_order[index], trickled[index]):

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 COMMAND_MODULES: dict[str, tuple[str, ...]] = {  # module -> the top-level commands it registers
     "training.gan.commands": ("train", "resume", "sample"),
     "training.classifier.commands": ("classifier",),  # classifier train / resume / ensemble / distill / evaluate
-    "training.export.commands": ("export", "export-auditor"),  # write a model bundle or an auditor
+    "training.export.commands": ("export", "export-auditor", "export-step"),  # a model bundle, an auditor, a step
     "training.data.commands": ("convert",),  # convert a DICOM tree into the NIH layout
     "training.evaluate.commands": ("evaluate",),  # evaluate report / stats / compare / real-vs-real
 }

@@ -10,6 +10,7 @@ where the service looks.
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import shutil
 import subprocess
@@ -204,6 +205,67 @@ def export_bundle(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return output_dir
+
+
+def export_step_again(bundle_dir: str | os.PathLike[str], generator: nn.Module, classifier: nn.Module,
+                      opset: int = OPSET, probes: int = 8) -> Path:
+    """Replace a bundle's ``lco_step.onnx`` with this revision's export of the same networks, when it
+    returns exactly what the old one did (a faster export of the same step), keeping the version.
+
+    ``generator`` and ``classifier`` must be the networks the bundle was exported from: they must
+    reproduce its generator, classifier and step graphs (``check_parity``). The new step must give the
+    old one's loss, gradient, probabilities and image bit for bit on ``probes`` random batches (1 to
+    ``probes`` rows, masks with weights above 1, the image term off and on), so every image the bundle
+    returns stays what it was and its version still names it; the acceptance table, with its step cost
+    as measured at the first export, is kept for the same reason. The manifest records the new graph's
+    checksum and, under ``provenance.extra.lco_step_export``, the commit and time. Staged beside the
+    bundle and renamed into place. Raises ExportCheckError (nothing changed) when any check fails.
+    """
+    bundle_dir = Path(bundle_dir)
+    generator = generator.eval().requires_grad_(False).cpu()
+    classifier = classifier.eval().requires_grad_(False).cpu()
+    check_parity(bundle_dir, generator, classifier)
+    staging = Path(tempfile.mkdtemp(prefix=f".{bundle_dir.name}.", suffix=".partial", dir=bundle_dir.parent))
+    try:
+        shutil.copytree(bundle_dir, staging, dirs_exist_ok=True)
+        step_file = GRAPH_FILES["lco_step"]
+        export_lco_step(generator, classifier, staging / step_file, opset)
+        document = json.loads((staging / MANIFEST_NAME).read_text())
+        document.pop("manifest_sha256")
+        path = staging / step_file
+        document["files"][step_file] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+        created = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+        document["provenance"]["extra"]["lco_step_export"] = {"commit": git_commit(), "created": created.isoformat()}
+        (staging / MANIFEST_NAME).write_bytes(seal_manifest(document))
+        _check_same_step(bundle_dir, staging, probes)
+        check_parity(staging, generator, classifier)
+        _move_into_place(staging, bundle_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return bundle_dir
+
+
+def _check_same_step(old_dir: Path, new_dir: Path, probes: int) -> None:
+    """ExportCheckError unless the two bundles' step graphs give identical outputs on random batches."""
+    tuning = SessionTuning(providers=("CPUExecutionProvider",), intra_op_threads=1)
+    old, new = load_bundle(old_dir, tuning), load_bundle(new_dir, tuning)
+    rng = np.random.default_rng(20261202)
+    latent, side = old.manifest.latent_dim, old.manifest.resolution
+    for rows in range(1, probes + 1):
+        z = rng.standard_normal((rows, latent)).astype(np.float32)
+        target = (rng.random((rows, len(LABELS))) < 0.3).astype(np.float32)
+        mask = rng.choice(np.array([0.0, 1.0, 3.5], np.float32), size=(rows, len(LABELS)))
+        reference = rng.uniform(-1, 1, (rows, 1, side, side)).astype(np.float32)
+        image_pull = (np.arange(rows, dtype=np.float32) % 2 * 10.0)[:, None]
+        before = old.lco_step(z, target, mask, reference, image_pull)
+        after = new.lco_step(z, target, mask, reference, image_pull)
+        for name in ("loss", "grad_z", "probs", "image"):
+            if not np.array_equal(getattr(before, name), getattr(after, name)):
+                largest = float(np.abs(getattr(before, name) - getattr(after, name)).max())
+                raise ExportCheckError(f"the new step graph's {name} differs from the bundle's by up to {largest:.3g} "
+                                       f"on {rows} row(s): it would change the images this version names; export "
+                                       "a new bundle (a new version) instead")
 
 
 def add_acceptance_table(staging: Path, document: dict[str, Any], samples: int) -> None:

@@ -3,13 +3,16 @@
     python -m training.cli export --generator RUN_DIR_OR_CHECKPOINT --classifier CLASSIFIER_DIR \
         --out bundles/demo [--auditor AUDITOR_DIR] [--name cxrsynth-demo] [--version V] [--acceptance-samples N] [--model-store]
     python -m training.cli export-auditor --classifier AUDITOR_DIR --out models/demo-real-auditor
+    python -m training.cli export-step --bundle models/demo --generator RUN_DIR_OR_CHECKPOINT --classifier CLASSIFIER_DIR
 
 ``export --auditor`` adds the independent auditor to the bundle as ``auditor.onnx`` with its own
 thresholds, so the service can verify LCO's images (service/verify.py); LCO never steers by it.
 There is no command that adds an auditor to an existing bundle: a bundle's version names what it
 returns, and an auditor turns ``verify`` on by default, so a bundle with one is a new export (new
 version) from the same runs. ``export-auditor`` writes the auditor alone for ONNX Runtime
-(training/export/auditor.py), with held-out real images, for ``make demo-real``.
+(training/export/auditor.py), with held-out real images, for ``make demo-real``. ``export-step`` gives
+an existing bundle this revision's ``lco_step.onnx`` for the networks it came from, only when the new
+graph returns exactly what the old one did (``export_step_again``): a faster export, the same version.
 
 Provenance comes from the runs, not the command line: the classifier's held-out AUROC from the trained
 classifier, the generator's Fréchet distance from the GAN run's metric record
@@ -26,7 +29,7 @@ from pathlib import Path
 from service.acceptance import DEFAULT_ACCEPTANCE_SAMPLES
 from service.bundle import BundleError
 from training.classifier.artifact import TrainedClassifier
-from training.export.bundle import ExportCheckError, GeneratorInfo, export_bundle
+from training.export.bundle import ExportCheckError, GeneratorInfo, export_bundle, export_step_again
 from training.export.model_store import save_to_model_store
 from training.metrics import latest_result
 from training.metrics.builtin import FRECHET_DISTANCE
@@ -60,19 +63,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     auditor.add_argument("--overwrite", action="store_true", help="replace an existing directory")
     auditor.set_defaults(handler=run_export_auditor)
 
+    step = subparsers.add_parser("export-step", help="give a bundle this revision's lco_step.onnx when it returns "
+                                 "exactly what the old one did (same networks, same version)")
+    step.add_argument("--bundle", type=Path, required=True, help="the bundle directory to update in place")
+    step.add_argument("--generator", type=Path, required=True,
+                      help="the PGGAN run directory (its latest checkpoint) or checkpoint the bundle came from")
+    step.add_argument("--classifier", type=Path, required=True, help="the classifier directory the bundle came from")
+    step.set_defaults(handler=run_export_step)
+
+
+def _checkpoint(generator: Path) -> Path:
+    """The checkpoint a --generator argument names (a run directory's latest); ValueError if none."""
+    from training.runtime import latest_checkpoint
+
+    if not generator.is_dir():
+        return generator
+    checkpoint = latest_checkpoint(generator)
+    if checkpoint is None:
+        raise ValueError(f"{generator} holds no checkpoints")
+    return checkpoint
+
 
 def run_export(args: argparse.Namespace) -> int:
     from training.gan.training_loop import load_generator
-    from training.runtime import latest_checkpoint, read_checkpoint
+    from training.runtime import read_checkpoint
 
     if args.acceptance_samples < 0:
         return _fail(f"--acceptance-samples must be 0 (no table) or more, got {args.acceptance_samples}")
-    checkpoint = args.generator
-    if checkpoint.is_dir():
-        checkpoint = latest_checkpoint(checkpoint)
-        if checkpoint is None:
-            return _fail(f"{args.generator} holds no checkpoints")
     try:
+        checkpoint = _checkpoint(args.generator)
         generator = load_generator(checkpoint)
         info = generator_info(checkpoint, read_checkpoint(checkpoint).state)
         classifier = TrainedClassifier.load(args.classifier)
@@ -91,6 +110,19 @@ def run_export(args: argparse.Namespace) -> int:
     print(f"bundle written to {bundle}")
     if args.model_store:
         print(f"saved in the BentoML model store as {save_to_model_store(bundle)}")
+    return 0
+
+
+def run_export_step(args: argparse.Namespace) -> int:
+    from training.gan.training_loop import load_generator
+
+    try:
+        generator = load_generator(_checkpoint(args.generator))
+        classifier = TrainedClassifier.load(args.classifier).network
+        export_step_again(args.bundle, generator, classifier)
+    except (FileNotFoundError, ValueError, KeyError, ExportCheckError, BundleError) as error:
+        return _fail(str(error))
+    print(f"{args.bundle}: lco_step.onnx exported again, every output as before; version unchanged")
     return 0
 
 
