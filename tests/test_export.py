@@ -308,3 +308,43 @@ def test_the_export_records_the_generators_measured_frechet_distance(ci_models, 
     assert provenance.frechet_distance == 0.75
     assert provenance.extra["frechet_distance_protocol"] == protocol
     assert provenance.images_shown == images_shown
+
+
+def test_export_step_gives_a_bundle_the_current_step_graph_with_the_same_outputs_and_version(ci_models, ci_bundle,
+                                                                                            tmp_path):
+    """`export-step` on a bundle with the networks it came from: the step graph is exported again and
+    must give the old one's outputs bit for bit, so the version stays; the manifest seals the new file."""
+    from tests.bundle_fixtures import copy_bundle, run_command
+
+    bundle = copy_bundle(ci_bundle, tmp_path / "bundle")
+    before = json.loads((bundle / "manifest.json").read_text())
+    assert run_command("training.export.commands", [
+        "export-step", "--bundle", str(bundle), "--generator", str(ci_models.gan_run),
+        "--classifier", str(ci_models.classifier_dir)]) == 0
+    after = verify_bundle(bundle)
+    assert after.version == before["version"] and after.name == before["name"]
+    assert after.provenance.extra["lco_step_export"]["commit"]
+    untouched = set(before["files"]) - {GRAPH_FILES["lco_step"]}
+    assert all(after.files[name].sha256 == before["files"][name]["sha256"] for name in untouched)
+    assert not list(tmp_path.glob(".bundle.*")), "no staging directory left behind"
+
+
+def test_export_step_refuses_networks_the_bundle_did_not_come_from_and_changes_nothing(ci_models, ci_bundle,
+                                                                                      tmp_path, capsys):
+    from tests.bundle_fixtures import copy_bundle, run_command
+
+    bundle = copy_bundle(ci_bundle, tmp_path / "bundle")
+    files = {path.name: path.read_bytes() for path in bundle.iterdir()}
+    other = tmp_path / "other-classifier"
+    classifier = ci_models.classifier
+    with torch.no_grad():
+        network = build_classifier(classifier.spec)
+        network.load_state_dict(classifier.network.state_dict())
+        network.head.bias += 1.0  # another classifier: every logit one higher
+    type(classifier)(network, classifier.spec, classifier.thresholds, classifier.metrics, classifier.dataset,
+                     classifier.images_shown).save(other)
+    assert run_command("training.export.commands", [
+        "export-step", "--bundle", str(bundle), "--generator", str(ci_models.gan_run), "--classifier", str(other)]) == 2
+    assert "disagree" in capsys.readouterr().err
+    assert {path.name: path.read_bytes() for path in bundle.iterdir()} == files
+    assert not list(tmp_path.glob(".bundle.*"))
