@@ -19,7 +19,9 @@
    first off with one margin for both sides and every label weighing 1 (the engine before all three),
    rejection first with labels requested absent at ``absent_margin``, and the job's defaults (present
    labels also weighing as much as absent ones, ``balance_sides``); beside each, how often the
-   bundle's auditor agrees with its images.
+   bundle's auditor agrees with its images. The first runs one graph call at a time, as the engine
+   did, and with ``--baseline-bundle`` on that bundle's graphs (the same networks exported by an
+   earlier revision: same version), so that it is today's engine whole.
 3. Throughput (images/s) of the service's batcher with 1, 4 and 16 concurrent clients, each asking
    for one image at a time, with and without cross-request batching.
 
@@ -44,6 +46,7 @@ run whatever the scale, since its requests are one image each and a run's length
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import threading
@@ -201,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
                         "1 on a machine shared with other jobs, where a parallel step waits on descheduled threads")
     parser.add_argument("--sections", default="cost,archive,throughput",
                         help="comma-separated: cost, archive, throughput")
+    parser.add_argument("--baseline-bundle", help="archive section: the same bundle as an earlier revision exported "
+                        "it (same version), for the engine before rejection first")
     parser.add_argument("--json", help="also write every figure to this JSON file ({name: value})")
     args = parser.parse_args(argv)
     sections = {name.strip() for name in args.sections.split(",")}
@@ -240,7 +245,10 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--requests takes common, rarest and combination; got {args.requests}")
         cost_section(engine, ratio, args.scale, args.steps, args.candidates, args.rejection_bound, chosen, figures)
     if "archive" in sections:
-        archive_section(engine, args.archive_images or max(1, round(1000 * args.scale)), figures)
+        baseline = one_call_at_a_time(
+            load_bundle(args.baseline_bundle, SessionTuning(providers=providers, intra_op_threads=args.intra_op_threads))
+            if args.baseline_bundle else bundle, engine)
+        archive_section(engine, baseline, args.archive_images or max(1, round(1000 * args.scale)), figures)
     if "throughput" in sections:
         throughput_section(engine, args.repeats, figures)
     if args.json:
@@ -308,7 +316,19 @@ def cost_section(engine: LCOEngine, ratio: float, scale: float, steps: int, cand
           " whole budget, so its cost per hit is at least the budget and the ratios are lower bounds)\n")
 
 
-def archive_section(engine: LCOEngine, images: int, figures: dict[str, float]) -> None:
+def one_call_at_a_time(bundle, engine: LCOEngine) -> LCOEngine:
+    """An engine like ``engine`` on ``bundle`` (the same networks, or SystemExit) running its graph calls
+    one after another, as engines before ``parallel_chunks`` did."""
+    if bundle.manifest.version != engine.bundle.manifest.version:
+        raise SystemExit(f"--baseline-bundle is version {bundle.manifest.version}, the bundle "
+                         f"{engine.bundle.manifest.version}: it must be the same networks")
+    serial = {"parallel_chunks": 1} if "parallel_chunks" in inspect.signature(LCOEngine).parameters else {}
+    baseline = LCOEngine(bundle, max_batch=engine.max_batch, **serial)
+    baseline.warm_up()
+    return baseline
+
+
+def archive_section(engine: LCOEngine, baseline: LCOEngine, images: int, figures: dict[str, float]) -> None:
     """Images/s for the first ``images`` of a ``distribution: nih`` archive job under the engine before
     rejection first (one margin for both sides, every label weighing 1), rejection first with absent
     labels at ``absent_margin`` (where the engine has it) and the job's default LCO options (present
@@ -321,7 +341,7 @@ def archive_section(engine: LCOEngine, images: int, figures: dict[str, float]) -
     planned = [plan.image(index) for index in range(images)]
     flat = {"balance_sides": False} if BALANCE_SIDES else {}
     one_margin = {"absent_margin": spec.lco.margin} if ABSENT_MARGIN else {}
-    engines = {"today's (rejection first off)": {"rejection_first": False, **one_margin, **flat}}
+    engines = {"today's (rejection first off, one call at a time)": {"rejection_first": False, **one_margin, **flat}}
     if ABSENT_MARGIN:
         engines[f"rejection first, absent labels at {spec.lco.absent_margin}"] = flat
     if BALANCE_SIDES:
@@ -339,9 +359,10 @@ def archive_section(engine: LCOEngine, images: int, figures: dict[str, float]) -
         samples = [SampleRequest(p.target, p.mask, p.seed, options) for p in planned]
         results = []
         start = time.perf_counter()
+        runner = baseline if not rates else engine
         for batch in tqdm([samples[i : i + spec.batch_size] for i in range(0, images, spec.batch_size)],
                           desc=f"  archive, {name}", unit="batch", leave=False):
-            results += engine.generate(batch)
+            results += runner.generate(batch)
         seconds = time.perf_counter() - start
         rates[name] = images / seconds
         without = sum(r.accepted_without_steps for r in results)

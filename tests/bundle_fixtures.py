@@ -7,18 +7,22 @@
 - ``ci_auditor`` / ``ci_auditor_bundle``: a short `auditor-ci` run (another network, seed and phantom
   stream than `ci`'s), and the `ci` networks exported with it as the bundle's ``auditor.onnx``.
 
-Training and export happen once per test session, whichever test asks first.
+Training and export happen once per test run, whichever test asks first; under pytest-xdist the
+workers share what the first of them built (``built_once``).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+from filelock import FileLock
 
 from training.classifier import TrainedClassifier, get_preset, train_classifier
 
@@ -69,47 +73,73 @@ def copy_bundle(bundle: Path, destination: Path) -> Path:
     return destination
 
 
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], object]) -> Path:
+    """The directory ``name`` that ``build`` fills, built once per test run.
+
+    Under pytest-xdist every worker has a temporary root of its own below one shared parent: the
+    directory lives in that parent, the first worker to ask builds it while the others wait on a lock,
+    and every later ask finds it built. A build that fails leaves no marker and is tried again.
+    """
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent
+    directory, built = base / name, base / f"{name}.built"
+    with FileLock(str(base / f"{name}.lock")):
+        if not built.exists():
+            shutil.rmtree(directory, ignore_errors=True)
+            directory.mkdir(parents=True)
+            build(directory)
+            built.touch()
+    return directory
+
+
 @pytest.fixture(scope="session")
 def ci_models(tmp_path_factory) -> CIModels:
     from training.gan.training_loop import load_generator
 
-    root = tmp_path_factory.mktemp("ci-models")
-    checkpoint = train_ci_gan(root / "gan")
-    classifier = train_preset("ci", root / "classifier")
-    return CIModels(gan_run=root / "gan", gan_checkpoint=checkpoint, classifier_dir=root / "classifier" / "classifier",
-                    generator=load_generator(checkpoint), classifier=classifier)
+    def build(root: Path) -> None:
+        (root / "checkpoint").write_text(str(train_ci_gan(root / "gan")))
+        train_preset("ci", root / "classifier")
+
+    root = built_once(tmp_path_factory, "ci-models", build)
+    checkpoint = Path((root / "checkpoint").read_text())
+    classifier_dir = root / "classifier" / "classifier"
+    return CIModels(gan_run=root / "gan", gan_checkpoint=checkpoint, classifier_dir=classifier_dir,
+                    generator=load_generator(checkpoint), classifier=TrainedClassifier.load(classifier_dir))
 
 
 @pytest.fixture(scope="session")
 def ci_bundle(ci_models, tmp_path_factory) -> Path:
     """The `ci` bundle, written by the export command from the GAN run and the classifier."""
-    out = tmp_path_factory.mktemp("ci-bundle") / "cxrsynth-ci"
-    status = run_command("training.export.commands", [
-        "export", "--generator", str(ci_models.gan_run), "--classifier", str(ci_models.classifier_dir),
-        "--out", str(out), "--name", "cxrsynth-ci",
-    ])
-    assert status == 0
-    return out
+    def build(root: Path) -> None:
+        assert run_command("training.export.commands", [
+            "export", "--generator", str(ci_models.gan_run), "--classifier", str(ci_models.classifier_dir),
+            "--out", str(root / "cxrsynth-ci"), "--name", "cxrsynth-ci",
+        ]) == 0
+
+    return built_once(tmp_path_factory, "ci-bundle", build) / "cxrsynth-ci"
 
 
 @pytest.fixture(scope="session")
 def ci_auditor(tmp_path_factory) -> Path:
     """The run directory of the `auditor-ci` preset cut to a third of its images (seconds of CPU), trained
     once: a weak auditor, which rejects enough of the ci bundle's LCO images for retries to happen."""
-    run_dir = tmp_path_factory.mktemp("ci-auditor") / "run"
     config = get_preset("auditor-ci").override(["total_images=4000", "checkpoint_every=4000", "tick_images=2000",
                                                 "data.train_count=1000", "data.test_count=300"])
-    assert train_classifier(config, run_dir, progress=False, tensorboard=False) is not None
-    return run_dir
+
+    def build(root: Path) -> None:
+        assert train_classifier(config, root / "run", progress=False, tensorboard=False) is not None
+
+    return built_once(tmp_path_factory, "ci-auditor", build) / "run"
 
 
 @pytest.fixture(scope="session")
 def ci_auditor_bundle(ci_models, ci_auditor, tmp_path_factory) -> Path:
     """The `ci` bundle with `auditor-ci` as its auditor, written by ``export --auditor``."""
-    out = tmp_path_factory.mktemp("ci-auditor-bundle") / "cxrsynth-ci-audited"
-    status = run_command("training.export.commands", [
-        "export", "--generator", str(ci_models.gan_run), "--classifier", str(ci_models.classifier_dir),
-        "--auditor", str(ci_auditor), "--out", str(out), "--name", "cxrsynth-ci-audited",
-    ])
-    assert status == 0
-    return out
+    def build(root: Path) -> None:
+        assert run_command("training.export.commands", [
+            "export", "--generator", str(ci_models.gan_run), "--classifier", str(ci_models.classifier_dir),
+            "--auditor", str(ci_auditor), "--out", str(root / "cxrsynth-ci-audited"), "--name", "cxrsynth-ci-audited",
+        ]) == 0
+
+    return built_once(tmp_path_factory, "ci-auditor-bundle", build) / "cxrsynth-ci-audited"

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# Under pytest-xdist each worker is one of several processes sharing the cores: one thread each (and in
+# the processes they start), since two threads per process on shared cores run many times slower.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 pytest_plugins = ["tests.s3_server", "tests.bundle_fixtures", "tests.study_support"]
 
