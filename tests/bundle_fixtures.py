@@ -78,7 +78,9 @@ def built_once(tmp_path_factory, name: str, build: Callable[[Path], object]) -> 
 
     Under pytest-xdist every worker has a temporary root of its own below one shared parent: the
     directory lives in that parent, the first worker to ask builds it while the others wait on a lock,
-    and every later ask finds it built. A build that fails leaves no marker and is tried again.
+    and every later ask finds it built. A build that fails leaves no marker and is tried again. It
+    runs torch on one thread: the weights a run learns depend on how its sums were split over threads,
+    and the images tests/test_reproducibility.py pins must not depend on the machine's core count.
     """
     base = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
@@ -88,7 +90,12 @@ def built_once(tmp_path_factory, name: str, build: Callable[[Path], object]) -> 
         if not built.exists():
             shutil.rmtree(directory, ignore_errors=True)
             directory.mkdir(parents=True)
-            build(directory)
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                build(directory)
+            finally:
+                torch.set_num_threads(threads)
             built.touch()
     return directory
 

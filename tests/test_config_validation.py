@@ -368,7 +368,7 @@ def test_each_command_module_registers_exactly_the_commands_the_cli_lists_for_it
         assert tuple(subparsers.choices) == commands, name
     every = build_parser()._subparsers._group_actions[0].choices
     assert list(every) == [command for commands in COMMAND_MODULES.values() for command in commands]
-    assert list(build_parser("export")._subparsers._group_actions[0].choices) == ["export", "export-auditor"]
+    assert list(build_parser("export")._subparsers._group_actions[0].choices) == ["export", "export-auditor", "export-step"]
 
 
 def test_a_command_imports_only_its_own_module():
