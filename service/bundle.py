@@ -402,7 +402,7 @@ class Bundle:
     def single_thread_sessions(self) -> dict[str, Any]:
         """Sessions of the generator, classifier and step graphs with one intra-op thread each (made on
         first use, then kept), for calls that run side by side on the CPU (service.lco.LCOEngine)."""
-        if self._single_thread is None and self.tuning.session_options().intra_op_num_threads == 1:
+        if self._single_thread is None and (self.tuning.intra_op_threads or available_cpus()) == 1:
             self._single_thread = {graph: self.sessions[graph] for graph in ("generator", "classifier", "lco_step")}
         if self._single_thread is None:
             import onnxruntime as ort

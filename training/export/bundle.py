@@ -9,12 +9,14 @@ where the service looks.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -154,8 +156,7 @@ def export_bundle(
     commit = git_commit()
     version = version or f"{created:%Y%m%d.%H%M%S}-{commit[:7]}"
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".partial", dir=output_dir.parent))
-    try:
+    with staged(output_dir) as staging:
         export_generator(generator, staging / GRAPH_FILES["generator"], opset)
         export_classifier(network, resolution, staging / GRAPH_FILES["classifier"], opset)
         export_lco_step(generator, network, staging / GRAPH_FILES["lco_step"], opset)
@@ -200,10 +201,6 @@ def export_bundle(
         check_parity(staging, generator, network, auditor=auditor_network)
         if acceptance_samples > 0:
             add_acceptance_table(staging, document, acceptance_samples)
-        _move_into_place(staging, output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return output_dir
 
 
@@ -225,8 +222,7 @@ def export_step_again(bundle_dir: str | os.PathLike[str], generator: nn.Module, 
     generator = generator.eval().requires_grad_(False).cpu()
     classifier = classifier.eval().requires_grad_(False).cpu()
     check_parity(bundle_dir, generator, classifier)
-    staging = Path(tempfile.mkdtemp(prefix=f".{bundle_dir.name}.", suffix=".partial", dir=bundle_dir.parent))
-    try:
+    with staged(bundle_dir) as staging:
         shutil.copytree(bundle_dir, staging, dirs_exist_ok=True)
         step_file = GRAPH_FILES["lco_step"]
         export_lco_step(generator, classifier, staging / step_file, opset)
@@ -238,11 +234,6 @@ def export_step_again(bundle_dir: str | os.PathLike[str], generator: nn.Module, 
         document["provenance"]["extra"]["lco_step_export"] = {"commit": git_commit(), "created": created.isoformat()}
         (staging / MANIFEST_NAME).write_bytes(seal_manifest(document))
         _check_same_step(bundle_dir, staging, probes)
-        check_parity(staging, generator, classifier)
-        _move_into_place(staging, bundle_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return bundle_dir
 
 
@@ -291,6 +282,19 @@ def auditor_section(auditor: TrainedClassifier) -> dict[str, Any]:
         "mean_auroc": auditor.mean_auroc,
         "source": str(auditor.extra.get("source", auditor.preset)),
     }
+
+
+@contextlib.contextmanager
+def staged(output_dir: Path) -> Iterator[Path]:
+    """A temporary sibling of ``output_dir`` to write into: renamed into place if the block completes,
+    removed if it raises, so a failed or interrupted export never leaves a half-written bundle."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".partial", dir=output_dir.parent))
+    try:
+        yield staging
+        _move_into_place(staging, output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def _move_into_place(staging: Path, output_dir: Path) -> None:
