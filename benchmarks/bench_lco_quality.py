@@ -10,7 +10,9 @@ For each single finding, for "No Finding", and for a two-present-one-absent comb
 Beside them, how often each request is met without LCO: the NIH ChestX-ray14 prevalence, and the
 rate among unconditional samples of the generator under each judge. Writes a Markdown table, and
 beside it (same name, .png) a contact sheet: the first images of each request, each captioned with
-the auditor's verdict.
+the auditor's verdict. The cost column is classifier passes (one CNN over one image) per LCO step:
+the steering network's per step evaluation, plus the classifier's checks of step images on a bundle
+with a steering network (service/lco.py), from the manifest's pass counts.
 
     python -m benchmarks.bench_lco_quality --bundle models/demo --auditor runs/demo/auditor --images 32
 """
@@ -37,6 +39,23 @@ from training.classifier.artifact import TrainedClassifier
 from training.evaluate.labels import auditor_probabilities, default_requests, lco_fidelity, met
 
 SHEET_COLUMNS = 8
+
+
+def passes_per_step(manifest, step_evaluations: int, checks: int) -> float | None:
+    """Classifier passes per LCO step: the steering network's passes per step evaluation plus the
+    classifier's per check; None when the manifest does not record a count needed (bundles exported
+    before the counts) or no step ran."""
+    if not step_evaluations:
+        return None
+    if manifest.steering is None:
+        return None if manifest.classifier_passes is None else float(manifest.classifier_passes)
+    if checks and manifest.classifier_passes is None:
+        return None
+    return (step_evaluations * manifest.steering.passes + checks * (manifest.classifier_passes or 0)) / step_evaluations
+
+
+def _passes(value: float | None) -> str:
+    return "—" if value is None else f"{value:.1f}"
 
 
 def nih_rate(constraints: dict[str, bool] | list[str]) -> float:
@@ -86,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             "lco": result.lco_classifier.value,
             "audit": result.auditor.value,
             "steps": result.mean_steps,
+            "passes": passes_per_step(bundle.manifest, result.step_evaluations, result.checks),
         })
     elapsed = time.perf_counter() - started
 
@@ -100,19 +120,21 @@ def main(argv: list[str] | None = None) -> int:
          f"Written by `python -m benchmarks.bench_lco_quality` in {elapsed:.0f} s."),
         "",
         ("| request | NIH prevalence | unconditional (LCO classifier) | unconditional (auditor) "
-         "| LCO satisfied | auditor agrees | mean steps |"),
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+         "| LCO satisfied | auditor agrees | mean steps | classifier passes per step |"),
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in rows:
         lines.append(f"| {row['request']} | {row['nih']:.1%} | {row['free_lco']:.1%} | {row['free_audit']:.1%} "
-                     f"| {row['lco']:.0%} | {row['audit']:.0%} | {row['steps']:.1f} |")
+                     f"| {row['lco']:.0%} | {row['audit']:.0%} | {row['steps']:.1f} | {_passes(row['passes'])} |")
     singles = rows[: len(LABELS)]
     lines += [
         "",
         (f"Single findings: LCO satisfied ≥ 90% for {sum(r['lco'] >= 0.9 for r in singles)}/{len(singles)}, "
          f"auditor agrees ≥ 70% for {sum(r['audit'] >= 0.7 for r in singles)}/{len(singles)}, "
          f"≥ 90% for {sum(r['audit'] >= 0.9 for r in singles)}/{len(singles)}. "
-         f"Combination: LCO {rows[-1]['lco']:.0%}, auditor {rows[-1]['audit']:.0%}."),
+         f"Combination: LCO {rows[-1]['lco']:.0%}, auditor {rows[-1]['audit']:.0%}. "
+         f"Classifier passes per LCO step over the table: "
+         f"{_passes(passes_per_step(manifest, sum(r.step_evaluations for r in fidelity), sum(r.checks for r in fidelity)))}."),
         "",
     ]
     text = "\n".join(lines)

@@ -5,6 +5,9 @@ A bundle is a directory (or the same files as a BentoML model) holding ``manifes
 inputs and outputs), and optionally ``auditor.onnx``: the independent auditor (its own network,
 seed and 14 thresholds, in the manifest's ``auditor`` section) that checks LCO's images and never
 steers them (service/verify.py); and optionally ``acceptance.npz`` (service/acceptance.py).
+``lco_step.onnx`` steers by the classifier in ``classifier.onnx`` unless the manifest has a
+``steering`` section: then by a cheaper network of its own (its thresholds there), and LCO accepts an
+image only when ``classifier.onnx`` agrees (service/lco.py, "steer cheap, accept strict").
 ``training.export`` writes it; this module is the only reader. It imports no
 torch: the service image carries onnxruntime, numpy and pydantic only.
 
@@ -149,6 +152,20 @@ class AuditorInfo(_Strict):
         return np.array([self.thresholds[label] for label in LABELS], dtype=np.float32)
 
 
+class SteeringInfo(AuditorInfo):
+    """The manifest's ``steering`` section, for a bundle whose ``lco_step.onnx`` steers by another
+    network than ``classifier.onnx`` (a one-CNN student of an ensemble, training/classifier/distill.py):
+    that network's thresholds and origin as for the auditor, and ``passes``, the classifier passes
+    (members × views) one evaluation of it costs."""
+
+    passes: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _thresholds(self) -> SteeringInfo:
+        _check_thresholds(self.thresholds, "steering.thresholds")
+        return self
+
+
 def _check_thresholds(thresholds: dict[str, float], field: str) -> None:
     if set(thresholds) != set(LABELS):
         missing = sorted(set(LABELS) - set(thresholds))
@@ -176,6 +193,8 @@ class Manifest(_Strict):
     files: dict[str, FileEntry]
     provenance: Provenance
     auditor: AuditorInfo | None = None  # present exactly when files lists auditor.onnx
+    steering: SteeringInfo | None = None  # lco_step.onnx's own classifier; None: classifier.onnx's
+    classifier_passes: int | None = Field(default=None, ge=1)  # members × views of classifier.onnx; None: not recorded
     manifest_sha256: str
 
     @field_validator("labels")
@@ -394,6 +413,13 @@ class Bundle:
     @property
     def thresholds(self) -> np.ndarray:
         return self.manifest.threshold_array
+
+    @property
+    def steering_thresholds(self) -> np.ndarray:
+        """The thresholds [14] of the classifier ``lco_step.onnx`` steers by: the steering section's,
+        else the classifier's."""
+        steering = self.manifest.steering
+        return self.thresholds if steering is None else steering.threshold_array
 
     @property
     def has_auditor(self) -> bool:

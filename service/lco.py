@@ -30,6 +30,15 @@ a sample with a budget of a thousand latents cannot stall the samples stepping b
 latent is scored past a sample's first hit beyond its chunk (none at ``compute_batch`` 1, the CPU's).
 The price is latency for a long search when the batch is busy, which is the throughput-fair share.
 
+Steer cheap, accept strict: a bundle may steer by a cheaper network than its classifier (a
+``steering`` section in its manifest: ``lco_step.onnx`` computes the gradient and the probabilities of
+a one-CNN student of the classifier's ensemble). The classifier still decides: candidates are scored
+by it, and a stepping sample stops only when the classifier, run forward on the step's image, meets
+the request at the margin. It is consulted when the steering network first meets the request, again
+every ``RECHECK_STEPS`` steps while that network still does, and at the step cap; the fallback and
+best points are chosen among the images it judged. So every image carries the classifier's label,
+while a step costs the steering network's passes, not the classifier's (docs/lco-quality.md).
+
 Samples are optimised in a *running batch* (:class:`LCOBatch`): finished samples leave and waiting
 ones join between steps, so one slow sample never holds a batch hostage and a server can merge
 concurrent requests without waiting for the slowest. Every sample keeps its own Adam state, step
@@ -70,6 +79,9 @@ _PROB_EPS = 1e-7
 
 
 MAX_MARGIN = 4.0  # logits; a sample asked for this margin keeps stepping (warm-up, tests)
+# Steps between two of the classifier's checks of a sample the steering network has already steered
+# to its request (module docstring); docs/lco-quality.md measures what it costs.
+RECHECK_STEPS = 8
 
 
 class LCOOptions(BaseModel):
@@ -214,12 +226,14 @@ class EngineStats:
 
     forward_samples: int = 0  # generator + classifier forward passes (candidate scoring)
     step_samples: int = 0  # lco_step evaluations (forward + input gradient)
+    checked_samples: int = 0  # classifier forward passes on a step's image (a steering network's bundle)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def add(self, forward: int = 0, step: int = 0) -> None:
+    def add(self, forward: int = 0, step: int = 0, checked: int = 0) -> None:
         with self.lock:
             self.forward_samples += forward
             self.step_samples += step
+            self.checked_samples += checked
 
 
 class LatentStream:
@@ -380,6 +394,10 @@ class LCOEngine:
         self.thresholds = np.asarray(bundle.thresholds, dtype=np.float32)
         if self.thresholds.shape != (NUM_LABELS,):
             raise ValueError(f"bundle thresholds must have {NUM_LABELS} entries, got {self.thresholds.shape}")
+        # A steering network of its own (module docstring): its thresholds, and the classifier checks.
+        self.checks_steps = getattr(bundle.manifest, "steering", None) is not None
+        self.steering_thresholds = (np.asarray(bundle.steering_thresholds, np.float32) if self.checks_steps
+                                    else self.thresholds)
         self.device_type, self.device_id = _device_of(self.lco_step)
         if compute_batch is None:
             compute_batch = CUDA_COMPUTE_BATCH if self.device_type == "cuda" else 1
@@ -540,6 +558,14 @@ class LCOEngine:
         kept = np.concatenate(images)[:count] if keep_images else None
         return kept, np.concatenate(logits)[:count].astype(np.float32)
 
+    def classify(self, images: np.ndarray) -> np.ndarray:
+        """The classifier's logits [N, 14] on images [N, H, W] (forward passes only), at the fixed
+        ``compute_batch`` shape like every graph call."""
+        logits = self.map_chunks(lambda graphs, image: graphs.classifier.run(["logits"], {"image": image[:, None]})[0],
+                                 self.chunks(images))
+        self.stats.add(checked=self.padded_rows(len(images)))
+        return np.concatenate(logits)[: len(images)].astype(np.float32)
+
     def render(self, latents: np.ndarray) -> np.ndarray:
         """Images [N, H, W] of ``latents`` (generator only)."""
         images = self.map_chunks(lambda graphs, z: graphs.generator.run(["image"], {"z": z})[0][:, 0],
@@ -630,6 +656,7 @@ class _Rows:
     pull: np.ndarray  # float32 [N, 1], the proximity weight (0: plain LCO)
     references: list[np.ndarray | None]  # [H, W] images the image proximity term pulls towards
     image_pull: np.ndarray  # float32 [N, 1], its weight (0: plain LCO)
+    next_check: np.ndarray  # int64 [N], the first step the classifier may check again (a steering network's bundle)
     # The point returned if the sample runs out of steps: the earliest past the fallback margin
     # (``settled``), else the fewest constrained labels on the wrong side of their thresholds, then
     # the lowest loss.
@@ -653,6 +680,7 @@ class _Rows:
                    target=target, mask=mask,
                    judged=judged, anchor=z.copy(), pull=pull, references=references or [None] * n,
                    image_pull=np.zeros((n, 1), np.float32) if image_pull is None else image_pull,
+                   next_check=np.zeros(n, np.int64),
                    settled=np.zeros(n, bool), best_off=np.full(n, NUM_LABELS + 1, np.int64),
                    best_loss=np.full(n, np.inf), best_z=z.copy(), best_probs=np.zeros((n, NUM_LABELS), np.float32))
 
@@ -676,7 +704,7 @@ class _Rows:
 
 
 _ARRAY_FIELDS = ("seeds", "scored", "z", "m", "v", "t", "lr", "cap", "patience", "margin", "absent_margin", "fallback_margin", "target", "mask",
-                 "judged", "anchor", "pull", "image_pull", "settled", "best_off", "best_loss", "best_z", "best_probs")
+                 "judged", "anchor", "pull", "image_pull", "next_check", "settled", "best_off", "best_loss", "best_z", "best_probs")
 _DEVICE_FIELDS = ("z", "m", "v", "target", "mask", "anchor", "pull")
 
 
@@ -895,9 +923,14 @@ class LCOBatch:
         with engine.lock:
             outputs = engine.map_chunks(engine.run_step_graph, device)
         probs = np.concatenate([p for _, p, _ in outputs])[:count]
+        # the rows whose probabilities are the classifier's, and their images when already fetched
+        checked, images = np.ones(count, bool), None
+        if engine.checks_steps:
+            probs, checked, images = self._check(probs, outputs)
 
-        improved = self._record_best_point(probs, device)  # first, as it may lower a cap (patience)
-        finished_ok = satisfied(probs, rows.target, rows.judged, engine.thresholds, rows.margin, rows.absent_margin)
+        improved = self._record_best_point(probs, device, checked)  # first, as it may lower a cap (patience)
+        finished_ok = checked & satisfied(probs, rows.target, rows.judged, engine.thresholds, rows.margin,
+                                          rows.absent_margin)
         finished = finished_ok | (rows.t >= rows.cap)
         # the z each finishing sample's image was made from, before Adam moves it
         z_scored = np.concatenate([chunk["z"].numpy() for chunk in device])[:count] if finished.any() else None
@@ -915,7 +948,8 @@ class LCOBatch:
 
         if not finished.any():
             return []
-        images = np.concatenate([image.numpy()[:, 0] for _, _, image in outputs])[:count]
+        if images is None:
+            images = np.concatenate([image.numpy()[:, 0] for _, _, image in outputs])[:count]
         # Out of steps past a better point than the last: return that point, drawn again.
         earlier = finished & ~finished_ok & ~improved
         if earlier.any():
@@ -942,8 +976,29 @@ class LCOBatch:
         self.searching = [search for search, gone in zip(self.searching, leaving[stepping:]) if not gone]
         return tags
 
-    def _record_best_point(self, probs: np.ndarray, device: list[dict[str, ort.OrtValue]]) -> np.ndarray:
-        """Keep each unsettled sample's best point so far (the z just scored); returns who improved.
+    def _check(self, steering_probs: np.ndarray,
+               outputs: list[tuple[ort.OrtValue, np.ndarray, ort.OrtValue]]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """The classifier's verdict where it checks this step (module docstring: rows the steering
+        network has steered to their request, at most every ``RECHECK_STEPS`` steps, and rows at their
+        cap). Returns the probabilities [N, 14] (the classifier's on checked rows, the steering
+        network's elsewhere), the checked rows [N] and the step's images [N, H, W] (None if none checked)."""
+        engine, rows = self.engine, self.rows
+        steered = satisfied(steering_probs, rows.target, rows.judged, engine.steering_thresholds, rows.margin,
+                            rows.absent_margin)
+        due = (steered & (rows.t >= rows.next_check)) | (rows.t >= rows.cap)
+        if not due.any():
+            return steering_probs, due, None
+        images = np.concatenate([image.numpy()[:, 0] for _, _, image in outputs])[: len(rows.tags)]
+        probs = steering_probs.copy()
+        with engine.lock:
+            probs[due] = _sigmoid(engine.classify(images[due]))
+        rows.next_check[due] = rows.t[due] + RECHECK_STEPS
+        return probs, due, images
+
+    def _record_best_point(self, probs: np.ndarray, device: list[dict[str, ort.OrtValue]],
+                           checked: np.ndarray) -> np.ndarray:
+        """Keep each unsettled sample's best point so far (the z just scored) among the ``checked`` rows,
+        whose probabilities are the classifier's; returns who improved.
 
         The loss is recomputed here from the probabilities rather than taken from the step graph,
         whose reduction over labels may round differently at another row of the batch.
@@ -953,7 +1008,8 @@ class LCOBatch:
         loss = masked_bce(_logit(probs), rows.target, rows.mask)
         settles = satisfied(probs, rows.target, rows.judged, engine.thresholds, rows.fallback_margin,
                             rows.absent_margin)
-        improved = ~rows.settled & (settles | (off < rows.best_off) | ((off == rows.best_off) & (loss < rows.best_loss)))
+        improved = checked & ~rows.settled & (settles | (off < rows.best_off)
+                                              | ((off == rows.best_off) & (loss < rows.best_loss)))
         if improved.any():
             z_now = np.concatenate([chunk["z"].numpy() for chunk in device])[: len(self.rows.tags)]
             settling = improved & settles

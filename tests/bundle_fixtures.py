@@ -6,6 +6,8 @@
   convention: tests that damage a bundle copy it first, see ``copy_bundle``).
 - ``ci_auditor`` / ``ci_auditor_bundle``: a short `auditor-ci` run (another network, seed and phantom
   stream than `ci`'s), and the `ci` networks exported with it as the bundle's ``auditor.onnx``.
+- ``ci_steered_bundle``: the `ci` networks exported with `auditor-ci` as LCO's steering network
+  (``export --steering``): steered by one network, accepted by another.
 
 Training and export happen once per test run, whichever test asks first; under pytest-xdist the
 workers share what the first of them built (``built_once``).
@@ -150,3 +152,16 @@ def ci_auditor_bundle(ci_models, ci_auditor, tmp_path_factory) -> Path:
         ]) == 0
 
     return built_once(tmp_path_factory, "ci-auditor-bundle", build) / "cxrsynth-ci-audited"
+
+
+@pytest.fixture(scope="session")
+def ci_steered_bundle(ci_models, ci_auditor, tmp_path_factory) -> Path:
+    """The `ci` bundle whose ``lco_step.onnx`` steers by `auditor-ci` (``export --steering``) while the
+    `ci` classifier decides when an image meets its request."""
+    def build(root: Path) -> None:
+        assert run_command("training.export.commands", [
+            "export", "--generator", str(ci_models.gan_run), "--classifier", str(ci_models.classifier_dir),
+            "--steering", str(ci_auditor), "--out", str(root / "cxrsynth-ci-steered"), "--name", "cxrsynth-ci-steered",
+        ]) == 0
+
+    return built_once(tmp_path_factory, "ci-steered-bundle", build) / "cxrsynth-ci-steered"

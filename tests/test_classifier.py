@@ -145,7 +145,7 @@ def test_the_demo_trains_every_ensemble_member_on_its_own_phantom_stream():
     assert len({get_preset(name).seed for name in members}) == len(members)
 
 
-def test_the_demo_steers_by_one_cnn_distilled_from_its_ensemble_when_asked():
+def test_the_demo_steers_by_one_cnn_distilled_from_its_ensemble_and_accepts_by_the_ensemble_when_asked():
     from training.classifier.config import DEMO_DISTILLED, DEMO_DISTILLED_INIT, DEMO_MEMBERS
     from training.demo_bundle import training_steps
 
@@ -158,7 +158,9 @@ def test_the_demo_steers_by_one_cnn_distilled_from_its_ensemble_when_asked():
     assert distill[2] == ensemble[ensemble.index("--run-dir") + 1]  # the teacher is the ensemble just made
     assert distill[distill.index("--preset") + 1] == DEMO_DISTILLED
     assert distill[distill.index("--init") + 1] == f"runs/classifier-{DEMO_MEMBERS.index(DEMO_DISTILLED_INIT) + 1}"
-    assert export[export.index("--classifier") + 1] == distill[distill.index("--run-dir") + 1]
+    # steered by the student, accepted by the ensemble
+    assert export[export.index("--steering") + 1] == distill[distill.index("--run-dir") + 1]
+    assert export[export.index("--classifier") + 1] == ensemble[ensemble.index("--run-dir") + 1]
     assert get_preset(DEMO_DISTILLED).model == get_preset(DEMO_DISTILLED_INIT).model  # --init must fit
     assert get_preset(DEMO_DISTILLED).distill.enabled
     ensemble_only = training_steps(Path("bundle"), Path("runs"))  # the default

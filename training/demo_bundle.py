@@ -5,9 +5,10 @@ own progress bar: the PGGAN (data-parallel over two processes), the LCO steering
 export. On procedural phantoms (the default) these are the `demo` GAN preset and ``--classifier
 ensemble`` (the default): the nine members of ``DEMO_MEMBERS`` and their ensemble, 27 classifier passes
 per LCO step. ``--classifier distilled`` adds one CNN distilled from that ensemble on the generator's
-images and LCO's hard negatives (``DEMO_DISTILLED``) and steers by it, one pass per step;
-``--classifier robust`` steers by one adversarially trained CNN (``DEMO_STEERING``). Neither reaches
-the ensemble's label fidelity yet (docs/lco-quality.md). On real
+images and LCO's hard negatives (``DEMO_DISTILLED``) and steers by it, one pass per step, while the
+ensemble still decides when an image meets its request (``export --steering``, service/lco.py);
+``--classifier robust`` steers by one adversarially trained CNN (``DEMO_STEERING``) alone, below the
+ensemble's label fidelity (docs/lco-quality.md). On real
 radiographs in the NIH layout (``--data nih:PATH``, made for the 705-image
 NIH sample) they are `nih-sample-64` and the ensemble of ``NIH_SAMPLE_MEMBERS``, and two steps follow: the independent
 auditor (`auditor-nih-sample`) and its export for ONNX Runtime to ``--auditor``. ``python -m
@@ -73,20 +74,20 @@ def training_steps(bundle: Path, runs: Path, data: str = "phantoms", auditor: Pa
             ("LCO classifier ensemble", False, ["classifier", "ensemble", *member_runs, "--preset", members[0],
                                                 *data_root, "--run-dir", str(runs / "classifier")]),
         ]
-    steering = runs / "classifier"
+    steered_by: list[str] = []
     if classifier == "distilled":
-        steering = runs / "classifier-distilled"
+        steered_by = ["--steering", str(runs / "classifier-distilled")]
         steps.append(("LCO classifier (distilled from the ensemble)", False, [
             "classifier", "distill", str(runs / "classifier"), "--generator", str(runs / "gan"),
             "--init", member_runs[DEMO_MEMBERS.index(DEMO_DISTILLED_INIT)], "--preset", DEMO_DISTILLED,
-            "--run-dir", str(steering)]))
+            "--run-dir", steered_by[1]]))
     # On phantoms the bundle carries its auditor (verify on by default); on nih:PATH it is exported beside it.
     bundled_auditor = [] if real else ["--auditor", str(runs / "auditor")]
     if not real:
         steps.append(("auditor", False, ["classifier", "train", "--preset", "auditor", "--run-dir", str(runs / "auditor")]))
     steps += [
-        ("bundle export", False, ["export", "--generator", str(runs / "gan"), "--classifier", str(steering),
-                                  *bundled_auditor, "--out", str(bundle), "--name", name, "--overwrite"]),
+        ("bundle export", False, ["export", "--generator", str(runs / "gan"), "--classifier", str(runs / "classifier"),
+                                  *steered_by, *bundled_auditor, "--out", str(bundle), "--name", name, "--overwrite"]),
     ]
     if real:
         steps += [
@@ -140,9 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--classifier", choices=STEERING_CLASSIFIERS, default=None,
                         help="LCO's steering classifier: ensemble (the default: nine CNNs on phantoms, 27 "
                              "passes per LCO step; three on nih:PATH, the only choice there), distilled (one CNN "
-                             "distilled from the ensemble, one pass per step) or robust (one adversarially "
-                             "trained CNN). The one-pass choices are below the ensemble's label fidelity: "
-                             "docs/lco-quality.md")
+                             "distilled from the ensemble, one pass per step, the ensemble accepting) or robust "
+                             "(one adversarially trained CNN alone): docs/lco-quality.md")
     args = parser.parse_args(argv)
     kind, _, path = args.data.partition(":")
     if args.data != "phantoms" and not (kind == "nih" and Path(path).is_dir()):

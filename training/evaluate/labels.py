@@ -116,11 +116,13 @@ class FidelityRow:
     mean_steps: float
     images: np.ndarray  # [n, R, R] in [-1, 1]
     auditor_flags: np.ndarray | None  # [n] per image
+    step_evaluations: int = 0  # lco_step rows the engine ran for this request
+    checks: int = 0  # images the classifier checked during LCO (a bundle with a steering network)
 
     def to_dict(self) -> dict[str, Any]:
         return {"request": self.request, "lco_classifier": self.lco_classifier.to_dict(),
                 "auditor": None if self.auditor is None else self.auditor.to_dict(), "mean_steps": self.mean_steps,
-                "images": len(self.images)}
+                "images": len(self.images), "step_evaluations": self.step_evaluations, "checks": self.checks}
 
 
 def lco_fidelity(engine, auditor, requests: list[tuple[str, dict[str, bool] | list[str]]], images_per_request: int,
@@ -140,6 +142,7 @@ def lco_fidelity(engine, auditor, requests: list[tuple[str, dict[str, bool] | li
                                                        disable=not progress)):
         spec = resolve_labels(constraints, exclusive=False)
         samples = [SampleRequest(spec.target, spec.mask, seed * (number + 1) + i) for i in range(images_per_request)]
+        steps_before, checks_before = engine.stats.step_samples, engine.stats.checked_samples
         results = engine.generate(samples)
         images = np.stack([r.image for r in results])
         flags = None
@@ -147,5 +150,6 @@ def lco_fidelity(engine, auditor, requests: list[tuple[str, dict[str, bool] | li
             flags = met(auditor_probabilities(auditor, images[:, None]), auditor.thresholds, spec.target, spec.mask)
         rows.append(FidelityRow(title, Proportion.of([r.satisfied for r in results], confidence),
                                 None if flags is None else Proportion.of(flags, confidence),
-                                float(np.mean([r.steps for r in results])), images, flags))
+                                float(np.mean([r.steps for r in results])), images, flags,
+                                engine.stats.step_samples - steps_before, engine.stats.checked_samples - checks_before))
     return rows

@@ -40,6 +40,7 @@ from service.labels import LABELS
 from training.classifier.artifact import TrainedClassifier
 from training.export.lco import LCOObjective, reference_lco_step
 from training.export.onnx_graphs import OPSET, export_classifier, export_generator, export_lco_step
+from training.networks.classifier import classifier_passes
 
 
 @dataclass
@@ -71,15 +72,17 @@ def git_commit(directory: Path | None = None) -> str:
 
 
 def check_parity(bundle_dir: Path, generator: nn.Module, classifier: nn.Module, batch: int = 4,
-                 atol: float = 1e-3, min_cosine: float = 0.999, auditor: nn.Module | None = None) -> dict[str, float]:
-    """Compare the bundle's graphs (``auditor``'s too when given) with eager torch on random latents;
-    raise ExportCheckError if they disagree."""
+                 atol: float = 1e-3, min_cosine: float = 0.999, auditor: nn.Module | None = None,
+                 steering: nn.Module | None = None) -> dict[str, float]:
+    """Compare the bundle's graphs (``auditor``'s too when given) with eager torch on random latents,
+    the step graph with LCO on ``steering`` (None: on ``classifier``); raise ExportCheckError if they
+    disagree."""
     bundle = load_bundle(bundle_dir, SessionTuning(providers=("CPUExecutionProvider",)))
     generator_rng = torch.Generator().manual_seed(12345)
     z = torch.randn(batch, bundle.manifest.latent_dim, generator=generator_rng)
     target = (torch.rand(batch, len(LABELS), generator=generator_rng) > 0.5).float()
     mask = (torch.rand(batch, len(LABELS), generator=generator_rng) > 0.3).float()
-    objective = LCOObjective(generator, classifier).eval()
+    objective = LCOObjective(generator, classifier if steering is None else steering).eval()
     with torch.no_grad():
         reference = generator(torch.randn(batch, bundle.manifest.latent_dim, generator=generator_rng)).clamp(-1, 1)
     image_pull = (torch.arange(batch, dtype=torch.float32) % 2 * 5.0)[:, None]  # the term off and on
@@ -125,10 +128,14 @@ def export_bundle(
     extra_provenance: dict[str, Any] | None = None,
     acceptance_samples: int = 0,
     auditor: TrainedClassifier | None = None,
+    steering: TrainedClassifier | None = None,
 ) -> Path:
     """Export ``generator`` (the EMA weights) and ``classifier`` as a bundle at ``output_dir``; with
     ``auditor`` also ``auditor.onnx`` (at the generator's resolution) and the manifest's ``auditor``
-    section (its thresholds, AUROC and origin), for ``verify`` (service/verify.py).
+    section (its thresholds, AUROC and origin), for ``verify`` (service/verify.py). With ``steering``
+    (a cheaper network, such as a student of ``classifier``) ``lco_step.onnx`` steers by it and the
+    manifest's ``steering`` section holds its thresholds and cost; LCO then accepts an image only when
+    ``classifier`` agrees (service/lco.py).
 
     ``acceptance_samples`` > 0 adds ``acceptance.npz``: the classifier's logits on that many
     unconditional generator samples and the measured cost of one LCO step, from which the engine sets
@@ -143,6 +150,7 @@ def export_bundle(
     generator = generator.eval().requires_grad_(False).cpu()
     network = classifier.network.eval().requires_grad_(False).cpu()
     auditor_network = auditor.network.eval().requires_grad_(False).cpu() if auditor is not None else None
+    steering_network = steering.network.eval().requires_grad_(False).cpu() if steering is not None else None
     resolution = int(getattr(generator, "resolution", 0))
     if resolution < 4:
         raise TypeError("the generator must expose its output `resolution`")
@@ -159,7 +167,8 @@ def export_bundle(
     with staged(output_dir) as staging:
         export_generator(generator, staging / GRAPH_FILES["generator"], opset)
         export_classifier(network, resolution, staging / GRAPH_FILES["classifier"], opset)
-        export_lco_step(generator, network, staging / GRAPH_FILES["lco_step"], opset)
+        export_lco_step(generator, network if steering_network is None else steering_network,
+                        staging / GRAPH_FILES["lco_step"], opset)
         graph_files = list(GRAPH_FILES.values())
         if auditor_network is not None:
             export_classifier(auditor_network, resolution, staging / AUDITOR_FILE, opset)
@@ -181,6 +190,7 @@ def export_bundle(
             "opset": opset,
             "pixel": {"range": [-1.0, 1.0], "channels": 1, "dtype": "float32"},
             "files": files,
+            "classifier_passes": classifier_passes(network),
             "provenance": {
                 "dataset": generator_info.dataset,
                 "images_shown": int(generator_info.images_shown),
@@ -197,8 +207,10 @@ def export_bundle(
         }
         if auditor is not None:
             document["auditor"] = auditor_section(auditor)
+        if steering is not None:
+            document["steering"] = {**auditor_section(steering), "passes": classifier_passes(steering_network)}
         (staging / MANIFEST_NAME).write_bytes(seal_manifest(document))
-        check_parity(staging, generator, network, auditor=auditor_network)
+        check_parity(staging, generator, network, auditor=auditor_network, steering=steering_network)
         if acceptance_samples > 0:
             add_acceptance_table(staging, document, acceptance_samples)
     return output_dir
@@ -271,7 +283,8 @@ def add_acceptance_table(staging: Path, document: dict[str, Any], samples: int) 
 
 
 def auditor_section(auditor: TrainedClassifier) -> dict[str, Any]:
-    """The manifest's ``auditor`` section (service.bundle.AuditorInfo) for a trained auditor."""
+    """The manifest's ``auditor`` section (service.bundle.AuditorInfo) for a trained auditor; also the
+    ``steering`` section's origin and thresholds (service.bundle.SteeringInfo)."""
     return {
         "thresholds": {label: float(t) for label, t in zip(LABELS, auditor.thresholds)},
         "preset": auditor.preset,

@@ -1,7 +1,7 @@
 """CLI commands ``export`` and ``export-auditor`` (registered by training.cli):
 
     python -m training.cli export --generator RUN_DIR_OR_CHECKPOINT --classifier CLASSIFIER_DIR \
-        --out bundles/demo [--auditor AUDITOR_DIR] [--name cxrsynth-demo] [--version V] [--acceptance-samples N] [--model-store]
+        --out bundles/demo [--auditor AUDITOR_DIR] [--steering STUDENT_DIR] [--name cxrsynth-demo] [--version V] [--acceptance-samples N] [--model-store]
     python -m training.cli export-auditor --classifier AUDITOR_DIR --out models/demo-real-auditor
     python -m training.cli export-step --bundle models/demo --generator RUN_DIR_OR_CHECKPOINT --classifier CLASSIFIER_DIR
 
@@ -9,7 +9,9 @@
 thresholds, so the service can verify LCO's images (service/verify.py); LCO never steers by it.
 There is no command that adds an auditor to an existing bundle: a bundle's version names what it
 returns, and an auditor turns ``verify`` on by default, so a bundle with one is a new export (new
-version) from the same runs. ``export-auditor`` writes the auditor alone for ONNX Runtime
+version) from the same runs. ``export --steering`` makes LCO steer by a cheaper network (a student
+of the ``--classifier`` ensemble) and accept only what ``--classifier`` agrees with (service/lco.py).
+``export-auditor`` writes the auditor alone for ONNX Runtime
 (training/export/auditor.py), with held-out real images, for ``make demo-real``. ``export-step`` gives
 an existing bundle this revision's ``lco_step.onnx`` for the networks it came from, only when the new
 graph returns exactly what the old one did (``export_step_again``): a faster export, the same version.
@@ -46,6 +48,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--auditor", type=Path,
                         help="trained auditor directory or run directory (another network and seed than --classifier): "
                         "added as auditor.onnx, checking images when a request verifies")
+    parser.add_argument("--steering", type=Path,
+                        help="trained classifier directory or run directory LCO steers by instead of --classifier "
+                        "(a cheaper student of it); --classifier still decides when an image meets its request")
     parser.add_argument("--name", default="cxrsynth", help="bundle name in the manifest and the model store")
     parser.add_argument("--version", help="bundle version (default: UTC time and commit)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing bundle directory")
@@ -96,15 +101,17 @@ def run_export(args: argparse.Namespace) -> int:
         info = generator_info(checkpoint, read_checkpoint(checkpoint).state)
         classifier = TrainedClassifier.load(args.classifier)
         auditor = TrainedClassifier.load(args.auditor) if args.auditor is not None else None
+        steering = TrainedClassifier.load(args.steering) if args.steering is not None else None
     except (FileNotFoundError, ValueError, KeyError) as error:
         return _fail(str(error))
     classifier.extra.setdefault("source", str(args.classifier))
-    if auditor is not None:
-        auditor.extra.setdefault("source", str(args.auditor))
+    for network, source in ((auditor, args.auditor), (steering, args.steering)):
+        if network is not None:
+            network.extra.setdefault("source", str(source))
     try:
         bundle = export_bundle(generator, classifier, args.out, generator_info=info, name=args.name,
                                version=args.version, overwrite=args.overwrite, auditor=auditor,
-                               acceptance_samples=args.acceptance_samples)
+                               steering=steering, acceptance_samples=args.acceptance_samples)
     except (FileExistsError, ExportCheckError, BundleError, TypeError) as error:
         return _fail(str(error))
     print(f"bundle written to {bundle}")

@@ -258,6 +258,14 @@ class ClassifierEnsemble(nn.Module):
         return total / len(self.members), torch.cat(embeddings, dim=1)
 
 
+def classifier_passes(network: nn.Module) -> int:
+    """Passes of one CNN over one image that a forward pass of ``network`` costs: members × views for a
+    ``ClassifierEnsemble`` (the image and its shifted copies), 1 for a single classifier."""
+    if isinstance(network, ClassifierEnsemble):
+        return len(network.members) * (1 + len(network.spec.shifts))
+    return 1
+
+
 def feature_size(spec: ClassifierSpec) -> int:
     """Side of the last feature map of a small_cnn or densenet for an ``input_size``² image.
 
