@@ -143,14 +143,15 @@ def rejection(engine: LCOEngine, target: np.ndarray, mask: np.ndarray, want_hits
 
 def lco(engine: LCOEngine, target: np.ndarray, mask: np.ndarray, images: int, candidates: int, ratio: float,
         steps: int, rejection_first: bool = False, seed: int = 20_000_000) -> Cost:
-    engine.stats.forward_samples = engine.stats.step_samples = 0
+    engine.stats.forward_samples = engine.stats.step_samples = engine.stats.checked_samples = 0
     options = LCOOptions(candidates=candidates, steps=steps,
                          **({"rejection_first": rejection_first} if REJECTION_FIRST else {}))
     samples = [SampleRequest(target, mask, seed + i, options) for i in range(images)]
     start = time.perf_counter()
     results = engine.generate(samples)
     seconds = time.perf_counter() - start
-    fpe = engine.stats.forward_samples + ratio * engine.stats.step_samples
+    # a classifier check of a step image (a bundle with a steering network) counted as a whole forward pass
+    fpe = engine.stats.forward_samples + engine.stats.checked_samples + ratio * engine.stats.step_samples
     name = "LCO" if candidates == 1 else f"{candidates} cand+LCO"
     if rejection_first:
         name = f"rej-first+LCO ({sum(r.accepted_without_steps for r in results)}/{images} without steps)"
