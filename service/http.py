@@ -223,6 +223,12 @@ async def model_view(_: Request) -> JSONResponse:
             "arch": manifest.auditor.arch, "seed": manifest.auditor.seed, "dataset": manifest.auditor.dataset,
             "mean_auroc": manifest.auditor.mean_auroc},
         "verify_default": manifest.auditor is not None,
+        # the network LCO steers by when it is not the classifier (service/lco.py); null: the classifier
+        "steering": None if manifest.steering is None else {
+            "thresholds": manifest.steering.thresholds, "preset": manifest.steering.preset,
+            "arch": manifest.steering.arch, "passes": manifest.steering.passes,
+            "mean_auroc": manifest.steering.mean_auroc},
+        "classifier_passes": manifest.classifier_passes,
         "pixel": manifest.pixel.model_dump(),
         "provenance": {
             "dataset": provenance.dataset,

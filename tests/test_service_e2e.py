@@ -169,6 +169,7 @@ def test_probes_model_and_labels(server, exported_bundle):
     manifest = json.loads((exported_bundle / "manifest.json").read_text())
     assert status == 200 and model["version"] == manifest["version"] and model["latent_dim"] == manifest["latent_dim"]
     assert model["auditor"] is None and model["verify_default"] is False  # a bundle exported without --auditor
+    assert model["steering"] is None and model["classifier_passes"] == 1  # steered by its one classifier
     status, labels = call(server, "GET", "/labels")
     names = [entry["name"] for entry in labels["labels"]]
     assert names == [*LABELS, "No Finding"]
