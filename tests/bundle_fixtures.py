@@ -117,16 +117,22 @@ def ci_models(tmp_path_factory) -> CIModels:
                     generator=load_generator(checkpoint), classifier=TrainedClassifier.load(classifier_dir))
 
 
-@pytest.fixture(scope="session")
-def ci_bundle(ci_models, tmp_path_factory) -> Path:
-    """The `ci` bundle, written by the export command from the GAN run and the classifier."""
+def exported_ci_bundle(tmp_path_factory, ci_models: CIModels, directory: str, name: str, *options: str) -> Path:
+    """The `ci` GAN run and classifier written by the ``export`` command as bundle ``name`` (with the
+    command's further ``options``), once per test run in ``directory``."""
     def build(root: Path) -> None:
         assert run_command("training.export.commands", [
             "export", "--generator", str(ci_models.gan_run), "--classifier", str(ci_models.classifier_dir),
-            "--out", str(root / "cxrsynth-ci"), "--name", "cxrsynth-ci",
+            *options, "--out", str(root / name), "--name", name,
         ]) == 0
 
-    return built_once(tmp_path_factory, "ci-bundle", build) / "cxrsynth-ci"
+    return built_once(tmp_path_factory, directory, build) / name
+
+
+@pytest.fixture(scope="session")
+def ci_bundle(ci_models, tmp_path_factory) -> Path:
+    """The `ci` bundle, written by the export command from the GAN run and the classifier."""
+    return exported_ci_bundle(tmp_path_factory, ci_models, "ci-bundle", "cxrsynth-ci")
 
 
 @pytest.fixture(scope="session")
@@ -145,23 +151,13 @@ def ci_auditor(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def ci_auditor_bundle(ci_models, ci_auditor, tmp_path_factory) -> Path:
     """The `ci` bundle with `auditor-ci` as its auditor, written by ``export --auditor``."""
-    def build(root: Path) -> None:
-        assert run_command("training.export.commands", [
-            "export", "--generator", str(ci_models.gan_run), "--classifier", str(ci_models.classifier_dir),
-            "--auditor", str(ci_auditor), "--out", str(root / "cxrsynth-ci-audited"), "--name", "cxrsynth-ci-audited",
-        ]) == 0
-
-    return built_once(tmp_path_factory, "ci-auditor-bundle", build) / "cxrsynth-ci-audited"
+    return exported_ci_bundle(tmp_path_factory, ci_models, "ci-auditor-bundle", "cxrsynth-ci-audited",
+                              "--auditor", str(ci_auditor))
 
 
 @pytest.fixture(scope="session")
 def ci_steered_bundle(ci_models, ci_auditor, tmp_path_factory) -> Path:
     """The `ci` bundle whose ``lco_step.onnx`` steers by `auditor-ci` (``export --steering``) while the
     `ci` classifier decides when an image meets its request."""
-    def build(root: Path) -> None:
-        assert run_command("training.export.commands", [
-            "export", "--generator", str(ci_models.gan_run), "--classifier", str(ci_models.classifier_dir),
-            "--steering", str(ci_auditor), "--out", str(root / "cxrsynth-ci-steered"), "--name", "cxrsynth-ci-steered",
-        ]) == 0
-
-    return built_once(tmp_path_factory, "ci-steered-bundle", build) / "cxrsynth-ci-steered"
+    return exported_ci_bundle(tmp_path_factory, ci_models, "ci-steered-bundle", "cxrsynth-ci-steered",
+                              "--steering", str(ci_auditor))
