@@ -252,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         archive_section(engine, baseline, args.archive_images or max(1, round(1000 * args.scale)), figures)
     if "throughput" in sections:
         throughput_section(engine, args.repeats, figures)
+    side_by_side(figures)
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=1))
     return 0
@@ -312,6 +313,7 @@ def cost_section(engine: LCOEngine, ratio: float, scale: float, steps: int, cand
             method = row.method.split(" (")[0]
             figures[f"cost {title} {method} FPE/satisfied"] = row.fpe_per_hit if row.hits else float("inf")
             figures[f"cost {title} {method} s/satisfied"] = row.seconds_per_hit if row.hits else float("inf")
+            figures[f"cost {title} {method} FPE"], figures[f"cost {title} {method} s"] = row.fpe, row.seconds
             print(f"| {title} | {row.method} | {row.images} | {row.hits} | {fpe} | {secs} | {gains} |")
     print("\n('x' columns: how many times cheaper than rejection sampling; '>': rejection found no hit in its"
           " whole budget, so its cost per hit is at least the budget and the ratios are lower bounds)\n")
@@ -409,6 +411,33 @@ def _auditor_agreement(verifier, samples: list[SampleRequest], results: list) ->
     present, absent = mask & target, mask & ~target
     return (float(np.mean([v.verified for v in verdicts])),
             float(agree[present].mean()) if present.any() else float("nan"), float(agree[absent].mean()))
+
+
+def side_by_side(figures: dict[str, float]) -> None:
+    """The run's headline ratios in one place: rejection first + LCO against plain rejection for each
+    request of the cost section (passes, seconds; '>' where rejection found no hit, a lower bound), and
+    the archive's default engine against today's (images/s). Prints nothing when neither ran."""
+    lines = []
+    for key, rejection_passes in figures.items():
+        if not (key.startswith("cost ") and key.endswith(" rejection FPE/satisfied")):
+            continue
+        request = key[len("cost "):-len(" rejection FPE/satisfied")]
+        rejection_seconds = figures[f"cost {request} rejection s/satisfied"]
+        passes, seconds = (figures.get(f"cost {request} rej-first+LCO {unit}/satisfied") for unit in ("FPE", "s"))
+        if passes is None:
+            continue
+        if np.isfinite(rejection_passes):
+            described = f"{passes / rejection_passes:.2f}x rejection's passes, {seconds / rejection_seconds:.2f}x its seconds"
+        else:
+            described = (f"> {figures[f'cost {request} rejection FPE'] / passes:.1f}x cheaper in passes, "
+                         f"> {figures[f'cost {request} rejection s'] / seconds:.1f}x in seconds (rejection found no hit)")
+        lines.append(f"- {request}: rejection first + LCO costs {described}")
+    rates = [value for key, value in figures.items() if key.startswith("archive nih ") and key.endswith(" img/s")]
+    if len(rates) > 1:
+        lines.append(f"- NIH distribution archive: the default engine makes {rates[-1] / rates[0]:.2f}x the "
+                     "images/s of today's")
+    if lines:
+        print("## Side by side\n\n" + "\n".join(lines) + "\n")
 
 
 def throughput_section(engine: LCOEngine, repeats: int, figures: dict[str, float]) -> None:
