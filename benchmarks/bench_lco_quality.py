@@ -74,12 +74,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=32, help="images per request")
     parser.add_argument("--unconditional", type=int, default=512, help="unconditional samples for the baseline")
     parser.add_argument("--margin", type=float, help="LCO margin in logits (default: the service's)")
+    parser.add_argument("--rejection-first", action=argparse.BooleanOptionalAction,
+                        help="accept the first candidate in seed order that meets the request (default: the "
+                             "service's, on); --no-rejection-first starts LCO from the best candidate as before it")
     parser.add_argument("--out", type=Path, default=Path("runs/lco-quality.md"), help="Markdown table; the sheet goes beside it")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
 
     bundle = load_bundle(args.bundle)
-    engine = LCOEngine(bundle, LCOOptions() if args.margin is None else LCOOptions(margin=args.margin))
+    chosen = {"margin": args.margin, "rejection_first": args.rejection_first}
+    engine = LCOEngine(bundle, LCOOptions(**{name: value for name, value in chosen.items() if value is not None}))
     auditor = TrainedClassifier.load(args.auditor)
 
     # Unconditional baseline: the generator alone, judged by both classifiers.
