@@ -66,11 +66,26 @@ def nih_rate(constraints: dict[str, bool] | list[str]) -> float:
     return float(prior.probabilities[ok].sum())
 
 
+def load_auditor(path: Path):
+    """(auditor, caption) from a training run or classifier directory (torch) or a bundle directory (its
+    auditor.onnx on ONNX Runtime: the auditor a bundle ships); SystemExit for a bundle without one."""
+    if (path / "manifest.json").is_file():
+        from service.auditor import Auditor
+
+        auditor = Auditor.of_bundle(load_bundle(path))
+        if auditor is None:
+            raise SystemExit(f"--auditor {path}: this bundle has no auditor.onnx; give an auditor run instead")
+        return auditor, f"{auditor.description}, the auditor.onnx of {path}"
+    auditor = TrainedClassifier.load(path)
+    return auditor, f"`{auditor.preset}` ({auditor.spec.arch}, seed {auditor.seed})"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_lco_quality",
                                      description=__doc__.split("\n")[0])
     parser.add_argument("--bundle", default="models/demo")
-    parser.add_argument("--auditor", default="runs/demo/auditor", help="auditor run or classifier directory")
+    parser.add_argument("--auditor", default="runs/demo/auditor",
+                        help="auditor run or classifier directory, or a bundle directory: its auditor.onnx")
     parser.add_argument("--images", type=int, default=32, help="images per request")
     parser.add_argument("--unconditional", type=int, default=512, help="unconditional samples for the baseline")
     parser.add_argument("--margin", type=float, help="LCO margin in logits (default: the service's)")
@@ -84,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     bundle = load_bundle(args.bundle)
     chosen = {"margin": args.margin, "rejection_first": args.rejection_first}
     engine = LCOEngine(bundle, LCOOptions(**{name: value for name, value in chosen.items() if value is not None}))
-    auditor = TrainedClassifier.load(args.auditor)
+    auditor, judged_by = load_auditor(Path(args.auditor))
 
     # Unconditional baseline: the generator alone, judged by both classifiers.
     latents = np.concatenate([draw_latents(90_000_000 + i, 1, engine.latent_dim, None) for i in range(args.unconditional)])
@@ -118,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         "# LCO label fidelity",
         "",
         (f"Bundle `{manifest.name}` {manifest.version} ({manifest.resolution}², latent {manifest.latent_dim}, "
-         f"generator trained on {manifest.provenance.dataset}); auditor `{auditor.preset}` "
-         f"({auditor.spec.arch}, seed {auditor.seed}). {args.images} images per request, LCO options "
+         f"generator trained on {manifest.provenance.dataset}); auditor {judged_by}. {args.images} images "
+         f"per request, LCO options "
          f"{engine.options}; unconditional rates from {args.unconditional} generator samples. "
          f"Written by `python -m benchmarks.bench_lco_quality` in {elapsed:.0f} s."),
         "",

@@ -97,6 +97,8 @@ def test_verified_images_are_ones_the_auditor_agrees_with_and_derived_seeds_repr
         assert item.verified == agrees
         assert item.attempts == 1 or item.result.seed == retry_seed(sample.seed, item.attempts - 1)
         assert item.verified or item.attempts == 3, "an unverified image is one that used up its retries"
+    onnx_auditor = Auditor.of_bundle(engine.bundle)  # as bench_lco_quality --auditor BUNDLE reads it
+    np.testing.assert_allclose(auditor_probabilities(onnx_auditor, images[:, None]), reference, atol=1e-3)
     retried = [(s, a) for s, a in zip(samples, accepted) if a.attempts > 1]
     assert retried, "the ci auditor should reject some of these weak images"
     sample, item = retried[0]

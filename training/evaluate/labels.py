@@ -67,9 +67,12 @@ def bundle_probabilities(bundle, images: np.ndarray, batch_size: int = 64) -> np
 
 
 def auditor_probabilities(auditor, images: np.ndarray) -> np.ndarray:
-    """A TrainedClassifier's probabilities [N, 14] for images [N, 1, H, W] in [-1, 1]."""
+    """An auditor's probabilities [N, 14] for images [N, 1, H, W] in [-1, 1]: a TrainedClassifier (torch)
+    or an exported one on ONNX Runtime (service.auditor.Auditor: a bundle's auditor.onnx)."""
     import torch
 
+    if hasattr(auditor, "session"):
+        return auditor.probabilities(np.asarray(images)[:, 0])
     return auditor.predict(torch.from_numpy(np.ascontiguousarray(images, np.float32)))
 
 
