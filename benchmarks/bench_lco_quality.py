@@ -15,6 +15,7 @@ the steering network's per step evaluation, plus the classifier's checks of step
 with a steering network (service/lco.py), from the manifest's pass counts.
 
     python -m benchmarks.bench_lco_quality --bundle models/demo --auditor runs/demo/auditor --images 32
+    python -m benchmarks.bench_lco_quality --bundle B --auditor models/demo   # judged by a bundle's auditor.onnx
 """
 
 from __future__ import annotations
