@@ -71,7 +71,9 @@ def auditor_probabilities(auditor, images: np.ndarray) -> np.ndarray:
     or an exported one on ONNX Runtime (service.auditor.Auditor: a bundle's auditor.onnx)."""
     import torch
 
-    if hasattr(auditor, "session"):
+    from service.auditor import Auditor
+
+    if isinstance(auditor, Auditor):
         return auditor.probabilities(np.asarray(images)[:, 0])
     return auditor.predict(torch.from_numpy(np.ascontiguousarray(images, np.float32)))
 
