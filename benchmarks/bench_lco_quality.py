@@ -8,11 +8,14 @@ For each single finding, for "No Finding", and for a two-present-one-absent comb
   images on which it agrees that every constraint is met, at its own thresholds.
 
 Beside them, how often each request is met without LCO: the NIH ChestX-ray14 prevalence, and the
-rate among unconditional samples of the generator under each judge. Writes a Markdown table, and
-beside it (same name, .png) a contact sheet: the first images of each request, each captioned with
-the auditor's verdict. The cost column is classifier passes (one CNN over one image) per LCO step:
-the steering network's per step evaluation, plus the classifier's checks of step images on a bundle
-with a steering network (service/lco.py), from the manifest's pass counts.
+rate among unconditional samples of the generator under each judge; and what the auditor grants the
+truth: its agreement on ``--truth`` phantoms that really meet the request (labels from the
+generator's phantom prior with the request's labels set: training/phantoms ``request_phantoms``).
+Writes a Markdown table, and beside it (same name, .png) a contact sheet: the first images of each
+request, each captioned with the auditor's verdict. The cost column is classifier passes (one CNN
+over one image) per LCO step: the steering network's per step evaluation, plus the classifier's
+checks of step images on a bundle with a steering network (service/lco.py), from the manifest's
+pass counts.
 
     python -m benchmarks.bench_lco_quality --bundle models/demo --auditor runs/demo/auditor --images 32
     python -m benchmarks.bench_lco_quality --bundle B --auditor models/demo   # judged by a bundle's auditor.onnx
@@ -38,8 +41,10 @@ from service.prior import nih_prior
 from service.schemas import resolve_labels
 from training.classifier.artifact import TrainedClassifier
 from training.evaluate.labels import auditor_probabilities, default_requests, lco_fidelity, met
+from training.phantoms import request_phantoms
 
 SHEET_COLUMNS = 8
+TRUTH_SEED = 70_000_000
 
 
 def passes_per_step(manifest, step_evaluations: int, checks: int) -> float | None:
@@ -57,6 +62,10 @@ def passes_per_step(manifest, step_evaluations: int, checks: int) -> float | Non
 
 def _passes(value: float | None) -> str:
     return "—" if value is None else f"{value:.1f}"
+
+
+def _share(value: float) -> str:
+    return "—" if np.isnan(value) else f"{value:.0%}"
 
 
 def nih_rate(constraints: dict[str, bool] | list[str]) -> float:
@@ -89,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="auditor run or classifier directory, or a bundle directory: its auditor.onnx")
     parser.add_argument("--images", type=int, default=32, help="images per request")
     parser.add_argument("--unconditional", type=int, default=512, help="unconditional samples for the baseline")
+    parser.add_argument("--truth", type=int, default=128,
+                        help="phantoms per request that meet it, judged by the auditor (0: none, as for a bundle "
+                             "trained on real radiographs)")
+    parser.add_argument("--prior", default="nih-boosted", help="label prior of those phantoms (the demo generator's)")
     parser.add_argument("--margin", type=float, help="LCO margin in logits (default: the service's)")
     parser.add_argument("--rejection-first", action=argparse.BooleanOptionalAction,
                         help="accept the first candidate in seed order that meets the request (default: the "
@@ -122,6 +135,10 @@ def main(argv: list[str] | None = None) -> int:
             "nih": nih_rate(constraints),
             "free_lco": float(met(free_lco, engine.thresholds, spec.target, spec.mask).mean()),
             "free_audit": float(met(free_audit, auditor.thresholds, spec.target, spec.mask).mean()),
+            "truth": float("nan") if not args.truth else float(met(auditor_probabilities(
+                auditor, request_phantoms(spec.target, spec.mask, args.truth, bundle.manifest.resolution,
+                                          seed=TRUTH_SEED, prior=args.prior)[0][:, None] * 2.0 - 1.0),
+                auditor.thresholds, spec.target, spec.mask).mean()),
             "lco": result.lco_classifier.value,
             "audit": result.auditor.value,
             "steps": result.mean_steps,
@@ -140,12 +157,12 @@ def main(argv: list[str] | None = None) -> int:
          f"Written by `python -m benchmarks.bench_lco_quality` in {elapsed:.0f} s."),
         "",
         ("| request | NIH prevalence | unconditional (LCO classifier) | unconditional (auditor) "
-         "| LCO satisfied | auditor agrees | mean steps | classifier passes per step |"),
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+         "| auditor on phantoms that meet it | LCO satisfied | auditor agrees | mean steps | classifier passes per step |"),
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in rows:
         lines.append(f"| {row['request']} | {row['nih']:.1%} | {row['free_lco']:.1%} | {row['free_audit']:.1%} "
-                     f"| {row['lco']:.0%} | {row['audit']:.0%} | {row['steps']:.1f} | {_passes(row['passes'])} |")
+                     f"| {_share(row['truth'])} | {row['lco']:.0%} | {row['audit']:.0%} | {row['steps']:.1f} | {_passes(row['passes'])} |")
     singles = rows[: len(LABELS)]
     lines += [
         "",

@@ -30,6 +30,18 @@ class LabelPrior:
         picks = rng.choice(len(self.probabilities), size=count, p=self.probabilities)
         return self.combinations[picks]
 
+    def given(self, target: np.ndarray, mask: np.ndarray) -> LabelPrior:
+        """This prior conditioned on a request: only the combinations with every label that ``mask``
+        [14] constrains (> 0.5) equal to ``target`` [14] (1 present, 0 absent), renormalised.
+
+        Raises ValueError when no combination meets the request (probability 0 under this prior)."""
+        constrained = np.asarray(mask) > 0.5
+        keep = np.all(self.combinations[:, constrained] == (np.asarray(target)[constrained] > 0.5), axis=1)
+        if not keep.any():
+            raise ValueError(f"no label combination of the {self.name!r} prior meets this request")
+        return LabelPrior(f"{self.name} given the request", self.combinations[keep],
+                          self.probabilities[keep] / self.probabilities[keep].sum())
+
     def prevalence(self) -> dict[str, float]:
         """Marginal probability of each label, and of "No Finding"."""
         marginals = self.probabilities @ self.combinations

@@ -20,6 +20,7 @@ from training.phantoms import (
     measure,
     render_phantom,
     render_scene,
+    request_phantoms,
     sample_phantom,
     write_contact_sheet,
     write_dataset,
@@ -97,6 +98,23 @@ def test_sample_phantom_draws_from_the_prior():
     assert (vectors.sum(axis=0) > 0).sum() >= 12
     with pytest.raises(ValueError, match="unknown label prior"):
         sample_phantom(0, 32, prior="uniform")
+
+
+def test_request_phantoms_meet_the_request_in_the_company_the_prior_gives():
+    target, mask = one_hot("Effusion"), one_hot("Effusion", "Pneumothorax")  # Effusion present, no Pneumothorax
+    images, labels = request_phantoms(target, mask, 60, 32, seed=5, prior="nih-boosted")
+    assert images.shape == (60, 32, 32) and images.dtype == np.float32 and 0.0 <= images.min() <= images.max() <= 1.0
+    effusion, pneumothorax = LABELS.index("Effusion"), LABELS.index("Pneumothorax")
+    assert (labels[:, effusion] == 1).all() and (labels[:, pneumothorax] == 0).all()
+    alone = labels.sum(axis=1) == 1
+    assert 0 < alone.sum() < len(labels)  # Effusion alone (the boosted half) and with NIH's company
+    again, again_labels = request_phantoms(target, mask, 60, 32, seed=5, prior="nih-boosted")
+    assert np.array_equal(images, again) and np.array_equal(labels, again_labels)
+    assert not np.array_equal(images, request_phantoms(target, mask, 60, 32, seed=6, prior="nih-boosted")[0])
+    # The balanced prior never draws two findings at once: asking it for two is an error, not an empty batch.
+    both = one_hot("Effusion", "Atelectasis")
+    with pytest.raises(ValueError, match="no label combination of the 'balanced' prior"):
+        request_phantoms(both, both, 4, 32, prior="balanced")
 
 
 # --- signatures -------------------------------------------------------------------------------------

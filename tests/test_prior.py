@@ -49,3 +49,17 @@ def test_boosted_prior_keeps_nih_combinations_and_lifts_every_finding(csv_preval
 def test_unknown_prior_names_the_choices():
     with pytest.raises(ValueError, match="nih, balanced, nih-boosted"):
         get_prior("uniform")
+
+
+def test_a_prior_given_a_request_is_its_conditional_distribution():
+    prior = nih_prior()
+    hernia = np.eye(len(LABELS), dtype=np.float32)[LABELS.index("Hernia")]
+    given = prior.given(hernia, hernia)
+    assert (given.combinations[:, LABELS.index("Hernia")] == 1).all()
+    assert given.probabilities.sum() == pytest.approx(1.0)
+    # P(combination | Hernia) = P(combination) / P(Hernia), for every combination with a hernia
+    with_hernia = prior.combinations[:, LABELS.index("Hernia")] == 1
+    np.testing.assert_allclose(given.probabilities, prior.probabilities[with_hernia] / prior.probabilities[with_hernia].sum())
+    assert given.prevalence()["Hernia"] == pytest.approx(1.0)
+    no_finding = prior.given(np.zeros(len(LABELS)), np.ones(len(LABELS)))
+    assert len(no_finding.combinations) == 1 and no_finding.prevalence()[NO_FINDING] == pytest.approx(1.0)

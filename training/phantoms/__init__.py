@@ -19,6 +19,7 @@ from training.phantoms.render import (
     make_scene,
     render_phantom,
     render_scene,
+    request_phantoms,
     sample_phantom,
 )
 from training.phantoms.sheet import contact_sheet, write_contact_sheet
@@ -35,6 +36,7 @@ __all__ = [
     "measure_finding",
     "render_phantom",
     "render_scene",
+    "request_phantoms",
     "sample_phantom",
     "write_contact_sheet",
     "write_dataset",

@@ -275,3 +275,20 @@ def sample_phantom(index: int, size: int, seed: int = 0, prior: str = "nih") -> 
     labels = get_prior(prior).sample(1, rng)[0].astype(np.float32)
     image_seed = int(rng.integers(0, 2**63 - 1))
     return render_phantom(labels, size, image_seed), labels
+
+
+def request_phantoms(target: np.ndarray, mask: np.ndarray, count: int, size: int, seed: int = 0,
+                     prior: str = "nih") -> tuple[np.ndarray, np.ndarray]:
+    """``count`` phantoms that truly meet a request: labels drawn from ``prior`` conditioned on the
+    request (every label ``mask`` [14] constrains equal to ``target`` [14]: 1 present, 0 absent), so a
+    finding comes in the company the prior gives it. What a judge says of them is what it grants the
+    truth of that request (benchmarks/bench_lco_quality.py).
+
+    Returns (images float32 [count, size, size] in [0, 1], labels float32 [count, 14]); deterministic
+    in ``seed``. Raises ValueError when no label set of the prior meets the request.
+    """
+    size = check_size(size)
+    rng = np.random.default_rng(_check_seed(seed, "seed"))
+    labels = get_prior(prior).given(target, mask).sample(count, rng).astype(np.float32)
+    images = [render_phantom(drawn, size, int(rng.integers(0, 2**63 - 1))) for drawn in labels]
+    return np.stack(images), labels
